@@ -1,0 +1,134 @@
+//! The admin listener: `GET /ready` (503 while draining), `GET /config` (the
+//! serving snapshot and the last refused reload, as JSON), `GET /metrics`
+//! (Prometheus text).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::Shared;
+use crate::snapshot::{Chain, Snapshot};
+
+/// Accept admin connections until the process ends.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n");
+    }
+    match req.uri().path() {
+        "/ready" => {
+            if shared.draining.load(Ordering::SeqCst) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else {
+                text(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
+        "/config" => {
+            let snap = shared.snapshot.load();
+            let last_error = shared.last_error.lock().unwrap().clone();
+            let body = config_json(&snap, last_error.map(|e| json!(e)).unwrap_or(Value::Null));
+            text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&body).unwrap_or_default(),
+            )
+        }
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            shared.metrics.encode(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /ready, /config or /metrics\n",
+        ),
+    }
+}
+
+fn chain_json(chain: &Chain) -> Value {
+    chain
+        .plugins
+        .iter()
+        .map(|p| {
+            json!({
+                "name": &*p.name,
+                "source": p.source,
+                "sha256": p.sha256(),
+                "on_failure": match p.on_failure { wasmesh_api::OnFailure::Closed => "closed", wasmesh_api::OnFailure::Open => "open" },
+                "hooks": {
+                    "on_request": p.hooks.on_request,
+                    "on_response": p.hooks.on_response,
+                    "on_complete": p.hooks.on_complete,
+                },
+            })
+        })
+        .collect()
+}
+
+fn config_json(snap: &Snapshot, last_error: Value) -> Value {
+    let mut names: Vec<_> = snap.services.keys().collect();
+    names.sort();
+    let services: Vec<Value> = names
+        .into_iter()
+        .map(|name| {
+            let s = &snap.services[name];
+            let endpoints: Vec<Value> = s
+                .endpoints
+                .iter()
+                .map(|e| json!({ "subset": &*e.subset, "address": &*e.address }))
+                .collect();
+            json!({
+                "name": name,
+                "endpoints": endpoints,
+                "plugins": chain_json(&s.outbound),
+                "inbound_plugins": chain_json(&s.inbound),
+            })
+        })
+        .collect();
+    json!({
+        "version": snap.version,
+        "file": snap.file.display().to_string(),
+        "last_error": last_error,
+        "services": services,
+    })
+}

@@ -1,0 +1,93 @@
+//! Services, subsets and endpoints, and the state that lives outside config
+//! snapshots: per-endpoint request counts and ejections. A new snapshot looks
+//! its endpoints up in [`EndpointTable`], so a swap neither forgets an
+//! ejection nor loses in-flight counts.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Live state of one endpoint of one service.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Requests in flight to it.
+    pub inflight: AtomicUsize,
+    /// Ejected until this many ms after [`EndpointTable::epoch`]; 0: not ejected.
+    ejected_until_ms: AtomicU64,
+}
+
+/// Every endpoint's live state, keyed by (service, address).
+#[derive(Debug)]
+pub struct EndpointTable {
+    epoch: Instant,
+    map: Mutex<HashMap<(String, String), Arc<EndpointState>>>,
+}
+
+impl Default for EndpointTable {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            map: Mutex::default(),
+        }
+    }
+}
+
+impl EndpointTable {
+    /// The state of (service, address), created on first use.
+    pub fn get(&self, service: &str, address: &str) -> Arc<EndpointState> {
+        let mut map = self.map.lock().unwrap();
+        map.entry((service.to_string(), address.to_string()))
+            .or_insert_with(|| {
+                Arc::new(EndpointState {
+                    inflight: AtomicUsize::new(0),
+                    ejected_until_ms: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether an endpoint is ejected now.
+    pub fn is_ejected(&self, ep: &EndpointState) -> bool {
+        let until = ep.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > self.now_ms()
+    }
+
+    /// Eject an endpoint for `ms`.
+    pub fn eject(&self, ep: &EndpointState, ms: u32) {
+        ep.ejected_until_ms
+            .store(self.now_ms() + u64::from(ms), Ordering::Relaxed);
+    }
+}
+
+/// One endpoint of a service, as a snapshot knows it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `ip:port`.
+    pub address: Arc<str>,
+    /// Its subset.
+    pub subset: Arc<str>,
+    /// Live state, shared across snapshots.
+    pub state: Arc<EndpointState>,
+}
+
+/// The endpoints of every service of a snapshot, for load balancing and for
+/// plugins' `endpoints` / `eject` calls.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    /// Endpoints by service name, subsets in name order.
+    pub services: HashMap<String, Arc<[Endpoint]>>,
+    /// The live-state table.
+    pub table: Arc<EndpointTable>,
+}
+
+impl ClusterView {
+    /// Endpoints of a service.
+    pub fn endpoints(&self, service: &str) -> &[Endpoint] {
+        self.services.get(service).map_or(&[], |e| e)
+    }
+}

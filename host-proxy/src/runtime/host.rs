@@ -1,0 +1,460 @@
+//! The store data of a plugin instance and the host functions it imports:
+//! the request/response views, log, clocks, random, shared state, endpoints,
+//! ejection and custom metrics — plus the small WASI set a std guest touches
+//! (random seed, clocks, stderr routed into the log), with no filesystem,
+//! network, environment or arguments.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{ResourceLimiter, StoreLimits};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{wit, wit_host};
+use crate::cluster::ClusterView;
+use crate::metrics::Metrics;
+use crate::state::{self, Scope};
+
+/// The request a hook is called for, moved into the store for the call.
+#[derive(Debug)]
+pub struct ReqData {
+    /// Method, URI, headers (with earlier plugins' edits applied).
+    pub parts: http::request::Parts,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// The authority the client addressed.
+    pub authority: String,
+    /// The destination port.
+    pub port: u16,
+    /// The downstream protocol.
+    pub protocol: wit::Protocol,
+    /// The caller's address.
+    pub source_address: String,
+    /// The caller's verified identity, when known.
+    pub source_principal: Option<String>,
+    /// The destination service.
+    pub service: Arc<str>,
+    /// The request id.
+    pub id: String,
+}
+
+/// The response an `on-response` hook is called with.
+#[derive(Debug, Default)]
+pub struct RespData {
+    /// Status.
+    pub status: u16,
+    /// Headers.
+    pub headers: HeaderMap,
+}
+
+/// Marker type of the `request` resource (a borrow of the store's current request).
+pub struct RequestRes;
+/// Marker type of the `response` resource.
+pub struct ResponseRes;
+
+/// Where a plugin instance belongs: what its logs, state and metrics are
+/// tagged and scoped with.
+pub struct PluginScope {
+    /// The service whose chain the plugin is in.
+    pub service: Arc<str>,
+    /// The plugin's name in the chain.
+    pub plugin: Arc<str>,
+    /// Its version (sha256 prefix).
+    pub version: Arc<str>,
+    /// Its shared state.
+    pub state: Arc<Scope>,
+    /// The serving snapshot's endpoints.
+    pub cluster: Arc<arc_swap::ArcSwap<ClusterView>>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Largest log message kept from a plugin, in bytes.
+const LOG_CAP: usize = 4096;
+
+/// The data of one plugin instance's store.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    pub(crate) req: Option<ReqData>,
+    pub(crate) resp: Option<RespData>,
+    scope: Arc<PluginScope>,
+    rng: fastrand::Rng,
+}
+
+impl HostState {
+    pub(crate) fn new(scope: Arc<PluginScope>, limits: StoreLimits) -> Self {
+        let stderr = GuestStderr {
+            scope: scope.clone(),
+            line: Arc::default(),
+        };
+        let wasi = WasiCtx::builder()
+            .stderr(stderr.clone())
+            .stdout(stderr)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+            req: None,
+            resp: None,
+            scope,
+            rng: fastrand::Rng::new(),
+        }
+    }
+
+    fn req(&self) -> &ReqData {
+        self.req
+            .as_ref()
+            .expect("request handle used outside a hook call")
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The limiter `Store::limiter` consults.
+pub(crate) fn limiter(state: &mut HostState) -> &mut dyn ResourceLimiter {
+    &mut state.limits
+}
+
+fn lossy(v: &http::HeaderValue) -> String {
+    match v.to_str() {
+        Ok(s) => s.to_string(),
+        Err(_) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+    }
+}
+
+fn headers_list(map: &HeaderMap) -> Vec<wit::Header> {
+    map.iter()
+        .map(|(n, v)| wit::Header {
+            name: n.as_str().to_string(),
+            value: lossy(v),
+        })
+        .collect()
+}
+
+impl wit::Host for HostState {}
+
+impl wit::HostRequest for HostState {
+    fn method(&mut self, _: Resource<RequestRes>) -> String {
+        self.req().parts.method.as_str().to_string()
+    }
+    fn scheme(&mut self, _: Resource<RequestRes>) -> String {
+        self.req().scheme.to_string()
+    }
+    fn authority(&mut self, _: Resource<RequestRes>) -> String {
+        self.req().authority.clone()
+    }
+    fn path(&mut self, _: Resource<RequestRes>) -> String {
+        let uri = &self.req().parts.uri;
+        uri.path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string())
+    }
+    fn port(&mut self, _: Resource<RequestRes>) -> u16 {
+        self.req().port
+    }
+    fn protocol(&mut self, _: Resource<RequestRes>) -> wit::Protocol {
+        self.req().protocol
+    }
+    fn header(&mut self, _: Resource<RequestRes>, name: String) -> Option<String> {
+        self.req().parts.headers.get(name.as_str()).map(lossy)
+    }
+    fn header_all(&mut self, _: Resource<RequestRes>, name: String) -> Vec<String> {
+        self.req()
+            .parts
+            .headers
+            .get_all(name.as_str())
+            .iter()
+            .map(lossy)
+            .collect()
+    }
+    fn headers(&mut self, _: Resource<RequestRes>) -> Vec<wit::Header> {
+        headers_list(&self.req().parts.headers)
+    }
+    fn source(&mut self, _: Resource<RequestRes>) -> wit::Peer {
+        let r = self.req();
+        let namespace = r
+            .source_principal
+            .as_deref()
+            .and_then(|p| p.split("/ns/").nth(1))
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_string);
+        wit::Peer {
+            principal: r.source_principal.clone(),
+            namespace,
+            address: r.source_address.clone(),
+        }
+    }
+    fn service(&mut self, _: Resource<RequestRes>) -> String {
+        self.req().service.to_string()
+    }
+    fn id(&mut self, _: Resource<RequestRes>) -> String {
+        self.req().id.clone()
+    }
+    fn drop(&mut self, _: Resource<RequestRes>) -> wasmtime::Result<()> {
+        // Handles are borrows of the store's current request; nothing to free.
+        Ok(())
+    }
+}
+
+impl wit::HostResponse for HostState {
+    fn status(&mut self, _: Resource<ResponseRes>) -> u16 {
+        self.resp.as_ref().map_or(0, |r| r.status)
+    }
+    fn header(&mut self, _: Resource<ResponseRes>, name: String) -> Option<String> {
+        self.resp
+            .as_ref()
+            .and_then(|r| r.headers.get(name.as_str()))
+            .map(lossy)
+    }
+    fn headers(&mut self, _: Resource<ResponseRes>) -> Vec<wit::Header> {
+        self.resp
+            .as_ref()
+            .map(|r| headers_list(&r.headers))
+            .unwrap_or_default()
+    }
+    fn drop(&mut self, _: Resource<ResponseRes>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+fn state_error(e: state::StateError) -> wit_host::StateError {
+    match e {
+        state::StateError::Conflict(v) => wit_host::StateError::Conflict(v),
+        state::StateError::TooLarge => wit_host::StateError::TooLarge(state::VALUE_CAP as u32),
+        state::StateError::TooManyKeys => wit_host::StateError::TooManyKeys(state::KEY_CAP as u32),
+        state::StateError::BadKey => wit_host::StateError::BadKey,
+    }
+}
+
+fn process_start() -> Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+impl wit_host::Host for HostState {
+    fn log(&mut self, level: wit_host::LogLevel, mut message: String) {
+        if message.len() > LOG_CAP {
+            let mut cut = LOG_CAP;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let s = &self.scope;
+        let (service, plugin, version) = (&*s.service, &*s.plugin, &*s.version);
+        match level {
+            wit_host::LogLevel::Trace => {
+                tracing::trace!(target: "wasmesh::plugin", service, plugin, version, "{message}")
+            }
+            wit_host::LogLevel::Debug => {
+                tracing::debug!(target: "wasmesh::plugin", service, plugin, version, "{message}")
+            }
+            wit_host::LogLevel::Info => {
+                tracing::info!(target: "wasmesh::plugin", service, plugin, version, "{message}")
+            }
+            wit_host::LogLevel::Warn => {
+                tracing::warn!(target: "wasmesh::plugin", service, plugin, version, "{message}")
+            }
+            wit_host::LogLevel::Error => {
+                tracing::error!(target: "wasmesh::plugin", service, plugin, version, "{message}")
+            }
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn monotonic_ns(&mut self) -> u64 {
+        process_start().elapsed().as_nanos() as u64
+    }
+
+    fn random_u64(&mut self) -> u64 {
+        self.rng.u64(..)
+    }
+
+    fn state_get(&mut self, key: String) -> Option<wit_host::StateEntry> {
+        self.scope
+            .state
+            .get(&key)
+            .map(|(value, version)| wit_host::StateEntry {
+                value: value.to_vec(),
+                version,
+            })
+    }
+
+    fn state_set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        expected_version: Option<u64>,
+    ) -> Result<u64, wit_host::StateError> {
+        self.scope
+            .state
+            .set(&key, &value, expected_version)
+            .map_err(state_error)
+    }
+
+    fn state_delete(&mut self, key: String) -> bool {
+        self.scope.state.delete(&key)
+    }
+
+    fn counter_add(&mut self, key: String, delta: i64) -> Result<i64, wit_host::StateError> {
+        self.scope
+            .state
+            .counter_add(&key, delta)
+            .map_err(state_error)
+    }
+
+    fn counter_get(&mut self, key: String) -> i64 {
+        self.scope.state.counter_get(&key)
+    }
+
+    fn endpoints(&mut self, service: Option<String>) -> Vec<wit_host::Endpoint> {
+        let cluster = self.scope.cluster.load();
+        let service = service.as_deref().unwrap_or(&self.scope.service);
+        cluster
+            .endpoints(service)
+            .iter()
+            .map(|e| wit_host::Endpoint {
+                subset: e.subset.to_string(),
+                address: e.address.to_string(),
+                ejected: cluster.table.is_ejected(&e.state),
+            })
+            .collect()
+    }
+
+    fn eject(&mut self, endpoint: String, duration_ms: u32) -> bool {
+        let cluster = self.scope.cluster.load();
+        let mut found = false;
+        for e in cluster.endpoints(&self.scope.service) {
+            if *e.address == *endpoint {
+                cluster.table.eject(&e.state, duration_ms);
+                found = true;
+            }
+        }
+        if found {
+            tracing::info!(
+                service = &*self.scope.service,
+                plugin = &*self.scope.plugin,
+                endpoint,
+                duration_ms,
+                "endpoint ejected"
+            );
+        }
+        found
+    }
+
+    fn metric_add(&mut self, name: String, delta: u64) {
+        let s = &self.scope;
+        s.metrics
+            .plugin_custom_add(&s.service, &s.plugin, &name, delta);
+    }
+}
+
+/// A guest's stdout and stderr: whole lines go to the log, tagged with the
+/// plugin (a panic message arrives this way).
+#[derive(Clone)]
+struct GuestStderr {
+    scope: Arc<PluginScope>,
+    line: Arc<Mutex<Vec<u8>>>,
+}
+
+impl GuestStderr {
+    fn push(&self, bytes: &[u8]) {
+        let mut line = self.line.lock().unwrap();
+        for &b in bytes {
+            if b == b'\n' || line.len() >= LOG_CAP {
+                self.emit(&line);
+                line.clear();
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            line.push(b);
+        }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        let s = &self.scope;
+        tracing::warn!(
+            target: "wasmesh::plugin",
+            service = &*s.service,
+            plugin = &*s.plugin,
+            version = &*s.version,
+            "stderr: {}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}
+
+impl IsTerminal for GuestStderr {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestStderr {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for GuestStderr {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        self.push(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(LOG_CAP)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestStderr {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for GuestStderr {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

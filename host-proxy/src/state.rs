@@ -1,0 +1,145 @@
+//! Plugins' shared state: entries with versions (for compare-and-swap) and
+//! atomic counters, scoped to (service, plugin name). Lives outside config
+//! snapshots, so every instance sees it and it survives a plugin upgrade.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Largest value of one entry, in bytes.
+pub const VALUE_CAP: usize = 64 * 1024;
+/// Most keys (entries plus counters) in one scope.
+pub const KEY_CAP: usize = 10_000;
+/// Longest key, in bytes.
+pub const KEY_LEN_CAP: usize = 256;
+
+/// A refused write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateError {
+    /// Compare-and-swap lost; the current version.
+    Conflict(u64),
+    /// Value over [`VALUE_CAP`].
+    TooLarge,
+    /// Scope full.
+    TooManyKeys,
+    /// Empty or over-long key.
+    BadKey,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: HashMap<String, (Arc<[u8]>, u64)>,
+    counters: HashMap<String, i64>,
+}
+
+/// One (service, plugin) scope.
+#[derive(Debug, Default)]
+pub struct Scope {
+    inner: Mutex<Inner>,
+}
+
+impl Scope {
+    fn check_key(inner: &Inner, key: &str, exists: bool) -> Result<(), StateError> {
+        if key.is_empty() || key.len() > KEY_LEN_CAP {
+            return Err(StateError::BadKey);
+        }
+        if !exists && inner.entries.len() + inner.counters.len() >= KEY_CAP {
+            return Err(StateError::TooManyKeys);
+        }
+        Ok(())
+    }
+
+    /// Read an entry: its value and version.
+    pub fn get(&self, key: &str) -> Option<(Arc<[u8]>, u64)> {
+        self.inner.lock().unwrap().entries.get(key).cloned()
+    }
+
+    /// Write an entry, optionally only if its version is `expected`.
+    pub fn set(&self, key: &str, value: &[u8], expected: Option<u64>) -> Result<u64, StateError> {
+        if value.len() > VALUE_CAP {
+            return Err(StateError::TooLarge);
+        }
+        let mut inner = self.inner.lock().unwrap();
+        let current = inner.entries.get(key).map_or(0, |e| e.1);
+        Self::check_key(&inner, key, current != 0)?;
+        if let Some(v) = expected
+            && v != current
+        {
+            return Err(StateError::Conflict(current));
+        }
+        let version = current + 1;
+        inner
+            .entries
+            .insert(key.to_string(), (Arc::from(value), version));
+        Ok(version)
+    }
+
+    /// Remove an entry.
+    pub fn delete(&self, key: &str) -> bool {
+        self.inner.lock().unwrap().entries.remove(key).is_some()
+    }
+
+    /// Add to a counter.
+    pub fn counter_add(&self, key: &str, delta: i64) -> Result<i64, StateError> {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(c) = inner.counters.get_mut(key) {
+            *c = c.saturating_add(delta);
+            return Ok(*c);
+        }
+        Self::check_key(&inner, key, false)?;
+        inner.counters.insert(key.to_string(), delta);
+        Ok(delta)
+    }
+
+    /// Read a counter.
+    pub fn counter_get(&self, key: &str) -> i64 {
+        self.inner
+            .lock()
+            .unwrap()
+            .counters
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// All scopes.
+#[derive(Debug, Default)]
+pub struct StateStore {
+    scopes: Mutex<HashMap<(String, String), Arc<Scope>>>,
+}
+
+impl StateStore {
+    /// The scope of (service, plugin name), created on first use.
+    pub fn scope(&self, service: &str, plugin: &str) -> Arc<Scope> {
+        self.scopes
+            .lock()
+            .unwrap()
+            .entry((service.to_string(), plugin.to_string()))
+            .or_default()
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_and_swap_and_caps() {
+        let s = Scope::default();
+        assert_eq!(s.set("k", b"a", Some(0)), Ok(1));
+        assert_eq!(s.set("k", b"b", Some(0)), Err(StateError::Conflict(1)));
+        assert_eq!(s.set("k", b"b", Some(1)), Ok(2));
+        assert_eq!(s.get("k").unwrap().1, 2);
+        assert_eq!(
+            s.set("big", &vec![0; VALUE_CAP + 1], None),
+            Err(StateError::TooLarge)
+        );
+        assert_eq!(s.set("", b"", None), Err(StateError::BadKey));
+        assert_eq!(s.counter_add("c", 2), Ok(2));
+        assert_eq!(s.counter_add("c", -3), Ok(-1));
+        assert_eq!(s.counter_get("c"), -1);
+        assert!(s.delete("k"));
+        assert!(!s.delete("k"));
+    }
+}

@@ -1,0 +1,142 @@
+//! The component side: wit-bindgen's generated bindings (fenced here, private)
+//! and the glue the `export!` macro expands to.
+
+#![allow(
+    unsafe_code,
+    reason = "wit-bindgen's generated export glue is unsafe code"
+)]
+#![allow(missing_docs, reason = "generated bindings")]
+
+use crate::types::{self as t, Hooks};
+use crate::view::{Request, Response};
+use crate::{Plugin, parse_config};
+
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "export_filter",
+        default_bindings_module: "wasmesh_plugin_sdk::__private::bindings",
+        runtime_path: "wasmesh_plugin_sdk::__private::wit_bindgen::rt",
+        bitflags_path: "wasmesh_plugin_sdk::__private::wit_bindgen::rt::bitflags",
+    });
+}
+
+pub use bindings::exports::wasmesh::plugin::filter::{Guest, HookSet as WitHooks};
+use bindings::wasmesh::plugin::types as wit;
+pub use wit::{
+    Attempt as WitAttempt, Completion as WitCompletion, Request as WitRequest,
+    RequestDecision as WitRequestDecision, Response as WitResponse,
+    ResponseDecision as WitResponseDecision,
+};
+
+/// The hook flags for the host.
+pub fn hooks(h: Hooks) -> WitHooks {
+    let mut f = WitHooks::empty();
+    if h.on_request {
+        f |= WitHooks::ON_REQUEST;
+    }
+    if h.on_response {
+        f |= WitHooks::ON_RESPONSE;
+    }
+    if h.on_complete {
+        f |= WitHooks::ON_COMPLETE;
+    }
+    f
+}
+
+/// Parse the configuration and build the plugin.
+pub fn configure<P: Plugin>(config: &str) -> Result<P, String> {
+    P::new(parse_config::<P::Config>(config)?)
+}
+
+/// Run `on_request` and convert its decision.
+pub fn on_request<P: Plugin>(p: &P, req: &WitRequest) -> Result<WitRequestDecision, String> {
+    p.on_request(&Request { inner: req }).map(request_decision)
+}
+
+/// Run `on_response` and convert its decision.
+pub fn on_response<P: Plugin>(
+    p: &P,
+    req: &WitRequest,
+    resp: &WitResponse,
+    attempt: WitAttempt,
+) -> Result<WitResponseDecision, String> {
+    let attempt = t::Attempt {
+        number: attempt.number,
+        outcome: match attempt.outcome {
+            wit::Outcome::Response(s) => t::Outcome::Response(s),
+            wit::Outcome::LocalReply(s) => t::Outcome::LocalReply(s),
+            wit::Outcome::ConnectFailure => t::Outcome::ConnectFailure,
+            wit::Outcome::Reset => t::Outcome::Reset,
+            wit::Outcome::Timeout => t::Outcome::Timeout,
+            wit::Outcome::NoHealthyEndpoint => t::Outcome::NoHealthyEndpoint,
+            wit::Outcome::Overflow => t::Outcome::Overflow,
+        },
+        service: attempt.service,
+        subset: attempt.subset,
+        endpoint: attempt.endpoint,
+        duration_us: attempt.duration_us,
+    };
+    p.on_response(&Request { inner: req }, &Response { inner: resp }, &attempt)
+        .map(|d| WitResponseDecision {
+            response_headers: header_ops(d.response_headers),
+            reply: d.reply.map(local_reply),
+            retry: d.retry_after_ms.map(|backoff_ms| wit::Retry { backoff_ms }),
+        })
+}
+
+/// Run `on_complete`.
+pub fn on_complete<P: Plugin>(p: &P, req: &WitRequest, done: WitCompletion) {
+    p.on_complete(
+        &Request { inner: req },
+        &t::Completion {
+            status: done.status,
+            attempts: done.attempts,
+            duration_us: done.duration_us,
+        },
+    )
+}
+
+fn header(h: t::Header) -> wit::Header {
+    wit::Header {
+        name: h.name,
+        value: h.value,
+    }
+}
+
+fn header_ops(ops: Vec<t::HeaderOp>) -> Vec<wit::HeaderOp> {
+    ops.into_iter()
+        .map(|op| match op {
+            t::HeaderOp::Set(h) => wit::HeaderOp::Set(header(h)),
+            t::HeaderOp::Append(h) => wit::HeaderOp::Append(header(h)),
+            t::HeaderOp::Remove(n) => wit::HeaderOp::Remove(n),
+        })
+        .collect()
+}
+
+fn local_reply(r: t::LocalReply) -> wit::LocalReply {
+    wit::LocalReply {
+        status: r.status,
+        headers: r.headers.into_iter().map(header).collect(),
+        body: r.body,
+    }
+}
+
+fn request_decision(d: t::RequestDecision) -> WitRequestDecision {
+    WitRequestDecision {
+        request_headers: header_ops(d.request_headers),
+        response_headers: header_ops(d.response_headers),
+        route: d.route.map(|r| wit::Route {
+            service: r.service,
+            subset: r.subset,
+            path: r.path,
+            authority: r.authority,
+        }),
+        timeout_ms: d.timeout_ms,
+        per_try_timeout_ms: d.per_try_timeout_ms,
+        delay_ms: d.delay_ms,
+        reply: d.reply.map(local_reply),
+    }
+}

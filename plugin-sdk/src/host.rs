@@ -1,0 +1,193 @@
+//! What the host offers a plugin: logging, clocks, randomness, shared state,
+//! endpoint ejection and custom metrics.
+//!
+//! In a component these call the proxy; in native tests they act on the
+//! [`crate::testing::TestHost`] of the current thread. None of them panics.
+
+use crate::types::{Endpoint, Level, StateEntry, StateError};
+
+#[cfg(target_arch = "wasm32")]
+mod imp {
+    use super::*;
+    use crate::guest::bindings::wasmesh::plugin::host as h;
+
+    pub fn log(level: Level, message: &str) {
+        let level = match level {
+            Level::Trace => h::LogLevel::Trace,
+            Level::Debug => h::LogLevel::Debug,
+            Level::Info => h::LogLevel::Info,
+            Level::Warn => h::LogLevel::Warn,
+            Level::Error => h::LogLevel::Error,
+        };
+        h::log(level, message)
+    }
+    pub fn now_ms() -> u64 {
+        h::now_ms()
+    }
+    pub fn monotonic_ns() -> u64 {
+        h::monotonic_ns()
+    }
+    pub fn random_u64() -> u64 {
+        h::random_u64()
+    }
+    fn state_error(e: h::StateError) -> StateError {
+        match e {
+            h::StateError::Conflict(v) => StateError::Conflict(v),
+            h::StateError::TooLarge(c) => StateError::TooLarge(c),
+            h::StateError::TooManyKeys(c) => StateError::TooManyKeys(c),
+            h::StateError::BadKey => StateError::BadKey,
+        }
+    }
+    pub fn state_get(key: &str) -> Option<StateEntry> {
+        h::state_get(key).map(|e| StateEntry {
+            value: e.value,
+            version: e.version,
+        })
+    }
+    pub fn state_set(key: &str, value: &[u8], expected: Option<u64>) -> Result<u64, StateError> {
+        h::state_set(key, value, expected).map_err(state_error)
+    }
+    pub fn state_delete(key: &str) -> bool {
+        h::state_delete(key)
+    }
+    pub fn counter_add(key: &str, delta: i64) -> Result<i64, StateError> {
+        h::counter_add(key, delta).map_err(state_error)
+    }
+    pub fn counter_get(key: &str) -> i64 {
+        h::counter_get(key)
+    }
+    pub fn endpoints(service: Option<&str>) -> Vec<Endpoint> {
+        h::endpoints(service)
+            .into_iter()
+            .map(|e| Endpoint {
+                subset: e.subset,
+                address: e.address,
+                ejected: e.ejected,
+            })
+            .collect()
+    }
+    pub fn eject(endpoint: &str, duration_ms: u32) -> bool {
+        h::eject(endpoint, duration_ms)
+    }
+    pub fn metric_add(name: &str, delta: u64) {
+        h::metric_add(name, delta)
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod imp {
+    use super::*;
+    use crate::testing::with_host;
+
+    pub fn log(level: Level, message: &str) {
+        with_host(|h| h.logs.push((level, message.to_string())))
+    }
+    pub fn now_ms() -> u64 {
+        with_host(|h| h.now_ms())
+    }
+    pub fn monotonic_ns() -> u64 {
+        with_host(|h| h.monotonic_ns())
+    }
+    pub fn random_u64() -> u64 {
+        with_host(|h| h.next_random())
+    }
+    pub fn state_get(key: &str) -> Option<StateEntry> {
+        with_host(|h| h.state_get(key))
+    }
+    pub fn state_set(key: &str, value: &[u8], expected: Option<u64>) -> Result<u64, StateError> {
+        with_host(|h| h.state_set(key, value, expected))
+    }
+    pub fn state_delete(key: &str) -> bool {
+        with_host(|h| h.state.remove(key).is_some())
+    }
+    pub fn counter_add(key: &str, delta: i64) -> Result<i64, StateError> {
+        with_host(|h| h.counter_add(key, delta))
+    }
+    pub fn counter_get(key: &str) -> i64 {
+        with_host(|h| h.counters.get(key).copied().unwrap_or(0))
+    }
+    pub fn endpoints(service: Option<&str>) -> Vec<Endpoint> {
+        with_host(|h| h.endpoints_of(service))
+    }
+    pub fn eject(endpoint: &str, duration_ms: u32) -> bool {
+        with_host(|h| h.eject(endpoint, duration_ms))
+    }
+    pub fn metric_add(name: &str, delta: u64) {
+        with_host(|h| *h.metrics.entry(name.to_string()).or_insert(0) += delta)
+    }
+}
+
+/// Write a line to the proxy's log.
+pub fn log(level: Level, message: &str) {
+    imp::log(level, message)
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    imp::now_ms()
+}
+
+/// Monotonic nanoseconds, for intervals.
+pub fn monotonic_ns() -> u64 {
+    imp::monotonic_ns()
+}
+
+/// A random number (not for cryptography).
+pub fn random_u64() -> u64 {
+    imp::random_u64()
+}
+
+/// A uniformly distributed number in `0.0..1.0`.
+pub fn random_f64() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Shared state, scoped to (service, plugin name) and surviving upgrades.
+pub mod state {
+    use super::*;
+
+    /// Read an entry.
+    pub fn get(key: &str) -> Option<StateEntry> {
+        imp::state_get(key)
+    }
+
+    /// Write an entry unconditionally; returns its new version.
+    pub fn set(key: &str, value: &[u8]) -> Result<u64, StateError> {
+        imp::state_set(key, value, None)
+    }
+
+    /// Write an entry if its version is still `expected` (0: must not exist).
+    pub fn compare_and_set(key: &str, value: &[u8], expected: u64) -> Result<u64, StateError> {
+        imp::state_set(key, value, Some(expected))
+    }
+
+    /// Remove an entry; true if it existed.
+    pub fn delete(key: &str) -> bool {
+        imp::state_delete(key)
+    }
+
+    /// Atomically add to a counter and return the new value.
+    pub fn counter_add(key: &str, delta: i64) -> Result<i64, StateError> {
+        imp::counter_add(key, delta)
+    }
+
+    /// Read a counter (0 when missing).
+    pub fn counter_get(key: &str) -> i64 {
+        imp::counter_get(key)
+    }
+}
+
+/// The endpoints of a service (`None`: this plugin's service).
+pub fn endpoints(service: Option<&str>) -> Vec<Endpoint> {
+    imp::endpoints(service)
+}
+
+/// Eject an endpoint of this plugin's service for `duration_ms`.
+pub fn eject(endpoint: &str, duration_ms: u32) -> bool {
+    imp::eject(endpoint, duration_ms)
+}
+
+/// Add to a custom counter metric.
+pub fn metric_add(name: &str, delta: u64) {
+    imp::metric_add(name, delta)
+}

@@ -1,0 +1,221 @@
+//! The wasmesh plugin SDK: write a mesh policy in ordinary Rust, test it
+//! natively, build it into a WebAssembly component the proxy loads.
+//!
+//! A plugin is a type implementing [`Plugin`] with a serde `Config`, exported
+//! with [`export!`], which also declares the hooks it implements (the proxy
+//! calls only those):
+//!
+//! ```
+//! use wasmesh_plugin_sdk::{export, Plugin, Request, RequestDecision, LocalReply};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Config { prefix: String }
+//!
+//! struct DenyOne(Config);
+//!
+//! impl Plugin for DenyOne {
+//!     type Config = Config;
+//!     fn new(config: Config) -> Result<Self, String> { Ok(Self(config)) }
+//!     fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {
+//!         if req.path().starts_with(&self.0.prefix) {
+//!             return Ok(RequestDecision::reply(LocalReply::text(403, "denied")));
+//!         }
+//!         Ok(RequestDecision::proceed())
+//!     }
+//! }
+//!
+//! export!(DenyOne, hooks: [on_request]);
+//! ```
+//!
+//! It sits between plugin crates and the contract in `wit/`: in a
+//! `wasm32-wasip2` build it binds to the host through wit-bindgen; on any
+//! other target the host functions act on [`testing::TestHost`], so
+//! `cargo test` exercises the plugin's logic without wasm.
+
+extern crate self as wasmesh_plugin_sdk;
+
+pub mod host;
+mod types;
+mod view;
+
+#[cfg(target_arch = "wasm32")]
+mod guest;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
+
+pub use types::*;
+pub use view::{Request, Response};
+
+use serde::de::DeserializeOwned;
+
+/// A mesh policy. Every hook has a default that decides nothing; implement
+/// the ones the plugin needs and list them in [`export!`].
+///
+/// One value of this type serves one instance: it is built once by
+/// [`Plugin::new`] and then called for many requests, one at a time. Keep
+/// anything that must outlive the instance or be seen by other instances in
+/// [`host::state`].
+pub trait Plugin: Sized + 'static {
+    /// The operator's configuration, deserialised from JSON.
+    type Config: DeserializeOwned;
+
+    /// Build the plugin from its configuration. An error refuses the
+    /// configuration; name the field and what is expected.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// Runs before the upstream is called, in chain order. Default: proceed.
+    /// An error counts as a plugin failure (the plugin's `on-failure` policy
+    /// applies).
+    fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {
+        let _ = req;
+        Ok(RequestDecision::proceed())
+    }
+
+    /// Runs for every attempt's outcome, in reverse chain order. Default:
+    /// proceed.
+    fn on_response(
+        &self,
+        req: &Request<'_>,
+        resp: &Response<'_>,
+        attempt: &Attempt,
+    ) -> Result<ResponseDecision, String> {
+        let _ = (req, resp, attempt);
+        Ok(ResponseDecision::proceed())
+    }
+
+    /// Runs once per request that reached this plugin, whatever happened.
+    /// Default: nothing.
+    fn on_complete(&self, req: &Request<'_>, done: &Completion) {
+        let _ = (req, done);
+    }
+}
+
+/// Which hooks a plugin declared in [`export!`]. Implemented by the macro.
+pub trait Declared {
+    /// The declared hooks.
+    const HOOKS: Hooks;
+}
+
+/// Parse a plugin configuration from JSON text, with errors that name the
+/// field (`http[0].route[1].weight: invalid type: ...`). `null` (no config
+/// given) is read as `{}` when the type does not accept `null` itself.
+pub fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, String> {
+    fn parse<C: DeserializeOwned>(json: &str) -> Result<C, String> {
+        let de = &mut serde_json::Deserializer::from_str(json);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                format!("config: {}", e.inner())
+            } else {
+                format!("config.{path}: {}", e.inner())
+            }
+        })
+    }
+    if json.trim() == "null" {
+        parse::<C>(json).or_else(|_| parse::<C>("{}"))
+    } else {
+        parse(json)
+    }
+}
+
+#[doc(hidden)]
+pub mod __private {
+    #[cfg(target_arch = "wasm32")]
+    pub use crate::guest::*;
+    pub use wit_bindgen;
+
+    #[cfg(target_arch = "wasm32")]
+    pub use crate::guest::bindings::export_filter;
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __hook_flag {
+    ($h:ident, on_request) => {
+        $h.on_request = true;
+    };
+    ($h:ident, on_response) => {
+        $h.on_response = true;
+    };
+    ($h:ident, on_complete) => {
+        $h.on_complete = true;
+    };
+    ($h:ident, $other:ident) => {
+        compile_error!(concat!(
+            "unknown hook `",
+            stringify!($other),
+            "`: expected on_request, on_response or on_complete"
+        ));
+    };
+}
+
+/// Export a [`Plugin`] as the component's `filter` and declare its hooks:
+/// `export!(MyPlugin, hooks: [on_request, on_complete]);`
+///
+/// The proxy calls only the declared hooks, so declare exactly the ones the
+/// plugin overrides.
+#[macro_export]
+macro_rules! export {
+    ($plugin:ty, hooks: [$($hook:ident),* $(,)?]) => {
+        impl $crate::Declared for $plugin {
+            const HOOKS: $crate::Hooks = {
+                #[allow(unused_mut)]
+                let mut h = $crate::Hooks { on_request: false, on_response: false, on_complete: false };
+                $($crate::__hook_flag!(h, $hook);)*
+                h
+            };
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            use $crate::__private as __p;
+
+            struct __WasmeshExport;
+
+            ::std::thread_local! {
+                static __PLUGIN: ::std::cell::OnceCell<$plugin> = const { ::std::cell::OnceCell::new() };
+            }
+
+            fn __with<R>(f: impl FnOnce(&$plugin) -> Result<R, String>) -> Result<R, String> {
+                __PLUGIN.with(|cell| match cell.get() {
+                    Some(p) => f(p),
+                    None => Err("hook called before configure".to_string()),
+                })
+            }
+
+            impl __p::Guest for __WasmeshExport {
+                fn hooks() -> __p::WitHooks {
+                    __p::hooks(<$plugin as $crate::Declared>::HOOKS)
+                }
+                fn configure(config: String) -> Result<(), String> {
+                    let plugin = __p::configure::<$plugin>(&config)?;
+                    __PLUGIN.with(|cell| {
+                        cell.set(plugin)
+                            .map_err(|_| "configure called twice on one instance".to_string())
+                    })
+                }
+                fn on_request(
+                    req: &__p::WitRequest,
+                ) -> Result<__p::WitRequestDecision, String> {
+                    __with(|p| __p::on_request(p, req))
+                }
+                fn on_response(
+                    req: &__p::WitRequest,
+                    resp: &__p::WitResponse,
+                    attempt: __p::WitAttempt,
+                ) -> Result<__p::WitResponseDecision, String> {
+                    __with(|p| __p::on_response(p, req, resp, attempt))
+                }
+                fn on_complete(req: &__p::WitRequest, done: __p::WitCompletion) {
+                    let _ = __with(|p| {
+                        __p::on_complete(p, req, done);
+                        Ok(())
+                    });
+                }
+            }
+
+            __p::export_filter!(__WasmeshExport with_types_in __p::bindings);
+        };
+    };
+}

@@ -1,0 +1,309 @@
+//! The values plugins exchange with the host, as plain Rust types.
+//!
+//! They mirror the WIT records of `wasmesh:plugin` one for one; the SDK
+//! converts at the boundary so that plugin code never names generated types.
+
+/// One HTTP header (lowercase name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Lowercase name.
+    pub name: String,
+    /// Value.
+    pub value: String,
+}
+
+impl Header {
+    /// A header from a name (lowercased here) and a value.
+    pub fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
+        let mut name = name.into();
+        name.make_ascii_lowercase();
+        Self {
+            name,
+            value: value.into(),
+        }
+    }
+}
+
+/// The protocol the downstream client spoke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.x.
+    Http1,
+    /// HTTP/2 (not gRPC).
+    Http2,
+    /// gRPC over HTTP/2.
+    Grpc,
+}
+
+/// Who sent the request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Verified identity (SPIFFE ID), when known.
+    pub principal: Option<String>,
+    /// Namespace, when known.
+    pub namespace: Option<String>,
+    /// `ip:port` of the caller.
+    pub address: String,
+}
+
+/// A change to a header set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderOp {
+    /// Replace every value of the header.
+    Set(Header),
+    /// Add a value.
+    Append(Header),
+    /// Remove every value of the header (lowercase name).
+    Remove(String),
+}
+
+/// Where a request goes. `None` fields keep what was decided before.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Route {
+    /// Target service (default: the one addressed).
+    pub service: Option<String>,
+    /// Subset of the target service.
+    pub subset: Option<String>,
+    /// New path (with query) sent upstream.
+    pub path: Option<String>,
+    /// New authority sent upstream.
+    pub authority: Option<String>,
+}
+
+/// A response produced by the plugin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalReply {
+    /// Status code, 200..=599.
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<Header>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl LocalReply {
+    /// A reply with a status and a text body (`content-type: text/plain`).
+    pub fn text(status: u16, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            headers: vec![Header::new("content-type", "text/plain; charset=utf-8")],
+            body: body.into().into_bytes(),
+        }
+    }
+
+    /// Add a header to the reply.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push(Header::new(name, value));
+        self
+    }
+}
+
+/// What a plugin decided in `on_request`. The default decides nothing.
+/// See the WIT documentation of `request-decision` for how a chain merges them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestDecision {
+    /// Edits to the request headers sent upstream.
+    pub request_headers: Vec<HeaderOp>,
+    /// Edits to the response headers sent to the client.
+    pub response_headers: Vec<HeaderOp>,
+    /// Where to send the request.
+    pub route: Option<Route>,
+    /// Deadline for the whole request, milliseconds.
+    pub timeout_ms: Option<u32>,
+    /// Deadline per attempt, milliseconds.
+    pub per_try_timeout_ms: Option<u32>,
+    /// Wait before calling the upstream, milliseconds.
+    pub delay_ms: Option<u32>,
+    /// Answer now instead of calling the upstream.
+    pub reply: Option<LocalReply>,
+}
+
+impl RequestDecision {
+    /// Carry on unchanged.
+    pub fn proceed() -> Self {
+        Self::default()
+    }
+
+    /// Answer the request with `reply`.
+    pub fn reply(reply: LocalReply) -> Self {
+        Self {
+            reply: Some(reply),
+            ..Self::default()
+        }
+    }
+
+    /// Set a request header.
+    pub fn set_request_header(mut self, name: &str, value: &str) -> Self {
+        self.request_headers
+            .push(HeaderOp::Set(Header::new(name, value)));
+        self
+    }
+
+    /// Set a response header.
+    pub fn set_response_header(mut self, name: &str, value: &str) -> Self {
+        self.response_headers
+            .push(HeaderOp::Set(Header::new(name, value)));
+        self
+    }
+
+    /// Route to a subset of the addressed service.
+    pub fn route_subset(mut self, subset: impl Into<String>) -> Self {
+        self.route.get_or_insert_with(Route::default).subset = Some(subset.into());
+        self
+    }
+}
+
+/// How an attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered with this status.
+    Response(u16),
+    /// A plugin answered locally with this status.
+    LocalReply(u16),
+    /// No connection could be made.
+    ConnectFailure,
+    /// Reset before a response.
+    Reset,
+    /// Past a timeout.
+    Timeout,
+    /// No endpoint available.
+    NoHealthyEndpoint,
+    /// A limit was full.
+    Overflow,
+}
+
+impl Outcome {
+    /// The status code, for a response or local reply.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Outcome::Response(s) | Outcome::LocalReply(s) => Some(*s),
+            _ => None,
+        }
+    }
+}
+
+/// One attempt at the upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    /// 1 for the first try.
+    pub number: u32,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Service called.
+    pub service: String,
+    /// Subset chosen.
+    pub subset: Option<String>,
+    /// Endpoint called.
+    pub endpoint: Option<String>,
+    /// Duration, microseconds.
+    pub duration_us: u64,
+}
+
+/// What a plugin decided in `on_response`. The default decides nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResponseDecision {
+    /// Edits to the response headers.
+    pub response_headers: Vec<HeaderOp>,
+    /// Send this instead.
+    pub reply: Option<LocalReply>,
+    /// Retry after this many milliseconds.
+    pub retry_after_ms: Option<u32>,
+}
+
+impl ResponseDecision {
+    /// Carry on.
+    pub fn proceed() -> Self {
+        Self::default()
+    }
+
+    /// Ask for another attempt after `backoff_ms`.
+    pub fn retry(backoff_ms: u32) -> Self {
+        Self {
+            retry_after_ms: Some(backoff_ms),
+            ..Self::default()
+        }
+    }
+}
+
+/// How the request ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// Status sent to the client; `None` when the client went away first.
+    pub status: Option<u16>,
+    /// Upstream attempts made.
+    pub attempts: u32,
+    /// Total duration, microseconds.
+    pub duration_us: u64,
+}
+
+/// Which hooks a plugin implements.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// `on_request`.
+    pub on_request: bool,
+    /// `on_response`.
+    pub on_response: bool,
+    /// `on_complete`.
+    pub on_complete: bool,
+}
+
+/// Log severity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Trace.
+    Trace,
+    /// Debug.
+    Debug,
+    /// Info.
+    Info,
+    /// Warn.
+    Warn,
+    /// Error.
+    Error,
+}
+
+/// An entry of shared state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateEntry {
+    /// The bytes.
+    pub value: Vec<u8>,
+    /// Its version, for compare-and-swap.
+    pub version: u64,
+}
+
+/// A refused shared-state write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateError {
+    /// Compare-and-swap lost: the current version (0: absent).
+    Conflict(u64),
+    /// Value over the per-entry cap (bytes).
+    TooLarge(u32),
+    /// Scope full (key cap).
+    TooManyKeys(u32),
+    /// Empty key, or longer than 256 bytes.
+    BadKey,
+}
+
+impl std::fmt::Display for StateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateError::Conflict(v) => write!(f, "version conflict (current version {v})"),
+            StateError::TooLarge(cap) => write!(f, "value larger than {cap} bytes"),
+            StateError::TooManyKeys(cap) => write!(f, "more than {cap} keys"),
+            StateError::BadKey => write!(f, "empty key or key over 256 bytes"),
+        }
+    }
+}
+
+impl std::error::Error for StateError {}
+
+/// An endpoint as the host reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Its subset.
+    pub subset: String,
+    /// `ip:port`.
+    pub address: String,
+    /// Ejected now.
+    pub ejected: bool,
+}

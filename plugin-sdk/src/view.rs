@@ -1,0 +1,197 @@
+//! Read-only views of the request and response a hook is called with.
+//!
+//! In a component they read from the host on demand (a plugin pays only for the
+//! fields it reads); in native tests they read from the harness's values.
+
+use crate::types::{Header, Peer, Protocol};
+
+#[cfg(target_arch = "wasm32")]
+use crate::guest::bindings::wasmesh::plugin::types as wit;
+
+/// The request being decided on. Header edits by earlier plugins are visible.
+pub struct Request<'a> {
+    #[cfg(target_arch = "wasm32")]
+    pub(crate) inner: &'a wit::Request,
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) inner: &'a crate::testing::TestRequest,
+}
+
+/// An upstream (or locally produced) response.
+pub struct Response<'a> {
+    #[cfg(target_arch = "wasm32")]
+    pub(crate) inner: &'a wit::Response,
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) inner: &'a crate::testing::TestResponse,
+}
+
+#[cfg(target_arch = "wasm32")]
+impl Request<'_> {
+    /// The method, e.g. `GET`.
+    pub fn method(&self) -> String {
+        self.inner.method()
+    }
+    /// `http` or `https`.
+    pub fn scheme(&self) -> String {
+        self.inner.scheme()
+    }
+    /// The authority the client addressed.
+    pub fn authority(&self) -> String {
+        self.inner.authority()
+    }
+    /// Path with query.
+    pub fn path(&self) -> String {
+        self.inner.path()
+    }
+    /// Destination port.
+    pub fn port(&self) -> u16 {
+        self.inner.port()
+    }
+    /// Downstream protocol.
+    pub fn protocol(&self) -> Protocol {
+        match self.inner.protocol() {
+            wit::Protocol::Http1 => Protocol::Http1,
+            wit::Protocol::Http2 => Protocol::Http2,
+            wit::Protocol::Grpc => Protocol::Grpc,
+        }
+    }
+    /// First value of a header (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.inner.header(name)
+    }
+    /// Every value of a header.
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.inner.header_all(name)
+    }
+    /// All headers, in order.
+    pub fn headers(&self) -> Vec<Header> {
+        self.inner
+            .headers()
+            .into_iter()
+            .map(|h| Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect()
+    }
+    /// The caller.
+    pub fn source(&self) -> Peer {
+        let p = self.inner.source();
+        Peer {
+            principal: p.principal,
+            namespace: p.namespace,
+            address: p.address,
+        }
+    }
+    /// The destination service.
+    pub fn service(&self) -> String {
+        self.inner.service()
+    }
+    /// The request id.
+    pub fn id(&self) -> String {
+        self.inner.id()
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+impl Response<'_> {
+    /// Status code.
+    pub fn status(&self) -> u16 {
+        self.inner.status()
+    }
+    /// First value of a header.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.inner.header(name)
+    }
+    /// All headers.
+    pub fn headers(&self) -> Vec<Header> {
+        self.inner
+            .headers()
+            .into_iter()
+            .map(|h| Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Request<'_> {
+    /// The method, e.g. `GET`.
+    pub fn method(&self) -> String {
+        self.inner.method.clone()
+    }
+    /// `http` or `https`.
+    pub fn scheme(&self) -> String {
+        self.inner.scheme.clone()
+    }
+    /// The authority the client addressed.
+    pub fn authority(&self) -> String {
+        self.inner.authority.clone()
+    }
+    /// Path with query.
+    pub fn path(&self) -> String {
+        self.inner.path.clone()
+    }
+    /// Destination port.
+    pub fn port(&self) -> u16 {
+        self.inner.port
+    }
+    /// Downstream protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.inner.protocol
+    }
+    /// First value of a header (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<String> {
+        first(&self.inner.headers, name)
+    }
+    /// Every value of a header.
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.inner
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.clone())
+            .collect()
+    }
+    /// All headers, in order.
+    pub fn headers(&self) -> Vec<Header> {
+        self.inner.headers.clone()
+    }
+    /// The caller.
+    pub fn source(&self) -> Peer {
+        self.inner.source.clone()
+    }
+    /// The destination service.
+    pub fn service(&self) -> String {
+        self.inner.service.clone()
+    }
+    /// The request id.
+    pub fn id(&self) -> String {
+        self.inner.id.clone()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Response<'_> {
+    /// Status code.
+    pub fn status(&self) -> u16 {
+        self.inner.status
+    }
+    /// First value of a header.
+    pub fn header(&self, name: &str) -> Option<String> {
+        first(&self.inner.headers, name)
+    }
+    /// All headers.
+    pub fn headers(&self) -> Vec<Header> {
+        self.inner.headers.clone()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn first(headers: &[Header], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.clone())
+}

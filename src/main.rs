@@ -1,0 +1,133 @@
+//! `wasmesh`: the one binary. `proxy` runs a sidecar from a mesh file;
+//! `plugin new` and `plugin build` are the plugin author's tools.
+//!
+//! Exit codes: 0 done; 1 runtime failure (e.g. a port in use); 2 usage or
+//! invalid input (bad file, bad component, a plugin refusing its config).
+
+mod plugin_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "wasmesh",
+    version,
+    about = "A service mesh whose policy runs as WebAssembly components"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a sidecar proxy from a mesh file (standalone mode).
+    Proxy {
+        /// The mesh file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Reload when the file or a component it references changes.
+        #[arg(long)]
+        watch: bool,
+        /// Worker threads (default: the number of cores).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// How long in-flight requests may take to finish on SIGTERM.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        drain: Duration,
+    },
+    /// Write and build plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Create `./NAME`, a plugin crate with a test, ready for `cargo test`
+    /// and `wasmesh plugin build`.
+    New {
+        /// The plugin's name (also its directory).
+        name: String,
+    },
+    /// Build a plugin crate into a component; prints `PATH SHA256`.
+    Build {
+        /// The crate's directory (default: the current one).
+        dir: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    wasmesh_api::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Proxy {
+            config,
+            watch,
+            workers,
+            drain,
+        } => proxy(config, watch, workers, drain),
+        Command::Plugin { command } => match command {
+            PluginCommand::New { name } => plugin_cmd::new(&name),
+            PluginCommand::Build { dir } => plugin_cmd::build(dir.as_deref()),
+        },
+    }
+}
+
+fn proxy(config: PathBuf, watch: bool, workers: Option<usize>, drain: Duration) -> ExitCode {
+    let workers = workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let options = wasmesh_proxy::Options {
+        config,
+        watch,
+        workers,
+        builtins: wasmesh_artifacts::BUILTINS,
+    };
+    rt.block_on(async move {
+        let proxy = match wasmesh_proxy::Proxy::start(options).await {
+            Ok(p) => p,
+            Err(wasmesh_proxy::StartError::Config(e)) => {
+                eprintln!("error: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+            Err(wasmesh_proxy::StartError::Runtime(e)) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(1);
+            }
+        };
+        match proxy.run(drain).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

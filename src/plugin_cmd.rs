@@ -1,0 +1,275 @@
+//! `wasmesh plugin new` and `wasmesh plugin build`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context, bail};
+
+/// Where the SDK this binary was built with lives (new plugins depend on it
+/// by path until the SDK is published).
+const SDK_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/plugin-sdk");
+const TARGET: &str = "wasm32-wasip2";
+
+fn fail(code: u8, e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::from(code)
+}
+
+/// `wasmesh plugin new NAME`.
+pub fn new(name: &str) -> ExitCode {
+    match create(name) {
+        Ok(dir) => {
+            eprintln!(
+                "created {}: `cd {name} && cargo test` runs its tests, `wasmesh plugin build` builds it",
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(2, e),
+    }
+}
+
+fn create(name: &str) -> anyhow::Result<PathBuf> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid {
+        bail!(
+            "{name:?} is not a plugin name: use lowercase letters, digits, '-' and '_', starting with a letter"
+        );
+    }
+    let dir = PathBuf::from(name);
+    if dir.exists() {
+        bail!("./{name} already exists; choose another name or remove it");
+    }
+    if !Path::new(SDK_DIR).join("Cargo.toml").exists() {
+        bail!("the wasmesh SDK is not at {SDK_DIR} any more; rebuild wasmesh from its repository");
+    }
+    let ident: String = name
+        .split(['-', '_'])
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    std::fs::create_dir_all(dir.join("src")).context("creating the plugin directory")?;
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+[lib]
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+wasmesh-plugin-sdk = {{ path = "{SDK_DIR}" }}
+serde = {{ version = "1", features = ["derive"] }}
+
+# Small components: `wasmesh plugin build` builds in release.
+[profile.release]
+opt-level = "s"
+lto = true
+strip = true
+codegen-units = 1
+
+# A standalone crate, not part of any enclosing workspace.
+[workspace]
+"#
+        ),
+    )?;
+    std::fs::write(dir.join(".gitignore"), "/target\n")?;
+    std::fs::write(
+        dir.join("src/lib.rs"),
+        format!(
+            r##"//! {name}: a wasmesh plugin. It adds a response header to every request;
+//! change it to decide what your mesh needs.
+
+use serde::Deserialize;
+use wasmesh_plugin_sdk::{{Plugin, Request, RequestDecision, export}};
+
+/// The configuration an operator gives in the mesh file (`config:`).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {{
+    /// The value of the `x-hello` response header.
+    pub greeting: String,
+}}
+
+impl Default for Config {{
+    fn default() -> Self {{
+        Self {{ greeting: "hello from {name}".into() }}
+    }}
+}}
+
+/// The plugin.
+pub struct {ident} {{
+    greeting: String,
+}}
+
+impl Plugin for {ident} {{
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {{
+        if config.greeting.is_empty() {{
+            return Err("config.greeting: must not be empty".into());
+        }}
+        Ok(Self {{ greeting: config.greeting }})
+    }}
+
+    fn on_request(&self, _req: &Request<'_>) -> Result<RequestDecision, String> {{
+        Ok(RequestDecision::proceed().set_response_header("x-hello", &self.greeting))
+    }}
+}}
+
+export!({ident}, hooks: [on_request]);
+
+#[cfg(test)]
+mod tests {{
+    use super::*;
+    use wasmesh_plugin_sdk::HeaderOp;
+    use wasmesh_plugin_sdk::testing::{{Harness, TestRequest}};
+
+    #[test]
+    fn greets() {{
+        let h = Harness::<{ident}>::new(r#"{{"greeting":"hi"}}"#).unwrap();
+        let d = h.on_request(&TestRequest::get("/")).unwrap();
+        assert!(matches!(&d.response_headers[0], HeaderOp::Set(x) if x.name == "x-hello" && x.value == "hi"));
+    }}
+
+    #[test]
+    fn refuses_an_empty_greeting() {{
+        let e = Harness::<{ident}>::new(r#"{{"greeting":""}}"#).err().unwrap();
+        assert!(e.contains("config.greeting"), "{{e}}");
+    }}
+}}
+"##
+        ),
+    )?;
+    Ok(dir)
+}
+
+/// `wasmesh plugin build [DIR]`.
+pub fn build(dir: Option<&Path>) -> ExitCode {
+    let dir = dir.unwrap_or(Path::new("."));
+    let manifest = dir.join("Cargo.toml");
+    if !manifest.exists() {
+        return fail(
+            2,
+            anyhow::anyhow!(
+                "no Cargo.toml in {}: give the plugin crate's directory",
+                dir.display()
+            ),
+        );
+    }
+    if let Err(e) = ensure_target() {
+        return fail(1, e);
+    }
+    let wasm = match cargo_build(&manifest) {
+        Ok(p) => p,
+        Err(e) => return fail(2, e),
+    };
+    let bytes = match std::fs::read(&wasm) {
+        Ok(b) => b,
+        Err(e) => return fail(1, anyhow::anyhow!("cannot read {}: {e}", wasm.display())),
+    };
+    let runtime = match wasmesh_proxy::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(1, e),
+    };
+    if let Err(e) = runtime.load(&bytes) {
+        return fail(
+            2,
+            anyhow::anyhow!("{} was built but is refused: {e}", wasm.display()),
+        );
+    }
+    println!(
+        "{} {}",
+        wasm.display(),
+        wasmesh_proxy::runtime::Runtime::sha256(&bytes)
+    );
+    ExitCode::SUCCESS
+}
+
+fn ensure_target() -> anyhow::Result<()> {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .context("running rustc")?;
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
+    if Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(TARGET)
+        .exists()
+    {
+        return Ok(());
+    }
+    eprintln!("the {TARGET} target is missing; running `rustup target add {TARGET}`");
+    let ok = Command::new("rustup")
+        .args(["target", "add", TARGET])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!(
+            "the Rust target {TARGET} is not installed; run `rustup target add {TARGET}` and try again"
+        );
+    }
+    Ok(())
+}
+
+fn cargo_build(manifest: &Path) -> anyhow::Result<PathBuf> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--target",
+            TARGET,
+            "--message-format=json-render-diagnostics",
+        ])
+        .arg("--manifest-path")
+        .arg(manifest)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!("cargo build failed (see its output above)");
+    }
+    let mut wasm = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let is_cdylib = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "cdylib"));
+        if !is_cdylib {
+            continue;
+        }
+        if let Some(files) = msg["filenames"].as_array() {
+            for f in files.iter().filter_map(|f| f.as_str()) {
+                if f.ends_with(".wasm") {
+                    wasm = Some(PathBuf::from(f));
+                }
+            }
+        }
+    }
+    wasm.ok_or_else(|| {
+        anyhow::anyhow!(
+            "the build produced no component: is {} a plugin crate (`crate-type = [\"cdylib\"]`)?",
+            manifest.display()
+        )
+    })
+}
