@@ -23,7 +23,10 @@ fn absolute(p: &Path) -> PathBuf {
 pub fn spawn(shared: Arc<Shared>) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev {
+        // Reading a file (as a reload does) is an access event: only changes count.
+        if let Ok(ev) = ev
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
             for p in ev.paths {
                 let _ = tx.send(p);
             }

@@ -15,6 +15,7 @@
 
 mod bindings;
 pub(crate) mod host;
+mod wasi_io;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -213,6 +214,7 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        wasi_io::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let ticker = Ticker::start(engine.clone());
@@ -434,14 +436,17 @@ impl ConfiguredPlugin {
         if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
             return PluginFailure::Timeout(self.limits.deadline);
         }
-        let text = format!("{e:#}");
-        if text.contains("forcing a memory growth failure")
-            || text.contains("memory minimum size")
-            || text.contains("resource limit exceeded")
+        // The last error in the chain says what happened; the ones before it
+        // carry the wasm backtrace, which goes to the debug log only.
+        let cause = e.chain().last().map(|c| c.to_string()).unwrap_or_default();
+        tracing::debug!(plugin = &*self.scope.plugin, "plugin trap detail: {e:?}");
+        if cause.contains("growing memory")
+            || cause.contains("memory minimum size")
+            || cause.contains("resource limit exceeded")
         {
             return PluginFailure::Memory(self.limits.memory);
         }
-        PluginFailure::Trap(text)
+        PluginFailure::Trap(cause)
     }
 
     fn fail(&self, f: PluginFailure, hook: &str) -> PluginFailure {

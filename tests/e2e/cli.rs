@@ -1,0 +1,171 @@
+//! The CLI: exit codes and messages for bad input, and the plugin author's
+//! `plugin new` / `plugin build` path outside the repository.
+
+use std::process::{Command, Output};
+
+use crate::support::*;
+
+fn proxy_with(yaml: &str) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!("admin: {admin}\nlisten: {listen}\n{yaml}"),
+    )
+    .unwrap();
+    let out = Command::new(WASMESH)
+        .args(["proxy", "--config"])
+        .arg(dir.path().join("mesh.yaml"))
+        .output()
+        .unwrap();
+    (out, dir)
+}
+
+fn refused(yaml: &str, expect: &[&str]) {
+    let (out, _dir) = proxy_with(yaml);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for e in expect {
+        assert!(err.contains(e), "expected {e:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_file_field_and_plugin() {
+    refused("services: [", &["mesh.yaml", "invalid configuration"]);
+    refused("bogus: 1\n", &["unknown field `bogus`"]);
+    refused(
+        "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        on-failure: sideways\n",
+        &["services.reviews.plugins[0].on-failure", "sideways"],
+    );
+    refused(
+        "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        config: { prefixes: [admin] }\n",
+        &[
+            "plugin deny-path (",
+            "services.reviews.plugins[0].config",
+            "config.prefixes[0]",
+            "must start with '/'",
+        ],
+    );
+    refused(
+        &format!(
+            "services:\n  reviews:\n    plugins:\n      - source: {:?}\n",
+            wasmesh_artifacts::REJECTER
+        ),
+        &[
+            "plugin fixture-rejecter (",
+            "refused its configuration",
+            "config.mode",
+        ],
+    );
+    refused(
+        "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        config: { prefixes: [] }\n      - source: builtin:deny-path\n        config: { prefixes: [] }\n",
+        &["services.reviews.plugins[1].name", "already in this chain"],
+    );
+    refused(
+        "services:\n  reviews:\n    plugins:\n      - source: ./missing.wasm\n",
+        &["services.reviews.plugins[0].source", "missing.wasm"],
+    );
+    refused(
+        "services:\n  reviews:\n    plugins:\n      - source: builtin:nope\n",
+        &["unknown builtin \"nope\"", "builtin:deny-path"],
+    );
+    refused(
+        "services:\n  reviews:\n    endpoints: { v1: [\"localhost\"] }\n",
+        &["services.reviews.endpoints.v1[0]", "ip:port"],
+    );
+    refused(
+        "services:\n  reviews:\n    plugins:\n      - source: builtin:add-header\n        sha256: \"00\"\n",
+        &["services.reviews.plugins[0].sha256", "not the 00"],
+    );
+}
+
+#[test]
+fn a_component_that_is_not_a_plugin_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("junk.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    let yaml = format!(
+        "services:\n  reviews:\n    plugins:\n      - source: {:?}\n",
+        dir.path().join("junk.wasm")
+    );
+    refused(
+        &yaml,
+        &["plugin junk (", "not a valid WebAssembly component"],
+    );
+}
+
+#[test]
+fn a_port_in_use_exits_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!(
+            "admin: 127.0.0.1:{}\nlisten: {}\n",
+            free_port(),
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(WASMESH)
+        .args(["proxy", "--config"])
+        .arg(dir.path().join("mesh.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot listen on"), "{err}");
+}
+
+#[test]
+fn plugin_new_then_test_then_build_works_outside_the_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    // Share one target directory across runs so this stays an incremental build.
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/plugin-new-test");
+    let run = |args: &[&str], cwd: &std::path::Path| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(cwd)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    run(&[WASMESH, "plugin", "new", "hello"], dir.path());
+    let crate_dir = dir.path().join("hello");
+    let test = run(&["cargo", "test"], &crate_dir);
+    let text = String::from_utf8_lossy(&test.stdout);
+    assert!(text.contains("test result: ok. 2 passed"), "{text}");
+    let out = run(&[WASMESH, "plugin", "build"], &crate_dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stdout: {stdout:?}");
+    let (path, sha) = lines[0].split_once(' ').unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(sha, wasmesh_proxy::runtime::Runtime::sha256(&bytes));
+
+    // And the proxy runs it.
+    let (out, _d) = proxy_with(&format!(
+        "services:\n  reviews:\n    plugins:\n      - source: {path:?}\n        config: {{ greeting: \"\" }}\n"
+    ));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.greeting: must not be empty"));
+
+    let out = Command::new(WASMESH)
+        .args(["plugin", "new", "hello"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an existing directory is refused"
+    );
+}

@@ -1,0 +1,251 @@
+//! Forwarding: headers, protocols, routing and local replies.
+
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+use crate::support::*;
+
+fn services(upstream: &Upstream) -> String {
+    format!(
+        r#"services:
+  reviews:
+    endpoints:
+      v1: ["{}"]
+    plugins:
+      - source: builtin:add-header
+        config: {{ request: {{ x-added: "yes" }}, response: {{ x-resp: "yes" }} }}
+      - source: builtin:deny-path
+        config: {{ prefixes: ["/admin"] }}
+"#,
+        upstream.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_header_reaches_upstream_and_client_and_deny_path_replies_locally() {
+    let up = Upstream::echo("reviews-v1").await;
+    let proxy = Proxy::start(&services(&up)).await;
+
+    let r = via(&proxy, "reviews", "/hello?x=1").await;
+    assert_eq!(r.status, 200);
+    let body = r.json();
+    assert_eq!(
+        body["headers"]["x-added"], "yes",
+        "request header at the upstream"
+    );
+    assert_eq!(body["path"], "/hello?x=1");
+    assert_eq!(
+        r.header("x-resp"),
+        Some("yes"),
+        "response header at the client"
+    );
+    let id = r.header("x-request-id").expect("x-request-id echoed");
+    assert_eq!(
+        body["headers"]["x-request-id"], id,
+        "the upstream saw the same id"
+    );
+    assert_eq!(body["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(body["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(r.header("x-wasmesh-flags"), None);
+
+    // Case-insensitive host with a port still routes.
+    assert_eq!(via(&proxy, "ReViEwS:9080", "/").await.status, 200);
+
+    let hits = up.hits();
+    let r = via(&proxy, "reviews", "/admin/users").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-wasmesh-flags"), Some("LR"));
+    assert_eq!(
+        r.header("x-resp"),
+        Some("yes"),
+        "earlier plugins' response edits still apply"
+    );
+    assert!(String::from_utf8_lossy(&r.body).contains("deny-path"));
+    assert_eq!(up.hits(), hits, "the upstream was never called");
+
+    let m = proxy.metrics().await;
+    assert!(
+        m.contains(r#"wasmesh_requests_total{destination_service="reviews",response_code="403",response_flags="LR"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_headers_are_stripped_both_ways() {
+    let up = Upstream::start(std::sync::Arc::new(|req| {
+        let seen: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
+        let te = req
+            .headers()
+            .get("te")
+            .map(|v| v.to_str().unwrap().to_string());
+        http::Response::builder()
+            .header("connection", "x-hop-resp")
+            .header("x-hop-resp", "1")
+            .header("keep-alive", "timeout=5")
+            .header("x-end-to-end", "1")
+            .body(Full::new(Bytes::from(
+                serde_json::json!({"seen": seen, "te": te}).to_string(),
+            )))
+            .unwrap()
+    }))
+    .await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    protocol: http1\n    endpoints:\n      v1: [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    // Raw HTTP/1.1 so that the client sends exactly these headers.
+    let mut s = std::net::TcpStream::connect(proxy.listen).unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: reviews\r\nConnection: x-custom, close\r\nX-Custom: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers, deflate\r\nUpgrade: h2c\r\nX-Kept: 1\r\n\r\n",
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let head = head.to_ascii_lowercase();
+    assert!(!head.contains("x-hop-resp"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+    assert!(head.contains("x-end-to-end: 1"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let seen: Vec<&str> = v["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    for gone in ["x-custom", "keep-alive", "proxy-connection", "upgrade"] {
+        assert!(
+            !seen.contains(&gone),
+            "{gone} reached the upstream: {seen:?}"
+        );
+    }
+    assert!(seen.contains(&"x-kept"), "{seen:?}");
+    assert_eq!(v["te"], "trailers", "only `te: trailers` survives");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_and_h2c_pass_through_with_the_configured_upstream_protocol() {
+    let up = Upstream::echo("any").await;
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  auto:
+    endpoints: {{ v1: ["{a}"] }}
+  one:
+    protocol: http1
+    endpoints: {{ v1: ["{a}"] }}
+  two:
+    protocol: h2c
+    endpoints: {{ v1: ["{a}"] }}
+"#,
+        a = up.addr
+    ))
+    .await;
+    let cases = [
+        (false, "auto", "HTTP/1.1"),
+        (true, "auto", "HTTP/2.0"),
+        (true, "one", "HTTP/1.1"),
+        (false, "two", "HTTP/2.0"),
+    ];
+    for (h2, host, upstream_version) in cases {
+        let r = if h2 {
+            // h2 names the service in :authority; connect to the proxy.
+            let req = http::Request::get(format!("http://{host}/p"))
+                .body(Full::default())
+                .unwrap();
+            send_h2_to(proxy.listen, req).await
+        } else {
+            via(&proxy, host, "/p").await
+        };
+        assert_eq!(
+            r.status,
+            200,
+            "{host} h2={h2}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["version"], upstream_version, "{host} h2={h2}");
+    }
+}
+
+/// Send an h2c request over a connection to `addr`, whatever its URI says.
+pub async fn send_h2_to(addr: std::net::SocketAddr, req: http::Request<Full<Bytes>>) -> Got {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let r = sender.send_request(req).await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    Got {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_mode_unknown_hosts_connect_and_upstream_failures_get_flagged_local_replies() {
+    let up = Upstream::echo("reviews").await;
+    let dead = free_port();
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  reviews:
+    endpoints: {{ v1: ["{}"] }}
+  empty: {{}}
+  dead:
+    endpoints: {{ v1: ["127.0.0.1:{dead}"] }}
+"#,
+        up.addr
+    ))
+    .await;
+
+    // Absolute-form target, as an HTTP_PROXY client sends it.
+    let mut s = std::net::TcpStream::connect(proxy.listen).unwrap();
+    s.write_all(
+        b"GET http://reviews/via-proxy HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"path\":\"/via-proxy\""), "{resp}");
+
+    let r = via(&proxy, "nobody", "/").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (404, Some("NR")));
+    let r = via(&proxy, "empty", "/").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (503, Some("UH")));
+    let r = via(&proxy, "dead", "/").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (503, Some("UF")));
+    assert!(String::from_utf8_lossy(&r.body).contains("connect failure"));
+
+    let mut s = std::net::TcpStream::connect(proxy.listen).unwrap();
+    s.write_all(b"CONNECT reviews:443 HTTP/1.1\r\nHost: reviews:443\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    let resp = String::from_utf8_lossy(&buf[..n]);
+    assert!(resp.starts_with("HTTP/1.1 501"), "{resp}");
+    assert!(resp.contains("CONNECT"), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_shutdown_turns_ready_off_and_exits_zero() {
+    let up = Upstream::echo("reviews").await;
+    let mut proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n",
+        up.addr
+    ))
+    .await;
+    assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
+    let status = proxy.terminate();
+    assert!(status.success(), "{status}: {}", proxy.log_text());
+}

@@ -1,0 +1,237 @@
+//! `--watch`: live swaps with zero failed requests; refused reloads keep the
+//! previous snapshot serving and show in `/config`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn versioned(upstream: &Upstream, v: u32) -> String {
+    format!(
+        r#"services:
+  reviews:
+    endpoints: {{ v1: ["{}"] }}
+    plugins:
+      - source: ./plugin.wasm
+        name: tagger
+        config: {{ request: {{ x-v: "{v}" }}, response: {{ x-v: "{v}" }} }}
+"#,
+        upstream.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn swapping_a_plugin_under_load_fails_no_request() {
+    let up = Upstream::echo("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    copy_into(wasmesh_artifacts::ADD_HEADER, dir.path(), "plugin.wasm");
+    let proxy = Proxy::start_in(dir, &versioned(&up, 0), &["--watch"]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let listen = proxy.listen;
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut mixed) = (0usize, Vec::new(), 0usize);
+            let mut versions = HashSet::new();
+            while !stop.load(Ordering::SeqCst) {
+                let req = http::Request::get(format!("http://{listen}/"))
+                    .header("host", "reviews")
+                    .body(http_body_util::Full::default())
+                    .unwrap();
+                match send(http1(), req).await {
+                    Ok(r) if r.status == 200 => {
+                        let resp_v = r.header("x-v").unwrap_or("none").to_string();
+                        let req_v = r.json()["headers"]["x-v"]
+                            .as_str()
+                            .unwrap_or("none")
+                            .to_string();
+                        if resp_v != req_v || resp_v == "none" {
+                            mixed += 1;
+                        }
+                        versions.insert(resp_v);
+                        ok += 1;
+                    }
+                    Ok(r) => failed.push(format!("{} {:?}", r.status, r.body)),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed, mixed, versions)
+        }));
+    }
+
+    let started = Instant::now();
+    let swaps = 6;
+    for v in 1..=swaps {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        proxy.rewrite(&versioned(&up, v));
+        proxy.wait_version(u64::from(v) + 1).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let elapsed = started.elapsed();
+
+    let (mut ok, mut failed, mut mixed, mut versions) = (0, Vec::new(), 0, HashSet::new());
+    for w in workers {
+        let (o, f, m, v) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+        mixed += m;
+        versions.extend(v);
+    }
+    let rps = ok as f64 / elapsed.as_secs_f64();
+    assert!(elapsed >= Duration::from_secs(5), "{elapsed:?}");
+    assert!(rps >= 200.0, "only {rps:.0} requests/s");
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(mixed, 0, "responses mixing two versions");
+    assert!(versions.len() >= 5, "saw versions {versions:?}");
+    let cfg = proxy.config().await;
+    assert_eq!(cfg["version"], u64::from(swaps) + 1);
+    assert!(cfg["last_error"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_component_file_is_picked_up() {
+    let up = Upstream::echo("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The stdlib fixture ignores its config; deny-path will read it.
+    copy_into(wasmesh_artifacts::STDLIB, dir.path(), "plugin.wasm");
+    let yaml = format!(
+        r#"services:
+  reviews:
+    endpoints: {{ v1: ["{}"] }}
+    plugins:
+      - source: ./plugin.wasm
+        name: swapped
+        config: {{ prefixes: ["/admin"] }}
+"#,
+        up.addr
+    );
+    let proxy = Proxy::start_in(dir, &yaml, &["--watch"]).await;
+    assert_eq!(via(&proxy, "reviews", "/admin").await.status, 200);
+    replace_file(
+        &proxy.dir.path().join("plugin.wasm"),
+        &std::fs::read(wasmesh_artifacts::DENY_PATH).unwrap(),
+    );
+    proxy.wait_version(2).await;
+    let r = via(&proxy, "reviews", "/admin").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (403, Some("LR")));
+    let sha = proxy.config().await["services"][0]["plugins"][0]["sha256"].clone();
+    let expected = wasmesh_proxy::runtime::Runtime::sha256(
+        &std::fs::read(wasmesh_artifacts::DENY_PATH).unwrap(),
+    );
+    assert_eq!(sha, expected.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_reload_keeps_serving_and_shows_in_config() {
+    let up = Upstream::echo("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    copy_into(wasmesh_artifacts::ADD_HEADER, dir.path(), "plugin.wasm");
+    let proxy = Proxy::start_in(dir, &versioned(&up, 1), &["--watch"]).await;
+
+    let wait_error = || async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let cfg = proxy.config().await;
+            if !cfg["last_error"].is_null() || Instant::now() > deadline {
+                return cfg;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    // A field with a bad value.
+    proxy.rewrite(
+        &versioned(&up, 2).replace("name: tagger", "name: tagger\n        on-failure: sideways"),
+    );
+    let cfg = wait_error().await;
+    let err = &cfg["last_error"];
+    assert_eq!(
+        err["path"], "services.reviews.plugins[0].on-failure",
+        "{cfg}"
+    );
+    assert!(
+        err["reason"].as_str().unwrap().contains("sideways"),
+        "{cfg}"
+    );
+    assert!(
+        err["source"].as_str().unwrap().ends_with("mesh.yaml"),
+        "{cfg}"
+    );
+    assert_eq!(cfg["version"], 1);
+    let r = via(&proxy, "reviews", "/").await;
+    assert_eq!(
+        (r.status, r.header("x-v")),
+        (200, Some("1")),
+        "the previous snapshot serves"
+    );
+    assert!(
+        proxy
+            .log_text()
+            .contains("services.reviews.plugins[0].on-failure")
+    );
+    let m = proxy.metrics().await;
+    assert!(
+        m.contains(r#"wasmesh_config_reloads_total{result="refused"} 1"#),
+        "{m}"
+    );
+
+    // A good file clears it.
+    proxy.rewrite(&versioned(&up, 3));
+    proxy.wait_version(2).await;
+    assert!(proxy.config().await["last_error"].is_null());
+
+    // A component that is not a component.
+    replace_file(&proxy.dir.path().join("plugin.wasm"), b"\0asm not really");
+    let cfg = wait_error().await;
+    let err = &cfg["last_error"];
+    assert_eq!(err["path"], "services.reviews.plugins[0].source", "{cfg}");
+    assert!(
+        err["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("plugin tagger ("),
+        "{cfg}"
+    );
+    assert!(
+        err["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid WebAssembly component"),
+        "{cfg}"
+    );
+    assert_eq!(via(&proxy, "reviews", "/").await.header("x-v"), Some("3"));
+
+    // Listener changes need a restart.
+    std::fs::write(
+        proxy.config_path(),
+        format!(
+            "admin: {}\nlisten: 127.0.0.1:1\n{}",
+            proxy.admin,
+            versioned(&up, 4)
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cfg = proxy.config().await;
+        if cfg["last_error"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restart"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{cfg}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(via(&proxy, "reviews", "/").await.header("x-v"), Some("3"));
+}

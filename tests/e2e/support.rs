@@ -1,0 +1,355 @@
+//! Test support: a real `wasmesh proxy` process, real upstream servers on
+//! 127.0.0.1, real HTTP/1.1 and h2c clients.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// The `wasmesh` binary under test.
+pub const WASMESH: &str = env!("CARGO_BIN_EXE_wasmesh");
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running proxy process, killed on drop.
+pub struct Proxy {
+    child: Child,
+    /// Outbound listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Directory holding the config (and anything the test puts there).
+    pub dir: tempfile::TempDir,
+    /// The proxy's stderr log.
+    pub log: PathBuf,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A mesh file header for these ports; the test appends `services:`.
+pub fn header(listen: SocketAddr, admin: SocketAddr) -> String {
+    format!("admin: {admin}\nlisten: {listen}\n")
+}
+
+impl Proxy {
+    /// Write `services_yaml` (everything after the listener lines) to a mesh
+    /// file and start a proxy on fresh ports; waits for `/ready`.
+    pub async fn start(services_yaml: &str) -> Proxy {
+        Self::start_with(services_yaml, &[]).await
+    }
+
+    /// Like [`Proxy::start`], with extra CLI arguments (e.g. `--watch`).
+    pub async fn start_with(services_yaml: &str, args: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, services_yaml, args).await
+    }
+
+    /// Start in a prepared directory.
+    pub async fn start_in(dir: tempfile::TempDir, services_yaml: &str, args: &[&str]) -> Proxy {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &config,
+            format!("{}{}", header(listen, admin), services_yaml),
+        )
+        .unwrap();
+        let log = dir.path().join("proxy.log");
+        let child = Command::new(WASMESH)
+            .args(["proxy", "--config"])
+            .arg(&config)
+            .args(["--workers", "2"])
+            .args(args)
+            .env("RUST_LOG", "info,wasmesh=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut p = Proxy {
+            child,
+            listen,
+            admin,
+            dir,
+            log,
+        };
+        p.wait_ready().await;
+        p
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("proxy exited with {status}:\n{}", self.log_text());
+            }
+            if let Ok(r) = get(&format!("http://{}/ready", self.admin)).await
+                && r.status == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("proxy not ready after 60s:\n{}", self.log_text());
+    }
+
+    /// The mesh file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("mesh.yaml")
+    }
+
+    /// Rewrite the mesh file (services part), atomically.
+    pub fn rewrite(&self, services_yaml: &str) {
+        let tmp = self.dir.path().join(".mesh.yaml.tmp");
+        std::fs::write(
+            &tmp,
+            format!("{}{}", header(self.listen, self.admin), services_yaml),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    /// The proxy's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /config`, parsed.
+    pub async fn config(&self) -> serde_json::Value {
+        let r = get(&format!("http://{}/config", self.admin)).await.unwrap();
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        let r = get(&format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap();
+        String::from_utf8(r.body.to_vec()).unwrap()
+    }
+
+    /// Resident set size of the proxy process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    /// Wait until `/config` reports `version`.
+    pub async fn wait_version(&self, version: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.config().await["version"] == version {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "config version {version} never came: {}\n{}",
+            self.config().await,
+            self.log_text()
+        );
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Got {
+    /// Status.
+    pub status: u16,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Got {
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+fn client(h2: bool) -> Client<HttpConnector, Full<Bytes>> {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.http2_only(h2);
+    b.build_http()
+}
+
+/// A shared HTTP/1.1 client.
+pub fn http1() -> &'static Client<HttpConnector, Full<Bytes>> {
+    static C: std::sync::OnceLock<Client<HttpConnector, Full<Bytes>>> = std::sync::OnceLock::new();
+    C.get_or_init(|| client(false))
+}
+
+/// Send a request and read the response whole.
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Result<Got, String> {
+    let r = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    Ok(Got {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// `GET url`.
+pub async fn get(url: &str) -> Result<Got, String> {
+    send(http1(), Request::get(url).body(Full::default()).unwrap()).await
+}
+
+/// `GET http://{proxy}{path}` with `Host: host` (HTTP/1.1).
+pub async fn via(proxy: &Proxy, host: &str, path: &str) -> Got {
+    let req = Request::get(format!("http://{}{path}", proxy.listen))
+        .header("host", host)
+        .body(Full::default())
+        .unwrap();
+    send(http1(), req).await.unwrap()
+}
+
+/// What an upstream does with a request.
+pub type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// A real HTTP server (HTTP/1.1 and h2c on one port) on 127.0.0.1.
+pub struct Upstream {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Requests it received.
+    pub hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    /// An upstream that answers 200 with its `name` in `x-upstream` and the
+    /// request's headers as a JSON object.
+    pub async fn echo(name: &str) -> Upstream {
+        let name = name.to_string();
+        Self::start(Arc::new(move |req| {
+            let headers: HashMap<String, String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
+                .collect();
+            let body = serde_json::json!({
+                "upstream": name,
+                "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                "version": format!("{:?}", req.version()),
+                "headers": headers,
+            });
+            Response::builder()
+                .header("x-upstream", name.as_str())
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap()
+        }))
+        .await
+    }
+
+    /// An upstream that answers with `handler`.
+    pub async fn start(handler: Handler) -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (handler, hits) = (handler.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        let resp = handler(&req);
+                        async move {
+                            // Read the body so the connection stays reusable.
+                            let _ = req.into_body().collect().await;
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, hits, task }
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+/// Copy a file into a directory under a new name.
+pub fn copy_into(src: &str, dir: &Path, name: &str) -> PathBuf {
+    let dst = dir.join(name);
+    std::fs::copy(src, &dst).unwrap();
+    dst
+}
+
+/// Write bytes to a file atomically (write a temp file, rename over).
+pub fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp-write");
+    let mut f = std::fs::File::create(&tmp).unwrap();
+    f.write_all(bytes).unwrap();
+    f.sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
