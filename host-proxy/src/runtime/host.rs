@@ -88,6 +88,7 @@ pub struct HostState {
     pub(crate) resp: Option<RespData>,
     scope: Arc<PluginScope>,
     rng: fastrand::Rng,
+    pub(crate) deadline: super::Deadline,
 }
 
 impl HostState {
@@ -111,6 +112,7 @@ impl HostState {
             resp: None,
             scope,
             rng: fastrand::Rng::new(),
+            deadline: Default::default(),
         }
     }
 

@@ -66,9 +66,58 @@ impl Default for Limits {
 }
 
 impl Limits {
-    fn deadline_ticks(&self) -> u64 {
-        (self.deadline.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
+    /// The deadline is checked in two halves (see [`Deadline`]).
+    fn half_ticks(&self) -> u64 {
+        (self.deadline.as_nanos() / EPOCH_TICK.as_nanos() / 2).max(1) as u64
     }
+}
+
+/// Most times a call that was kept off the CPU gets its deadline extended.
+const MAX_EXTENSIONS: u32 = 20;
+
+/// Per-call deadline state. Epochs measure wall time, and on a busy machine a
+/// worker can be preempted for longer than a hook's whole deadline; cutting
+/// such a call would fail a well-behaved plugin. So the deadline is checked
+/// in two halves: at the first half the thread's CPU time is noted; at the
+/// second, a call that really ran (at least 40% of that half on the CPU) is
+/// cut — a runaway plugin stops at its deadline plus one tick — while one
+/// that was kept off the CPU gets another half, up to [`MAX_EXTENSIONS`].
+#[derive(Debug, Default)]
+pub(crate) struct Deadline {
+    half_ticks: u64,
+    second_half: bool,
+    cpu_mark: Duration,
+    extensions: u32,
+}
+
+impl Deadline {
+    fn arm(&mut self, limits: &Limits) {
+        self.half_ticks = limits.half_ticks();
+        self.second_half = false;
+        self.extensions = 0;
+    }
+
+    fn on_epoch(&mut self) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+        let now = thread_cpu_time();
+        if !self.second_half {
+            self.second_half = true;
+            self.cpu_mark = now;
+            return Ok(wasmtime::UpdateDeadline::Continue(self.half_ticks));
+        }
+        let used = now.saturating_sub(self.cpu_mark);
+        let window = EPOCH_TICK * self.half_ticks as u32;
+        if used * 10 >= window * 4 || self.extensions >= MAX_EXTENSIONS {
+            return Err(Trap::Interrupt.into());
+        }
+        self.extensions += 1;
+        self.cpu_mark = now;
+        Ok(wasmtime::UpdateDeadline::Continue(self.half_ticks))
+    }
+}
+
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 /// Which hooks a component implements.
@@ -294,10 +343,16 @@ impl Runtime {
             .build();
         let mut store = Store::new(&self.engine, HostState::new(scope, store_limits));
         store.limiter(host::limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(limits.deadline_ticks());
+        store.epoch_deadline_callback(|mut cx| cx.data_mut().deadline.on_epoch());
+        arm(&mut store, limits);
         store
     }
+}
+
+/// Arm the deadline for the next call into `store`.
+fn arm(store: &mut Store<HostState>, limits: &Limits) {
+    store.data_mut().deadline.arm(limits);
+    store.set_epoch_deadline(limits.half_ticks());
 }
 
 /// One instance of a configured plugin.
@@ -423,7 +478,7 @@ impl ConfiguredPlugin {
             .pre
             .instantiate(&mut store)
             .map_err(|e| self.classify(e))?;
-        store.set_epoch_deadline(self.limits.deadline_ticks());
+        arm(&mut store, &self.limits);
         plugin
             .wasmesh_plugin_filter()
             .call_configure(&mut store, &self.config_json)
@@ -494,7 +549,7 @@ impl ConfiguredPlugin {
         if let Some(r) = resp.as_deref_mut() {
             data.resp = r.take();
         }
-        inst.store.set_epoch_deadline(self.limits.deadline_ticks());
+        arm(&mut inst.store, &self.limits);
         self.runtime.ticker.call_started();
         let result = f(&inst.plugin, &mut inst.store);
         let data = inst.store.data_mut();
