@@ -16,6 +16,11 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("fixture-trapper", "TRAPPER", false),
     ("fixture-rejecter", "REJECTER", false),
     ("fixture-stdlib", "STDLIB", false),
+    ("bench-router", "BENCH_ROUTER", false),
+    ("bench-retry", "BENCH_RETRY", false),
+    ("bench-breaker", "BENCH_BREAKER", false),
+    ("bench-fault", "BENCH_FAULT", false),
+    ("bench-authz", "BENCH_AUTHZ", false),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

@@ -249,3 +249,118 @@ async fn graceful_shutdown_turns_ready_off_and_exits_zero() {
     let status = proxy.terminate();
     assert!(status.success(), "{status}: {}", proxy.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_inbound_listener_runs_the_local_services_inbound_chain() {
+    let up = Upstream::echo("local-app").await;
+    let inbound = free_port();
+    let proxy = Proxy::start(&format!(
+        r#"inbound: 127.0.0.1:{inbound}
+local-service: reviews
+services:
+  reviews:
+    endpoints: {{ v1: ["{}"] }}
+    inbound-plugins:
+      - source: builtin:deny-path
+        config: {{ prefixes: ["/internal"] }}
+"#,
+        up.addr
+    ))
+    .await;
+    let get_inbound = |path: &'static str| async move {
+        let req = http::Request::get(format!("http://127.0.0.1:{inbound}{path}"))
+            .header("host", "anything-at-all")
+            .body(Full::default())
+            .unwrap();
+        send(http1(), req).await.unwrap()
+    };
+    let r = get_inbound("/public").await;
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("local-app")));
+    let r = get_inbound("/internal/x").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (403, Some("LR")));
+    // The outbound listener does not run the inbound chain.
+    assert_eq!(via(&proxy, "reviews", "/internal/x").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrades_are_tunnelled_after_on_request() {
+    // An upstream that accepts any upgrade and echoes bytes back.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |mut req: http::Request<hyper::body::Incoming>| async move {
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(up) = on.await {
+                                let mut io = hyper_util::rt::TokioIo::new(up);
+                                let (mut r, mut w) = tokio::io::split(&mut io);
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            }
+                        });
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .status(101)
+                                .header("connection", "upgrade")
+                                .header("upgrade", "websocket")
+                                .body(Full::<Bytes>::default())
+                                .unwrap(),
+                        )
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  ws:
+    protocol: http1
+    endpoints: {{ v1: ["{addr}"] }}
+    plugins:
+      - source: builtin:deny-path
+        config: {{ prefixes: ["/denied"] }}
+"#
+    ))
+    .await;
+    let upgrade = |path: &str| {
+        let mut s = std::net::TcpStream::connect(proxy.listen).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        (String::from_utf8(head).unwrap(), s)
+    };
+    let (head, _) = upgrade("/denied");
+    assert!(
+        head.starts_with("HTTP/1.1 403"),
+        "on-request ran first: {head}"
+    );
+    let (head, mut s) = upgrade("/chat");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    s.write_all(b"ping through the tunnel").unwrap();
+    let mut buf = [0u8; 23];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping through the tunnel");
+}
