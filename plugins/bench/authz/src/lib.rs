@@ -24,7 +24,7 @@ impl Plugin for Authz {
     fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {
         let method = req.method();
         let path = req.path();
-        let allowed = self.0.methods.iter().any(|m| *m == method)
+        let allowed = self.0.methods.contains(&method)
             && self.0.paths.iter().any(|p| path.starts_with(p.as_str()));
         if allowed {
             Ok(RequestDecision::proceed())
