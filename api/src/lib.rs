@@ -165,16 +165,6 @@ pub enum LoadError {
     },
 }
 
-impl LoadError {
-    /// The field path, when the error is about one.
-    pub fn field_path(&self) -> Option<&str> {
-        match self {
-            LoadError::Invalid { path, .. } => Some(path),
-            _ => None,
-        }
-    }
-}
-
 impl MeshFile {
     /// Read and parse a mesh file.
     pub fn load(file: &Path) -> Result<Self, LoadError> {
@@ -210,7 +200,13 @@ impl MeshFile {
             } else {
                 path
             };
-            (path, e.into_inner().to_string())
+            // The YAML error may name the path itself; say it once.
+            let reason = e.into_inner().to_string();
+            let reason = match reason.strip_prefix(&format!("{path}: ")) {
+                Some(rest) => rest.to_string(),
+                None => reason,
+            };
+            (path, reason)
         })?;
         if let Some(v) = &doc.api_version
             && v != API_VERSION

@@ -204,13 +204,9 @@ fn duration(
 
 /// Read, validate and build a snapshot from a mesh file.
 pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
-    let doc = MeshFile::load(file).map_err(|e| match e.field_path() {
-        Some(path) => field_err(
-            file,
-            path,
-            e.to_string().rsplit(": ").next().unwrap_or_default(),
-        ),
-        None => field_err(file, "(file)", e.to_string()),
+    let doc = MeshFile::load(file).map_err(|e| match e {
+        wasmesh_api::LoadError::Invalid { path, reason, .. } => field_err(file, path, reason),
+        other => field_err(file, "(file)", other.to_string()),
     })?;
     let base = file.parent().unwrap_or(Path::new("."));
 

@@ -5,21 +5,26 @@ use std::process::{Command, Output};
 
 use crate::support::*;
 
-fn proxy_with(yaml: &str) -> (Output, tempfile::TempDir) {
+/// Run `wasmesh proxy` on a mesh file made of `head` (listener lines) and
+/// `yaml`; returns when the process exits.
+fn proxy_file(head: &str, yaml: &str) -> (Output, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
-    std::fs::write(
-        dir.path().join("mesh.yaml"),
-        format!("admin: {admin}\nlisten: {listen}\n{yaml}"),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), format!("{head}{yaml}")).unwrap();
     let out = Command::new(WASMESH)
         .args(["proxy", "--config"])
         .arg(dir.path().join("mesh.yaml"))
         .output()
         .unwrap();
     (out, dir)
+}
+
+fn proxy_with(yaml: &str) -> (Output, tempfile::TempDir) {
+    let head = format!(
+        "admin: 127.0.0.1:{}\nlisten: 127.0.0.1:{}\n",
+        free_port(),
+        free_port()
+    );
+    proxy_file(&head, yaml)
 }
 
 fn refused(yaml: &str, expect: &[&str]) {
@@ -35,6 +40,10 @@ fn refused(yaml: &str, expect: &[&str]) {
 fn bad_configuration_exits_2_naming_file_field_and_plugin() {
     refused("services: [", &["mesh.yaml", "invalid configuration"]);
     refused("bogus: 1\n", &["unknown field `bogus`"]);
+    refused(
+        "runtime: { pool-size: many }\n",
+        &["mesh.yaml: runtime.pool-size: invalid type: string \"many\""],
+    );
     refused(
         "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        on-failure: sideways\n",
         &["services.reviews.plugins[0].on-failure", "sideways"],
@@ -98,21 +107,12 @@ fn a_component_that_is_not_a_plugin_is_refused() {
 #[test]
 fn a_port_in_use_exits_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("mesh.yaml"),
-        format!(
-            "admin: 127.0.0.1:{}\nlisten: {}\n",
-            free_port(),
-            taken.local_addr().unwrap()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(WASMESH)
-        .args(["proxy", "--config"])
-        .arg(dir.path().join("mesh.yaml"))
-        .output()
-        .unwrap();
+    let head = format!(
+        "admin: 127.0.0.1:{}\nlisten: {}\n",
+        free_port(),
+        taken.local_addr().unwrap()
+    );
+    let (out, _dir) = proxy_file(&head, "");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot listen on"), "{err}");

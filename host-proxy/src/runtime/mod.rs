@@ -8,10 +8,15 @@
 //! memory cap. A trap, a deadline or a cap hit throws the instance away; the
 //! next call gets a fresh one.
 //!
-//! Measured on the 2-core dev VM (see `benches/`): a hook call on a pooled
-//! instance costs about a microsecond; a fresh instance plus its first call
-//! tens of microseconds; compiling a 150 KB component tens of milliseconds,
-//! which is why compilation happens only while building a config snapshot.
+//! Measured on the 2-core dev VM with `cargo bench --bench chain` (release,
+//! deadlines and memory caps on, pooled instances): one hook call that reads
+//! nothing ≈ 1.1 µs median; a 5-plugin chain shaped like the stock chain
+//! (8 guest calls, a few host calls) ≈ 16–21 µs against ≈ 0.8 µs for the same
+//! logic compiled natively; a runaway loop under the 10 ms deadline is cut
+//! after ≈ 11 ms (p50, max ≈ 15 ms over 50 loops). Most of a call's cost is
+//! wasmtime's component-call path (lowering and lifting, handle tables,
+//! post-return), spread thin; compilation happens only while a snapshot is
+//! built, never on a request path.
 
 mod bindings;
 pub(crate) mod host;
