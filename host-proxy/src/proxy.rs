@@ -317,6 +317,32 @@ impl ReqBody {
     }
 }
 
+/// How long the proxy waits for a request body's first frame before it
+/// calls the upstream anyway (a client may hold its body until it sees the
+/// response head).
+const FIRST_FRAME_WAIT: Duration = Duration::from_millis(250);
+
+/// Read the first frame of the body before the upstream is called, so that a
+/// body that is broken from its first bytes is refused before anything is
+/// forwarded; the rest streams.
+async fn first_frame(mut body: Incoming) -> Result<ReqBody, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(ReqBody::Replayable(Bytes::new()));
+    }
+    match tokio::time::timeout(FIRST_FRAME_WAIT, body.frame()).await {
+        Err(_) => Ok(ReqBody::Once(Some(body.map_err(Into::into).boxed()))),
+        Ok(None) => Ok(ReqBody::Replayable(Bytes::new())),
+        Ok(Some(Err(e))) => Err(e),
+        Ok(Some(Ok(frame))) => Ok(ReqBody::Once(Some(
+            PrefixedBody {
+                prefix: [frame].into(),
+                rest: Some(body),
+            }
+            .boxed(),
+        ))),
+    }
+}
+
 /// Read the body ahead up to [`RETRY_BUFFER`] so that a retry can replay it.
 async fn buffer_body(mut body: Incoming) -> Result<ReqBody, hyper::Error> {
     let mut prefix = std::collections::VecDeque::new();
@@ -686,8 +712,13 @@ async fn serve(
                 )
             }
             Some(target) => {
-                let mut body = if chain.any_on_response {
-                    match buffer_body(body).await {
+                let read = if chain.any_on_response {
+                    buffer_body(body).await
+                } else {
+                    first_frame(body).await
+                };
+                let mut body = {
+                    match read {
                         Ok(b) => b,
                         Err(e) => {
                             guard.flags = "DPE";
@@ -700,8 +731,6 @@ async fn serve(
                             );
                         }
                     }
-                } else {
-                    ReqBody::Once(Some(body.map_err(Into::into).boxed()))
                 };
                 let deadline = plan.timeout.map(|t| started + t);
                 let mut avoid: Option<Arc<str>> = None;

@@ -364,3 +364,26 @@ async fn websocket_upgrades_are_tunnelled_after_on_request() {
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"ping through the tunnel");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_broken_from_its_first_bytes_is_refused_before_anything_is_forwarded() {
+    let up = Upstream::echo("reviews").await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{}\"] }}\n",
+        up.addr
+    ))
+    .await;
+    let raw = |request: &[u8]| {
+        let mut s = std::net::TcpStream::connect(proxy.listen).unwrap();
+        s.write_all(request).unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp
+    };
+    let resp = raw(b"POST /ok HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let hits = up.hits();
+    let resp = raw(b"POST /bad HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nhello\r\n0\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert_eq!(up.hits(), hits, "nothing was forwarded");
+}
