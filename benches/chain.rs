@@ -203,7 +203,7 @@ fn run_native(c: &NativeChain, req: &TestRequest, resp: &TestResponse) {
 }
 
 fn percentiles(name: &str, mut f: impl FnMut()) -> Duration {
-    const N: usize = 200_000;
+    const N: usize = 100_000;
     for _ in 0..10_000 {
         f();
     }
@@ -253,6 +253,26 @@ fn main() {
     percentiles("boundary/one-call", || {
         black_box(fault.on_request(&mut req).unwrap());
     });
+    let a = wit::Attempt {
+        number: 1,
+        outcome: wit::Outcome::Response(200),
+        service: "reviews".into(),
+        subset: Some("v1".into()),
+        endpoint: Some("127.0.0.1:9081".into()),
+        duration_us: 800,
+    };
+    for p in &chain {
+        if p.hooks.on_request {
+            percentiles(&format!("{}/on-request", p.name), || {
+                black_box(p.on_request(&mut req).unwrap());
+            });
+        }
+        if p.hooks.on_response {
+            percentiles(&format!("{}/on-response", p.name), || {
+                black_box(p.on_response(&mut req, &mut resp, &a).unwrap());
+            });
+        }
+    }
     let wasm = percentiles("chain/wasm", || run_wasm(&chain, &mut req, &mut resp));
     let nat = percentiles("chain/native", || run_native(&native, &treq, &tresp));
 
