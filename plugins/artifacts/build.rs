@@ -16,6 +16,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("fixture-trapper", "TRAPPER", false),
     ("fixture-rejecter", "REJECTER", false),
     ("fixture-stdlib", "STDLIB", false),
+    ("fixture-wrongversion", "WRONG_VERSION", false),
     ("bench-router", "BENCH_ROUTER", false),
     ("bench-retry", "BENCH_RETRY", false),
     ("bench-breaker", "BENCH_BREAKER", false),

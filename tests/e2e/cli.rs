@@ -105,6 +105,23 @@ fn a_component_that_is_not_a_plugin_is_refused() {
 }
 
 #[test]
+fn a_component_built_against_another_contract_version_is_refused() {
+    let yaml = format!(
+        "services:\n  reviews:\n    plugins:\n      - source: {:?}\n",
+        wasmesh_artifacts::WRONG_VERSION
+    );
+    refused(
+        &yaml,
+        &[
+            "plugin fixture-wrongversion (",
+            "services.reviews.plugins[0].source",
+            "not a wasmesh plugin this proxy can run",
+            "wasmesh:plugin/filter@0.1.x",
+        ],
+    );
+}
+
+#[test]
 fn a_port_in_use_exits_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let head = format!(
