@@ -11,6 +11,7 @@ use std::{env, fs};
 const PLUGINS: &[(&str, &str, bool)] = &[
     ("add-header", "ADD_HEADER", true),
     ("deny-path", "DENY_PATH", true),
+    ("router", "ROUTER", true),
     ("fixture-looper", "LOOPER", false),
     ("fixture-membomb", "MEMBOMB", false),
     ("fixture-trapper", "TRAPPER", false),

@@ -7,4 +7,5 @@ mod grpc;
 mod http;
 mod plugins;
 mod reload;
+mod stock;
 mod support;

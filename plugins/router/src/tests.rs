@@ -1,0 +1,200 @@
+use super::*;
+use wasmesh_plugin_sdk::testing::{Harness, TestRequest};
+
+fn router(config: &str) -> Harness<Router> {
+    Harness::new(config).unwrap_or_else(|e| panic!("config refused: {e}"))
+}
+
+fn subset(d: &RequestDecision) -> Option<&str> {
+    d.route.as_ref().and_then(|r| r.subset.as_deref())
+}
+
+#[test]
+fn first_matching_route_wins_and_a_header_match_routes_to_its_subset() {
+    let h = router(
+        r#"{"http":[
+            {"match":[{"headers":{"end-user":{"exact":"jason"}}}],"route":[{"destination":{"subset":"v2"}}]},
+            {"route":[{"destination":{"subset":"v1"}}]}
+        ]}"#,
+    );
+    let d = h
+        .on_request(&TestRequest::get("/").header("end-user", "jason"))
+        .unwrap();
+    assert_eq!(subset(&d), Some("v2"));
+    let d = h
+        .on_request(&TestRequest::get("/").header("end-user", "bob"))
+        .unwrap();
+    assert_eq!(subset(&d), Some("v1"));
+}
+
+#[test]
+fn weights_split_close_to_their_ratio() {
+    let h = router(
+        r#"{"http":[{"route":[
+            {"destination":{"subset":"v1"},"weight":90},
+            {"destination":{"subset":"v2"},"weight":10}
+        ]}]}"#,
+    );
+    let n = 10_000;
+    let v2 = (0..n)
+        .filter(|_| subset(&h.on_request(&TestRequest::get("/")).unwrap()) == Some("v2"))
+        .count();
+    let share = v2 as f64 / n as f64;
+    assert!((0.08..0.12).contains(&share), "v2 share {share}");
+}
+
+#[test]
+fn sticky_keeps_each_user_on_one_subset() {
+    let h = router(
+        r#"{"http":[{"sticky":{"header":"end-user"},"route":[
+            {"destination":{"subset":"v1"},"weight":50},
+            {"destination":{"subset":"v2"},"weight":50}
+        ]}]}"#,
+    );
+    let mut seen = std::collections::HashMap::new();
+    for round in 0..5 {
+        for user in 0..200 {
+            let req = TestRequest::get("/").header("end-user", &format!("user-{user}"));
+            let s = subset(&h.on_request(&req).unwrap()).unwrap().to_string();
+            let first = seen.entry(user).or_insert_with(|| s.clone());
+            assert_eq!(*first, s, "user-{user} moved in round {round}");
+        }
+    }
+    let v2 = seen.values().filter(|s| *s == "v2").count();
+    assert!(
+        (60..140).contains(&v2),
+        "users are spread: {v2} of 200 on v2"
+    );
+}
+
+#[test]
+fn uri_method_query_and_without_headers_match_as_istio_does() {
+    let h = router(
+        r#"{"http":[
+            {"match":[{"uri":{"prefix":"/api"},"method":{"exact":"POST"}}],"route":[{"destination":{"subset":"post"}}]},
+            {"match":[{"uri":{"regex":"/items/[0-9]+"}}],"route":[{"destination":{"subset":"item"}}]},
+            {"match":[{"queryParams":{"debug":{"exact":"1"}}}],"route":[{"destination":{"subset":"debug"}}]},
+            {"match":[{"uri":{"exact":"/CASE"},"ignoreUriCase":true}],"route":[{"destination":{"subset":"case"}}]},
+            {"match":[{"withoutHeaders":{"x-canary":{}}}],"route":[{"destination":{"subset":"stable"}}]},
+            {"route":[{"destination":{"subset":"canary"}}]}
+        ]}"#,
+    );
+    let s = |r: TestRequest| subset(&h.on_request(&r).unwrap()).map(str::to_string);
+    assert_eq!(
+        s(TestRequest::get("/api/x").method("POST")).as_deref(),
+        Some("post")
+    );
+    assert_eq!(s(TestRequest::get("/items/42")).as_deref(), Some("item"));
+    assert_eq!(
+        s(TestRequest::get("/items/42/x")).as_deref(),
+        Some("stable"),
+        "regex matches the whole path"
+    );
+    assert_eq!(
+        s(TestRequest::get("/x?a=2&debug=1")).as_deref(),
+        Some("debug")
+    );
+    assert_eq!(s(TestRequest::get("/case")).as_deref(), Some("case"));
+    assert_eq!(s(TestRequest::get("/other")).as_deref(), Some("stable"));
+    assert_eq!(
+        s(TestRequest::get("/other").header("x-canary", "1")).as_deref(),
+        Some("canary")
+    );
+}
+
+#[test]
+fn rewrite_headers_and_timeout_come_with_the_route() {
+    let h = router(
+        r#"{"http":[{
+            "match":[{"uri":{"prefix":"/old"}}],
+            "rewrite":{"uri":"/new","authority":"backend"},
+            "headers":{"request":{"set":{"x-a":"1"},"remove":["x-b"]},"response":{"add":{"x-c":"2"}}},
+            "timeout":"1.5s",
+            "route":[{"destination":{"host":"reviews","subset":"v1"},
+                      "headers":{"request":{"set":{"x-dest":"v1"}}}}]
+        }]}"#,
+    );
+    let d = h.on_request(&TestRequest::get("/old/page?q=1")).unwrap();
+    let r = d.route.as_ref().unwrap();
+    assert_eq!(r.path.as_deref(), Some("/new/page?q=1"));
+    assert_eq!(r.authority.as_deref(), Some("backend"));
+    assert_eq!(r.service.as_deref(), Some("reviews"));
+    assert_eq!(d.timeout_ms, Some(1500));
+    assert_eq!(
+        d.request_headers,
+        vec![
+            HeaderOp::Set(Header::new("x-a", "1")),
+            HeaderOp::Remove("x-b".into()),
+            HeaderOp::Set(Header::new("x-dest", "v1")),
+        ]
+    );
+    assert_eq!(
+        d.response_headers,
+        vec![HeaderOp::Append(Header::new("x-c", "2"))]
+    );
+}
+
+#[test]
+fn redirect_and_direct_response_reply_locally() {
+    let h = router(
+        r#"{"http":[
+            {"match":[{"uri":{"exact":"/moved"}}],"redirect":{"uri":"/here","redirectCode":302}},
+            {"match":[{"uri":{"exact":"/health"}}],"directResponse":{"status":200,"body":{"string":"ok"}}}
+        ]}"#,
+    );
+    let d = h.on_request(&TestRequest::get("/moved")).unwrap();
+    let r = d.reply.unwrap();
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        r.headers,
+        vec![Header::new("location", "http://reviews/here")]
+    );
+    let r = h
+        .on_request(&TestRequest::get("/health"))
+        .unwrap()
+        .reply
+        .unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, b"ok".as_slice()));
+    let r = h
+        .on_request(&TestRequest::get("/nothing"))
+        .unwrap()
+        .reply
+        .unwrap();
+    assert_eq!(r.status, 404, "no rule matched");
+}
+
+#[test]
+fn bad_configs_are_refused_naming_the_field() {
+    let refused = |c: &str| Harness::<Router>::new(c).err().expect("refused");
+    let e = refused(
+        r#"{"http":[{"retries":{"attempts":3},"route":[{"destination":{"subset":"v1"}}]}]}"#,
+    );
+    assert!(
+        e.contains("config.http[0].retries") && e.contains("builtin:retry"),
+        "{e}"
+    );
+    let e = refused(r#"{"http":[{"fault":{},"route":[{"destination":{"subset":"v1"}}]}]}"#);
+    assert!(e.contains("builtin:fault-injection"), "{e}");
+    let e = refused(r#"{"http":[{"match":[{"uri":{"regex":"("}}],"route":[{"destination":{}}]}]}"#);
+    assert!(e.starts_with("config.http[0].match[0].uri.regex"), "{e}");
+    let e = refused(
+        r#"{"http":[{"match":[{"uri":{"exact":"/","prefix":"/"}}],"route":[{"destination":{}}]}]}"#,
+    );
+    assert!(e.contains("give one of exact, prefix, regex"), "{e}");
+    let e = refused(r#"{"http":[{"route":[{"destination":{"subset":"a"},"weight":0}]}]}"#);
+    assert!(e.contains("config.http[0].route"), "{e}");
+    let e = refused(r#"{"http":[{"timeout":"2","route":[{"destination":{}}]}]}"#);
+    assert!(e.contains("config.http[0].timeout"), "{e}");
+    let e = refused(r#"{"http":[{}]}"#);
+    assert!(
+        e.contains("give one of route, redirect, directResponse"),
+        "{e}"
+    );
+    let e = refused(r#"{"http":[{"route":[{"destination":{}}],"bogus":1}]}"#);
+    assert!(
+        e.contains("config.http[0]") && e.contains("unknown field `bogus`"),
+        "{e}"
+    );
+    let e = refused(r#"{"http":[{"redirect":{"redirectCode":200}}]}"#);
+    assert!(e.contains("redirectCode"), "{e}");
+}

@@ -1,0 +1,138 @@
+//! The stock plugins end to end, judged statistically (≥ 2,000 requests where
+//! a ratio is judged).
+
+use std::collections::HashMap;
+
+use crate::support::*;
+
+/// Send `n` requests (4 at a time) and count responses by `x-upstream`.
+async fn split(
+    proxy: &Proxy,
+    n: usize,
+    header: Option<(&'static str, String)>,
+) -> HashMap<String, usize> {
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let listen = proxy.listen;
+        let header = header.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for _ in (w..n).step_by(4) {
+                let mut req = http::Request::get(format!("http://{listen}/reviews/1"))
+                    .header("host", "reviews");
+                if let Some((k, v)) = &header {
+                    req = req.header(*k, v.as_str());
+                }
+                let r = send(http1(), req.body(http_body_util::Full::default()).unwrap())
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200, "{:?}", r.body);
+                *counts
+                    .entry(r.header("x-upstream").unwrap().to_string())
+                    .or_default() += 1;
+            }
+            counts
+        }));
+    }
+    let mut total: HashMap<String, usize> = HashMap::new();
+    for t in tasks {
+        for (k, v) in t.await.unwrap() {
+            *total.entry(k).or_default() += v;
+        }
+    }
+    total
+}
+
+fn share(counts: &HashMap<String, usize>, key: &str) -> f64 {
+    let n: usize = counts.values().sum();
+    *counts.get(key).unwrap_or(&0) as f64 / n as f64
+}
+
+fn reviews(v1: &Upstream, v2: &Upstream, http: &str) -> String {
+    format!(
+        r#"services:
+  reviews:
+    endpoints:
+      v1: ["{}"]
+      v2: ["{}"]
+    plugins:
+      - source: builtin:router
+        config:
+          http:
+{http}"#,
+        v1.addr, v2.addr
+    )
+}
+
+fn weights(v1: u32, v2: u32) -> String {
+    format!(
+        "            - route:\n                - {{ destination: {{ subset: v1 }}, weight: {v1} }}\n                - {{ destination: {{ subset: v2 }}, weight: {v2} }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn router_splits_matches_and_sticks_as_configured() {
+    let (v1, v2) = (Upstream::echo("v1").await, Upstream::echo("v2").await);
+    let http = format!(
+        "            - match: [{{ headers: {{ end-user: {{ exact: jason }} }} }}]\n              route: [{{ destination: {{ subset: v2 }} }}]\n            - sticky: {{ header: x-user }}\n              match: [{{ headers: {{ x-user: {{}} }} }}]\n              route:\n                - {{ destination: {{ subset: v1 }}, weight: 50 }}\n                - {{ destination: {{ subset: v2 }}, weight: 50 }}\n{}",
+        weights(90, 10)
+    );
+    let proxy = Proxy::start(&reviews(&v1, &v2, &http)).await;
+
+    let counts = split(&proxy, 2000, None).await;
+    let s = share(&counts, "v2");
+    assert!(
+        (0.07..=0.13).contains(&s),
+        "90/10 split gave v2 {s:.3} ({counts:?}); tolerance ±3 points"
+    );
+
+    let counts = split(&proxy, 2000, Some(("end-user", "jason".into()))).await;
+    assert_eq!(share(&counts, "v2"), 1.0, "{counts:?}");
+
+    // Sticky: every user stays on one subset across repeated requests.
+    let mut placed: HashMap<usize, String> = HashMap::new();
+    for round in 0..4 {
+        for user in 0..100 {
+            let req = http::Request::get(format!("http://{}/", proxy.listen))
+                .header("host", "reviews")
+                .header("x-user", format!("user-{user}"))
+                .body(http_body_util::Full::default())
+                .unwrap();
+            let r = send(http1(), req).await.unwrap();
+            let got = r.header("x-upstream").unwrap().to_string();
+            let first = placed.entry(user).or_insert_with(|| got.clone());
+            assert_eq!(*first, got, "user-{user} moved in round {round}");
+        }
+    }
+    let on_v2 = placed.values().filter(|v| *v == "v2").count();
+    assert!(
+        (25..=75).contains(&on_v2),
+        "users spread over both subsets: {on_v2}/100 on v2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canary_rolls_forward_and_back_by_reapplying_config() {
+    let (v1, v2) = (Upstream::echo("v1").await, Upstream::echo("v2").await);
+    let proxy = Proxy::start_with(&reviews(&v1, &v2, &weights(100, 0)), &["--watch"]).await;
+    let steps = [(100, 0), (90, 10), (70, 30), (0, 100), (100, 0)];
+    let mut version = 1;
+    for (i, (w1, w2)) in steps.into_iter().enumerate() {
+        if i > 0 {
+            proxy.rewrite(&reviews(&v1, &v2, &weights(w1, w2)));
+            version += 1;
+            proxy.wait_version(version).await;
+        }
+        let counts = split(&proxy, 2000, None).await;
+        let got = share(&counts, "v2");
+        let want = f64::from(w2) / 100.0;
+        println!(
+            "canary step {i}: v1 {w1}% / v2 {w2}% -> measured v2 {:.1}%",
+            got * 100.0
+        );
+        assert!(
+            (got - want).abs() <= 0.03,
+            "step {i}: want v2 {want}, measured {got:.3} ({counts:?})"
+        );
+    }
+}
