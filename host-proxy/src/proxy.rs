@@ -660,6 +660,10 @@ async fn serve(
     let mut attempts = 0u32;
     let final_response: Response<ProxyBody> = if let Some((mut resp, flag)) = early {
         guard.flags = flag;
+        // A delay decided before the reply still applies (Istio delays, then aborts).
+        if let (Some(d), "LR") = (plan.delay, flag) {
+            tokio::time::sleep(d).await;
+        }
         if flag == "LR" {
             // on-response for the plugins before the one that replied, in
             // reverse order, with the local reply as the outcome.

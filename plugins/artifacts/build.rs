@@ -12,6 +12,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("add-header", "ADD_HEADER", true),
     ("deny-path", "DENY_PATH", true),
     ("router", "ROUTER", true),
+    ("fault-injection", "FAULT_INJECTION", true),
     ("fixture-looper", "LOOPER", false),
     ("fixture-membomb", "MEMBOMB", false),
     ("fixture-trapper", "TRAPPER", false),

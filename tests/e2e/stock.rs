@@ -136,3 +136,68 @@ async fn a_canary_rolls_forward_and_back_by_reapplying_config() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fault_injection_aborts_and_delays_the_configured_share() {
+    let up = Upstream::echo("v1").await;
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  reviews:
+    endpoints: {{ v1: ["{a}"] }}
+    plugins:
+      - source: builtin:fault-injection
+        config:
+          abort: {{ httpStatus: 503, percentage: {{ value: 50 }} }}
+  ratings:
+    endpoints: {{ v1: ["{a}"] }}
+    plugins:
+      - source: builtin:fault-injection
+        config:
+          match: [{{ headers: {{ end-user: {{ exact: jason }} }} }}]
+          delay: {{ fixedDelay: 200ms, percentage: {{ value: 100 }} }}
+"#,
+        a = up.addr
+    ))
+    .await;
+
+    let n = 2000;
+    let mut aborted = 0;
+    for _ in 0..n {
+        let r = via(&proxy, "reviews", "/").await;
+        match r.status {
+            503 => {
+                assert_eq!(r.header("x-wasmesh-flags"), Some("LR"));
+                aborted += 1;
+            }
+            200 => {}
+            s => panic!("unexpected {s}"),
+        }
+    }
+    let share = f64::from(aborted) / f64::from(n);
+    assert!(
+        (0.46..=0.54).contains(&share),
+        "abort 50% gave {share:.3}; tolerance ±4 points"
+    );
+
+    let mut took = Vec::new();
+    for _ in 0..21 {
+        let req = http::Request::get(format!("http://{}/", proxy.listen))
+            .header("host", "ratings")
+            .header("end-user", "jason")
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(send(http1(), req).await.unwrap().status, 200);
+        took.push(t.elapsed());
+    }
+    took.sort();
+    assert!(
+        took[10] >= std::time::Duration::from_millis(200),
+        "p50 {:?}",
+        took[10]
+    );
+    // Another user is not delayed.
+    let t = std::time::Instant::now();
+    assert_eq!(via(&proxy, "ratings", "/").await.status, 200);
+    assert!(t.elapsed() < std::time::Duration::from_millis(200));
+}

@@ -5,10 +5,9 @@
 //! See this crate's README for the schema.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use regex::Regex;
 use serde::Deserialize;
+use wasmesh_istio::{Condition, MatchRequest, duration_ms};
 use wasmesh_plugin_sdk::{
     Header, HeaderOp, LocalReply, Plugin, Request, RequestDecision, Route, export, host,
 };
@@ -55,49 +54,6 @@ pub struct HttpRoute {
     pub mirror_percentage: Option<serde_json::Value>,
     /// Not supported; refused.
     pub cors_policy: Option<serde_json::Value>,
-}
-
-/// Istio `StringMatch`: at most one of exact, prefix, regex (RE2 syntax,
-/// matched against the whole value). None of them: the value is present.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StringMatch {
-    /// Equal to.
-    pub exact: Option<String>,
-    /// Starts with.
-    pub prefix: Option<String>,
-    /// Matches this regular expression in full.
-    pub regex: Option<String>,
-}
-
-/// Istio `HTTPMatchRequest`: every given condition must hold.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct MatchRequest {
-    /// A name, for logs.
-    pub name: Option<String>,
-    /// The path (without the query string).
-    pub uri: Option<StringMatch>,
-    /// `http` or `https`.
-    pub scheme: Option<StringMatch>,
-    /// The method.
-    pub method: Option<StringMatch>,
-    /// The authority (`Host`).
-    pub authority: Option<StringMatch>,
-    /// Headers (lowercase names) that must match.
-    #[serde(default)]
-    pub headers: BTreeMap<String, StringMatch>,
-    /// Query parameters that must match.
-    #[serde(default)]
-    pub query_params: BTreeMap<String, StringMatch>,
-    /// Headers that must *not* match (an empty match: must be absent).
-    #[serde(default)]
-    pub without_headers: BTreeMap<String, StringMatch>,
-    /// Match `uri` case-insensitively.
-    #[serde(default)]
-    pub ignore_uri_case: bool,
-    /// The destination port the client addressed.
-    pub port: Option<u16>,
 }
 
 /// Istio `HTTPRouteDestination`.
@@ -200,129 +156,6 @@ pub struct Sticky {
     pub header: String,
 }
 
-enum Matcher {
-    Any,
-    Exact(String),
-    Prefix(String),
-    Regex(Regex),
-}
-
-impl Matcher {
-    fn new(m: &StringMatch, path: &str, fold_case: bool) -> Result<Self, String> {
-        let given = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()];
-        if given.iter().filter(|g| **g).count() > 1 {
-            return Err(format!("{path}: give one of exact, prefix, regex"));
-        }
-        let fold = |s: &String| {
-            if fold_case {
-                s.to_lowercase()
-            } else {
-                s.clone()
-            }
-        };
-        Ok(match (&m.exact, &m.prefix, &m.regex) {
-            (Some(e), _, _) => Matcher::Exact(fold(e)),
-            (_, Some(p), _) => Matcher::Prefix(fold(p)),
-            (_, _, Some(r)) => {
-                let full = if fold_case {
-                    format!("(?i)^(?:{r})$")
-                } else {
-                    format!("^(?:{r})$")
-                };
-                Matcher::Regex(
-                    regex::RegexBuilder::new(&full)
-                        .size_limit(1 << 20)
-                        .build()
-                        .map_err(|e| format!("{path}.regex: {e}"))?,
-                )
-            }
-            _ => Matcher::Any,
-        })
-    }
-
-    fn matches(&self, v: &str) -> bool {
-        match self {
-            Matcher::Any => true,
-            Matcher::Exact(e) => v == e,
-            Matcher::Prefix(p) => v.starts_with(p.as_str()),
-            Matcher::Regex(r) => r.is_match(v),
-        }
-    }
-}
-
-struct Condition {
-    uri: Option<Matcher>,
-    fold_uri: bool,
-    scheme: Option<Matcher>,
-    method: Option<Matcher>,
-    authority: Option<Matcher>,
-    headers: Vec<(String, Matcher)>,
-    query: Vec<(String, Matcher)>,
-    without: Vec<(String, Matcher)>,
-    port: Option<u16>,
-}
-
-impl Condition {
-    fn matches(&self, req: &Request<'_>, path: &str) -> bool {
-        if let Some(m) = &self.uri {
-            let ok = if self.fold_uri {
-                m.matches(&path.to_lowercase())
-            } else {
-                m.matches(path)
-            };
-            if !ok {
-                return false;
-            }
-        }
-        if let Some(p) = self.port
-            && req.port() != p
-        {
-            return false;
-        }
-        if let Some(m) = &self.method
-            && !m.matches(&req.method())
-        {
-            return false;
-        }
-        if let Some(m) = &self.scheme
-            && !m.matches(&req.scheme())
-        {
-            return false;
-        }
-        if let Some(m) = &self.authority
-            && !m.matches(&req.authority())
-        {
-            return false;
-        }
-        for (name, m) in &self.headers {
-            match req.header(name) {
-                Some(v) if m.matches(&v) => {}
-                _ => return false,
-            }
-        }
-        for (name, m) in &self.without {
-            if req.header(name).is_some_and(|v| m.matches(&v)) {
-                return false;
-            }
-        }
-        if !self.query.is_empty() {
-            let full = req.path();
-            let query = full.split_once('?').map_or("", |(_, q)| q);
-            for (name, m) in &self.query {
-                let value = query.split('&').find_map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (k == name).then_some(v)
-                });
-                match value {
-                    Some(v) if m.matches(v) => {}
-                    _ => return false,
-                }
-            }
-        }
-        true
-    }
-}
-
 struct Target {
     weight: u32,
     route: Route,
@@ -347,8 +180,6 @@ enum Action {
 
 struct CompiledRoute {
     conditions: Vec<Condition>,
-    /// A `uri.prefix` per condition, for a prefix rewrite.
-    prefixes: Vec<Option<String>>,
     action: Action,
     rewrite_uri: Option<String>,
     rewrite_authority: Option<String>,
@@ -388,29 +219,6 @@ fn header_ops(h: Option<&HeaderOperations>, path: &str) -> Result<Vec<HeaderOp>,
     Ok(ops)
 }
 
-fn parse_timeout(t: &str, path: &str) -> Result<u32, String> {
-    let t = t.trim();
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000.0)
-    } else if let Some(n) = t.strip_suffix('h') {
-        (n, 3_600_000.0)
-    } else {
-        return Err(format!("{path}: {t:?} needs a unit (ms, s, m, h), e.g. 2s"));
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{path}: {t:?} is not a duration, e.g. 2s or 250ms"))?;
-    let ms = n * scale;
-    if !(0.0..=f64::from(u32::MAX)).contains(&ms) {
-        return Err(format!("{path}: {t:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(ms / 1000.0).as_millis() as u32)
-}
-
 fn compile(i: usize, r: &HttpRoute) -> Result<CompiledRoute, String> {
     let at = format!("config.http[{i}]");
     let elsewhere = [
@@ -448,44 +256,7 @@ fn compile(i: usize, r: &HttpRoute) -> Result<CompiledRoute, String> {
             ));
         }
     }
-    let mut conditions = Vec::new();
-    let mut prefixes = Vec::new();
-    for (j, m) in r.matches.iter().enumerate() {
-        let mp = format!("{at}.match[{j}]");
-        let opt =
-            |s: &Option<StringMatch>, f: &str, fold: bool| -> Result<Option<Matcher>, String> {
-                s.as_ref()
-                    .map(|s| Matcher::new(s, &format!("{mp}.{f}"), fold))
-                    .transpose()
-            };
-        let map = |m: &BTreeMap<String, StringMatch>,
-                   f: &str,
-                   lower: bool|
-         -> Result<Vec<(String, Matcher)>, String> {
-            m.iter()
-                .map(|(k, v)| {
-                    let key = if lower {
-                        k.to_ascii_lowercase()
-                    } else {
-                        k.clone()
-                    };
-                    Ok((key, Matcher::new(v, &format!("{mp}.{f}.{k}"), false)?))
-                })
-                .collect()
-        };
-        conditions.push(Condition {
-            uri: opt(&m.uri, "uri", m.ignore_uri_case)?,
-            fold_uri: m.ignore_uri_case,
-            scheme: opt(&m.scheme, "scheme", false)?,
-            method: opt(&m.method, "method", false)?,
-            authority: opt(&m.authority, "authority", false)?,
-            headers: map(&m.headers, "headers", true)?,
-            query: map(&m.query_params, "queryParams", false)?,
-            without: map(&m.without_headers, "withoutHeaders", true)?,
-            port: m.port,
-        });
-        prefixes.push(m.uri.as_ref().and_then(|u| u.prefix.clone()));
-    }
+    let conditions = wasmesh_istio::conditions(&r.matches, &format!("{at}.match"))?;
     let action = if let Some(d) = &r.direct_response {
         if !(200..=599).contains(&d.status) {
             return Err(format!(
@@ -553,7 +324,6 @@ fn compile(i: usize, r: &HttpRoute) -> Result<CompiledRoute, String> {
     };
     Ok(CompiledRoute {
         conditions,
-        prefixes,
         action,
         rewrite_uri: r.rewrite.as_ref().and_then(|w| w.uri.clone()),
         rewrite_authority: r.rewrite.as_ref().and_then(|w| w.authority.clone()),
@@ -568,7 +338,7 @@ fn compile(i: usize, r: &HttpRoute) -> Result<CompiledRoute, String> {
         timeout_ms: r
             .timeout
             .as_deref()
-            .map(|t| parse_timeout(t, &format!("{at}.timeout")))
+            .map(|t| duration_ms(t, &format!("{at}.timeout")))
             .transpose()?,
     })
 }
@@ -601,15 +371,8 @@ impl Plugin for Router {
             None => (full.as_str(), None),
         };
         for route in &self.routes {
-            let hit = if route.conditions.is_empty() {
-                Some(None)
-            } else {
-                route
-                    .conditions
-                    .iter()
-                    .position(|c| c.matches(req, path))
-                    .map(|j| route.prefixes[j].as_deref())
-            };
+            let hit = wasmesh_istio::first_match(&route.conditions, req, path)
+                .map(|j| j.and_then(|j| route.conditions[j].uri_prefix()));
             let Some(prefix) = hit else { continue };
             return Ok(self.apply(route, req, path, query, prefix));
         }

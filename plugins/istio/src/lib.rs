@@ -1,0 +1,308 @@
+//! Istio's configuration vocabulary, shared by wasmesh's stock plugins (a
+//! plugin-side library, compiled into each plugin): `StringMatch`,
+//! `HTTPMatchRequest` and their compiled matchers, durations as Istio and
+//! protobuf write them, and percentages.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+use wasmesh_plugin_sdk::Request;
+
+/// Istio `StringMatch`: at most one of exact, prefix, regex (RE2 syntax,
+/// matched against the whole value). None of them: the value is present.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatch {
+    /// Equal to.
+    pub exact: Option<String>,
+    /// Starts with.
+    pub prefix: Option<String>,
+    /// Matches this regular expression in full.
+    pub regex: Option<String>,
+}
+
+/// Istio `HTTPMatchRequest`: every given condition must hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MatchRequest {
+    /// A name, for logs.
+    pub name: Option<String>,
+    /// The path (without the query string).
+    pub uri: Option<StringMatch>,
+    /// `http` or `https`.
+    pub scheme: Option<StringMatch>,
+    /// The method.
+    pub method: Option<StringMatch>,
+    /// The authority (`Host`).
+    pub authority: Option<StringMatch>,
+    /// Headers (lowercase names) that must match.
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    /// Query parameters that must match.
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    /// Headers that must *not* match (an empty match: must be absent).
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    /// Match `uri` case-insensitively.
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+    /// The destination port the client addressed.
+    pub port: Option<u16>,
+}
+
+/// A compiled `StringMatch`.
+pub enum Matcher {
+    /// Any value (present).
+    Any,
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Whole-value regex.
+    Regex(Regex),
+}
+
+impl Matcher {
+    /// Compile; `path` names the field in errors.
+    pub fn new(m: &StringMatch, path: &str, fold_case: bool) -> Result<Self, String> {
+        let given = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(format!("{path}: give one of exact, prefix, regex"));
+        }
+        let fold = |s: &String| {
+            if fold_case {
+                s.to_lowercase()
+            } else {
+                s.clone()
+            }
+        };
+        Ok(match (&m.exact, &m.prefix, &m.regex) {
+            (Some(e), _, _) => Matcher::Exact(fold(e)),
+            (_, Some(p), _) => Matcher::Prefix(fold(p)),
+            (_, _, Some(r)) => {
+                let full = if fold_case {
+                    format!("(?i)^(?:{r})$")
+                } else {
+                    format!("^(?:{r})$")
+                };
+                Matcher::Regex(
+                    regex::RegexBuilder::new(&full)
+                        .size_limit(1 << 20)
+                        .build()
+                        .map_err(|e| format!("{path}.regex: {e}"))?,
+                )
+            }
+            _ => Matcher::Any,
+        })
+    }
+
+    /// Whether `v` matches.
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            Matcher::Any => true,
+            Matcher::Exact(e) => v == e,
+            Matcher::Prefix(p) => v.starts_with(p.as_str()),
+            Matcher::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+/// A compiled `HTTPMatchRequest`.
+pub struct Condition {
+    uri: Option<Matcher>,
+    uri_prefix: Option<String>,
+    fold_uri: bool,
+    scheme: Option<Matcher>,
+    method: Option<Matcher>,
+    authority: Option<Matcher>,
+    headers: Vec<(String, Matcher)>,
+    query: Vec<(String, Matcher)>,
+    without: Vec<(String, Matcher)>,
+    port: Option<u16>,
+}
+
+impl Condition {
+    /// Compile a match; `at` names it in errors (`config.http[0].match[1]`).
+    pub fn new(m: &MatchRequest, at: &str) -> Result<Self, String> {
+        let opt =
+            |s: &Option<StringMatch>, f: &str, fold: bool| -> Result<Option<Matcher>, String> {
+                s.as_ref()
+                    .map(|s| Matcher::new(s, &format!("{at}.{f}"), fold))
+                    .transpose()
+            };
+        let map = |m: &BTreeMap<String, StringMatch>,
+                   f: &str,
+                   lower: bool|
+         -> Result<Vec<(String, Matcher)>, String> {
+            m.iter()
+                .map(|(k, v)| {
+                    let key = if lower {
+                        k.to_ascii_lowercase()
+                    } else {
+                        k.clone()
+                    };
+                    Ok((key, Matcher::new(v, &format!("{at}.{f}.{k}"), false)?))
+                })
+                .collect()
+        };
+        Ok(Self {
+            uri: opt(&m.uri, "uri", m.ignore_uri_case)?,
+            uri_prefix: m.uri.as_ref().and_then(|u| u.prefix.clone()),
+            fold_uri: m.ignore_uri_case,
+            scheme: opt(&m.scheme, "scheme", false)?,
+            method: opt(&m.method, "method", false)?,
+            authority: opt(&m.authority, "authority", false)?,
+            headers: map(&m.headers, "headers", true)?,
+            query: map(&m.query_params, "queryParams", false)?,
+            without: map(&m.without_headers, "withoutHeaders", true)?,
+            port: m.port,
+        })
+    }
+
+    /// The `uri.prefix` this match tests, if any (for a prefix rewrite).
+    pub fn uri_prefix(&self) -> Option<&str> {
+        self.uri_prefix.as_deref()
+    }
+
+    /// Whether the request matches; `path` is its path without the query.
+    pub fn matches(&self, req: &Request<'_>, path: &str) -> bool {
+        if let Some(m) = &self.uri {
+            let ok = if self.fold_uri {
+                m.matches(&path.to_lowercase())
+            } else {
+                m.matches(path)
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(p) = self.port
+            && req.port() != p
+        {
+            return false;
+        }
+        if let Some(m) = &self.method
+            && !m.matches(&req.method())
+        {
+            return false;
+        }
+        if let Some(m) = &self.scheme
+            && !m.matches(&req.scheme())
+        {
+            return false;
+        }
+        if let Some(m) = &self.authority
+            && !m.matches(&req.authority())
+        {
+            return false;
+        }
+        for (name, m) in &self.headers {
+            match req.header(name) {
+                Some(v) if m.matches(&v) => {}
+                _ => return false,
+            }
+        }
+        for (name, m) in &self.without {
+            if req.header(name).is_some_and(|v| m.matches(&v)) {
+                return false;
+            }
+        }
+        if !self.query.is_empty() {
+            let full = req.path();
+            let query = full.split_once('?').map_or("", |(_, q)| q);
+            for (name, m) in &self.query {
+                let value = query.split('&').find_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == name).then_some(v)
+                });
+                match value {
+                    Some(v) if m.matches(v) => {}
+                    _ => return false,
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Parse a duration as Istio and protobuf write them (`2s`, `250ms`,
+/// `0.25s`, `1m`, `1h`) into milliseconds; `path` names the field in errors.
+pub fn duration_ms(t: &str, path: &str) -> Result<u32, String> {
+    let t = t.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000.0)
+    } else {
+        return Err(format!("{path}: {t:?} needs a unit (ms, s, m, h), e.g. 2s"));
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{path}: {t:?} is not a duration, e.g. 2s or 250ms"))?;
+    let ms = n * scale;
+    if !(0.0..=f64::from(u32::MAX)).contains(&ms) {
+        return Err(format!("{path}: {t:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(ms / 1000.0).as_millis() as u32)
+}
+
+/// Istio `Percent`: `{ value: 12.5 }`, 0 to 100.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Percent {
+    /// The percentage.
+    pub value: f64,
+}
+
+impl Percent {
+    /// Check the range; `path` names the field in errors.
+    pub fn check(&self, path: &str) -> Result<(), String> {
+        if (0.0..=100.0).contains(&self.value) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{path}.value: {} is not a percentage (0 to 100)",
+                self.value
+            ))
+        }
+    }
+
+    /// Draw: true with this probability.
+    pub fn hit(&self) -> bool {
+        self.value >= 100.0
+            || (self.value > 0.0 && wasmesh_plugin_sdk::host::random_f64() * 100.0 < self.value)
+    }
+}
+
+/// Compile the `match` list of a route or fault; `at` is the list's path.
+/// An empty list matches everything.
+pub fn conditions(matches: &[MatchRequest], at: &str) -> Result<Vec<Condition>, String> {
+    matches
+        .iter()
+        .enumerate()
+        .map(|(j, m)| Condition::new(m, &format!("{at}[{j}]")))
+        .collect()
+}
+
+/// The first condition that matches (by index), or `Some(None)` when there
+/// are none; `None` when none matches.
+pub fn first_match(
+    conditions: &[Condition],
+    req: &Request<'_>,
+    path: &str,
+) -> Option<Option<usize>> {
+    if conditions.is_empty() {
+        return Some(None);
+    }
+    conditions
+        .iter()
+        .position(|c| c.matches(req, path))
+        .map(Some)
+}
