@@ -13,6 +13,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("deny-path", "DENY_PATH", true),
     ("router", "ROUTER", true),
     ("fault-injection", "FAULT_INJECTION", true),
+    ("retry", "RETRY", true),
     ("fixture-looper", "LOOPER", false),
     ("fixture-membomb", "MEMBOMB", false),
     ("fixture-trapper", "TRAPPER", false),

@@ -201,3 +201,120 @@ async fn fault_injection_aborts_and_delays_the_configured_share() {
     assert_eq!(via(&proxy, "ratings", "/").await.status, 200);
     assert!(t.elapsed() < std::time::Duration::from_millis(200));
 }
+
+/// An upstream that fails every other request with 503.
+async fn flaky() -> Upstream {
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Upstream::start(std::sync::Arc::new(move |_req| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let code = if i % 2 == 0 { 503 } else { 200 };
+        http::Response::builder()
+            .status(code)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"flaky\n",
+            )))
+            .unwrap()
+    }))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_recovers_half_failing_upstreams_but_not_posts() {
+    let up = flaky().await;
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  reviews:
+    endpoints: {{ v1: ["{}"] }}
+    plugins:
+      - source: builtin:retry
+        config: {{ attempts: 3, perTryTimeout: 2s, retryOn: "5xx", backoff: {{ baseInterval: 1ms }} }}
+"#,
+        up.addr
+    ))
+    .await;
+    let n = 2000;
+    let mut ok = 0;
+    for _ in 0..n {
+        if via(&proxy, "reviews", "/").await.status == 200 {
+            ok += 1;
+        }
+    }
+    let success = f64::from(ok) / f64::from(n);
+    assert!(success >= 0.99, "success {success:.4} with attempts=3");
+
+    let mut post_ok = 0;
+    for _ in 0..200 {
+        let req = http::Request::post(format!("http://{}/", proxy.listen))
+            .header("host", "reviews")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        if send(http1(), req).await.unwrap().status == 200 {
+            post_ok += 1;
+        }
+    }
+    assert!(
+        (60..=140).contains(&post_ok),
+        "POST is not retried: {post_ok}/200 succeeded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_budget_caps_the_load_on_a_failing_upstream() {
+    let failing = Upstream::start(std::sync::Arc::new(|_req| {
+        http::Response::builder()
+            .status(503)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"down\n",
+            )))
+            .unwrap()
+    }))
+    .await;
+    let run = |budget: &'static str| {
+        let addr = failing.addr;
+        async move {
+            let proxy = Proxy::start(&format!(
+                r#"services:
+  reviews:
+    endpoints: {{ v1: ["{addr}"] }}
+    plugins:
+      - source: builtin:retry
+        config: {{ attempts: 3, retryOn: "5xx", backoff: {{ baseInterval: 2ms }} {budget} }}
+"#
+            ))
+            .await;
+            let clients = 8 * 50;
+            let mut tasks = Vec::new();
+            for _ in 0..8 {
+                let listen = proxy.listen;
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..50 {
+                        let req = http::Request::get(format!("http://{listen}/"))
+                            .header("host", "reviews")
+                            .body(http_body_util::Full::default())
+                            .unwrap();
+                        assert_eq!(send(http1(), req).await.unwrap().status, 503);
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            clients
+        }
+    };
+    let before = failing.hits();
+    let clients = run("").await;
+    let unbudgeted = (failing.hits() - before) as f64 / clients as f64;
+    let before = failing.hits();
+    let clients = run(", retryBudget: { percent: 20, minRetryConcurrency: 1 }").await;
+    let budgeted = (failing.hits() - before) as f64 / clients as f64;
+    println!("retry budget: upstream load {unbudgeted:.2}x without, {budgeted:.2}x with");
+    assert!(
+        unbudgeted > 3.9,
+        "without a budget every request tries 4 times: {unbudgeted:.2}"
+    );
+    assert!(
+        budgeted < 1.6,
+        "the budget caps retries: upstream saw {budgeted:.2}x the client load"
+    );
+}

@@ -1,0 +1,273 @@
+//! `retry`: Istio `HTTPRetry` as a wasmesh plugin — `attempts` retries (so
+//! `attempts: 3` means up to 4 tries), `perTryTimeout`, `retryOn` — with an
+//! exponential, fully jittered backoff and an optional retry budget (as in
+//! newer DestinationRules). The host replays the buffered body (≤ 64 KiB;
+//! larger bodies are never retried) and sends a retry to another endpoint
+//! when one exists. See this crate's README for the schema.
+
+use serde::Deserialize;
+use wasmesh_istio::duration_ms;
+use wasmesh_plugin_sdk::host::{self, state};
+use wasmesh_plugin_sdk::{
+    Attempt, Completion, Level, Outcome, Plugin, Request, RequestDecision, Response,
+    ResponseDecision, export,
+};
+
+/// The plugin's configuration (Istio `HTTPRetry`, extended).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Retries allowed (Istio's default: 2).
+    pub attempts: Option<u32>,
+    /// Timeout of each try (`2s`, `250ms`).
+    pub per_try_timeout: Option<String>,
+    /// Comma-separated conditions (Istio's default:
+    /// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`).
+    pub retry_on: Option<String>,
+    /// Accepted for compatibility with Istio; ignored (no localities yet).
+    pub retry_remote_localities: Option<bool>,
+    /// Beyond Istio: exponential backoff bounds.
+    pub backoff: Option<Backoff>,
+    /// Beyond Istio's HTTPRetry (as in newer DestinationRules): cap retries
+    /// to a share of the requests in flight.
+    pub retry_budget: Option<RetryBudget>,
+    /// Beyond Istio: retry non-idempotent methods (POST, PATCH) too.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+}
+
+/// Backoff bounds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Backoff {
+    /// First backoff's upper bound (default `25ms`).
+    pub base_interval: Option<String>,
+    /// Largest backoff (default 10 × base).
+    pub max_interval: Option<String>,
+}
+
+/// A retry budget.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Retries in flight may be at most this share of requests in flight (default 20).
+    pub percent: Option<f64>,
+    /// ...but at least this many (default 3).
+    pub min_retry_concurrency: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+struct RetryOn {
+    any_5xx: bool,
+    gateway: bool,
+    connect_failure: bool,
+    reset: bool,
+    retriable_codes: bool,
+    codes: Vec<u16>,
+    retriable_4xx: bool,
+    grpc: Vec<u32>,
+}
+
+impl RetryOn {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut r = RetryOn::default();
+        for t in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            match t {
+                "5xx" => r.any_5xx = true,
+                "gateway-error" => r.gateway = true,
+                "connect-failure" => r.connect_failure = true,
+                "reset" | "refused-stream" => r.reset = true,
+                "retriable-status-codes" => r.retriable_codes = true,
+                "retriable-4xx" => r.retriable_4xx = true,
+                "cancelled" => r.grpc.push(1),
+                "deadline-exceeded" => r.grpc.push(4),
+                "resource-exhausted" => r.grpc.push(8),
+                "internal" => r.grpc.push(13),
+                "unavailable" => r.grpc.push(14),
+                code => match code.parse::<u16>() {
+                    Ok(c) if (100..=599).contains(&c) => r.codes.push(c),
+                    _ => {
+                        return Err(format!(
+                            "config.retryOn: unknown condition {code:?}; use 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-status-codes, retriable-4xx, a gRPC name (cancelled, deadline-exceeded, resource-exhausted, internal, unavailable) or a status code"
+                        ));
+                    }
+                },
+            }
+        }
+        Ok(r)
+    }
+
+    /// Whether this outcome is retriable, and whether it provably never
+    /// reached the upstream (then any method may be retried).
+    fn wants(&self, outcome: &Outcome, grpc_status: Option<u32>) -> (bool, bool) {
+        match outcome {
+            Outcome::ConnectFailure | Outcome::Overflow => (
+                self.connect_failure || self.any_5xx || self.gateway || self.reset,
+                true,
+            ),
+            Outcome::Reset | Outcome::Timeout => {
+                (self.reset || self.any_5xx || self.gateway, false)
+            }
+            Outcome::Response(s) => {
+                let s = *s;
+                let listed = self.codes.contains(&s);
+                let hit = (self.any_5xx && s >= 500)
+                    || (self.gateway && matches!(s, 502..=504))
+                    || (self.retriable_4xx && s == 409)
+                    || listed
+                    || grpc_status.is_some_and(|g| self.grpc.contains(&g));
+                (hit, false)
+            }
+            Outcome::LocalReply(_) | Outcome::NoHealthyEndpoint => (false, false),
+        }
+    }
+}
+
+/// The plugin.
+pub struct Retry {
+    attempts: u32,
+    per_try_ms: Option<u32>,
+    retry_on: RetryOn,
+    base_ms: u32,
+    max_ms: u32,
+    budget: Option<(f64, i64)>,
+    non_idempotent: bool,
+}
+
+const ACTIVE: &str = "active";
+const RETRIES: &str = "retries";
+
+fn granted_key(req: &Request<'_>) -> String {
+    format!("granted/{}", req.id())
+}
+
+impl Plugin for Retry {
+    type Config = Config;
+
+    fn new(c: Config) -> Result<Self, String> {
+        let base_ms = match c.backoff.as_ref().and_then(|b| b.base_interval.as_deref()) {
+            Some(t) => duration_ms(t, "config.backoff.baseInterval")?.max(1),
+            None => 25,
+        };
+        let max_ms = match c.backoff.as_ref().and_then(|b| b.max_interval.as_deref()) {
+            Some(t) => duration_ms(t, "config.backoff.maxInterval")?,
+            None => base_ms.saturating_mul(10),
+        };
+        if max_ms < base_ms {
+            return Err("config.backoff.maxInterval: must not be below baseInterval".into());
+        }
+        let budget = match &c.retry_budget {
+            None => None,
+            Some(b) => {
+                let percent = b.percent.unwrap_or(20.0);
+                if !(0.0..=100.0).contains(&percent) {
+                    return Err(format!(
+                        "config.retryBudget.percent: {percent} is not in 0..=100"
+                    ));
+                }
+                Some((percent, i64::from(b.min_retry_concurrency.unwrap_or(3))))
+            }
+        };
+        let attempts = c.attempts.unwrap_or(2);
+        if attempts > 10 {
+            return Err(format!(
+                "config.attempts: {attempts} retries is more than the 10 allowed"
+            ));
+        }
+        Ok(Self {
+            attempts,
+            per_try_ms: c
+                .per_try_timeout
+                .as_deref()
+                .map(|t| duration_ms(t, "config.perTryTimeout"))
+                .transpose()?,
+            retry_on: RetryOn::parse(c.retry_on.as_deref().unwrap_or(
+                "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+            ))?,
+            base_ms,
+            max_ms,
+            budget,
+            non_idempotent: c.retry_non_idempotent,
+        })
+    }
+
+    fn on_request(&self, _req: &Request<'_>) -> Result<RequestDecision, String> {
+        if self.budget.is_some() {
+            state::counter_add(ACTIVE, 1).map_err(|e| e.to_string())?;
+        }
+        Ok(RequestDecision {
+            per_try_timeout_ms: self.per_try_ms,
+            ..RequestDecision::default()
+        })
+    }
+
+    fn on_response(
+        &self,
+        req: &Request<'_>,
+        resp: &Response<'_>,
+        a: &Attempt,
+    ) -> Result<ResponseDecision, String> {
+        if a.number > self.attempts {
+            return Ok(ResponseDecision::proceed());
+        }
+        let grpc = match a.outcome {
+            Outcome::Response(_) => resp.header("grpc-status").and_then(|g| g.parse().ok()),
+            _ => None,
+        };
+        let (wanted, never_reached) = self.retry_on.wants(&a.outcome, grpc);
+        if !wanted {
+            return Ok(ResponseDecision::proceed());
+        }
+        if !never_reached && !self.non_idempotent {
+            let method = req.method();
+            if !matches!(
+                method.as_str(),
+                "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+            ) {
+                return Ok(ResponseDecision::proceed());
+            }
+        }
+        if let Some((percent, min)) = self.budget {
+            let active = state::counter_get(ACTIVE);
+            let allowed = ((active as f64) * percent / 100.0).floor() as i64;
+            if state::counter_get(RETRIES) >= allowed.max(min) {
+                host::metric_add("retry_budget_exhausted", 1);
+                host::log(Level::Debug, "retry budget exhausted");
+                return Ok(ResponseDecision::proceed());
+            }
+            state::counter_add(RETRIES, 1).map_err(|e| e.to_string())?;
+            // Remember this request's own grants, released in on_complete.
+            let key = granted_key(req);
+            let mine = state::get(&key).map_or(0, |e| e.value.first().copied().unwrap_or(0));
+            state::set(&key, &[mine.saturating_add(1)]).map_err(|e| e.to_string())?;
+        }
+        host::metric_add("retries", 1);
+        // Fully jittered exponential backoff.
+        let cap = self
+            .base_ms
+            .saturating_mul(1 << (a.number - 1).min(16))
+            .min(self.max_ms);
+        let backoff = (host::random_f64() * f64::from(cap)) as u32;
+        Ok(ResponseDecision::retry(backoff))
+    }
+
+    fn on_complete(&self, req: &Request<'_>, done: &Completion) {
+        if self.budget.is_some() {
+            let _ = state::counter_add(ACTIVE, -1);
+            // Only a request that was retried (by anyone) can hold a grant.
+            if done.attempts > 1 {
+                let key = granted_key(req);
+                if let Some(e) = state::get(&key) {
+                    let mine = i64::from(e.value.first().copied().unwrap_or(0));
+                    let _ = state::counter_add(RETRIES, -mine);
+                    state::delete(&key);
+                }
+            }
+        }
+    }
+}
+
+export!(Retry, hooks: [on_request, on_response, on_complete]);
+
+#[cfg(test)]
+mod tests;
