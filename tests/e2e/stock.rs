@@ -207,7 +207,7 @@ async fn flaky() -> Upstream {
     let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     Upstream::start(std::sync::Arc::new(move |_req| {
         let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let code = if i % 2 == 0 { 503 } else { 200 };
+        let code = if i.is_multiple_of(2) { 503 } else { 200 };
         http::Response::builder()
             .status(code)
             .body(http_body_util::Full::new(bytes::Bytes::from_static(
