@@ -187,9 +187,21 @@ fn reply_response(r: &wit::LocalReply) -> Result<Response<ProxyBody>, String> {
         let (n, v) = header_pair(h)?;
         resp.headers_mut().append(n, v);
     }
+    // A plugin may flag its reply as an overflow (a circuit breaker's limit);
+    // every other local reply is `LR`.
+    let flag = reply_flag(&resp);
     resp.headers_mut()
-        .insert(FLAGS_HEADER, HeaderValue::from_static("LR"));
+        .insert(FLAGS_HEADER, HeaderValue::from_static(flag));
     Ok(resp)
+}
+
+/// The response flag of a plugin's local reply: `UO` when the plugin said
+/// so, else `LR`.
+fn reply_flag(resp: &Response<ProxyBody>) -> &'static str {
+    match resp.headers().get(FLAGS_HEADER) {
+        Some(v) if v == "UO" => "UO",
+        _ => "LR",
+    }
 }
 
 /// What the chain decided in `on-request`, merged.
@@ -643,7 +655,8 @@ async fn serve(
         match result {
             Ok(None) => {}
             Ok(Some(reply)) => {
-                early = Some((reply, "LR"));
+                let flag = reply_flag(&reply);
+                early = Some((reply, flag));
                 break;
             }
             Err(f) => {
@@ -661,10 +674,10 @@ async fn serve(
     let final_response: Response<ProxyBody> = if let Some((mut resp, flag)) = early {
         guard.flags = flag;
         // A delay decided before the reply still applies (Istio delays, then aborts).
-        if let (Some(d), "LR") = (plan.delay, flag) {
+        if let (Some(d), "LR" | "UO") = (plan.delay, flag) {
             tokio::time::sleep(d).await;
         }
-        if flag == "LR" {
+        if flag != "PF" {
             // on-response for the plugins before the one that replied, in
             // reverse order, with the local reply as the outcome.
             let replier = guard.reached - 1;
@@ -802,7 +815,7 @@ async fn serve(
                         guard.flags = if r.headers().get(FLAGS_HEADER).is_some_and(|f| f == "PF") {
                             "PF"
                         } else {
-                            "LR"
+                            reply_flag(&r)
                         };
                         break r;
                     }

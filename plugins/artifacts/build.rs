@@ -14,6 +14,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("router", "ROUTER", true),
     ("fault-injection", "FAULT_INJECTION", true),
     ("retry", "RETRY", true),
+    ("circuit-breaker", "CIRCUIT_BREAKER", true),
     ("fixture-looper", "LOOPER", false),
     ("fixture-membomb", "MEMBOMB", false),
     ("fixture-trapper", "TRAPPER", false),

@@ -318,3 +318,177 @@ async fn a_retry_budget_caps_the_load_on_a_failing_upstream() {
         "the budget caps retries: upstream saw {budgeted:.2}x the client load"
     );
 }
+
+/// An upstream that always answers `code`, naming itself in `x-upstream`.
+async fn answering(name: &'static str, code: u16) -> Upstream {
+    Upstream::start(std::sync::Arc::new(move |_req| {
+        http::Response::builder()
+            .status(code)
+            .header("x-upstream", name)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"-\n")))
+            .unwrap()
+    }))
+    .await
+}
+
+fn breaker_mesh(endpoints: &[&Upstream], config: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect();
+    format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [{}] }}\n    plugins:\n      - source: builtin:circuit-breaker\n        config: {config}\n",
+        eps.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_circuit_breaker_ejects_a_failing_endpoint_and_lets_it_back() {
+    let (a, b, bad) = (
+        answering("a", 200).await,
+        answering("b", 200).await,
+        answering("bad", 500).await,
+    );
+    let proxy = Proxy::start(&breaker_mesh(
+        &[&a, &b, &bad],
+        "{ outlierDetection: { consecutive5xxErrors: 3, baseEjectionTime: 2s, maxEjectionPercent: 100 } }",
+    ))
+    .await;
+    let mut failures = 0;
+    for _ in 0..30 {
+        if via(&proxy, "reviews", "/").await.status != 200 {
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 3,
+        "ejected after exactly the configured consecutive errors"
+    );
+    let mut ok = 0;
+    for _ in 0..1000 {
+        if via(&proxy, "reviews", "/").await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert!(ok >= 990, "success after the ejection: {ok}/1000");
+    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
+    let mut back = false;
+    for _ in 0..10 {
+        if via(&proxy, "reviews", "/").await.header("x-upstream") == Some("bad") {
+            back = true;
+        }
+    }
+    assert!(back, "the endpoint is back after its ejection time");
+    // Round robin gave it 3 or 4 of those 10 requests: ejected a second time.
+    let m = proxy.metrics().await;
+    assert!(m.contains(r#"wasmesh_plugin_custom_total{service="reviews",plugin="circuit-breaker",name="ejections"} 2"#), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_ejection_percent_keeps_endpoints_in_the_pool() {
+    let (good, bad1, bad2) = (
+        answering("good", 200).await,
+        answering("bad1", 500).await,
+        answering("bad2", 500).await,
+    );
+    let proxy = Proxy::start(&breaker_mesh(
+        &[&good, &bad1, &bad2],
+        "{ outlierDetection: { consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 34 } }",
+    ))
+    .await;
+    for _ in 0..30 {
+        via(&proxy, "reviews", "/").await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..60 {
+        seen.insert(
+            via(&proxy, "reviews", "/")
+                .await
+                .header("x-upstream")
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "one bad endpoint ejected, the other kept by maxEjectionPercent: {seen:?}"
+    );
+    assert!(seen.contains("good"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pending_request_overflow_is_answered_at_once() {
+    // An upstream that answers after 2 s.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{addr}\"] }}\n    plugins:\n      - source: builtin:circuit-breaker\n        config: {{ connectionPool: {{ http: {{ http1MaxPendingRequests: 2 }} }} }}\n"
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let listen = proxy.listen;
+        tasks.push(tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            let req = http::Request::get(format!("http://{listen}/"))
+                .header("host", "reviews")
+                .body(http_body_util::Full::default())
+                .unwrap();
+            let r = send(http1(), req).await.unwrap();
+            (
+                r.status,
+                r.header("x-wasmesh-flags").map(str::to_string),
+                t.elapsed(),
+            )
+        }));
+    }
+    let mut ok = 0;
+    let mut overflow = 0;
+    for t in tasks {
+        let (status, flag, took) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(flag.as_deref(), Some("UO"));
+                // The upstream takes 2 s; an overflow does not wait for a slot.
+                assert!(
+                    took < std::time::Duration::from_secs(1),
+                    "overflow took {took:?}"
+                );
+                overflow += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!((ok, overflow), (2, 8));
+    let m = proxy.metrics().await;
+    assert!(m.contains(r#"wasmesh_requests_total{destination_service="reviews",response_code="503",response_flags="UO"} 8"#), "{m}");
+}

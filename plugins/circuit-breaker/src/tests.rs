@@ -1,0 +1,148 @@
+use super::*;
+use wasmesh_plugin_sdk::Endpoint;
+use wasmesh_plugin_sdk::testing::{Harness, TestRequest, TestResponse, attempt, with_host};
+
+fn setup(endpoints: &[&str]) {
+    with_host(|h| {
+        h.ejections.clear();
+        h.state.clear();
+        h.counters.clear();
+        h.endpoints.insert(
+            String::new(),
+            endpoints
+                .iter()
+                .map(|a| Endpoint {
+                    subset: "v1".into(),
+                    address: a.to_string(),
+                    ejected: false,
+                })
+                .collect(),
+        );
+    });
+}
+
+fn outcome(h: &Harness<CircuitBreaker>, ep: &str, o: Outcome) {
+    let req = TestRequest::get("/");
+    h.on_response(
+        &req,
+        &TestResponse::status(o.status().unwrap_or(0)),
+        &attempt(1, o, ep),
+    )
+    .unwrap();
+}
+
+fn ejected(ep: &str) -> bool {
+    with_host(|h| h.endpoints[""].iter().any(|e| e.address == ep && e.ejected))
+}
+
+#[test]
+fn consecutive_errors_eject_for_base_time_times_ejections() {
+    setup(&["a", "b", "c"]);
+    let h = Harness::<CircuitBreaker>::new(
+        r#"{"outlierDetection":{"consecutive5xxErrors":3,"baseEjectionTime":"1s","maxEjectionPercent":100}}"#,
+    )
+    .unwrap();
+    outcome(&h, "a", Outcome::Response(500));
+    outcome(&h, "a", Outcome::Response(500));
+    outcome(&h, "a", Outcome::Response(200)); // a success resets the run
+    outcome(&h, "a", Outcome::Response(500));
+    outcome(&h, "a", Outcome::Response(500));
+    assert!(!ejected("a"));
+    outcome(&h, "a", Outcome::ConnectFailure);
+    assert!(ejected("a"));
+    assert_eq!(
+        with_host(|h| h.ejections.last().cloned()).unwrap().1 - with_host(|h| h.clock_ms),
+        1000
+    );
+    with_host(|h| h.advance(1001));
+    assert!(!ejected("a"), "back after the ejection time");
+    for _ in 0..3 {
+        outcome(&h, "a", Outcome::Response(503));
+    }
+    let until = with_host(|h| h.ejections.last().cloned()).unwrap().1 - with_host(|h| h.clock_ms);
+    assert_eq!(until, 2000, "the second ejection lasts twice as long");
+}
+
+#[test]
+fn max_ejection_percent_is_honoured_but_one_may_always_go() {
+    setup(&["a", "b", "c"]);
+    let h = Harness::<CircuitBreaker>::new(
+        r#"{"outlierDetection":{"consecutive5xxErrors":1,"maxEjectionPercent":34}}"#,
+    )
+    .unwrap();
+    outcome(&h, "a", Outcome::Response(500));
+    outcome(&h, "b", Outcome::Response(500));
+    assert!(ejected("a"));
+    assert!(!ejected("b"), "34% of 3 allows one ejection");
+    setup(&["a", "b", "c"]);
+    let h = Harness::<CircuitBreaker>::new(
+        r#"{"outlierDetection":{"consecutive5xxErrors":1,"maxEjectionPercent":10}}"#,
+    )
+    .unwrap();
+    outcome(&h, "a", Outcome::Response(500));
+    assert!(ejected("a"), "at least one endpoint may be ejected");
+}
+
+#[test]
+fn gateway_errors_count_only_gateway_failures() {
+    setup(&["a", "b"]);
+    let h = Harness::<CircuitBreaker>::new(
+        r#"{"outlierDetection":{"consecutive5xxErrors":100,"consecutiveGatewayErrors":2,"maxEjectionPercent":100}}"#,
+    )
+    .unwrap();
+    outcome(&h, "a", Outcome::Response(500));
+    outcome(&h, "a", Outcome::Response(500));
+    assert!(!ejected("a"), "500 is not a gateway error");
+    outcome(&h, "a", Outcome::Response(502));
+    outcome(&h, "a", Outcome::Timeout);
+    assert!(ejected("a"));
+}
+
+#[test]
+fn in_flight_limit_overflows_fast_and_releases_on_complete() {
+    setup(&["a"]);
+    let h = Harness::<CircuitBreaker>::new(
+        r#"{"connectionPool":{"http":{"http1MaxPendingRequests":2}}}"#,
+    )
+    .unwrap();
+    let req = TestRequest::get("/");
+    assert!(h.on_request(&req).unwrap().reply.is_none());
+    assert!(h.on_request(&req).unwrap().reply.is_none());
+    let r = h.on_request(&req).unwrap().reply.unwrap();
+    assert_eq!(r.status, 503);
+    assert!(
+        r.headers
+            .iter()
+            .any(|x| x.name == "x-wasmesh-flags" && x.value == "UO")
+    );
+    let done = Completion {
+        status: Some(200),
+        attempts: 1,
+        duration_us: 1,
+    };
+    for _ in 0..3 {
+        h.on_complete(&req, &done);
+    }
+    assert!(h.on_request(&req).unwrap().reply.is_none(), "released");
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let e = |c: &str| Harness::<CircuitBreaker>::new(c).err().unwrap();
+    assert!(
+        e(r#"{"outlierDetection":{"maxEjectionPercent":150}}"#)
+            .contains("config.outlierDetection.maxEjectionPercent")
+    );
+    assert!(
+        e(r#"{"outlierDetection":{"baseEjectionTime":"long"}}"#)
+            .contains("config.outlierDetection.baseEjectionTime")
+    );
+    assert!(
+        e(r#"{"connectionPool":{"http":{"http2MaxRequests":0}}}"#)
+            .contains("config.connectionPool.http")
+    );
+    assert!(
+        e(r#"{"outlierDetection":{"consecutiveErrors":5}}"#)
+            .contains("unknown field `consecutiveErrors`")
+    );
+}
