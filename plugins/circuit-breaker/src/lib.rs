@@ -197,11 +197,7 @@ impl CircuitBreaker {
         // maxEjectionPercent, rounded down, but one endpoint may always go
         // (as in Envoy): 3 endpoints at 10% → 1 may be ejected; at 34% → 1; at 67% → 2.
         let within_max = ejected == 0 || (ejected + 1) * 100 <= total * self.max_ejection_percent;
-        let healthy_pct = if total == 0 {
-            0
-        } else {
-            (total - ejected) * 100 / total
-        };
+        let healthy_pct = ((total - ejected) * 100).checked_div(total).unwrap_or(0);
         if !within_max || healthy_pct < self.min_health_percent {
             host::metric_add("ejection_skipped", 1);
             return Ok(());
