@@ -15,6 +15,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("fault-injection", "FAULT_INJECTION", true),
     ("retry", "RETRY", true),
     ("circuit-breaker", "CIRCUIT_BREAKER", true),
+    ("authz", "AUTHZ", true),
     ("fixture-looper", "LOOPER", false),
     ("fixture-membomb", "MEMBOMB", false),
     ("fixture-trapper", "TRAPPER", false),

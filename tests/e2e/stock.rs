@@ -492,3 +492,100 @@ async fn pending_request_overflow_is_answered_at_once() {
     let m = proxy.metrics().await;
     assert!(m.contains(r#"wasmesh_requests_total{destination_service="reviews",response_code="503",response_flags="UO"} 8"#), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authz_on_the_inbound_side_allows_denies_and_dry_runs_as_istio() {
+    let up = Upstream::echo("local").await;
+    let inbound = free_port();
+    let proxy = Proxy::start(&format!(
+        r#"inbound: 127.0.0.1:{inbound}
+local-service: reviews
+services:
+  reviews:
+    endpoints: {{ v1: ["{}"] }}
+    inbound-plugins:
+      - source: builtin:authz
+        config:
+          policies:
+            - name: deny-admin
+              action: DENY
+              rules: [{{ to: [{{ operation: {{ paths: ["/admin*"] }} }}] }}]
+            - name: would-deny-debug
+              action: DENY
+              dryRun: true
+              rules: [{{ to: [{{ operation: {{ paths: ["/debug"] }} }}] }}]
+            - name: allow-app
+              action: ALLOW
+              rules:
+                - to: [{{ operation: {{ methods: ["GET"], paths: ["/app/*", "/debug"] }} }}]
+                - when: [{{ key: "request.headers[x-token]", values: ["let-me-in"] }}]
+                - from: [{{ source: {{ ipBlocks: ["127.0.0.0/8"] }} }}]
+                  to: [{{ operation: {{ paths: ["/local-only"] }} }}]
+"#,
+        up.addr
+    ))
+    .await;
+    let call = |method: &'static str, path: &'static str, token: Option<&'static str>| async move {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{inbound}{path}"))
+            .header("host", "reviews");
+        if let Some(t) = token {
+            req = req.header("x-token", t);
+        }
+        send(http1(), req.body(http_body_util::Full::default()).unwrap())
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        call("GET", "/app/page", None).await.status,
+        200,
+        "path + method"
+    );
+    assert_eq!(
+        call("POST", "/app/page", None).await.status,
+        403,
+        "method not allowed"
+    );
+    assert_eq!(
+        call("POST", "/other", Some("let-me-in")).await.status,
+        200,
+        "header condition"
+    );
+    assert_eq!(
+        call("GET", "/local-only", None).await.status,
+        200,
+        "ipBlocks"
+    );
+    let r = call("GET", "/other", None).await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (403, Some("LR")));
+    assert_eq!(String::from_utf8_lossy(&r.body), "RBAC: access denied\n");
+    assert_eq!(
+        call("GET", "/admin/x", Some("let-me-in")).await.status,
+        403,
+        "DENY before ALLOW"
+    );
+    assert_eq!(
+        call("GET", "/debug", None).await.status,
+        200,
+        "dry run lets it through"
+    );
+
+    let log = proxy.log_text();
+    assert!(log.contains("denied GET /admin/x from 127.0.0.1"), "{log}");
+    assert!(
+        log.contains("by DENY deny-admin rules[0]"),
+        "the matching rule is named: {log}"
+    );
+    assert!(
+        log.contains("would deny GET /debug from 127.0.0.1:")
+            && log.contains("by would-deny-debug rules[0]"),
+        "{log}"
+    );
+    let m = proxy.metrics().await;
+    assert!(
+        m.contains(r#"plugin="authz",name="dry_run_denied"} 1"#),
+        "{m}"
+    );
+    assert!(m.contains(r#"plugin="authz",name="denied"} 3"#), "{m}");
+}

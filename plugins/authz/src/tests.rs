@@ -1,0 +1,150 @@
+use super::*;
+use wasmesh_plugin_sdk::Peer;
+use wasmesh_plugin_sdk::testing::{Harness, TestRequest, with_host};
+
+fn authz(config: &str) -> Harness<Authz> {
+    Harness::new(config).unwrap_or_else(|e| panic!("refused: {e}"))
+}
+
+fn allowed(h: &Harness<Authz>, req: &TestRequest) -> bool {
+    h.on_request(req).unwrap().reply.is_none()
+}
+
+fn from(principal: Option<&str>, address: &str) -> Peer {
+    Peer {
+        principal: principal.map(str::to_string),
+        namespace: principal
+            .and_then(|p| p.split("/ns/").nth(1))
+            .and_then(|r| r.split('/').next())
+            .map(str::to_string),
+        address: address.into(),
+    }
+}
+
+#[test]
+fn allow_matches_paths_methods_headers_and_ip_blocks() {
+    let h = authz(
+        r#"{"action":"ALLOW","rules":[
+            {"to":[{"operation":{"methods":["GET"],"paths":["/public/*","/health"]}}]},
+            {"from":[{"source":{"ipBlocks":["10.1.0.0/16"]}}]},
+            {"when":[{"key":"request.headers[x-token]","values":["secret"]}]}
+        ]}"#,
+    );
+    assert!(allowed(&h, &TestRequest::get("/public/a?x=1")));
+    assert!(allowed(&h, &TestRequest::get("/health")));
+    assert!(!allowed(&h, &TestRequest::get("/public/a").method("POST")));
+    assert!(!allowed(&h, &TestRequest::get("/private")));
+    assert!(allowed(
+        &h,
+        &TestRequest::get("/private").source(from(None, "10.1.2.3:5000"))
+    ));
+    assert!(allowed(
+        &h,
+        &TestRequest::get("/private").header("x-token", "secret")
+    ));
+    let r = h
+        .on_request(&TestRequest::get("/private"))
+        .unwrap()
+        .reply
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (403, b"RBAC: access denied\n".as_slice())
+    );
+}
+
+#[test]
+fn principals_and_namespaces_come_from_the_verified_identity() {
+    let h = authz(
+        r#"{"rules":[{"from":[{"source":{"principals":["cluster.local/ns/default/sa/productpage"]}},
+                               {"source":{"namespaces":["istio-system"]}}]}]}"#,
+    );
+    let pp = from(
+        Some("spiffe://cluster.local/ns/default/sa/productpage"),
+        "10.0.0.1:1",
+    );
+    let gw = from(
+        Some("spiffe://cluster.local/ns/istio-system/sa/ingress"),
+        "10.0.0.2:1",
+    );
+    let other = from(
+        Some("spiffe://cluster.local/ns/default/sa/reviews"),
+        "10.0.0.3:1",
+    );
+    assert!(allowed(&h, &TestRequest::get("/").source(pp)));
+    assert!(allowed(&h, &TestRequest::get("/").source(gw)));
+    assert!(!allowed(&h, &TestRequest::get("/").source(other)));
+    assert!(
+        !allowed(&h, &TestRequest::get("/")),
+        "no identity, no match"
+    );
+}
+
+#[test]
+fn deny_wins_over_allow_and_an_unmatched_allow_denies() {
+    let h = authz(
+        r#"{"policies":[
+            {"action":"DENY","rules":[{"to":[{"operation":{"paths":["/admin*"]}}]}]},
+            {"action":"ALLOW","rules":[{"to":[{"operation":{"paths":["/admin/ok","/app*"]}}]}]}
+        ]}"#,
+    );
+    assert!(
+        !allowed(&h, &TestRequest::get("/admin/ok")),
+        "DENY is evaluated first"
+    );
+    assert!(allowed(&h, &TestRequest::get("/app/x")));
+    assert!(
+        !allowed(&h, &TestRequest::get("/other")),
+        "an ALLOW policy matching nothing denies"
+    );
+    // Only DENY policies: everything else is allowed.
+    let h = authz(r#"{"action":"DENY","rules":[{"to":[{"operation":{"notMethods":["GET"]}}]}]}"#);
+    assert!(allowed(&h, &TestRequest::get("/x")));
+    assert!(!allowed(&h, &TestRequest::get("/x").method("DELETE")));
+    // An ALLOW policy without rules allows nothing.
+    assert!(!allowed(
+        &authz(r#"{"action":"ALLOW"}"#),
+        &TestRequest::get("/")
+    ));
+}
+
+#[test]
+fn dry_run_logs_and_counts_but_lets_traffic_through() {
+    let h = authz(
+        r#"{"action":"DENY","dryRun":true,"rules":[{"to":[{"operation":{"paths":["/blocked"]}}]}]}"#,
+    );
+    with_host(|h| h.metrics.clear());
+    assert!(allowed(&h, &TestRequest::get("/blocked")));
+    assert!(allowed(&h, &TestRequest::get("/fine")));
+    assert_eq!(
+        with_host(|h| h.metrics.get("dry_run_denied").copied()),
+        Some(1)
+    );
+    assert!(with_host(|h| h
+        .logs
+        .iter()
+        .any(|(_, l)| l.contains("would deny GET /blocked"))));
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let e = |c: &str| Harness::<Authz>::new(c).err().unwrap();
+    assert!(e(r#"{"action":"MAYBE"}"#).contains("config.action"));
+    assert!(e(r#"{"action":"CUSTOM"}"#).contains("not supported"));
+    assert!(
+        e(r#"{"rules":[{"from":[{"source":{"ipBlocks":["10.0.0.0/99"]}}]}]}"#)
+            .contains("config.rules[0].from[0].source.ipBlocks[0]")
+    );
+    assert!(
+        e(r#"{"rules":[{"when":[{"key":"request.auth.claims[iss]","values":["x"]}]}]}"#)
+            .contains("config.rules[0].when[0].key")
+    );
+    assert!(
+        e(r#"{"policies":[{"rules":[{"to":[{"operation":{"ports":["http"]}}]}]}]}"#)
+            .contains("config.policies[0].rules[0].to[0].operation.ports[0]")
+    );
+    assert!(
+        e(r#"{"rules":[{"to":[{"operation":{"verbs":["GET"]}}]}]}"#)
+            .contains("unknown field `verbs`")
+    );
+}
