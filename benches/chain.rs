@@ -1,7 +1,7 @@
-//! In-process cost of the plugin boundary: one hook call, and a 5-plugin
-//! chain shaped like the stock chain (router, retry, circuit breaker, fault
+//! In-process cost of the plugin boundary: one hook call, and the 5 stock
+//! plugins as one chain (router 90/10, retry, circuit breaker, fault
 //! injection at 0%, authz allow; each implementing only the hooks it needs:
-//! 5 × on-request, 2 × on-response, 1 × on-complete = 8 guest calls per
+//! 5 × on-request, 2 × on-response, 2 × on-complete = 9 guest calls per
 //! request) — as wasm components under the real runtime (deadlines and memory
 //! caps on, pooled instances), beside the same plugin code compiled natively
 //! and called through the SDK's native path, in the same run.
@@ -28,28 +28,30 @@ use wasmesh_proxy::state::StateStore;
 const CONFIGS: [(&str, &str, &str); 5] = [
     (
         "router",
-        wasmesh_artifacts::BENCH_ROUTER,
-        r#"{"user":"jason","weight_v2":10}"#,
+        wasmesh_artifacts::ROUTER,
+        r#"{"http":[{"match":[{"headers":{"end-user":{"exact":"jason"}}}],"route":[{"destination":{"subset":"v2"}}]},
+                   {"route":[{"destination":{"subset":"v1"},"weight":90},{"destination":{"subset":"v2"},"weight":10}]}]}"#,
     ),
     (
         "retry",
-        wasmesh_artifacts::BENCH_RETRY,
-        r#"{"attempts":3,"per_try_ms":1000}"#,
+        wasmesh_artifacts::RETRY,
+        r#"{"attempts":3,"perTryTimeout":"1s","retryOn":"5xx"}"#,
     ),
     (
-        "breaker",
-        wasmesh_artifacts::BENCH_BREAKER,
-        r#"{"max_pending":1000000,"consecutive_5xx":5,"ejection_ms":30000}"#,
+        "circuit-breaker",
+        wasmesh_artifacts::CIRCUIT_BREAKER,
+        r#"{"outlierDetection":{"consecutive5xxErrors":5,"baseEjectionTime":"30s"},
+            "connectionPool":{"http":{"http1MaxPendingRequests":1000000}}}"#,
     ),
     (
-        "fault",
-        wasmesh_artifacts::BENCH_FAULT,
-        r#"{"abort_percent":0,"status":503}"#,
+        "fault-injection",
+        wasmesh_artifacts::FAULT_INJECTION,
+        r#"{"abort":{"httpStatus":503,"percentage":{"value":0}}}"#,
     ),
     (
         "authz",
-        wasmesh_artifacts::BENCH_AUTHZ,
-        r#"{"methods":["GET","POST"],"paths":["/api","/reviews"]}"#,
+        wasmesh_artifacts::AUTHZ,
+        r#"{"action":"ALLOW","rules":[{"to":[{"operation":{"methods":["GET","POST"],"paths":["/reviews/*","/api/*"]}}]}]}"#,
     ),
 ];
 
@@ -159,11 +161,11 @@ fn run_wasm(
 }
 
 struct NativeChain {
-    router: Harness<bench_router::Router>,
-    retry: Harness<bench_retry::Retry>,
-    breaker: Harness<bench_breaker::Breaker>,
-    fault: Harness<bench_fault::Fault>,
-    authz: Harness<bench_authz::Authz>,
+    router: Harness<router::Router>,
+    retry: Harness<retry::Retry>,
+    breaker: Harness<circuit_breaker::CircuitBreaker>,
+    fault: Harness<fault_injection::FaultInjection>,
+    authz: Harness<authz::Authz>,
 }
 
 fn native_chain() -> NativeChain {
@@ -200,6 +202,7 @@ fn run_native(c: &NativeChain, req: &TestRequest, resp: &TestResponse) {
         duration_us: 900,
     };
     c.breaker.on_complete(req, &done);
+    c.retry.on_complete(req, &done);
 }
 
 fn percentiles(name: &str, mut f: impl FnMut()) -> Duration {
@@ -241,7 +244,7 @@ fn main() {
     c.bench_function("boundary/one-call (fault on-request)", |b| {
         b.iter(|| black_box(fault.on_request(&mut req).unwrap()))
     });
-    c.bench_function("chain/wasm (8 guest calls)", |b| {
+    c.bench_function("chain/wasm (9 guest calls)", |b| {
         b.iter(|| run_wasm(&chain, &mut req, &mut resp))
     });
     c.bench_function("chain/native", |b| {
@@ -316,7 +319,7 @@ fn main() {
         wasmesh_proxy::runtime::EPOCH_TICK
     );
     println!(
-        "\nRESULT chain_added_p50={:.3?} (budget 2µs) guest_calls_per_request=8",
+        "\nRESULT chain_added_p50={:.3?} (budget 2µs) guest_calls_per_request=9",
         wasm.saturating_sub(nat)
     );
 }

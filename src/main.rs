@@ -60,6 +60,15 @@ enum PluginCommand {
         /// The crate's directory (default: the current one).
         dir: Option<PathBuf>,
     },
+    /// Write a stock plugin shipped in this binary (`builtin:NAME`) to a file;
+    /// prints `PATH SHA256`.
+    Export {
+        /// The builtin's name, e.g. `router`.
+        name: String,
+        /// Where to write it.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -85,6 +94,7 @@ fn main() -> ExitCode {
         Command::Plugin { command } => match command {
             PluginCommand::New { name } => plugin_cmd::new(&name),
             PluginCommand::Build { dir } => plugin_cmd::build(dir.as_deref()),
+            PluginCommand::Export { name, output } => plugin_cmd::export(&name, &output),
         },
     }
 }

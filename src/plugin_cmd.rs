@@ -273,3 +273,30 @@ fn cargo_build(manifest: &Path) -> anyhow::Result<PathBuf> {
         )
     })
 }
+
+/// `wasmesh plugin export NAME -o FILE`.
+pub fn export(name: &str, output: &Path) -> ExitCode {
+    let name = name.strip_prefix("builtin:").unwrap_or(name);
+    let Some((_, bytes)) = wasmesh_artifacts::BUILTINS.iter().find(|(n, _)| *n == name) else {
+        let known: Vec<&str> = wasmesh_artifacts::BUILTINS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        return fail(
+            2,
+            anyhow::anyhow!(
+                "no builtin plugin named {name:?}; known: {}",
+                known.join(", ")
+            ),
+        );
+    };
+    if let Err(e) = std::fs::write(output, bytes) {
+        return fail(1, anyhow::anyhow!("cannot write {}: {e}", output.display()));
+    }
+    println!(
+        "{} {}",
+        output.display(),
+        wasmesh_proxy::runtime::Runtime::sha256(bytes)
+    );
+    ExitCode::SUCCESS
+}

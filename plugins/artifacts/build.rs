@@ -22,11 +22,6 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("fixture-rejecter", "REJECTER", false),
     ("fixture-stdlib", "STDLIB", false),
     ("fixture-wrongversion", "WRONG_VERSION", false),
-    ("bench-router", "BENCH_ROUTER", false),
-    ("bench-retry", "BENCH_RETRY", false),
-    ("bench-breaker", "BENCH_BREAKER", false),
-    ("bench-fault", "BENCH_FAULT", false),
-    ("bench-authz", "BENCH_AUTHZ", false),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

@@ -186,3 +186,36 @@ fn plugin_new_then_test_then_build_works_outside_the_repository() {
         "an existing directory is refused"
     );
 }
+
+#[test]
+fn plugin_export_writes_a_builtin_the_proxy_loads_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(WASMESH)
+        .args(["plugin", "export", "router", "-o"])
+        .arg(dir.path().join("router.wasm"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).unwrap();
+    let (path, sha) = line.trim().split_once(' ').unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(sha, wasmesh_proxy::runtime::Runtime::sha256(&bytes));
+    assert_eq!(bytes, std::fs::read(wasmesh_artifacts::ROUTER).unwrap());
+    // The file, pinned by its sha256, is what `source: builtin:router` is.
+    let (out, _d) = proxy_with(&format!(
+        "services:\n  reviews:\n    plugins:\n      - source: {path:?}\n        sha256: \"{sha}\"\n        config: {{ http: [{{ bogus: 1 }}] }}\n"
+    ));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `bogus`"));
+
+    let out = Command::new(WASMESH)
+        .args(["plugin", "export", "nope", "-o", "/dev/null"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("known: add-header, deny-path, router"));
+}

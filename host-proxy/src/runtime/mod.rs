@@ -10,13 +10,12 @@
 //!
 //! Measured on the 2-core dev VM with `cargo bench --bench chain` (release,
 //! deadlines and memory caps on, pooled instances): one hook call that reads
-//! nothing ≈ 1.1 µs median; a 5-plugin chain shaped like the stock chain
-//! (8 guest calls, a few host calls) ≈ 16–21 µs against ≈ 0.8 µs for the same
-//! logic compiled natively; a runaway loop under the 10 ms deadline is cut
-//! after ≈ 11 ms (p50, max ≈ 15 ms over 50 loops). Most of a call's cost is
-//! wasmtime's component-call path (lowering and lifting, handle tables,
-//! post-return), spread thin; compilation happens only while a snapshot is
-//! built, never on a request path.
+//! nothing ≈ 1.1–1.4 µs median; the 5 stock plugins as one chain (9 guest
+//! calls, a few host calls each) ≈ 26–31 µs against ≈ 0.8–1.5 µs for the same
+//! plugin code compiled natively; a runaway loop under the 10 ms deadline is
+//! cut after ≈ 11 ms (p50). Most of a call's cost is wasmtime's component-call
+//! path (lowering and lifting, handle tables, post-return), spread thin;
+//! compilation happens only while a snapshot is built, never on a request path.
 
 mod bindings;
 pub(crate) mod host;
