@@ -123,6 +123,18 @@ fn req_data() -> ReqData {
     }
 }
 
+/// A first attempt answered 200 by the upstream.
+fn ok_attempt() -> wit::Attempt {
+    wit::Attempt {
+        number: 1,
+        outcome: wit::Outcome::Response(200),
+        service: "reviews".into(),
+        subset: Some("v1".into()),
+        endpoint: Some("127.0.0.1:9081".into()),
+        duration_us: 800,
+    }
+}
+
 /// One request through the wasm chain: on-request in order, on-response in
 /// reverse for an upstream 200, on-complete.
 fn run_wasm(
@@ -135,14 +147,7 @@ fn run_wasm(
             black_box(p.on_request(req).unwrap());
         }
     }
-    let a = wit::Attempt {
-        number: 1,
-        outcome: wit::Outcome::Response(200),
-        service: "reviews".into(),
-        subset: Some("v1".into()),
-        endpoint: Some("127.0.0.1:9081".into()),
-        duration_us: 800,
-    };
+    let a = ok_attempt();
     for p in chain.iter().rev() {
         if p.hooks.on_response {
             black_box(p.on_response(req, resp, &a).unwrap());
@@ -256,14 +261,7 @@ fn main() {
     percentiles("boundary/one-call", || {
         black_box(fault.on_request(&mut req).unwrap());
     });
-    let a = wit::Attempt {
-        number: 1,
-        outcome: wit::Outcome::Response(200),
-        service: "reviews".into(),
-        subset: Some("v1".into()),
-        endpoint: Some("127.0.0.1:9081".into()),
-        duration_us: 800,
-    };
+    let a = ok_attempt();
     for p in &chain {
         if p.hooks.on_request {
             percentiles(&format!("{}/on-request", p.name), || {
