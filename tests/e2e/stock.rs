@@ -589,3 +589,46 @@ services:
     );
     assert!(m.contains(r#"plugin="authz",name="denied"} 3"#), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn breaker_state_and_ejections_survive_a_plugin_upgrade() {
+    let (a, bad) = (answering("a", 200).await, answering("bad", 500).await);
+    let config = |ms: u32| {
+        breaker_mesh(
+            &[&a, &bad],
+            &format!(
+                "{{ outlierDetection: {{ consecutive5xxErrors: 4, baseEjectionTime: {ms}ms, maxEjectionPercent: 100 }} }}"
+            ),
+        )
+    };
+    let proxy = Proxy::start_with(&config(60_000), &["--watch"]).await;
+    let failures = |n: usize| {
+        let proxy = &proxy;
+        async move {
+            let mut f = 0;
+            for _ in 0..n {
+                if via(proxy, "reviews", "/").await.status != 200 {
+                    f += 1;
+                }
+            }
+            f
+        }
+    };
+    assert_eq!(
+        failures(4).await,
+        2,
+        "two of four consecutive errors counted"
+    );
+    // Upgrade the plugin (new config → new plugin instances, same scope).
+    proxy.rewrite(&config(61_000));
+    proxy.wait_version(2).await;
+    assert_eq!(
+        failures(20).await,
+        2,
+        "the count went on from 2: two more errors ejected it"
+    );
+    // The ejection survives another swap.
+    proxy.rewrite(&config(62_000));
+    proxy.wait_version(3).await;
+    assert_eq!(failures(20).await, 0, "still ejected after the swap");
+}
