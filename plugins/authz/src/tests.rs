@@ -148,3 +148,46 @@ fn bad_configs_name_the_field() {
             .contains("unknown field `verbs`")
     );
 }
+
+#[test]
+fn hosts_ports_and_their_negations() {
+    let h = authz(
+        r#"{"rules":[{"to":[{"operation":{"hosts":["*.example.com"],"notHosts":["admin.example.com"],"ports":["8080"]}}]}]}"#,
+    );
+    let req = |authority: &str, port: u16| {
+        let mut r = TestRequest::get("/");
+        r.authority = authority.into();
+        r.port = port;
+        r
+    };
+    assert!(
+        allowed(&h, &req("WWW.Example.com:8080", 8080)),
+        "hosts are case-insensitive, port ignored in the host"
+    );
+    assert!(!allowed(&h, &req("admin.example.com", 8080)));
+    assert!(!allowed(&h, &req("www.example.com", 9090)));
+    assert!(!allowed(&h, &req("example.org", 8080)));
+    let h = authz(r#"{"action":"DENY","rules":[{"to":[{"operation":{"notPorts":["8080"]}}]}]}"#);
+    assert!(allowed(&h, &req("x", 8080)));
+    assert!(!allowed(&h, &req("x", 9090)));
+}
+
+#[test]
+fn when_conditions_on_source_ip_and_port() {
+    let h = authz(
+        r#"{"rules":[{"when":[{"key":"source.ip","values":["10.0.0.0/8"],"notValues":["10.9.0.0/16"]},
+                              {"key":"destination.port","values":["80"]}]}]}"#,
+    );
+    assert!(allowed(
+        &h,
+        &TestRequest::get("/").source(from(None, "10.1.1.1:1"))
+    ));
+    assert!(!allowed(
+        &h,
+        &TestRequest::get("/").source(from(None, "10.9.1.1:1"))
+    ));
+    assert!(!allowed(
+        &h,
+        &TestRequest::get("/").source(from(None, "192.168.1.1:1"))
+    ));
+}

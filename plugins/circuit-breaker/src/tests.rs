@@ -146,3 +146,21 @@ fn bad_configs_name_the_field() {
             .contains("unknown field `consecutiveErrors`")
     );
 }
+
+#[test]
+fn min_health_percent_stops_ejections_when_too_few_are_healthy() {
+    setup(&["a", "b", "c", "d"]);
+    let h = Harness::<CircuitBreaker>::new(
+        r#"{"outlierDetection":{"consecutive5xxErrors":1,"maxEjectionPercent":100,"minHealthPercent":60}}"#,
+    )
+    .unwrap();
+    outcome(&h, "a", Outcome::Response(500));
+    assert!(ejected("a"), "4 of 4 healthy: 100% ≥ 60%");
+    outcome(&h, "b", Outcome::Response(500));
+    assert!(ejected("b"), "3 of 4 healthy: 75% ≥ 60%");
+    outcome(&h, "c", Outcome::Response(500));
+    assert!(
+        !ejected("c"),
+        "2 of 4 healthy: 50% < 60%, outlier detection pauses"
+    );
+}

@@ -198,3 +198,34 @@ fn bad_configs_are_refused_naming_the_field() {
     let e = refused(r#"{"http":[{"redirect":{"redirectCode":200}}]}"#);
     assert!(e.contains("redirectCode"), "{e}");
 }
+
+#[test]
+fn scheme_authority_and_port_match_and_redirect_keeps_what_it_leaves_out() {
+    let h = router(
+        r#"{"http":[
+            {"match":[{"authority":{"prefix":"api."},"port":8080,"scheme":{"exact":"http"}}],"route":[{"destination":{"subset":"api"}}]},
+            {"match":[{"uri":{"prefix":"/go"}}],"redirect":{"authority":"new.example","scheme":"https"}},
+            {"route":[{"destination":{"subset":"rest"}}]}
+        ]}"#,
+    );
+    let mut r = TestRequest::get("/x");
+    r.authority = "api.example".into();
+    r.port = 8080;
+    assert_eq!(subset(&h.on_request(&r).unwrap()), Some("api"));
+    r.port = 80;
+    assert_eq!(
+        subset(&h.on_request(&r).unwrap()),
+        Some("rest"),
+        "port must match too"
+    );
+    let reply = h
+        .on_request(&TestRequest::get("/go/there?q=1"))
+        .unwrap()
+        .reply
+        .unwrap();
+    assert_eq!(reply.status, 301, "Istio's default redirect code");
+    assert_eq!(
+        reply.headers,
+        vec![Header::new("location", "https://new.example/go/there?q=1")]
+    );
+}
