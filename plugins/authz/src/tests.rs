@@ -191,3 +191,39 @@ fn when_conditions_on_source_ip_and_port() {
         &TestRequest::get("/").source(from(None, "192.168.1.1:1"))
     ));
 }
+
+#[test]
+fn audit_logs_only_and_negated_principals_and_principal_conditions() {
+    let h = authz(
+        r#"{"policies":[
+            {"action":"AUDIT","rules":[{"to":[{"operation":{"paths":["/audited"]}}]}]},
+            {"action":"ALLOW","rules":[
+                {"from":[{"source":{"notPrincipals":["cluster.local/ns/default/sa/evil"],"notNamespaces":["quarantine"]}}]},
+                {"when":[{"key":"source.principal","values":["cluster.local/ns/ops/sa/admin"]}]}
+            ]}
+        ]}"#,
+    );
+    with_host(|h| h.metrics.clear());
+    let good = from(
+        Some("spiffe://cluster.local/ns/default/sa/good"),
+        "10.0.0.1:1",
+    );
+    let evil = from(
+        Some("spiffe://cluster.local/ns/default/sa/evil"),
+        "10.0.0.1:1",
+    );
+    let quarantined = from(
+        Some("spiffe://cluster.local/ns/quarantine/sa/x"),
+        "10.0.0.1:1",
+    );
+    assert!(allowed(&h, &TestRequest::get("/audited").source(good)));
+    assert_eq!(
+        with_host(|h| h.metrics.get("audit").copied()),
+        Some(1),
+        "AUDIT only counts"
+    );
+    assert!(!allowed(&h, &TestRequest::get("/").source(evil)));
+    assert!(!allowed(&h, &TestRequest::get("/").source(quarantined)));
+    // No identity: notPrincipals holds (nothing to exclude), as in Istio.
+    assert!(allowed(&h, &TestRequest::get("/")));
+}
