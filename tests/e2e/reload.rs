@@ -83,6 +83,10 @@ async fn swapping_a_plugin_under_load_fails_no_request() {
         versions.extend(v);
     }
     let rps = ok as f64 / elapsed.as_secs_f64();
+    println!(
+        "swap under load: {ok} requests in {elapsed:?} ({rps:.0}/s), {swaps} swaps, {} failed",
+        failed.len()
+    );
     assert!(elapsed >= Duration::from_secs(5), "{elapsed:?}");
     assert!(rps >= 200.0, "only {rps:.0} requests/s");
     assert!(
