@@ -10,10 +10,10 @@
 //!
 //! Measured on the 2-core dev VM with `cargo bench --bench chain` (release,
 //! deadlines and memory caps on, pooled instances): one hook call that reads
-//! nothing ≈ 1.1–1.4 µs median; the 5 stock plugins as one chain (9 guest
-//! calls, a few host calls each) ≈ 26–31 µs against ≈ 0.8–1.5 µs for the same
-//! plugin code compiled natively; a runaway loop under the 10 ms deadline is
-//! cut after ≈ 11 ms (p50). Most of a call's cost is wasmtime's component-call
+//! nothing ≈ 1.0 µs median; the 5 stock plugins as one chain (9 guest calls,
+//! a few host calls each) ≈ 15 µs (criterion median) against ≈ 0.9–1.2 µs for
+//! the same plugin code compiled natively; a runaway loop under the 10 ms
+//! deadline is cut after ≈ 10.9 ms (p50). Most of a call's cost is wasmtime's component-call
 //! path (lowering and lifting, handle tables, post-return), spread thin;
 //! compilation happens only while a snapshot is built, never on a request path.
 
