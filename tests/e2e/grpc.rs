@@ -126,11 +126,7 @@ async fn a_grpc_call_passes_through_with_its_status() {
     let err = say_hello(channel, "nobody").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert_eq!(err.message(), "no such person: nobody");
-    let m = proxy.metrics().await;
-    assert!(
-        m.contains(r#"wasmesh_requests_total{destination_service="greeter",response_code="200",response_flags="-"} 2"#),
-        "{m}"
-    );
+    proxy.metrics_containing(r#"wasmesh_requests_total{destination_service="greeter",response_code="200",response_flags="-"} 2"#).await;
     server.abort();
 }
 

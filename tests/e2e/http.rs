@@ -65,11 +65,7 @@ async fn add_header_reaches_upstream_and_client_and_deny_path_replies_locally() 
     assert!(String::from_utf8_lossy(&r.body).contains("deny-path"));
     assert_eq!(up.hits(), hits, "the upstream was never called");
 
-    let m = proxy.metrics().await;
-    assert!(
-        m.contains(r#"wasmesh_requests_total{destination_service="reviews",response_code="403",response_flags="LR"} 1"#),
-        "{m}"
-    );
+    proxy.metrics_containing(r#"wasmesh_requests_total{destination_service="reviews",response_code="403",response_flags="LR"} 1"#).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

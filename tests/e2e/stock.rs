@@ -380,8 +380,7 @@ async fn the_circuit_breaker_ejects_a_failing_endpoint_and_lets_it_back() {
     }
     assert!(back, "the endpoint is back after its ejection time");
     // Round robin gave it 3 or 4 of those 10 requests: ejected a second time.
-    let m = proxy.metrics().await;
-    assert!(m.contains(r#"wasmesh_plugin_custom_total{service="reviews",plugin="circuit-breaker",name="ejections"} 2"#), "{m}");
+    proxy.metrics_containing(r#"wasmesh_plugin_custom_total{service="reviews",plugin="circuit-breaker",name="ejections"} 2"#).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -489,8 +488,7 @@ async fn pending_request_overflow_is_answered_at_once() {
         }
     }
     assert_eq!((ok, overflow), (2, 8));
-    let m = proxy.metrics().await;
-    assert!(m.contains(r#"wasmesh_requests_total{destination_service="reviews",response_code="503",response_flags="UO"} 8"#), "{m}");
+    proxy.metrics_containing(r#"wasmesh_requests_total{destination_service="reviews",response_code="503",response_flags="UO"} 8"#).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -582,11 +580,7 @@ services:
             && log.contains("by would-deny-debug rules[0]"),
         "{log}"
     );
-    let m = proxy.metrics().await;
-    assert!(
-        m.contains(r#"plugin="authz",name="dry_run_denied"} 1"#),
-        "{m}"
-    );
+    proxy.metrics_containing(r#"plugin="authz",name="dry_run_denied"} 1"#).await;
     assert!(m.contains(r#"plugin="authz",name="denied"} 3"#), "{m}");
 }
 

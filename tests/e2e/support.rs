@@ -152,6 +152,23 @@ impl Proxy {
         String::from_utf8(r.body.to_vec()).unwrap()
     }
 
+    /// Wait (up to 5 s) until `/metrics` contains `line`, and return the text.
+    /// Request metrics are recorded when the response body ends, which can be
+    /// a moment after the client has read it.
+    pub async fn metrics_containing(&self, line: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = self.metrics().await;
+            if m.contains(line) {
+                return m;
+            }
+            if Instant::now() > deadline {
+                panic!("/metrics never contained {line}:\n{m}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Resident set size of the proxy process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
