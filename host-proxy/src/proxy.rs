@@ -620,6 +620,7 @@ async fn serve(
         source_principal: None,
         service: service.name.clone(),
         id: id.clone(),
+        holds: Default::default(),
     });
 
     let mut guard = Completion {

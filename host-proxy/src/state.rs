@@ -102,6 +102,34 @@ impl Scope {
     }
 }
 
+/// Counter increments a request holds (`counter-hold`): undone when the
+/// request's data is dropped, which is after every `on-complete` hook — or
+/// whenever the request ends, however it ends.
+#[derive(Debug, Default)]
+pub struct Holds(Vec<(Arc<Scope>, Box<str>, i64)>);
+
+impl Holds {
+    /// Add `delta` to `key` in `scope` until the request ends.
+    pub fn hold(&mut self, scope: &Arc<Scope>, key: &str, delta: i64) -> Result<i64, StateError> {
+        let n = scope.counter_add(key, delta)?;
+        self.0.push((scope.clone(), key.into(), delta));
+        Ok(n)
+    }
+
+    /// Undo every held increment now.
+    pub fn release(&mut self) {
+        for (scope, key, delta) in self.0.drain(..) {
+            let _ = scope.counter_add(&key, -delta);
+        }
+    }
+}
+
+impl Drop for Holds {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// All scopes.
 #[derive(Debug, Default)]
 pub struct StateStore {
@@ -141,5 +169,20 @@ mod tests {
         assert_eq!(s.counter_get("c"), -1);
         assert!(s.delete("k"));
         assert!(!s.delete("k"));
+    }
+
+    #[test]
+    fn holds_are_undone_when_dropped() {
+        let s = Arc::new(Scope::default());
+        let mut holds = Holds::default();
+        assert_eq!(holds.hold(&s, "pending", 1), Ok(1));
+        assert_eq!(holds.hold(&s, "pending", 2), Ok(3));
+        s.counter_add("pending", 10).unwrap();
+        drop(holds);
+        assert_eq!(s.counter_get("pending"), 10);
+        let mut holds = Holds::default();
+        assert_eq!(holds.hold(&s, "", 1), Err(StateError::BadKey));
+        holds.release();
+        assert_eq!(s.counter_get("pending"), 10);
     }
 }

@@ -36,6 +36,7 @@ mod imp {
             h::StateError::TooLarge(c) => StateError::TooLarge(c),
             h::StateError::TooManyKeys(c) => StateError::TooManyKeys(c),
             h::StateError::BadKey => StateError::BadKey,
+            h::StateError::NoRequest => StateError::NoRequest,
         }
     }
     pub fn state_get(key: &str) -> Option<StateEntry> {
@@ -55,6 +56,9 @@ mod imp {
     }
     pub fn counter_get(key: &str) -> i64 {
         h::counter_get(key)
+    }
+    pub fn counter_hold(key: &str, delta: i64) -> Result<i64, StateError> {
+        h::counter_hold(key, delta).map_err(state_error)
     }
     pub fn endpoints(service: Option<&str>) -> Vec<Endpoint> {
         h::endpoints(service)
@@ -105,6 +109,9 @@ mod imp {
     }
     pub fn counter_get(key: &str) -> i64 {
         with_host(|h| h.counters.get(key).copied().unwrap_or(0))
+    }
+    pub fn counter_hold(key: &str, delta: i64) -> Result<i64, StateError> {
+        with_host(|h| h.counter_hold(key, delta))
     }
     pub fn endpoints(service: Option<&str>) -> Vec<Endpoint> {
         with_host(|h| h.endpoints_of(service))
@@ -174,6 +181,15 @@ pub mod state {
     /// Read a counter (0 when missing).
     pub fn counter_get(key: &str) -> i64 {
         imp::counter_get(key)
+    }
+
+    /// Add to a counter for the rest of the current request: the host takes
+    /// `delta` back off when the request ends, however it ends (after every
+    /// `on_complete`). Use it for in-flight counts, so that they cannot leak
+    /// and the plugin needs no `on_complete` hook for them. Outside a request
+    /// (in `Plugin::new`) it is refused with [`StateError::NoRequest`].
+    pub fn counter_hold(key: &str, delta: i64) -> Result<i64, StateError> {
+        imp::counter_hold(key, delta)
     }
 }
 

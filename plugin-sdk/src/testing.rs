@@ -40,6 +40,11 @@ pub struct TestHost {
     pub logs: Vec<(Level, String)>,
     /// Custom metrics.
     pub metrics: HashMap<String, u64>,
+    /// The id of the request whose hook is running (set by [`Harness`]).
+    pub current_request: Option<String>,
+    /// Counter holds: (request id, key, delta), undone by
+    /// [`Harness::on_complete`] for that request.
+    pub holds: Vec<(String, String, i64)>,
 }
 
 impl TestHost {
@@ -118,6 +123,26 @@ impl TestHost {
         let c = self.counters.entry(key.to_string()).or_insert(0);
         *c = c.saturating_add(delta);
         Ok(*c)
+    }
+
+    pub(crate) fn counter_hold(&mut self, key: &str, delta: i64) -> Result<i64, StateError> {
+        let Some(id) = self.current_request.clone() else {
+            return Err(StateError::NoRequest);
+        };
+        let n = self.counter_add(key, delta)?;
+        self.holds.push((id, key.to_string(), delta));
+        Ok(n)
+    }
+
+    /// Undo the holds of request `id`, as the proxy does when it ends.
+    pub fn release_holds(&mut self, id: &str) {
+        let (mine, rest) = std::mem::take(&mut self.holds)
+            .into_iter()
+            .partition(|(r, _, _)| r == id);
+        self.holds = rest;
+        for (_, key, delta) in mine {
+            *self.counters.entry(key).or_insert(0) -= delta;
+        }
     }
 
     pub(crate) fn endpoints_of(&self, service: Option<&str>) -> Vec<Endpoint> {
@@ -260,7 +285,7 @@ impl<P: Plugin + Declared> Harness<P> {
         if !P::HOOKS.on_request {
             return Ok(RequestDecision::default());
         }
-        self.plugin.on_request(&Request { inner: req })
+        in_request(req, || self.plugin.on_request(&Request { inner: req }))
     }
 
     /// Call `on_response` with an upstream response for attempt `number`.
@@ -273,16 +298,30 @@ impl<P: Plugin + Declared> Harness<P> {
         if !P::HOOKS.on_response {
             return Ok(ResponseDecision::default());
         }
-        self.plugin
-            .on_response(&Request { inner: req }, &Response { inner: resp }, attempt)
+        in_request(req, || {
+            self.plugin
+                .on_response(&Request { inner: req }, &Response { inner: resp }, attempt)
+        })
     }
 
-    /// Call `on_complete`.
+    /// End the request: call `on_complete` (if declared), then undo the
+    /// request's counter holds, as the proxy does.
     pub fn on_complete(&self, req: &TestRequest, done: &Completion) {
         if P::HOOKS.on_complete {
-            self.plugin.on_complete(&Request { inner: req }, done)
+            in_request(req, || {
+                self.plugin.on_complete(&Request { inner: req }, done)
+            });
         }
+        with_host(|h| h.release_holds(&req.id));
     }
+}
+
+/// Run a hook with `req` as the host's current request.
+fn in_request<R>(req: &TestRequest, f: impl FnOnce() -> R) -> R {
+    with_host(|h| h.current_request = Some(req.id.clone()));
+    let r = f();
+    with_host(|h| h.current_request = None);
+    r
 }
 
 /// An attempt record for tests: attempt `number` ended with `outcome` at `endpoint`.

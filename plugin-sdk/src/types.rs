@@ -282,6 +282,8 @@ pub enum StateError {
     TooManyKeys(u32),
     /// Empty key, or longer than 256 bytes.
     BadKey,
+    /// `counter_hold` outside a request.
+    NoRequest,
 }
 
 impl std::fmt::Display for StateError {
@@ -291,6 +293,7 @@ impl std::fmt::Display for StateError {
             StateError::TooLarge(cap) => write!(f, "value larger than {cap} bytes"),
             StateError::TooManyKeys(cap) => write!(f, "more than {cap} keys"),
             StateError::BadKey => write!(f, "empty key or key over 256 bytes"),
+            StateError::NoRequest => write!(f, "counter_hold outside a request"),
         }
     }
 }

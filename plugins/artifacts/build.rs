@@ -22,6 +22,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("fixture-rejecter", "REJECTER", false),
     ("fixture-stdlib", "STDLIB", false),
     ("fixture-wrongversion", "WRONG_VERSION", false),
+    ("fixture-nop", "NOP", false),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

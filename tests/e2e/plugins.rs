@@ -100,7 +100,11 @@ async fn a_looping_plugin_is_cut_at_its_deadline_and_others_see_no_failure() {
     assert!(ok > 0);
     assert_eq!(bad, 0, "concurrent requests to another service failed");
 
-    proxy.metrics_containing(r#"wasmesh_plugin_failures_total{service="closed",plugin="fixture-looper""#).await;
+    let m = proxy
+        .metrics_containing(
+            r#"wasmesh_plugin_failures_total{service="closed",plugin="fixture-looper""#,
+        )
+        .await;
     assert!(m.contains(r#"kind="timeout"} 5"#), "{m}");
 }
 

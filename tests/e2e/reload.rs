@@ -183,7 +183,9 @@ async fn a_refused_reload_keeps_serving_and_shows_in_config() {
             .log_text()
             .contains("services.reviews.plugins[0].on-failure")
     );
-    proxy.metrics_containing(r#"wasmesh_config_reloads_total{result="refused"} 1"#).await;
+    proxy
+        .metrics_containing(r#"wasmesh_config_reloads_total{result="refused"} 1"#)
+        .await;
 
     // A good file clears it.
     proxy.rewrite(&versioned(&up, 3));

@@ -489,6 +489,12 @@ async fn pending_request_overflow_is_answered_at_once() {
     }
     assert_eq!((ok, overflow), (2, 8));
     proxy.metrics_containing(r#"wasmesh_requests_total{destination_service="reviews",response_code="503",response_flags="UO"} 8"#).await;
+    // Every one of the 10 requests released its in-flight count when it
+    // ended (the host undoes the plugin's holds): 2 more fit at once.
+    let (a, b) = tokio::join!(via(&proxy, "reviews", "/"), via(&proxy, "reviews", "/"));
+    for r in [a, b] {
+        assert_eq!(r.status, 200, "{:?}", r.header("x-wasmesh-flags"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -580,7 +586,9 @@ services:
             && log.contains("by would-deny-debug rules[0]"),
         "{log}"
     );
-    proxy.metrics_containing(r#"plugin="authz",name="dry_run_denied"} 1"#).await;
+    let m = proxy
+        .metrics_containing(r#"plugin="authz",name="dry_run_denied"} 1"#)
+        .await;
     assert!(m.contains(r#"plugin="authz",name="denied"} 3"#), "{m}");
 }
 

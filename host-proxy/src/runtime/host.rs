@@ -43,6 +43,9 @@ pub struct ReqData {
     pub service: Arc<str>,
     /// The request id.
     pub id: String,
+    /// Counter increments held by plugins for this request
+    /// (`counter-hold`), undone when this is dropped.
+    pub holds: state::Holds,
 }
 
 /// The response an `on-response` hook is called with.
@@ -331,6 +334,15 @@ impl wit_host::Host for HostState {
 
     fn counter_get(&mut self, key: String) -> i64 {
         self.scope.state.counter_get(&key)
+    }
+
+    fn counter_hold(&mut self, key: String, delta: i64) -> Result<i64, wit_host::StateError> {
+        let Some(req) = self.req.as_mut() else {
+            return Err(wit_host::StateError::NoRequest);
+        };
+        req.holds
+            .hold(&self.scope.state, &key, delta)
+            .map_err(state_error)
     }
 
     fn endpoints(&mut self, service: Option<String>) -> Vec<wit_host::Endpoint> {

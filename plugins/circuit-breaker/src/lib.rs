@@ -12,7 +12,7 @@ use serde::Deserialize;
 use wasmesh_istio::duration_ms;
 use wasmesh_plugin_sdk::host::{self, state};
 use wasmesh_plugin_sdk::{
-    Attempt, Completion, Level, LocalReply, Outcome, Plugin, Request, RequestDecision, Response,
+    Attempt, Level, LocalReply, Outcome, Plugin, Request, RequestDecision, Response,
     ResponseDecision, export,
 };
 
@@ -126,9 +126,9 @@ impl Plugin for CircuitBreaker {
     }
 
     fn on_request(&self, _req: &Request<'_>) -> Result<RequestDecision, String> {
-        // Counted for every request that reached the plugin (released in
-        // on_complete, which always runs), refused or not.
-        let n = state::counter_add(IN_FLIGHT, 1).map_err(|e| e.to_string())?;
+        // Counted for every request that reached the plugin, refused or not;
+        // the host takes it back off when the request ends.
+        let n = state::counter_hold(IN_FLIGHT, 1).map_err(|e| e.to_string())?;
         if let Some(max) = self.max_in_flight
             && n > max
         {
@@ -180,10 +180,6 @@ impl Plugin for CircuitBreaker {
         }
         Ok(ResponseDecision::proceed())
     }
-
-    fn on_complete(&self, _req: &Request<'_>, _done: &Completion) {
-        let _ = state::counter_add(IN_FLIGHT, -1);
-    }
 }
 
 impl CircuitBreaker {
@@ -224,7 +220,7 @@ impl CircuitBreaker {
     }
 }
 
-export!(CircuitBreaker, hooks: [on_request, on_response, on_complete]);
+export!(CircuitBreaker, hooks: [on_request, on_response]);
 
 #[cfg(test)]
 mod tests;

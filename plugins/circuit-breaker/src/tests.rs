@@ -1,4 +1,5 @@
 use super::*;
+use wasmesh_plugin_sdk::Completion;
 use wasmesh_plugin_sdk::Endpoint;
 use wasmesh_plugin_sdk::testing::{Harness, TestRequest, TestResponse, attempt, with_host};
 
@@ -99,16 +100,21 @@ fn gateway_errors_count_only_gateway_failures() {
 }
 
 #[test]
-fn in_flight_limit_overflows_fast_and_releases_on_complete() {
+fn in_flight_limit_overflows_fast_and_is_released_when_a_request_ends() {
     setup(&["a"]);
     let h = Harness::<CircuitBreaker>::new(
         r#"{"connectionPool":{"http":{"http1MaxPendingRequests":2}}}"#,
     )
     .unwrap();
-    let req = TestRequest::get("/");
-    assert!(h.on_request(&req).unwrap().reply.is_none());
-    assert!(h.on_request(&req).unwrap().reply.is_none());
-    let r = h.on_request(&req).unwrap().reply.unwrap();
+    let req = |id: &str| {
+        let mut r = TestRequest::get("/");
+        r.id = id.into();
+        r
+    };
+    let (a, b, c) = (req("a"), req("b"), req("c"));
+    assert!(h.on_request(&a).unwrap().reply.is_none());
+    assert!(h.on_request(&b).unwrap().reply.is_none());
+    let r = h.on_request(&c).unwrap().reply.unwrap();
     assert_eq!(r.status, 503);
     assert!(
         r.headers
@@ -120,9 +126,15 @@ fn in_flight_limit_overflows_fast_and_releases_on_complete() {
         attempts: 1,
         duration_us: 1,
     };
-    for _ in 0..3 {
-        h.on_complete(&req, &done);
-    }
+    // The refused request ends: a and b still hold both slots.
+    h.on_complete(&c, &done);
+    let d = req("d");
+    assert!(h.on_request(&d).unwrap().reply.is_some(), "still full");
+    h.on_complete(&d, &done);
+    // a ends: its slot is free (the plugin has no on_complete; the host
+    // releases the hold).
+    h.on_complete(&a, &done);
+    let req = req("e");
     assert!(h.on_request(&req).unwrap().reply.is_none(), "released");
 }
 

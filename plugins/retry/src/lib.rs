@@ -9,8 +9,7 @@ use serde::Deserialize;
 use wasmesh_istio::duration_ms;
 use wasmesh_plugin_sdk::host::{self, state};
 use wasmesh_plugin_sdk::{
-    Attempt, Completion, Level, Outcome, Plugin, Request, RequestDecision, Response,
-    ResponseDecision, export,
+    Attempt, Level, Outcome, Plugin, Request, RequestDecision, Response, ResponseDecision, export,
 };
 
 /// The plugin's configuration (Istio `HTTPRetry`, extended).
@@ -137,10 +136,6 @@ pub struct Retry {
 const ACTIVE: &str = "active";
 const RETRIES: &str = "retries";
 
-fn granted_key(req: &Request<'_>) -> String {
-    format!("granted/{}", req.id())
-}
-
 impl Plugin for Retry {
     type Config = Config;
 
@@ -193,7 +188,7 @@ impl Plugin for Retry {
 
     fn on_request(&self, _req: &Request<'_>) -> Result<RequestDecision, String> {
         if self.budget.is_some() {
-            state::counter_add(ACTIVE, 1).map_err(|e| e.to_string())?;
+            state::counter_hold(ACTIVE, 1).map_err(|e| e.to_string())?;
         }
         Ok(RequestDecision {
             per_try_timeout_ms: self.per_try_ms,
@@ -235,11 +230,8 @@ impl Plugin for Retry {
                 host::log(Level::Debug, "retry budget exhausted");
                 return Ok(ResponseDecision::proceed());
             }
-            state::counter_add(RETRIES, 1).map_err(|e| e.to_string())?;
-            // Remember this request's own grants, released in on_complete.
-            let key = granted_key(req);
-            let mine = state::get(&key).map_or(0, |e| e.value.first().copied().unwrap_or(0));
-            state::set(&key, &[mine.saturating_add(1)]).map_err(|e| e.to_string())?;
+            // Held until this request ends.
+            state::counter_hold(RETRIES, 1).map_err(|e| e.to_string())?;
         }
         host::metric_add("retries", 1);
         // Fully jittered exponential backoff.
@@ -250,24 +242,9 @@ impl Plugin for Retry {
         let backoff = (host::random_f64() * f64::from(cap)) as u32;
         Ok(ResponseDecision::retry(backoff))
     }
-
-    fn on_complete(&self, req: &Request<'_>, done: &Completion) {
-        if self.budget.is_some() {
-            let _ = state::counter_add(ACTIVE, -1);
-            // Only a request that was retried (by anyone) can hold a grant.
-            if done.attempts > 1 {
-                let key = granted_key(req);
-                if let Some(e) = state::get(&key) {
-                    let mine = i64::from(e.value.first().copied().unwrap_or(0));
-                    let _ = state::counter_add(RETRIES, -mine);
-                    state::delete(&key);
-                }
-            }
-        }
-    }
 }
 
-export!(Retry, hooks: [on_request, on_response, on_complete]);
+export!(Retry, hooks: [on_request, on_response]);
 
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,5 @@
 use super::*;
+use wasmesh_plugin_sdk::Completion;
 use wasmesh_plugin_sdk::testing::{Harness, TestRequest, TestResponse, attempt};
 
 fn retry(config: &str) -> Harness<Retry> {
