@@ -38,6 +38,9 @@ pub struct MeshFile {
     /// Upstream connection settings.
     #[serde(default)]
     pub upstream: UpstreamSpec,
+    /// Limits on client connections (both listeners).
+    #[serde(default)]
+    pub downstream: DownstreamSpec,
     /// The services of the mesh, by name.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
@@ -67,6 +70,26 @@ pub struct UpstreamSpec {
     pub max_idle_per_endpoint: Option<usize>,
     /// Requests in flight per endpoint; more get 503 `UO`. Default `1024`.
     pub max_requests_per_endpoint: Option<usize>,
+}
+
+/// Limits on downstream (client) connections, as Envoy's defaults.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DownstreamSpec {
+    /// Largest request head (request line and headers), e.g. `60Ki`. Past
+    /// it: `431` (HTTP/1) or the stream is reset (HTTP/2). Default `60Ki`.
+    pub max_header_bytes: Option<String>,
+    /// Most headers in one request; past it: `431` / stream reset. Default `100`.
+    pub max_headers: Option<usize>,
+    /// Time a client has to send a whole request head. Default `10s`.
+    pub header_read_timeout: Option<String>,
+    /// A connection that moves no bytes for this long is closed. Default `5m`.
+    pub idle_timeout: Option<String>,
+    /// Open connections per listener; past it a new connection gets `503`
+    /// with `Connection: close` and is closed at once. Default `10000`.
+    pub max_connections: Option<usize>,
+    /// Concurrent streams per HTTP/2 connection. Default `100`.
+    pub max_concurrent_streams: Option<u32>,
 }
 
 /// Upstream protocol of a service.

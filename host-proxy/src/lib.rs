@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod cluster;
+mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod runtime;
@@ -29,7 +30,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::cluster::{ClusterView, EndpointTable};
@@ -251,7 +252,7 @@ impl Proxy {
         let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
         let mut tasks = Vec::new();
         for (listener, side) in self.listeners {
-            tasks.push(tokio::spawn(accept_loop(
+            tasks.push(tokio::spawn(listener::accept_loop(
                 listener,
                 shared.clone(),
                 side,
@@ -298,39 +299,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    side: Side,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
-) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let svc =
-            hyper::service::service_fn(move |req| proxy::handle(shared.clone(), side, remote, req));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%remote, "connection ended: {e}");
-            }
-        });
     }
 }

@@ -33,6 +33,10 @@ pub struct Metrics {
     pub config_version: Gauge,
     /// Custom plugin counters.
     pub plugin_custom: Family<Labels, Counter>,
+    /// Open client connections, all listeners.
+    pub downstream_connections: Gauge,
+    /// Client connections the proxy closed, by reason.
+    pub downstream_closed: Family<Labels, Counter>,
     custom_names: Mutex<HashMap<(String, String), usize>>,
 }
 
@@ -76,6 +80,18 @@ impl Metrics {
             "Version of the configuration snapshot serving",
             config_version.clone(),
         );
+        let downstream_connections = Gauge::default();
+        registry.register(
+            "wasmesh_downstream_connections",
+            "Open client connections, all listeners",
+            downstream_connections.clone(),
+        );
+        let downstream_closed = Family::<Labels, Counter>::default();
+        registry.register(
+            "wasmesh_downstream_closed",
+            "Client connections closed by the proxy, by reason (overflow: past downstream.max-connections; idle: downstream.idle-timeout)",
+            downstream_closed.clone(),
+        );
         let plugin_custom = Family::<Labels, Counter>::default();
         registry.register(
             "wasmesh_plugin_custom",
@@ -90,6 +106,8 @@ impl Metrics {
             reloads,
             config_version,
             plugin_custom,
+            downstream_connections,
+            downstream_closed,
             custom_names: Mutex::default(),
         }
     }
@@ -99,6 +117,13 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+
+    /// Count a client connection the proxy closed.
+    pub fn downstream_closed(&self, reason: &'static str) {
+        self.downstream_closed
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
     }
 
     /// Count a finished request.

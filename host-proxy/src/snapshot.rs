@@ -40,7 +40,8 @@ impl fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
-/// The listener addresses; fixed for the life of the process.
+/// The listeners and their connection limits; fixed for the life of the
+/// process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listeners {
     /// Admin.
@@ -49,6 +50,105 @@ pub struct Listeners {
     pub listen: SocketAddr,
     /// Inbound.
     pub inbound: Option<SocketAddr>,
+    /// Limits on client connections.
+    pub downstream: Downstream,
+}
+
+/// Limits on client connections (see [`wasmesh_api::DownstreamSpec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Downstream {
+    /// Largest request head, bytes.
+    pub max_header_bytes: usize,
+    /// Most headers per request.
+    pub max_headers: usize,
+    /// Time to send a whole request head.
+    pub header_read_timeout: Duration,
+    /// A connection moving no bytes this long is closed.
+    pub idle_timeout: Duration,
+    /// Open connections per listener.
+    pub max_connections: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Downstream {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 60 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            max_concurrent_streams: 100,
+        }
+    }
+}
+
+fn downstream(file: &Path, d: &wasmesh_api::DownstreamSpec) -> Result<Downstream, BuildError> {
+    let def = Downstream::default();
+    let max_header_bytes = match &d.max_header_bytes {
+        None => def.max_header_bytes as u64,
+        Some(t) => parse_size(t).map_err(|e| field_err(file, "downstream.max-header-bytes", e))?,
+    };
+    if !(8 << 10..=1 << 20).contains(&max_header_bytes) {
+        return Err(field_err(
+            file,
+            "downstream.max-header-bytes",
+            "must be between 8Ki and 1Mi",
+        ));
+    }
+    let out = Downstream {
+        max_header_bytes: max_header_bytes as usize,
+        max_headers: d.max_headers.unwrap_or(def.max_headers),
+        header_read_timeout: duration(
+            file,
+            "downstream.header-read-timeout",
+            d.header_read_timeout.as_deref(),
+            def.header_read_timeout,
+        )?,
+        idle_timeout: duration(
+            file,
+            "downstream.idle-timeout",
+            d.idle_timeout.as_deref(),
+            def.idle_timeout,
+        )?,
+        max_connections: d.max_connections.unwrap_or(def.max_connections),
+        max_concurrent_streams: d
+            .max_concurrent_streams
+            .unwrap_or(def.max_concurrent_streams),
+    };
+    for (ok, path, what) in [
+        (
+            (1..=1000).contains(&out.max_headers),
+            "downstream.max-headers",
+            "must be between 1 and 1000",
+        ),
+        (
+            out.header_read_timeout >= Duration::from_millis(100),
+            "downstream.header-read-timeout",
+            "must be at least 100ms",
+        ),
+        (
+            out.idle_timeout >= Duration::from_secs(1),
+            "downstream.idle-timeout",
+            "must be at least 1s",
+        ),
+        (
+            out.max_connections >= 1,
+            "downstream.max-connections",
+            "must be at least 1",
+        ),
+        (
+            out.max_concurrent_streams >= 1,
+            "downstream.max-concurrent-streams",
+            "must be at least 1",
+        ),
+    ] {
+        if !ok {
+            return Err(field_err(file, path, what));
+        }
+    }
+    Ok(out)
 }
 
 /// Upstream connection settings; fixed for the life of the process, except
@@ -217,14 +317,20 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
             Some(a) => Some(addr(file, "inbound", Some(a), "")?),
             None => None,
         },
+        downstream: downstream(file, &doc.downstream)?,
     };
     if let Some(prev) = ctx.previous
         && prev.listeners != listeners
     {
+        let path = if prev.listeners.downstream != listeners.downstream {
+            "downstream"
+        } else {
+            "admin/listen/inbound"
+        };
         return Err(field_err(
             file,
-            "admin/listen/inbound",
-            "listener addresses cannot change while the proxy runs; restart the proxy to apply them",
+            path,
+            "listener addresses and downstream limits cannot change while the proxy runs; restart the proxy to apply them",
         ));
     }
 

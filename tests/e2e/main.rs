@@ -4,6 +4,7 @@
 
 mod cli;
 mod grpc;
+mod hardening;
 mod http;
 mod plugins;
 mod reload;

@@ -340,7 +340,10 @@ impl Upstream {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // Above the proxy's own limits, so that the proxy's are what a test meets.
+                    b.http1().max_headers(1000).max_buf_size(1 << 20);
+                    let _ = b
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
                 });
