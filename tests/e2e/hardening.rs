@@ -182,3 +182,206 @@ async fn past_the_connection_cap_a_client_gets_503_at_once_and_the_slot_comes_ba
         .metrics_containing("wasmesh_downstream_connections 2")
         .await;
 }
+
+/// An HTTP/2 frame: length, type, flags, stream id, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 1;
+const END_HEADERS: u8 = 4;
+
+/// HPACK for `GET http://reviews/`: indexed :method GET, :scheme http,
+/// :path /, and :authority as a literal with an indexed name.
+fn get_block() -> Vec<u8> {
+    let mut b = vec![0x82, 0x86, 0x84, 0x01, 7];
+    b.extend_from_slice(b"reviews");
+    b
+}
+
+/// Read frames until a GOAWAY or EOF (true), or `limit` passes (false).
+async fn goaway_or_close(s: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            if buf[3] == GOAWAY {
+                return true;
+            }
+            buf.drain(..9 + len);
+        }
+    }
+}
+
+/// The first byte of the first response HEADERS block on stream 1 (0x88 is
+/// HPACK's indexed `:status: 200`), or None on GOAWAY / close.
+async fn response_status_byte(s: &mut TcpStream) -> Option<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            match buf[3] {
+                HEADERS if buf[8] == 1 => return buf.get(9).copied(),
+                GOAWAY => return None,
+                _ => {}
+            }
+            buf.drain(..9 + len);
+        }
+    }
+}
+
+async fn h2_connect(proxy: &Proxy) -> TcpStream {
+    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_floods_are_cut_and_other_clients_are_unaffected() {
+    let up = Upstream::echo("v1").await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n",
+        up.addr
+    ))
+    .await;
+    let rss_before = proxy.rss_kib();
+
+    // The raw frames are right: one GET on its own is answered 200.
+    let mut s = h2_connect(&proxy).await;
+    s.write_all(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &get_block()))
+        .await
+        .unwrap();
+    assert_eq!(
+        response_status_byte(&mut s).await,
+        Some(0x88),
+        "HPACK :status 200"
+    );
+    drop(s);
+
+    // Rapid reset (CVE-2023-44487): open and cancel streams as fast as
+    // possible. The connection gets GOAWAY or is closed.
+    let mut s = h2_connect(&proxy).await;
+    let block = get_block();
+    let mut batch = Vec::new();
+    let mut cut = false;
+    for i in 0..20_000u32 {
+        let id = 2 * i + 1;
+        batch.extend(frame(HEADERS, END_STREAM | END_HEADERS, id, &block));
+        batch.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+        if batch.len() > 32 * 1024 {
+            if s.write_all(&batch).await.is_err() {
+                cut = true;
+                break;
+            }
+            batch.clear();
+        }
+    }
+    assert!(
+        cut || goaway_or_close(&mut s, Duration::from_secs(10)).await,
+        "a rapid-reset connection was neither sent GOAWAY nor closed"
+    );
+    assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
+
+    // CONTINUATION flood: a header block that never ends.
+    let mut s = h2_connect(&proxy).await;
+    let mut cut = false;
+    if s.write_all(&frame(HEADERS, END_STREAM, 1, &block))
+        .await
+        .is_err()
+    {
+        cut = true;
+    }
+    let mut lit = vec![0x00, 3];
+    lit.extend_from_slice(b"x-a");
+    lit.push(100);
+    lit.extend_from_slice(&[b'a'; 100]);
+    let cont: Vec<u8> = std::iter::repeat_n(lit, 80).flatten().collect();
+    for _ in 0..10_000 {
+        if cut
+            || s.write_all(&frame(CONTINUATION, 0, 1, &cont))
+                .await
+                .is_err()
+        {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut || goaway_or_close(&mut s, Duration::from_secs(10)).await,
+        "a CONTINUATION flood was neither sent GOAWAY nor closed"
+    );
+    assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
+
+    // PING and SETTINGS floods from a client that never reads: memory stays
+    // bounded, other clients are served.
+    let mut floods = Vec::new();
+    for kind in [PING, SETTINGS] {
+        let mut s = h2_connect(&proxy).await;
+        floods.push(tokio::spawn(async move {
+            let f = if kind == PING {
+                frame(PING, 0, 0, &[7u8; 8])
+            } else {
+                frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100])
+            };
+            let batch: Vec<u8> = std::iter::repeat_n(f, 2000).flatten().collect();
+            for _ in 0..200 {
+                let w = tokio::time::timeout(Duration::from_secs(2), s.write_all(&batch)).await;
+                if !matches!(w, Ok(Ok(()))) {
+                    break;
+                }
+            }
+            s
+        }));
+    }
+    for _ in 0..20 {
+        assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
+    }
+    let _held: Vec<TcpStream> = futures_join(floods).await;
+    let rss_after = proxy.rss_kib();
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB under h2 floods"
+    );
+    assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
+}
+
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<TcpStream>>) -> Vec<TcpStream> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
