@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod h1scan;
 mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -17,8 +17,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use hyper::body::Incoming;
+
 use crate::Shared;
-use crate::proxy::{self, Side};
+use crate::h1scan::{self, Scanner, Violation};
+use crate::proxy::{self, ProxyBody, Side};
 use crate::snapshot::Downstream;
 
 /// Connections being turned away at once, at most; past it an overflowing
@@ -75,13 +79,29 @@ pub(crate) async fn accept_loop(
         let slot = Slot::take(&open, &shared);
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
+        let heads = Arc::new(h1scan::Shared::new());
         let io = Tracked {
             inner: stream,
             activity: activity.clone(),
+            scanner: Some(Scanner::default()),
+            heads: heads.clone(),
         };
         let svc = {
             let shared = shared.clone();
-            hyper::service::service_fn(move |req| proxy::handle(shared.clone(), side, remote, req))
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let bad = if req.version() < Version::HTTP_2 {
+                    heads.next_request()
+                } else {
+                    None
+                };
+                let shared = shared.clone();
+                async move {
+                    match bad {
+                        Some(why) => Ok(refuse_head(&shared, why)),
+                        None => proxy::handle(shared, side, remote, req).await,
+                    }
+                }
+            })
         };
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         let conn = graceful.watch(conn.into_owned());
@@ -109,6 +129,23 @@ pub(crate) async fn accept_loop(
             }
         });
     }
+}
+
+/// The answer to a request head the raw check refused: 400, and the
+/// connection closes after it; nothing is forwarded.
+fn refuse_head(shared: &Shared, why: Violation) -> Response<ProxyBody> {
+    shared.metrics.downstream_closed("bad_framing");
+    let mut r = proxy::local(
+        StatusCode::BAD_REQUEST,
+        "DPE",
+        format!(
+            "bad request framing: {}; refused (request smuggling protection)\n",
+            why.describe()
+        ),
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// hyper's connection builder with the downstream limits applied.
@@ -201,10 +238,14 @@ impl Activity {
     }
 }
 
-/// A client socket that notes when it last moved bytes.
+/// A client socket that notes when it last moved bytes, and shows what it
+/// reads to the raw HTTP/1 head check.
 struct Tracked {
     inner: TcpStream,
     activity: Arc<Activity>,
+    /// None once the scanner has given up or flagged a head.
+    scanner: Option<Scanner>,
+    heads: Arc<h1scan::Shared>,
 }
 
 impl AsyncRead for Tracked {
@@ -218,6 +259,15 @@ impl AsyncRead for Tracked {
         let r = Pin::new(&mut me.inner).poll_read(cx, buf);
         if buf.filled().len() != before {
             me.activity.touch();
+            if let Some(scanner) = &mut me.scanner {
+                scanner.feed(&buf.filled()[before..]);
+                if scanner.verdict().is_some() {
+                    me.heads.publish(scanner);
+                    me.scanner = None;
+                } else if scanner.is_done() {
+                    me.scanner = None;
+                }
+            }
         }
         r
     }

@@ -51,7 +51,7 @@ fn full(b: impl Into<Bytes>) -> ProxyBody {
 }
 
 /// A response the proxy makes itself, with its flag and a short text body.
-fn local(status: StatusCode, flag: &str, body: String) -> Response<ProxyBody> {
+pub(crate) fn local(status: StatusCode, flag: &str, body: String) -> Response<ProxyBody> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
     let h = r.headers_mut();

@@ -385,3 +385,73 @@ async fn futures_join(tasks: Vec<tokio::task::JoinHandle<TcpStream>>) -> Vec<Tcp
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smuggling_shapes_get_400_and_nothing_is_forwarded() {
+    let up = Upstream::echo("v1").await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n",
+        up.addr
+    ))
+    .await;
+    let cases: &[(&str, &str)] = &[
+        (
+            "CL then TE",
+            "content-length: 5\r\ntransfer-encoding: chunked\r\n",
+        ),
+        (
+            "TE then CL",
+            "transfer-encoding: chunked\r\ncontent-length: 5\r\n",
+        ),
+        (
+            "identical duplicate CL",
+            "content-length: 5\r\ncontent-length: 5\r\n",
+        ),
+        (
+            "conflicting CL",
+            "content-length: 5\r\ncontent-length: 6\r\n",
+        ),
+        ("CL list", "content-length: 5, 5\r\n"),
+        ("signed CL", "content-length: +5\r\n"),
+        ("obfuscated TE", "transfer-encoding: xchunked\r\n"),
+        ("TE list", "transfer-encoding: chunked, identity\r\n"),
+        (
+            "TE twice",
+            "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+        ),
+        ("unknown TE", "transfer-encoding: gzip\r\n"),
+        (
+            "TE with a space before the colon",
+            "transfer-encoding : chunked\r\n",
+        ),
+        ("TE folded", "transfer-encoding:\r\n chunked\r\n"),
+        ("TE on HTTP/1.0", "transfer-encoding: chunked\r\n"),
+    ];
+    let mut failures = Vec::new();
+    for (name, headers) in cases {
+        let version = if *name == "TE on HTTP/1.0" {
+            "1.0"
+        } else {
+            "1.1"
+        };
+        let req = format!(
+            "POST / HTTP/{version}\r\nhost: reviews\r\n{headers}\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: reviews\r\n\r\n"
+        );
+        let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (text, closed) = read_to_close(&mut s, Duration::from_secs(10)).await;
+        let status = text.get(9..12).unwrap_or("---");
+        let ok = matches!(status, "400" | "501")
+            && closed.is_some()
+            && text.matches("HTTP/1.1 ").count() == 1;
+        if !ok {
+            failures.push(format!(
+                "{name}: {status}, closed {closed:?}, {} responses",
+                text.matches("HTTP/1.1 ").count()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "not refused: {failures:#?}");
+    assert_eq!(up.hits(), 0, "a smuggling shape was forwarded");
+    assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
+}
