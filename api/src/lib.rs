@@ -56,6 +56,21 @@ pub struct RuntimeSpec {
     pub memory_limit: Option<String>,
     /// Ready instances kept per plugin. Default: twice the worker count.
     pub pool_size: Option<usize>,
+    /// Quarantine a plugin version that keeps failing. Off unless given.
+    pub quarantine: Option<QuarantineSpec>,
+}
+
+/// After `traps` failures (trap, deadline, memory cap) within `window`, a
+/// plugin version is quarantined: the last known-good version of that
+/// plugin serves instead, or, if there is none, its `on-failure` applies,
+/// until a new version is deployed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct QuarantineSpec {
+    /// Failures that quarantine a version, e.g. `5`.
+    pub traps: u32,
+    /// The window they must fall in, e.g. `10s`.
+    pub window: String,
 }
 
 /// How the proxy talks to upstreams.

@@ -100,6 +100,18 @@ fn chain_json(chain: &Chain) -> Value {
                     "on_response": p.hooks.on_response,
                     "on_complete": p.hooks.on_complete,
                 },
+                "version": p.version(),
+                "quarantined": p.is_quarantined(),
+                // What serves this plugin's hooks now: itself, its last
+                // known-good version, or nobody (on-failure applies).
+                "serving": if !p.is_quarantined() {
+                    json!(p.version())
+                } else {
+                    match p.fallback() {
+                        Some(f) => json!(f.version()),
+                        None => Value::Null,
+                    }
+                },
             })
         })
         .collect()

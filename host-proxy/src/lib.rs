@@ -133,6 +133,7 @@ impl Shared {
             Ok(snap) => {
                 let version = snap.version;
                 self.install(snap);
+                snapshot::settle(&self.snapshot.load());
                 *self.last_error.lock().unwrap() = None;
                 self.metrics.reload(true);
                 tracing::info!(version, "configuration reloaded");

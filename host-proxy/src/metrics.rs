@@ -33,6 +33,8 @@ pub struct Metrics {
     pub config_version: Gauge,
     /// Custom plugin counters.
     pub plugin_custom: Family<Labels, Counter>,
+    /// Quarantined plugin versions (1 while quarantined).
+    pub plugin_quarantined: Family<Labels, Gauge>,
     /// Open client connections, all listeners.
     pub downstream_connections: Gauge,
     /// Client connections the proxy closed, by reason.
@@ -80,6 +82,12 @@ impl Metrics {
             "Version of the configuration snapshot serving",
             config_version.clone(),
         );
+        let plugin_quarantined = Family::<Labels, Gauge>::default();
+        registry.register(
+            "wasmesh_plugin_quarantined",
+            "1 while a plugin version is quarantined (runtime.quarantine), by service, plugin and version",
+            plugin_quarantined.clone(),
+        );
         let downstream_connections = Gauge::default();
         registry.register(
             "wasmesh_downstream_connections",
@@ -106,6 +114,7 @@ impl Metrics {
             reloads,
             config_version,
             plugin_custom,
+            plugin_quarantined,
             downstream_connections,
             downstream_closed,
             custom_names: Mutex::default(),

@@ -367,10 +367,36 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
             "must be between 1 and 1024",
         ));
     }
+    let quarantine = match &rt.quarantine {
+        None => None,
+        Some(q) => {
+            let window = parse_duration(&q.window)
+                .map_err(|e| field_err(file, "runtime.quarantine.window", e))?;
+            if q.traps == 0 {
+                return Err(field_err(
+                    file,
+                    "runtime.quarantine.traps",
+                    "must be at least 1",
+                ));
+            }
+            if window.is_zero() {
+                return Err(field_err(
+                    file,
+                    "runtime.quarantine.window",
+                    "must be longer than 0s",
+                ));
+            }
+            Some(crate::runtime::Quarantine {
+                traps: q.traps,
+                window,
+            })
+        }
+    };
     let limits = Limits {
         deadline,
         memory: memory as usize,
         pool_size,
+        quarantine,
     };
 
     let up = &doc.upstream;
@@ -701,9 +727,33 @@ fn build_chain(
             path: format!("{path}.config"),
             reason: format!("the plugin refused its configuration: {e}"),
         })?;
+        // With quarantine on, the version this one replaces stays ready as
+        // its last known-good fallback (if it was itself quarantined, the
+        // one before it).
+        if limits.quarantine.is_some()
+            && let Some(prev) = previous.and_then(|c| c.plugins.iter().find(|p| *p.name == *name))
+        {
+            configured.set_fallback(if prev.is_quarantined() {
+                prev.fallback()
+            } else {
+                Some(prev.clone())
+            });
+        }
         plugins.push(Arc::new(configured));
     }
     Ok(Chain::new(plugins))
+}
+
+/// Once `snap` serves: the versions its plugins fall back to keep no
+/// fallbacks of their own, so at most one earlier version stays loaded.
+pub fn settle(snap: &Snapshot) {
+    for s in snap.services.values() {
+        for p in s.outbound.plugins.iter().chain(&s.inbound.plugins) {
+            if let Some(fb) = p.fallback() {
+                fb.set_fallback(None);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -213,3 +213,84 @@ async fn ordinary_rust_works_inside_a_plugin() {
             .contains("stdlib fixture: 6 distinct header names")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_that_keeps_trapping_is_quarantined_and_the_last_good_one_serves() {
+    let up = Upstream::echo("up").await;
+    let trapper = format!("{:?}", wasmesh_artifacts::TRAPPER);
+    let head = "runtime: { quarantine: { traps: 3, window: 10s } }\nservices:\n";
+    let good = format!(
+        "{head}  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - {{ source: builtin:add-header, name: guard, config: {{ request: {{ x-guard: good }} }} }}\n",
+        up.addr
+    );
+    let proxy = Proxy::start_with(&good, &["--watch"]).await;
+    let r = via(&proxy, "reviews", "/trap").await;
+    assert_eq!(r.json()["headers"]["x-guard"], "good");
+    let good_version = proxy.config().await["services"][0]["plugins"][0]["version"].clone();
+
+    // A bad upgrade of the same plugin: it traps on /trap.
+    proxy.rewrite(&format!(
+        "{head}  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - {{ source: {trapper}, name: guard }}\n",
+        up.addr
+    ));
+    proxy.wait_version(2).await;
+    assert_eq!(via(&proxy, "reviews", "/fine").await.status, 200);
+    for _ in 0..3 {
+        let r = via(&proxy, "reviews", "/trap").await;
+        assert_eq!((r.status, r.header("x-wasmesh-flags")), (503, Some("PF")));
+    }
+    // Quarantined: the good version serves, even the requests that trapped.
+    for _ in 0..5 {
+        let r = via(&proxy, "reviews", "/trap").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["headers"]["x-guard"], "good");
+    }
+    let plugin = &proxy.config().await["services"][0]["plugins"][0];
+    assert_eq!(plugin["quarantined"], true, "{plugin}");
+    assert_eq!(plugin["serving"], good_version, "{plugin}");
+    let bad_version = plugin["version"].as_str().unwrap().to_string();
+    proxy
+        .metrics_containing(&format!(
+            r#"wasmesh_plugin_quarantined{{service="reviews",plugin="guard",version="{bad_version}"}} 1"#
+        ))
+        .await;
+    assert!(
+        proxy
+            .log_text()
+            .contains("plugin quarantined after 3 failures")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_good_version_a_quarantined_plugin_gets_its_on_failure() {
+    let up = Upstream::echo("up").await;
+    let trapper = format!("{:?}", wasmesh_artifacts::TRAPPER);
+    let mut yaml = String::from("runtime: { quarantine: { traps: 2, window: 10s } }\nservices:\n");
+    yaml += &fixture_service("closed", &up, &trapper, "{}", "closed");
+    yaml += &fixture_service("open", &up, &trapper, "{}", "open");
+    let proxy = Proxy::start(&yaml).await;
+    for service in ["closed", "open"] {
+        assert_eq!(via(&proxy, service, "/fine").await.status, 200);
+        for _ in 0..2 {
+            via(&proxy, service, "/trap").await;
+        }
+    }
+    // Requests that would have passed now meet on-failure, without a call.
+    let hits = up.hits();
+    let r = via(&proxy, "closed", "/fine").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (503, Some("PF")));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("quarantined"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(up.hits(), hits);
+    let r = via(&proxy, "open", "/fine").await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["headers"].get("x-partial").is_none(), "skipped");
+    let config = proxy.config().await;
+    for s in config["services"].as_array().unwrap() {
+        assert_eq!(s["plugins"][0]["quarantined"], true, "{s}");
+        assert_eq!(s["plugins"][0]["serving"], serde_json::Value::Null, "{s}");
+    }
+}

@@ -58,6 +58,18 @@ pub struct Limits {
     pub memory: usize,
     /// Ready instances kept.
     pub pool_size: usize,
+    /// When a failing version is quarantined (off: never).
+    pub quarantine: Option<Quarantine>,
+}
+
+/// After `traps` failures (trap, deadline, memory cap) within `window`, a
+/// plugin version is quarantined until a new version replaces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quarantine {
+    /// Failures that quarantine a version.
+    pub traps: u32,
+    /// The window they must fall in.
+    pub window: Duration,
 }
 
 impl Default for Limits {
@@ -66,6 +78,7 @@ impl Default for Limits {
             deadline: DEFAULT_DEADLINE,
             memory: DEFAULT_MEMORY_LIMIT,
             pool_size: 8,
+            quarantine: None,
         }
     }
 }
@@ -170,6 +183,11 @@ pub enum PluginFailure {
     /// The plugin returned an error.
     #[error("returned an error: {0}")]
     Error(String),
+    /// This version is quarantined and no earlier good version is loaded.
+    #[error(
+        "is quarantined after {0} failures within {1:?}, and no earlier good version is loaded; deploy a fixed version"
+    )]
+    Quarantined(u32, Duration),
 }
 
 impl PluginFailure {
@@ -178,6 +196,7 @@ impl PluginFailure {
         match self {
             PluginFailure::Trap(_) => "trap",
             PluginFailure::Timeout(_) => "timeout",
+            PluginFailure::Quarantined(..) => "quarantined",
             PluginFailure::Memory(_) => "memory",
             PluginFailure::Error(_) => "error",
         }
@@ -385,6 +404,12 @@ pub struct ConfiguredPlugin {
     runtime: Arc<Runtime>,
     pool: Mutex<Vec<Instance>>,
     calls: [Counter; 3],
+    /// Recent failures (trap, deadline, memory), when quarantine is on.
+    failures: Mutex<std::collections::VecDeque<std::time::Instant>>,
+    quarantined: AtomicBool,
+    /// The last known-good version of this plugin, serving while this one
+    /// is quarantined.
+    fallback: arc_swap::ArcSwapOption<ConfiguredPlugin>,
 }
 
 /// A hook's index into per-hook counters.
@@ -441,10 +466,65 @@ impl ConfiguredPlugin {
             runtime: runtime.clone(),
             pool: Mutex::default(),
             calls,
+            failures: Mutex::default(),
+            quarantined: AtomicBool::new(false),
+            fallback: arc_swap::ArcSwapOption::empty(),
         };
         let first = plugin.instantiate().map_err(|e| e.to_string())?;
         plugin.pool.lock().unwrap().push(first);
         Ok(plugin)
+    }
+
+    /// Whether this version is quarantined.
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined.load(Ordering::Acquire)
+    }
+
+    /// The version serving while this one is quarantined.
+    pub fn fallback(&self) -> Option<Arc<ConfiguredPlugin>> {
+        self.fallback.load_full()
+    }
+
+    /// Set (or clear) the last known-good version.
+    pub fn set_fallback(&self, fallback: Option<Arc<ConfiguredPlugin>>) {
+        self.fallback.store(fallback);
+    }
+
+    /// Count a failure toward quarantine.
+    fn note_failure(&self) {
+        let Some(q) = self.limits.quarantine else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let mut f = self.failures.lock().unwrap();
+        while f.front().is_some_and(|t| now.duration_since(*t) > q.window) {
+            f.pop_front();
+        }
+        f.push_back(now);
+        if f.len() as u32 >= q.traps && !self.quarantined.swap(true, Ordering::AcqRel) {
+            self.scope
+                .metrics
+                .plugin_quarantined
+                .get_or_create(&vec![
+                    ("service", self.scope.service.to_string()),
+                    ("plugin", self.scope.plugin.to_string()),
+                    ("version", self.scope.version.to_string()),
+                ])
+                .set(1);
+            let serving = self.fallback().map(|p| p.version().to_string());
+            tracing::error!(
+                service = &*self.scope.service,
+                plugin = &*self.scope.plugin,
+                version = &*self.scope.version,
+                "plugin quarantined after {} failures within {:?}; {}",
+                q.traps,
+                q.window,
+                match &serving {
+                    Some(v) => format!("version {v} serves instead"),
+                    None => "no earlier good version: its on-failure applies".to_string(),
+                }
+            );
+        }
     }
 
     /// Hex sha256 of the component.
@@ -540,6 +620,21 @@ impl ConfiguredPlugin {
         f: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<Result<R, String>>,
     ) -> Result<R, PluginFailure> {
         const NAMES: [&str; 3] = ["on_request", "on_response", "on_complete"];
+        if self.is_quarantined() {
+            return match self.fallback() {
+                Some(good) => good.call(hook, req, resp, f),
+                None => {
+                    let q = self
+                        .limits
+                        .quarantine
+                        .expect("quarantined with quarantine on");
+                    Err(self.fail(
+                        PluginFailure::Quarantined(q.traps, q.window),
+                        NAMES[hook as usize],
+                    ))
+                }
+            };
+        }
         self.calls[hook as usize].inc();
         let pooled = self.pool.lock().unwrap().pop();
         let mut inst = match pooled {
@@ -574,6 +669,7 @@ impl ConfiguredPlugin {
             Err(e) => {
                 // A trapped instance is never entered again.
                 let f = self.classify(e);
+                self.note_failure();
                 Err(self.fail(f, NAMES[hook as usize]))
             }
         }
