@@ -56,6 +56,9 @@ pub struct RuntimeSpec {
     pub memory_limit: Option<String>,
     /// Ready instances kept per plugin. Default: twice the worker count.
     pub pool_size: Option<usize>,
+    /// Longest a component may take to compile, e.g. `30s`; past it the
+    /// compile is abandoned and the component refused. Default `30s`.
+    pub compile_timeout: Option<String>,
     /// Quarantine a plugin version that keeps failing. Off unless given.
     pub quarantine: Option<QuarantineSpec>,
 }

@@ -367,6 +367,19 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
             "must be between 1 and 1024",
         ));
     }
+    let compile_timeout = duration(
+        file,
+        "runtime.compile-timeout",
+        rt.compile_timeout.as_deref(),
+        crate::runtime::DEFAULT_COMPILE_TIMEOUT,
+    )?;
+    if compile_timeout.is_zero() || compile_timeout > Duration::from_secs(600) {
+        return Err(field_err(
+            file,
+            "runtime.compile-timeout",
+            "must be longer than 0s and at most 10m",
+        ));
+    }
     let quarantine = match &rt.quarantine {
         None => None,
         Some(q) => {
@@ -488,7 +501,7 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
                 key,
                 specs,
                 prev,
-                limits,
+                (limits, compile_timeout),
                 ctx,
                 &mut watched,
             )
@@ -581,7 +594,7 @@ fn build_chain(
     key: &str,
     specs: &[PluginSpec],
     previous: Option<&Chain>,
-    limits: Limits,
+    (limits, compile_timeout): (Limits, Duration),
     ctx: &BuildCtx<'_>,
     watched: &mut Vec<PathBuf>,
 ) -> Result<Chain, BuildError> {
@@ -700,11 +713,14 @@ fn build_chain(
             continue;
         }
 
-        let component = ctx.runtime.load(&bytes).map_err(|e| BuildError {
-            source: plugin_source.clone(),
-            path: format!("{path}.source"),
-            reason: e.to_string(),
-        })?;
+        let component = ctx
+            .runtime
+            .load_within(&bytes, compile_timeout)
+            .map_err(|e| BuildError {
+                source: plugin_source.clone(),
+                path: format!("{path}.source"),
+                reason: e.to_string(),
+            })?;
         let scope = Arc::new(PluginScope {
             service: service.into(),
             plugin: name.as_str().into(),

@@ -91,6 +91,28 @@ fn bad_configuration_exits_2_naming_file_field_and_plugin() {
 }
 
 #[test]
+fn a_compile_past_its_timeout_is_abandoned_and_refused() {
+    // Any real component takes well over 1 ms to compile.
+    let yaml = format!(
+        "runtime: {{ compile-timeout: 1ms }}\nservices:\n  reviews:\n    plugins:\n      - source: {:?}\n",
+        wasmesh_artifacts::TRAPPER
+    );
+    refused(
+        &yaml,
+        &[
+            "plugin fixture-trapper (",
+            "services.reviews.plugins[0].source",
+            "longer than runtime.compile-timeout (1ms)",
+            "abandoned",
+        ],
+    );
+    refused(
+        "runtime: { compile-timeout: 0s }\n",
+        &["runtime.compile-timeout", "longer than 0s"],
+    );
+}
+
+#[test]
 fn a_component_that_is_not_a_plugin_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("junk.wasm"), b"\0asm\x01\0\0\0").unwrap();

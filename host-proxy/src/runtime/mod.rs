@@ -48,6 +48,11 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(10);
 pub const DEFAULT_MEMORY_LIMIT: usize = 16 << 20;
 /// Largest component accepted, in bytes.
 pub const MAX_COMPONENT_BYTES: usize = 16 << 20;
+/// Default bound on compiling one component (`runtime.compile-timeout`).
+pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Compilations running at once, abandoned ones included; past it a new
+/// component is refused until one ends.
+const MAX_COMPILES: usize = 4;
 
 /// Limits applied to every instance and call of a plugin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +166,16 @@ pub enum LoadError {
     /// Not a valid component (a core module, garbage, a compile failure).
     #[error("not a valid WebAssembly component: {0}")]
     Invalid(String),
+    /// Compiling took longer than allowed; the compile was abandoned.
+    #[error(
+        "compiling it took longer than runtime.compile-timeout ({0:?}); the compile was abandoned. Raise runtime.compile-timeout or ship a smaller component"
+    )]
+    CompileTimeout(Duration),
+    /// Too many compilations (some abandoned) still running.
+    #[error(
+        "{MAX_COMPILES} compilations are still running (abandoned ones included); try again when they end"
+    )]
+    CompilerBusy,
     /// A component, but not a wasmesh plugin of a version this host serves.
     #[error(
         "not a wasmesh plugin this proxy can run (it must export `wasmesh:plugin/filter@0.1.x` and import nothing beyond `wasmesh:plugin/host` and WASI 0.2): {0}"
@@ -275,6 +290,8 @@ pub struct Runtime {
     linker: Linker<HostState>,
     cache: Mutex<HashMap<String, Arc<LoadedComponent>>>,
     ticker: Arc<Ticker>,
+    /// Compilations running, abandoned ones included.
+    compiling: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Runtime {
@@ -296,6 +313,7 @@ impl Runtime {
             linker,
             cache: Mutex::default(),
             ticker,
+            compiling: Arc::default(),
         }))
     }
 
@@ -308,6 +326,17 @@ impl Runtime {
     /// which hooks it implements. Slow (milliseconds): never call on a
     /// request path.
     pub fn load(&self, bytes: &[u8]) -> Result<Arc<LoadedComponent>, LoadError> {
+        self.load_within(bytes, DEFAULT_COMPILE_TIMEOUT)
+    }
+
+    /// [`Runtime::load`], abandoning a compile that takes longer than
+    /// `timeout`: it runs on its own thread, whose result is dropped when it
+    /// comes too late (at most [`MAX_COMPILES`] such threads at once).
+    pub fn load_within(
+        &self,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<Arc<LoadedComponent>, LoadError> {
         if bytes.len() > MAX_COMPONENT_BYTES {
             return Err(LoadError::TooLarge { size: bytes.len() });
         }
@@ -315,8 +344,7 @@ impl Runtime {
         if let Some(c) = self.cache.lock().unwrap().get(&sha256) {
             return Ok(c.clone());
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let component = self.compile(bytes, timeout)?;
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
@@ -354,6 +382,33 @@ impl Runtime {
             .unwrap()
             .insert(loaded.sha256.clone(), loaded.clone());
         Ok(loaded)
+    }
+
+    fn compile(&self, bytes: &[u8], timeout: Duration) -> Result<Component, LoadError> {
+        if self.compiling.fetch_add(1, Ordering::AcqRel) >= MAX_COMPILES {
+            self.compiling.fetch_sub(1, Ordering::AcqRel);
+            return Err(LoadError::CompilerBusy);
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (engine, owned, compiling) =
+            (self.engine.clone(), bytes.to_vec(), self.compiling.clone());
+        let spawned = thread::Builder::new()
+            .name("wasmesh-compile".into())
+            .spawn(move || {
+                let r = Component::new(&engine, &owned);
+                compiling.fetch_sub(1, Ordering::AcqRel);
+                let _ = tx.send(r);
+            });
+        if let Err(e) = spawned {
+            self.compiling.fetch_sub(1, Ordering::AcqRel);
+            return Err(LoadError::Invalid(format!(
+                "cannot start a compile thread: {e}"
+            )));
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r.map_err(|e| LoadError::Invalid(format!("{e:#}"))),
+            Err(_) => Err(LoadError::CompileTimeout(timeout)),
+        }
     }
 
     fn store(&self, scope: Arc<PluginScope>, limits: &Limits) -> Store<HostState> {
