@@ -268,7 +268,7 @@ impl Drop for Completion {
 /// A response body that carries the request's [`Completion`].
 struct GuardedBody {
     inner: ProxyBody,
-    _guard: Completion,
+    guard: Completion,
 }
 
 impl Body for GuardedBody {
@@ -278,7 +278,18 @@ impl Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &r {
+            // The upstream failed after the response head went out: the
+            // client's stream is cut (hyper closes the HTTP/1 connection or
+            // resets the HTTP/2 stream); the request is counted with `UR`.
+            tracing::debug!(
+                service = &*self.guard.service.name,
+                "upstream response body failed after its head: {e}"
+            );
+            self.guard.flags = "UR";
+        }
+        r
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
@@ -903,14 +914,7 @@ async fn serve(
     guard.status = Some(resp.status().as_u16());
     guard.req = req_data;
     let (parts, body) = resp.into_parts();
-    Response::from_parts(
-        parts,
-        GuardedBody {
-            inner: body,
-            _guard: guard,
-        }
-        .boxed(),
-    )
+    Response::from_parts(parts, GuardedBody { inner: body, guard }.boxed())
 }
 
 /// Run `on-response` over plugins `0..upto` in reverse order. Returns the

@@ -455,3 +455,121 @@ async fn smuggling_shapes_get_400_and_nothing_is_forwarded() {
     assert_eq!(up.hits(), 0, "a smuggling shape was forwarded");
     assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
 }
+
+/// A hostile upstream, by path: `/rst` resets before answering,
+/// `/truncated` promises 100 bytes and resets after 5, `/endless` streams a
+/// chunked body until its writes fail (then sets `ended`).
+async fn hostile_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ended = Arc::new(AtomicBool::new(false));
+    let e = ended.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let ended = e.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                if line.contains("/rst") {
+                    let _ = s.set_linger(Some(Duration::ZERO));
+                } else if line.contains("/truncated") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = s.set_linger(Some(Duration::ZERO));
+                } else if line.contains("/endless") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                        .await;
+                    let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+                    while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                    ended.store(true, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, ended)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_faults_before_the_head_get_flagged_replies_and_after_it_cut_the_stream() {
+    use http_body_util::BodyExt;
+    let (addr, ended) = hostile_upstream().await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
+    ))
+    .await;
+    let rss_before = proxy.rss_kib();
+
+    // Reset before any response: a clean 502 UR.
+    let r = via(&proxy, "reviews", "/rst").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (502, Some("UR")));
+
+    // Reset after the head: the client's stream is cut, never a silently
+    // short body; counted as 200 UR.
+    let req = http::Request::get(format!("http://{}/truncated", proxy.listen))
+        .header("host", "reviews")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    match send(http1(), req).await {
+        Err(_) => {}
+        Ok(got) => panic!("a truncated body reached the client as complete: {got:?}"),
+    }
+    proxy
+        .metrics_containing(r#"wasmesh_requests_total{destination_service="reviews",response_code="200",response_flags="UR"} 1"#)
+        .await;
+
+    // An endless body: the client reads 8 MiB and goes away; the proxy lets
+    // go of the upstream (its writes start failing) and its memory stays flat.
+    let req = http::Request::get(format!("http://{}/endless", proxy.listen))
+        .header("host", "reviews")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let resp = http1().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut read = 0usize;
+    while read < 8 << 20 {
+        let f = body.frame().await.unwrap().unwrap();
+        read += f.data_ref().map_or(0, |d| d.len());
+    }
+    let rss_streaming = proxy.rss_kib();
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ended.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream kept streaming to nobody"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        rss_streaming < rss_before + 32 * 1024,
+        "RSS {rss_streaming} KiB while streaming (started at {rss_before} KiB)"
+    );
+    assert_eq!(
+        via(&proxy, "reviews", "/rst").await.status,
+        502,
+        "still serving"
+    );
+}
