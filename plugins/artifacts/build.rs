@@ -23,6 +23,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("fixture-stdlib", "STDLIB", false),
     ("fixture-wrongversion", "WRONG_VERSION", false),
     ("fixture-nop", "NOP", false),
+    ("fixture-hostile", "HOSTILE", false),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

@@ -294,3 +294,77 @@ async fn with_no_good_version_a_quarantined_plugin_gets_its_on_failure() {
         assert_eq!(s["plugins"][0]["serving"], serde_json::Value::Null, "{s}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deep_recursion_and_huge_returns_are_contained() {
+    let up = Upstream::echo("up").await;
+    let hostile = format!("{:?}", wasmesh_artifacts::HOSTILE);
+    let modes = [
+        ("recurse", "trapped"),
+        (
+            "many-headers",
+            "returned too much: 100000 header operations",
+        ),
+        ("huge-header", "returned too much: 4194"),
+        (
+            "huge-reply",
+            "returned too much: a local-reply body of 4194",
+        ),
+        ("huge-state", "the host refused a 1 MiB value"),
+    ];
+    // Building 100,000 header edits takes the guest longer than the default
+    // 10 ms deadline; the point here is what the host does with them.
+    let mut yaml = String::from("runtime: { hook-deadline: 5s }\nservices:\n");
+    for (mode, _) in modes.iter().chain([&("huge-log", "")]) {
+        yaml += &fixture_service(
+            mode,
+            &up,
+            &hostile,
+            &format!("{{ mode: {mode} }}"),
+            "closed",
+        );
+    }
+    let proxy = Proxy::start(&yaml).await;
+    let baseline = proxy.rss_kib();
+    for round in 0..3 {
+        for (mode, why) in modes {
+            let r = via(&proxy, mode, "/").await;
+            assert_eq!(
+                (r.status, r.header("x-wasmesh-flags")),
+                (503, Some("PF")),
+                "{mode}"
+            );
+            let body = String::from_utf8_lossy(&r.body);
+            let log = proxy.log_text();
+            assert!(
+                body.contains(why) || log.contains(why),
+                "{mode} (round {round}): {body}"
+            );
+        }
+        let r = via(&proxy, "huge-log", "/").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["headers"]["x-logged"], "yes");
+    }
+    assert_eq!(up.hits(), 3, "only the huge-log requests were forwarded");
+    let log_len = proxy.log_text().len();
+    assert!(
+        log_len < 1 << 20,
+        "a 4 MiB log line reached the log ({log_len} bytes)"
+    );
+    // Bound: each service's pool may keep an instance grown to the 16 MiB
+    // cap, plus the host's copies of what it refused while refusing it.
+    let rss = proxy.rss_kib();
+    let bound = baseline + 6 * 16 * 1024 + 32 * 1024;
+    assert!(
+        rss < bound,
+        "RSS {rss} KiB over {bound} KiB (baseline {baseline} KiB)"
+    );
+    let m = proxy.metrics_containing(r#"kind="too_large"} 3"#).await;
+    assert_eq!(
+        m.lines()
+            .filter(|l| l.ends_with(r#"kind="too_large"} 3"#))
+            .count(),
+        3,
+        "many-headers, huge-header and huge-reply, 3 each:\n{m}"
+    );
+}

@@ -50,6 +50,13 @@ pub const DEFAULT_MEMORY_LIMIT: usize = 16 << 20;
 pub const MAX_COMPONENT_BYTES: usize = 16 << 20;
 /// Default bound on compiling one component (`runtime.compile-timeout`).
 pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most header operations one decision may carry (each side).
+pub const MAX_HEADER_OPS: usize = 1_000;
+/// Most bytes of header names and values one decision may carry.
+pub const MAX_DECISION_HEADER_BYTES: usize = 256 << 10;
+/// Largest local-reply body a plugin may return.
+pub const MAX_REPLY_BODY: usize = 1 << 20;
+
 /// Compilations running at once, abandoned ones included; past it a new
 /// component is refused until one ends.
 const MAX_COMPILES: usize = 4;
@@ -198,6 +205,9 @@ pub enum PluginFailure {
     /// The plugin returned an error.
     #[error("returned an error: {0}")]
     Error(String),
+    /// The plugin returned more than the host accepts.
+    #[error("returned too much: {0}")]
+    TooLarge(String),
     /// This version is quarantined and no earlier good version is loaded.
     #[error(
         "is quarantined after {0} failures within {1:?}, and no earlier good version is loaded; deploy a fixed version"
@@ -212,6 +222,7 @@ impl PluginFailure {
             PluginFailure::Trap(_) => "trap",
             PluginFailure::Timeout(_) => "timeout",
             PluginFailure::Quarantined(..) => "quarantined",
+            PluginFailure::TooLarge(_) => "too_large",
             PluginFailure::Memory(_) => "memory",
             PluginFailure::Error(_) => "error",
         }
@@ -735,10 +746,23 @@ impl ConfiguredPlugin {
         &self,
         req: &mut Option<ReqData>,
     ) -> Result<wit::RequestDecision, PluginFailure> {
-        self.call(Hook::Request, req, None, |p, store| {
+        let d = self.call(Hook::Request, req, None, |p, store| {
             p.wasmesh_plugin_filter()
                 .call_on_request(store, Resource::<RequestRes>::new_borrow(0))
-        })
+        })?;
+        let routes = d.route.iter().flat_map(|r| {
+            [&r.service, &r.subset, &r.path, &r.authority]
+                .into_iter()
+                .flatten()
+                .map(String::len)
+        });
+        check_decision(
+            [&d.request_headers, &d.response_headers],
+            d.reply.as_ref(),
+            routes.sum(),
+        )
+        .map_err(|e| self.fail(e, "on_request"))?;
+        Ok(d)
     }
 
     /// `on-response`.
@@ -748,14 +772,17 @@ impl ConfiguredPlugin {
         resp: &mut Option<RespData>,
         attempt: &wit::Attempt,
     ) -> Result<wit::ResponseDecision, PluginFailure> {
-        self.call(Hook::Response, req, Some(resp), |p, store| {
+        let d = self.call(Hook::Response, req, Some(resp), |p, store| {
             p.wasmesh_plugin_filter().call_on_response(
                 store,
                 Resource::<RequestRes>::new_borrow(0),
                 Resource::<ResponseRes>::new_borrow(0),
                 attempt,
             )
-        })
+        })?;
+        check_decision([&d.response_headers, &Vec::new()], d.reply.as_ref(), 0)
+            .map_err(|e| self.fail(e, "on_response"))?;
+        Ok(d)
     }
 
     /// `on-complete`.
@@ -770,6 +797,56 @@ impl ConfiguredPlugin {
                 .map(Ok)
         })
     }
+}
+
+/// The host's caps on what a plugin may hand back: past them the decision
+/// is refused as a plugin failure (its `on-failure` applies), nothing of it
+/// applied. Guest memory caps bound what can be lifted in the first place.
+fn check_decision(
+    ops: [&Vec<wit::HeaderOp>; 2],
+    reply: Option<&wit::LocalReply>,
+    other_bytes: usize,
+) -> Result<(), PluginFailure> {
+    let mut bytes = other_bytes;
+    for side in ops {
+        if side.len() > MAX_HEADER_OPS {
+            return Err(PluginFailure::TooLarge(format!(
+                "{} header operations (at most {MAX_HEADER_OPS})",
+                side.len()
+            )));
+        }
+        for op in side {
+            bytes += match op {
+                wit::HeaderOp::Set(h) | wit::HeaderOp::Append(h) => h.name.len() + h.value.len(),
+                wit::HeaderOp::Remove(n) => n.len(),
+            };
+        }
+    }
+    if let Some(r) = reply {
+        if r.body.len() > MAX_REPLY_BODY {
+            return Err(PluginFailure::TooLarge(format!(
+                "a local-reply body of {} bytes (at most {MAX_REPLY_BODY})",
+                r.body.len()
+            )));
+        }
+        if r.headers.len() > MAX_HEADER_OPS {
+            return Err(PluginFailure::TooLarge(format!(
+                "{} local-reply headers (at most {MAX_HEADER_OPS})",
+                r.headers.len()
+            )));
+        }
+        bytes += r
+            .headers
+            .iter()
+            .map(|h| h.name.len() + h.value.len())
+            .sum::<usize>();
+    }
+    if bytes > MAX_DECISION_HEADER_BYTES {
+        return Err(PluginFailure::TooLarge(format!(
+            "{bytes} bytes of headers and routes (at most {MAX_DECISION_HEADER_BYTES})"
+        )));
+    }
+    Ok(())
 }
 
 pub use self::bindings::wit as contract;
