@@ -490,13 +490,13 @@ async fn hostile_upstream() -> (
                     .unwrap_or_default()
                     .to_string();
                 if line.contains("/rst") {
-                    let _ = s.set_linger(Some(Duration::ZERO));
+                    let _ = s.set_zero_linger();
                 } else if line.contains("/truncated") {
                     let _ = s
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
                         .await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    let _ = s.set_linger(Some(Duration::ZERO));
+                    let _ = s.set_zero_linger();
                 } else if line.contains("/endless") {
                     let _ = s
                         .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
