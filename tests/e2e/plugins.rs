@@ -368,3 +368,47 @@ async fn deep_recursion_and_huge_returns_are_contained() {
         "many-headers, huge-header and huge-reply, 3 each:\n{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_memory_bombs_leave_the_proxy_as_it_was() {
+    let up = Upstream::echo("up").await;
+    let bomb = format!("{:?}", wasmesh_artifacts::MEMBOMB);
+    // A small cap keeps each bomb quick; the path is the same at any cap.
+    let mut yaml = String::from("runtime: { memory-limit: 2Mi }\nservices:\n");
+    yaml += &fixture_service("bomb", &up, &bomb, "{}", "closed");
+    yaml += &format!("  healthy:\n    endpoints: {{ v1: [\"{}\"] }}\n", up.addr);
+    let proxy = Proxy::start(&yaml).await;
+    assert_eq!(via(&proxy, "healthy", "/").await.status, 200);
+    let start = proxy.rss_kib();
+    let t = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let listen = proxy.listen;
+        clients.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..2_500 {
+                let req = http::Request::get(format!("http://{listen}/"))
+                    .header("host", "bomb")
+                    .body(http_body_util::Full::default())
+                    .unwrap();
+                let r = send(http1(), req).await.unwrap();
+                if r.status == 503 && String::from_utf8_lossy(&r.body).contains("memory cap") {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut bombs = 0;
+    for c in clients {
+        bombs += c.await.unwrap();
+    }
+    assert_eq!(bombs, 10_000, "every bomb answered 503 PF at its cap");
+    assert_eq!(via(&proxy, "healthy", "/").await.status, 200);
+    let end = proxy.rss_kib();
+    println!("10,000 bombs in {:?}; RSS {start} KiB → {end} KiB", t.elapsed());
+    assert!(
+        end * 10 <= start * 11,
+        "RSS {end} KiB after 10,000 bombs, over 110% of the {start} KiB it started at"
+    );
+}
