@@ -15,7 +15,7 @@ use wasmesh_api::{MeshFile, OnFailure, PluginSpec, Protocol, parse_duration, par
 
 use crate::cluster::{ClusterView, Endpoint, EndpointTable};
 use crate::metrics::Metrics;
-use crate::runtime::{ConfiguredPlugin, Limits, PluginScope, Runtime};
+use crate::runtime::{ConfiguredPlugin, Limits, PluginFailure, PluginScope, Runtime};
 use crate::state::StateStore;
 
 /// Most plugins in one chain.
@@ -352,7 +352,7 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
         None => crate::runtime::DEFAULT_MEMORY_LIMIT as u64,
         Some(t) => parse_size(t).map_err(|e| field_err(file, "runtime.memory-limit", e))?,
     };
-    if !(1 << 20..=4 << 30).contains(&memory) {
+    if !(1 << 20..=crate::runtime::MAX_MEMORY_LIMIT as u64).contains(&memory) {
         return Err(field_err(
             file,
             "runtime.memory-limit",
@@ -741,7 +741,13 @@ fn build_chain(
         .map_err(|e| BuildError {
             source: plugin_source.clone(),
             path: format!("{path}.config"),
-            reason: format!("the plugin refused its configuration: {e}"),
+            reason: match e {
+                PluginFailure::Error(e) => format!("the plugin refused its configuration: {e}"),
+                PluginFailure::Memory(cap) => format!(
+                    "the plugin needs more memory than runtime.memory-limit ({cap} bytes) to start; raise runtime.memory-limit or make the plugin smaller"
+                ),
+                other => format!("the plugin failed while being configured: {other}"),
+            },
         })?;
         // With quarantine on, the version this one replaces stays ready as
         // its last known-good fallback (if it was itself quarantined, the

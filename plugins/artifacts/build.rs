@@ -24,6 +24,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("fixture-wrongversion", "WRONG_VERSION", false),
     ("fixture-nop", "NOP", false),
     ("fixture-hostile", "HOSTILE", false),
+    ("fixture-bigmem", "BIGMEM", false),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

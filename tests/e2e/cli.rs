@@ -91,6 +91,22 @@ fn bad_configuration_exits_2_naming_file_field_and_plugin() {
 }
 
 #[test]
+fn a_component_whose_initial_memory_is_over_the_cap_is_refused() {
+    let yaml = format!(
+        "services:\n  reviews:\n    plugins:\n      - source: {:?}\n",
+        wasmesh_artifacts::BIGMEM
+    );
+    refused(
+        &yaml,
+        &[
+            "plugin fixture-bigmem (",
+            "services.reviews.plugins[0].config",
+            "needs more memory than runtime.memory-limit (16777216 bytes)",
+        ],
+    );
+}
+
+#[test]
 fn a_compile_past_its_timeout_is_abandoned_and_refused() {
     // Any real component takes well over 1 ms to compile.
     let yaml = format!(

@@ -406,9 +406,26 @@ async fn ten_thousand_memory_bombs_leave_the_proxy_as_it_was() {
     assert_eq!(bombs, 10_000, "every bomb answered 503 PF at its cap");
     assert_eq!(via(&proxy, "healthy", "/").await.status, 200);
     let end = proxy.rss_kib();
-    println!("10,000 bombs in {:?}; RSS {start} KiB → {end} KiB", t.elapsed());
+    println!(
+        "10,000 bombs in {:?}; RSS {start} KiB → {end} KiB",
+        t.elapsed()
+    );
     assert!(
         end * 10 <= start * 11,
         "RSS {end} KiB after 10,000 bombs, over 110% of the {start} KiB it started at"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_with_a_large_initial_memory_runs_under_a_cap_that_fits_it() {
+    // 32 MiB of initial memory: refused under the default 16Mi cap (see the
+    // CLI tests), served under 64Mi.
+    let up = Upstream::echo("up").await;
+    let big = format!("{:?}", wasmesh_artifacts::BIGMEM);
+    let yaml = format!(
+        "runtime: {{ memory-limit: 64Mi }}\nservices:\n{}",
+        fixture_service("big", &up, &big, "{}", "closed")
+    );
+    let proxy = Proxy::start(&yaml).await;
+    assert_eq!(via(&proxy, "big", "/").await.status, 200);
 }

@@ -48,6 +48,8 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(10);
 pub const DEFAULT_MEMORY_LIMIT: usize = 16 << 20;
 /// Largest component accepted, in bytes.
 pub const MAX_COMPONENT_BYTES: usize = 16 << 20;
+/// Largest `runtime.memory-limit` accepted.
+pub const MAX_MEMORY_LIMIT: usize = 4 << 30;
 /// Default bound on compiling one component (`runtime.compile-timeout`).
 pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most header operations one decision may carry (each side).
@@ -372,7 +374,12 @@ impl Runtime {
             cluster: Arc::default(),
             metrics: Arc::default(),
         });
-        let limits = Limits::default();
+        // Probe under the largest cap any configuration may set: whether
+        // this plugin fits its configured cap is judged when it is configured.
+        let limits = Limits {
+            memory: MAX_MEMORY_LIMIT,
+            ..Limits::default()
+        };
         let mut store = self.store(scope, &limits);
         self.ticker.call_started();
         let plugin = pre
@@ -502,7 +509,7 @@ impl ConfiguredPlugin {
         on_failure: OnFailure,
         config_json: String,
         limits: Limits,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PluginFailure> {
         let label = |hook: &str| {
             scope
                 .metrics
@@ -536,7 +543,7 @@ impl ConfiguredPlugin {
             quarantined: AtomicBool::new(false),
             fallback: arc_swap::ArcSwapOption::empty(),
         };
-        let first = plugin.instantiate().map_err(|e| e.to_string())?;
+        let first = plugin.instantiate()?;
         plugin.pool.lock().unwrap().push(first);
         Ok(plugin)
     }
