@@ -429,3 +429,38 @@ async fn a_plugin_with_a_large_initial_memory_runs_under_a_cap_that_fits_it() {
     let proxy = Proxy::start(&yaml).await;
     assert_eq!(via(&proxy, "big", "/").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_guest_call_after_a_trap_and_only_on_complete_after_a_reply() {
+    let up = Upstream::echo("up").await;
+    let hostile = format!("{:?}", wasmesh_artifacts::HOSTILE);
+    let mut yaml = String::from("services:\n");
+    yaml += &fixture_service("trap", &up, &hostile, "{ mode: trap }", "open");
+    yaml += &fixture_service("reply", &up, &hostile, "{ mode: reply }", "closed");
+    let proxy = Proxy::start(&yaml).await;
+    for _ in 0..5 {
+        assert_eq!(via(&proxy, "trap", "/").await.status, 200, "skipped (open)");
+        assert_eq!(via(&proxy, "reply", "/").await.status, 418);
+    }
+    let m = proxy
+        .metrics_containing(r#"wasmesh_requests_total{destination_service="reply",response_code="418",response_flags="LR"} 5"#)
+        .await;
+    let calls = |service: &str, hook: &str| -> u64 {
+        m.lines()
+            .find(|l| {
+                l.starts_with("wasmesh_plugin_calls_total{")
+                    && l.contains(&format!(r#"service="{service}""#))
+                    && l.contains(&format!(r#"hook="{hook}""#))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    // A trapped plugin is never called again for that request.
+    assert_eq!(calls("trap", "on_request"), 5, "{m}");
+    assert_eq!(calls("trap", "on_response"), 0, "{m}");
+    assert_eq!(calls("trap", "on_complete"), 0, "{m}");
+    // A plugin that replied gets on-complete, never on-response.
+    assert_eq!(calls("reply", "on_request"), 5, "{m}");
+    assert_eq!(calls("reply", "on_response"), 0, "{m}");
+    assert_eq!(calls("reply", "on_complete"), 5, "{m}");
+}
