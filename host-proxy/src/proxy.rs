@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -304,6 +304,9 @@ impl Body for GuardedBody {
 struct PrefixedBody {
     prefix: std::collections::VecDeque<Frame<Bytes>>,
     rest: Option<Incoming>,
+    /// Set when the client's body fails (bad framing, a reset) after
+    /// forwarding began, so the failure is answered as the client's.
+    broken: Arc<AtomicBool>,
 }
 
 impl Body for PrefixedBody {
@@ -316,10 +319,14 @@ impl Body for PrefixedBody {
         if let Some(f) = self.prefix.pop_front() {
             return Poll::Ready(Some(Ok(f)));
         }
-        match self.rest.as_mut() {
-            Some(rest) => Pin::new(rest).poll_frame(cx).map_err(Into::into),
-            None => Poll::Ready(None),
+        let r = match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx).map_err(BoxError::from),
+            None => return Poll::Ready(None),
+        };
+        if let Poll::Ready(Some(Err(_))) = &r {
+            self.broken.store(true, Ordering::Release);
         }
+        r
     }
 }
 
@@ -348,26 +355,34 @@ const FIRST_FRAME_WAIT: Duration = Duration::from_millis(250);
 /// Read the first frame of the body before the upstream is called, so that a
 /// body that is broken from its first bytes is refused before anything is
 /// forwarded; the rest streams.
-async fn first_frame(mut body: Incoming) -> Result<ReqBody, hyper::Error> {
+async fn first_frame(
+    mut body: Incoming,
+    broken: &Arc<AtomicBool>,
+) -> Result<ReqBody, hyper::Error> {
     if body.is_end_stream() {
         return Ok(ReqBody::Replayable(Bytes::new()));
     }
-    match tokio::time::timeout(FIRST_FRAME_WAIT, body.frame()).await {
-        Err(_) => Ok(ReqBody::Once(Some(body.map_err(Into::into).boxed()))),
-        Ok(None) => Ok(ReqBody::Replayable(Bytes::new())),
-        Ok(Some(Err(e))) => Err(e),
-        Ok(Some(Ok(frame))) => Ok(ReqBody::Once(Some(
-            PrefixedBody {
-                prefix: [frame].into(),
-                rest: Some(body),
-            }
-            .boxed(),
-        ))),
-    }
+    let prefix = match tokio::time::timeout(FIRST_FRAME_WAIT, body.frame()).await {
+        Err(_) => Default::default(),
+        Ok(None) => return Ok(ReqBody::Replayable(Bytes::new())),
+        Ok(Some(Err(e))) => return Err(e),
+        Ok(Some(Ok(frame))) => [frame].into(),
+    };
+    Ok(ReqBody::Once(Some(
+        PrefixedBody {
+            prefix,
+            rest: Some(body),
+            broken: broken.clone(),
+        }
+        .boxed(),
+    )))
 }
 
 /// Read the body ahead up to [`RETRY_BUFFER`] so that a retry can replay it.
-async fn buffer_body(mut body: Incoming) -> Result<ReqBody, hyper::Error> {
+async fn buffer_body(
+    mut body: Incoming,
+    broken: &Arc<AtomicBool>,
+) -> Result<ReqBody, hyper::Error> {
     let mut prefix = std::collections::VecDeque::new();
     let mut data = bytes::BytesMut::new();
     let mut size = 0usize;
@@ -393,6 +408,7 @@ async fn buffer_body(mut body: Incoming) -> Result<ReqBody, hyper::Error> {
                     PrefixedBody {
                         prefix,
                         rest: Some(body),
+                        broken: broken.clone(),
                     }
                     .boxed(),
                 )));
@@ -741,10 +757,11 @@ async fn serve(
                 )
             }
             Some(target) => {
+                let body_broken = Arc::new(AtomicBool::new(false));
                 let read = if chain.any_on_response {
-                    buffer_body(body).await
+                    buffer_body(body, &body_broken).await
                 } else {
-                    first_frame(body).await
+                    first_frame(body, &body_broken).await
                 };
                 let mut body = {
                     match read {
@@ -861,6 +878,17 @@ async fn serve(
                             let (mut parts, body) = resp.into_parts();
                             strip_hop_by_hop(&mut parts.headers, false);
                             Response::from_parts(parts, body.map_err(Into::into).boxed())
+                        }
+                        None if body_broken.load(Ordering::Acquire) => {
+                            // The client's body broke after forwarding began:
+                            // the upstream request was aborted; the fault is
+                            // the client's.
+                            guard.flags = "DPE";
+                            local(
+                                StatusCode::BAD_REQUEST,
+                                "DPE",
+                                "the request body broke after forwarding began (bad framing or a reset); the upstream request was aborted\n".to_string(),
+                            )
                         }
                         None => {
                             let (status, flag, what) = match outcome {

@@ -573,3 +573,63 @@ async fn upstream_faults_before_the_head_get_flagged_replies_and_after_it_cut_th
         "still serving"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_breaks_after_forwarding_began_aborts_the_upstream_and_gets_400() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // An upstream that reads the body to its end before answering, and
+    // notes whether it ever saw a complete body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let completed = Arc::new(AtomicBool::new(false));
+    let c = completed.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let c = c.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            if req.into_body().collect().await.is_ok() {
+                                c.store(true, Ordering::SeqCst);
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: reviews\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
+    // The first chunk is forwarded; then the framing breaks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"ZZ\r\nbroken\r\n0\r\n\r\n").await.unwrap();
+    let (text, closed) = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(closed.is_some());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !completed.load(Ordering::SeqCst),
+        "the upstream saw a complete body"
+    );
+    proxy
+        .metrics_containing(r#"response_code="400",response_flags="DPE"} 1"#)
+        .await;
+}
