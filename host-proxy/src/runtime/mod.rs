@@ -44,6 +44,8 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Default deadline of one hook call.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(10);
+/// Least deadline of `configure` (the hook deadline when that is longer).
+pub const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
 /// Default linear-memory cap per instance.
 pub const DEFAULT_MEMORY_LIMIT: usize = 16 << 20;
 /// Largest component accepted, in bytes.
@@ -636,12 +638,22 @@ impl ConfiguredPlugin {
             .pre
             .instantiate(&mut store)
             .map_err(|e| self.classify(e))?;
-        arm(&mut store, &self.limits);
+        // `configure` may do real work (compiling a router's regexes): it
+        // gets at least CONFIGURE_DEADLINE, not the per-hook deadline.
+        let configure = Limits {
+            deadline: self.limits.deadline.max(CONFIGURE_DEADLINE),
+            ..self.limits
+        };
+        arm(&mut store, &configure);
         plugin
             .wasmesh_plugin_filter()
             .call_configure(&mut store, &self.config_json)
-            .map_err(|e| self.classify(e))?
+            .map_err(|e| match self.classify(e) {
+                PluginFailure::Timeout(_) => PluginFailure::Timeout(configure.deadline),
+                f => f,
+            })?
             .map_err(PluginFailure::Error)?;
+        arm(&mut store, &self.limits);
         Ok(Instance { store, plugin })
     }
 
