@@ -311,6 +311,25 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    /// The fuzzer's seed and found corpus, replayed as it runs them
+    /// (`fuzz/fuzz_targets/config.rs`): no panic; every error names a path.
+    #[test]
+    fn the_config_fuzz_corpus_replays() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            let text = String::from_utf8_lossy(&data);
+            let _ = super::parse_duration(&text);
+            let _ = super::parse_size(&text);
+            if let Err((path, reason)) = super::MeshFile::parse(&text) {
+                assert!(!path.is_empty(), "an error without a path: {reason}");
+            }
+            n += 1;
+        }
+        assert!(n >= 3, "the corpus is missing ({n} files in {dir})");
+    }
+
     use super::*;
 
     #[test]

@@ -307,6 +307,29 @@ mod tests {
         whole.verdict()
     }
 
+    /// The fuzzer's seed and found corpus, replayed as the target runs them
+    /// (`fuzz/fuzz_targets/h1_head.rs`: the first byte picks a split point).
+    #[test]
+    fn the_h1_head_fuzz_corpus_replays() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/h1_head");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            let Some((&cut, bytes)) = data.split_first() else {
+                continue;
+            };
+            let mut whole = Scanner::default();
+            whole.feed(bytes);
+            let cut = usize::from(cut) * bytes.len() / 256;
+            let mut split = Scanner::default();
+            split.feed(&bytes[..cut]);
+            split.feed(&bytes[cut..]);
+            assert_eq!(whole.verdict(), split.verdict());
+            n += 1;
+        }
+        assert!(n >= 3, "the corpus is missing ({n} files in {dir})");
+    }
+
     #[test]
     fn clean_keep_alive_streams_pass() {
         let input = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n\

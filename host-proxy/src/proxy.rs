@@ -1079,3 +1079,196 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
     let mut up = hyper_util::rt::TokioIo::new(up);
     let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
 }
+
+/// Entry points for the fuzz targets under `fuzz/` (feature `fuzzing`): the
+/// checks every guest-supplied decision and every request view go through,
+/// on arbitrary values.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing {
+    use super::*;
+
+    /// Read a decision from fuzz bytes: a byte picks each next field, a
+    /// length byte and that many bytes (lossy UTF-8) make each string.
+    pub fn decision_from_bytes(mut data: &[u8]) -> wit::RequestDecision {
+        let take = |data: &mut &[u8]| -> String {
+            let Some((&n, rest)) = data.split_first() else {
+                return String::new();
+            };
+            let n = usize::from(n).min(rest.len());
+            let (s, rest) = rest.split_at(n);
+            *data = rest;
+            String::from_utf8_lossy(s).into_owned()
+        };
+        let mut d = wit::RequestDecision {
+            request_headers: Vec::new(),
+            response_headers: Vec::new(),
+            route: None,
+            timeout_ms: None,
+            per_try_timeout_ms: None,
+            delay_ms: None,
+            reply: None,
+        };
+        while let Some((&kind, rest)) = data.split_first() {
+            data = rest;
+            let header = |data: &mut &[u8]| wit::Header {
+                name: take(data),
+                value: take(data),
+            };
+            match kind % 8 {
+                0 => d
+                    .request_headers
+                    .push(wit::HeaderOp::Set(header(&mut data))),
+                1 => d
+                    .request_headers
+                    .push(wit::HeaderOp::Append(header(&mut data))),
+                2 => d
+                    .request_headers
+                    .push(wit::HeaderOp::Remove(take(&mut data))),
+                3 => d
+                    .response_headers
+                    .push(wit::HeaderOp::Set(header(&mut data))),
+                4 => {
+                    let s = |v: String| (!v.is_empty()).then_some(v);
+                    d.route = Some(wit::Route {
+                        service: s(take(&mut data)),
+                        subset: s(take(&mut data)),
+                        path: s(take(&mut data)),
+                        authority: s(take(&mut data)),
+                    });
+                }
+                5 => {
+                    let status = take(&mut data)
+                        .bytes()
+                        .fold(0u16, |a, b| a.wrapping_mul(31).wrapping_add(u16::from(b)));
+                    let headers = vec![header(&mut data)];
+                    d.reply = Some(wit::LocalReply {
+                        status,
+                        headers,
+                        body: take(&mut data).into_bytes(),
+                    });
+                }
+                6 => d.timeout_ms = Some(u32::from(kind) * 7),
+                _ => d.delay_ms = Some(u32::from(kind)),
+            }
+        }
+        d
+    }
+
+    fn plain_request(parts: http::request::Parts) -> ReqData {
+        ReqData {
+            parts,
+            scheme: "http",
+            authority: "reviews".into(),
+            port: 80,
+            protocol: wit::Protocol::Http1,
+            source_address: "127.0.0.1:50000".into(),
+            source_principal: None,
+            service: "reviews".into(),
+            id: "fuzz".into(),
+            holds: Default::default(),
+        }
+    }
+
+    /// Apply a guest's `on-request` decision to a plain GET, as the proxy
+    /// does: the host's size caps, then validation, then the merge. Never
+    /// panics; what it accepts is valid HTTP.
+    pub fn request_decision(d: wit::RequestDecision) {
+        if crate::runtime::check_decision(
+            [&d.request_headers, &d.response_headers],
+            d.reply.as_ref(),
+            0,
+        )
+        .is_err()
+        {
+            return;
+        }
+        let (parts, ()) = Request::get("/").body(()).unwrap().into_parts();
+        let mut req = plain_request(parts);
+        let mut plan = Plan::default();
+        if let Ok(reply) = merge_request(&mut plan, &mut req, d) {
+            if let Some(p) = &plan.path {
+                assert!(p.parse::<http::uri::PathAndQuery>().is_ok(), "{p:?}");
+            }
+            if let Some(r) = reply {
+                assert!((200..=599).contains(&r.status().as_u16()));
+            }
+        }
+    }
+
+    /// A request head (as hyper would accept it) → the host's view of its
+    /// headers (what `headers()` hands a guest) → a decision that sets them
+    /// all back on an empty request: the same headers come out, in order,
+    /// for every value that is UTF-8.
+    pub fn head_roundtrip(head: &[u8]) {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Request::new(&mut headers);
+        if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+            return;
+        }
+        let mut b = Request::builder()
+            .method(parsed.method.unwrap_or("GET"))
+            .uri(parsed.path.unwrap_or("/"));
+        for h in parsed.headers.iter() {
+            b = b.header(h.name, h.value);
+        }
+        let Ok(req) = b.body(()) else {
+            return;
+        };
+        let (parts, ()) = req.into_parts();
+        let original = parts.headers.clone();
+        let view = crate::runtime::host::headers_list(&original);
+        assert_eq!(view.len(), original.len());
+        let mut ops = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for h in view {
+            ops.push(if seen.insert(h.name.clone()) {
+                wit::HeaderOp::Set(h)
+            } else {
+                wit::HeaderOp::Append(h)
+            });
+        }
+        let d = wit::RequestDecision {
+            request_headers: ops,
+            response_headers: Vec::new(),
+            route: None,
+            timeout_ms: None,
+            per_try_timeout_ms: None,
+            delay_ms: None,
+            reply: None,
+        };
+        let (empty, ()) = Request::get("/").body(()).unwrap().into_parts();
+        let mut rebuilt = plain_request(empty);
+        let merged = merge_request(&mut Plan::default(), &mut rebuilt, d);
+        let utf8 = original.values().all(|v| v.to_str().is_ok());
+        if utf8 {
+            merged.expect("headers the host showed a guest are valid to set back");
+            assert_eq!(rebuilt.parts.headers, original);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The fuzzers' seed and found corpora, replayed as the targets run them
+    /// (`fuzz/fuzz_targets/decision.rs`, `head_roundtrip.rs`).
+    #[test]
+    fn the_decision_and_head_fuzz_corpora_replay() {
+        for (target, run) in [
+            (
+                "decision",
+                (|d: &[u8]| {
+                    super::fuzzing::request_decision(super::fuzzing::decision_from_bytes(d))
+                }) as fn(&[u8]),
+            ),
+            ("head_roundtrip", super::fuzzing::head_roundtrip),
+        ] {
+            let dir = format!("{}/../fuzz/corpus/{target}", env!("CARGO_MANIFEST_DIR"));
+            let mut n = 0;
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                run(&std::fs::read(entry.unwrap().path()).unwrap());
+                n += 1;
+            }
+            assert!(n >= 2, "the corpus is missing ({n} files in {dir})");
+        }
+    }
+}

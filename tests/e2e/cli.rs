@@ -110,10 +110,7 @@ fn a_component_whose_initial_memory_is_over_the_cap_is_refused() {
 fn a_pathological_regex_is_refused_with_its_field() {
     refused(
         "services:\n  reviews:\n    plugins:\n      - source: builtin:router\n        config:\n          http:\n            - match: [{ uri: { regex: \"((a{100}){100}){100}\" } }]\n              route: [{ destination: { subset: v1 } }]\n",
-        &[
-            "plugin router (",
-            "config.http[0].match[0].uri.regex",
-        ],
+        &["plugin router (", "config.http[0].match[0].uri.regex"],
     );
 }
 

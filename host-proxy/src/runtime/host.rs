@@ -147,7 +147,7 @@ fn lossy(v: &http::HeaderValue) -> String {
     }
 }
 
-fn headers_list(map: &HeaderMap) -> Vec<wit::Header> {
+pub(crate) fn headers_list(map: &HeaderMap) -> Vec<wit::Header> {
     map.iter()
         .map(|(n, v)| wit::Header {
             name: n.as_str().to_string(),

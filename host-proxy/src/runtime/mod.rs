@@ -59,7 +59,7 @@ pub const MAX_HEADER_OPS: usize = 1_000;
 /// Most bytes of header names and values one decision may carry.
 pub const MAX_DECISION_HEADER_BYTES: usize = 256 << 10;
 /// Largest local-reply body a plugin may return.
-pub const MAX_REPLY_BODY: usize = 1 << 20;
+pub const MAX_REPLY_BODY: usize = 64 << 10;
 
 /// Compilations running at once, abandoned ones included; past it a new
 /// component is refused until one ends.
@@ -821,7 +821,7 @@ impl ConfiguredPlugin {
 /// The host's caps on what a plugin may hand back: past them the decision
 /// is refused as a plugin failure (its `on-failure` applies), nothing of it
 /// applied. Guest memory caps bound what can be lifted in the first place.
-fn check_decision(
+pub(crate) fn check_decision(
     ops: [&Vec<wit::HeaderOp>; 2],
     reply: Option<&wit::LocalReply>,
     other_bytes: usize,

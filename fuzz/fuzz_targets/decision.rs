@@ -1,0 +1,12 @@
+//! The host import boundary: an arbitrary `on-request` decision, as a guest
+//! could hand it back, through the host's caps, validation and merge. Never
+//! panics; what it accepts is valid HTTP.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use wasmesh_proxy::proxy::fuzzing;
+
+fuzz_target!(|data: &[u8]| {
+    fuzzing::request_decision(fuzzing::decision_from_bytes(data));
+});
