@@ -801,7 +801,7 @@ async fn serve(
                                 ep,
                                 req,
                                 &plan,
-                                body.take(),
+                                &mut body,
                                 downstream_h2,
                                 limit,
                             )
@@ -1011,7 +1011,7 @@ async fn send(
     ep: &Endpoint,
     req: &ReqData,
     plan: &Plan,
-    body: ProxyBody,
+    body: &mut ReqBody,
     downstream_h2: bool,
     limit: Option<Duration>,
 ) -> Result<Response<Incoming>, (wit::Outcome, &'static str)> {
@@ -1035,6 +1035,68 @@ async fn send(
         wasmesh_api::Protocol::H2c => true,
         wasmesh_api::Protocol::Auto => downstream_h2,
     };
+    let limit = limit.map(|l| Instant::now() + l);
+    // A request the upstream refused unprocessed (HTTP/2 REFUSED_STREAM)
+    // provably never reached it: sent again at once, whatever the plugins
+    // say, if its body can be replayed. (hyper-util re-sends requests lost
+    // to a stale keep-alive connection itself.)
+    let mut resends = 0;
+    loop {
+        let result = send_once(
+            shared,
+            target,
+            req,
+            plan,
+            uri.clone(),
+            body.take(),
+            h2,
+            limit,
+        )
+        .await;
+        match result {
+            Err(SendError::Refused) if resends < 2 && matches!(body, ReqBody::Replayable(_)) => {
+                resends += 1;
+                tracing::debug!(
+                    endpoint = &*ep.address,
+                    "stream refused by the upstream; sending again"
+                );
+            }
+            Err(SendError::Refused) => return Err((wit::Outcome::Reset, "UR")),
+            Err(SendError::Other(o, f)) => return Err((o, f)),
+            Ok(r) => return Ok(r),
+        }
+    }
+}
+
+enum SendError {
+    /// HTTP/2 REFUSED_STREAM: the upstream did not process the request.
+    Refused,
+    Other(wit::Outcome, &'static str),
+}
+
+/// Whether an upstream error is an HTTP/2 REFUSED_STREAM.
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
+}
+
+#[allow(clippy::too_many_arguments, reason = "internal helper of `send`")]
+async fn send_once(
+    shared: &Shared,
+    target: &Service,
+    req: &ReqData,
+    plan: &Plan,
+    uri: Uri,
+    body: ProxyBody,
+    h2: bool,
+    deadline: Option<Instant>,
+) -> Result<Response<Incoming>, SendError> {
     let mut up = Request::new(body);
     *up.method_mut() = req.parts.method.clone();
     *up.uri_mut() = uri;
@@ -1052,19 +1114,20 @@ async fn send(
         *up.version_mut() = Version::HTTP_11;
         shared.clients.http1.request(up)
     };
-    let result = match limit {
-        Some(l) => match tokio::time::timeout(l, fut).await {
+    let result = match deadline {
+        Some(d) => match tokio::time::timeout_at(d.into(), fut).await {
             Ok(r) => r,
-            Err(_) => return Err((wit::Outcome::Timeout, "UT")),
+            Err(_) => return Err(SendError::Other(wit::Outcome::Timeout, "UT")),
         },
         None => fut.await,
     };
     match result {
         Ok(r) => Ok(r),
-        Err(e) if e.is_connect() => Err((wit::Outcome::ConnectFailure, "UF")),
+        Err(e) if e.is_connect() => Err(SendError::Other(wit::Outcome::ConnectFailure, "UF")),
+        Err(e) if refused_stream(&e) => Err(SendError::Refused),
         Err(e) => {
-            tracing::debug!(endpoint = &*ep.address, "upstream error: {e:?}");
-            Err((wit::Outcome::Reset, "UR"))
+            tracing::debug!(service = &*target.name, "upstream error: {e:?}");
+            Err(SendError::Other(wit::Outcome::Reset, "UR"))
         }
     }
 }

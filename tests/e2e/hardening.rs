@@ -633,3 +633,48 @@ async fn a_body_that_breaks_after_forwarding_began_aborts_the_upstream_and_gets_
         .metrics_containing(r#"response_code="400",response_flags="DPE"} 1"#)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_http2_stream_is_sent_again_transparently() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // An h2c upstream that refuses every other stream unprocessed.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = s.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        let _ = respond.send_response(http::Response::new(()), true);
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    protocol: h2c\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
+    ))
+    .await;
+    // No retry plugin: the proxy itself sends a refused stream again.
+    for _ in 0..5 {
+        let r = via(&proxy, "reviews", "/").await;
+        assert_eq!(r.status, 200, "{:?}", r.header("x-wasmesh-flags"));
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        10,
+        "each request refused once, then served"
+    );
+}
