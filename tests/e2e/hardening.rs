@@ -654,7 +654,7 @@ async fn a_refused_http2_stream_is_sent_again_transparently() {
                     return;
                 };
                 while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    if seen.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    if seen.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                     } else {
                         let _ = respond.send_response(http::Response::new(()), true);
