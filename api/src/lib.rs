@@ -88,6 +88,9 @@ pub struct UpstreamSpec {
     pub max_idle_per_endpoint: Option<usize>,
     /// Requests in flight per endpoint; more get 503 `UO`. Default `1024`.
     pub max_requests_per_endpoint: Option<usize>,
+    /// Open connections per endpoint (per upstream protocol); a request that
+    /// needs one more gets 503 `UO` at once. Default `1024`.
+    pub max_connections_per_endpoint: Option<usize>,
 }
 
 /// Limits on downstream (client) connections, as Envoy's defaults.

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod connector;
 pub mod h1scan;
 mod listener;
 pub mod metrics;
@@ -35,6 +36,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::cluster::{ClusterView, EndpointTable};
+use crate::connector::LimitedConnector;
 use crate::metrics::Metrics;
 use crate::proxy::{ProxyBody, Side};
 use crate::runtime::Runtime;
@@ -57,9 +59,9 @@ pub struct Options {
 /// Pooled upstream clients, one per protocol (pools keyed by endpoint).
 pub struct Clients {
     /// HTTP/1.1.
-    pub http1: Client<HttpConnector, ProxyBody>,
+    pub http1: Client<LimitedConnector, ProxyBody>,
     /// HTTP/2 with prior knowledge.
-    pub h2c: Client<HttpConnector, ProxyBody>,
+    pub h2c: Client<LimitedConnector, ProxyBody>,
 }
 
 impl Clients {
@@ -74,9 +76,11 @@ impl Clients {
             .pool_max_idle_per_host(s.max_idle_per_endpoint)
             .retry_canceled_requests(true)
             .set_host(false);
-        let http1 = b.build(connector.clone());
+        // One cap per protocol's pool.
+        let limited = || LimitedConnector::new(connector.clone(), s.max_connections_per_endpoint);
+        let http1 = b.build(limited());
         b.http2_only(true);
-        let h2c = b.build(connector);
+        let h2c = b.build(limited());
         Self { http1, h2c }
     }
 }

@@ -1074,6 +1074,18 @@ enum SendError {
     Other(wit::Outcome, &'static str),
 }
 
+/// Whether an upstream error is the connector's per-endpoint cap.
+fn connection_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<crate::connector::ConnectionLimit>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Whether an upstream error is an HTTP/2 REFUSED_STREAM.
 fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
@@ -1123,6 +1135,7 @@ async fn send_once(
     };
     match result {
         Ok(r) => Ok(r),
+        Err(e) if connection_limit(&e) => Err(SendError::Other(wit::Outcome::Overflow, "UO")),
         Err(e) if e.is_connect() => Err(SendError::Other(wit::Outcome::ConnectFailure, "UF")),
         Err(e) if refused_stream(&e) => Err(SendError::Refused),
         Err(e) => {

@@ -163,6 +163,8 @@ pub struct UpstreamSettings {
     pub max_idle_per_endpoint: usize,
     /// Requests in flight per endpoint.
     pub max_requests_per_endpoint: usize,
+    /// Open connections per endpoint (per upstream protocol).
+    pub max_connections_per_endpoint: usize,
 }
 
 /// An ordered list of configured plugins.
@@ -428,7 +430,15 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
         )?,
         max_idle_per_endpoint: up.max_idle_per_endpoint.unwrap_or(32),
         max_requests_per_endpoint: up.max_requests_per_endpoint.unwrap_or(1024),
+        max_connections_per_endpoint: up.max_connections_per_endpoint.unwrap_or(1024),
     };
+    if upstream.max_connections_per_endpoint == 0 {
+        return Err(field_err(
+            file,
+            "upstream.max-connections-per-endpoint",
+            "must be at least 1",
+        ));
+    }
     if upstream.max_requests_per_endpoint == 0 {
         return Err(field_err(
             file,
@@ -437,13 +447,19 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
         ));
     }
     if let Some(prev) = ctx.previous {
-        let fixed =
-            |u: &UpstreamSettings| (u.connect_timeout, u.idle_timeout, u.max_idle_per_endpoint);
+        let fixed = |u: &UpstreamSettings| {
+            (
+                u.connect_timeout,
+                u.idle_timeout,
+                u.max_idle_per_endpoint,
+                u.max_connections_per_endpoint,
+            )
+        };
         if fixed(&prev.upstream) != fixed(&upstream) {
             return Err(field_err(
                 file,
                 "upstream",
-                "connect-timeout, idle-timeout and max-idle-per-endpoint cannot change while the proxy runs; restart the proxy to apply them",
+                "connect-timeout, idle-timeout, max-idle-per-endpoint and max-connections-per-endpoint cannot change while the proxy runs; restart the proxy to apply them",
             ));
         }
     }

@@ -678,3 +678,79 @@ async fn a_refused_http2_stream_is_sent_again_transparently() {
         "each request refused once, then served"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_per_endpoint_connection_cap_a_request_gets_503_uo_at_once() {
+    // An upstream that takes a second to answer (without blocking this
+    // test's runtime): each request in flight holds an HTTP/1 connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(1000)).await;
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let up = addr;
+    let proxy = Proxy::start(&format!(
+        "upstream: {{ max-connections-per-endpoint: 2 }}\nservices:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{}\"] }}\n",
+        up
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let listen = proxy.listen;
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let req = http::Request::get(format!("http://{listen}/"))
+                .header("host", "reviews")
+                .body(http_body_util::Full::default())
+                .unwrap();
+            let r = send(http1(), req).await.unwrap();
+            (
+                r.status,
+                r.header("x-wasmesh-flags").map(str::to_string),
+                t.elapsed(),
+            )
+        }));
+    }
+    let (mut ok, mut overflow) = (0, 0);
+    for t in tasks {
+        let (status, flag, took) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(flag.as_deref(), Some("UO"));
+                assert!(
+                    took < Duration::from_millis(900),
+                    "an overflow waited {took:?}"
+                );
+                overflow += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!((ok, overflow), (2, 3));
+    // The connections are pooled, not lost: the next requests reuse them.
+    assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
+}
