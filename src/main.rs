@@ -39,6 +39,10 @@ enum Command {
         /// How long in-flight requests may take to finish on SIGTERM.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         drain: Duration,
+        /// Keep compiled plugins in this directory (yours alone, mode 700)
+        /// so a restart does not compile them again.
+        #[arg(long, value_name = "DIR")]
+        compile_cache: Option<PathBuf>,
     },
     /// Write and build plugins.
     Plugin {
@@ -90,7 +94,8 @@ fn main() -> ExitCode {
             watch,
             workers,
             drain,
-        } => proxy(config, watch, workers, drain),
+            compile_cache,
+        } => proxy(config, watch, workers, drain, compile_cache),
         Command::Plugin { command } => match command {
             PluginCommand::New { name } => plugin_cmd::new(&name),
             PluginCommand::Build { dir } => plugin_cmd::build(dir.as_deref()),
@@ -99,7 +104,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn proxy(config: PathBuf, watch: bool, workers: Option<usize>, drain: Duration) -> ExitCode {
+fn proxy(
+    config: PathBuf,
+    watch: bool,
+    workers: Option<usize>,
+    drain: Duration,
+    compile_cache: Option<PathBuf>,
+) -> ExitCode {
     let workers = workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .max(1);
@@ -119,6 +130,7 @@ fn proxy(config: PathBuf, watch: bool, workers: Option<usize>, drain: Duration) 
         watch,
         workers,
         builtins: wasmesh_artifacts::BUILTINS,
+        compile_cache,
     };
     rt.block_on(async move {
         let proxy = match wasmesh_proxy::Proxy::start(options).await {

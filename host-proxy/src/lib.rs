@@ -54,6 +54,8 @@ pub struct Options {
     pub workers: usize,
     /// The `builtin:` plugins.
     pub builtins: &'static [(&'static str, &'static [u8])],
+    /// Keep compiled components here across runs.
+    pub compile_cache: Option<PathBuf>,
 }
 
 /// Pooled upstream clients, one per protocol (pools keyed by endpoint).
@@ -179,7 +181,7 @@ pub struct Proxy {
 impl Proxy {
     /// Build the first snapshot and bind the listeners.
     pub async fn start(options: Options) -> Result<Self, StartError> {
-        let runtime = Runtime::new()?;
+        let runtime = Runtime::with_compile_cache(options.compile_cache.as_deref())?;
         let metrics = Arc::new(Metrics::new());
         let state = Arc::new(StateStore::default());
         let endpoints = Arc::new(EndpointTable::default());

@@ -237,3 +237,65 @@ async fn a_refused_reload_keeps_serving_and_shows_in_config() {
     }
     assert_eq!(via(&proxy, "reviews", "/").await.header("x-v"), Some("3"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_reads_compiled_plugins_from_the_compile_cache() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = Upstream::echo("up").await;
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join("cache");
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let yaml = format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - source: builtin:add-header\n        config: {{ request: {{ x-a: b }} }}\n",
+        up.addr
+    );
+    let artifacts = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect()
+    };
+    // First run: compiles, writes the artifact into a directory it made 0700.
+    let mut first = Proxy::start_with(&yaml, &["--compile-cache", &dir_arg]).await;
+    assert_eq!(via(&first, "reviews", "/").await.json()["headers"]["x-a"], "b");
+    assert_eq!(first.terminate().code(), Some(0));
+    assert_eq!(artifacts().len(), 1, "one component, one artifact");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+
+    // Second run: reads it instead of compiling.
+    let mut second = Proxy::start_with(&yaml, &["--compile-cache", &dir_arg]).await;
+    assert_eq!(via(&second, "reviews", "/").await.json()["headers"]["x-a"], "b");
+    assert!(
+        second.log_text().contains("component read from the compile cache"),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(second.terminate().code(), Some(0));
+
+    // A corrupted artifact is never loaded: noticed, removed, compiled again.
+    let file = &artifacts()[0];
+    let mut bytes = std::fs::read(file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(file, bytes).unwrap();
+    let third = Proxy::start_with(&yaml, &["--compile-cache", &dir_arg]).await;
+    assert_eq!(via(&third, "reviews", "/").await.json()["headers"]["x-a"], "b");
+    assert!(
+        third.log_text().contains("compile cache entry corrupt"),
+        "{}",
+        third.log_text()
+    );
+    drop(third);
+
+    // A cache directory others can write to is refused.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new(WASMESH)
+        .args(["proxy", "--compile-cache", &dir_arg, "--config", "/nonexistent.yaml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("closed to others (chmod 700)"), "{err}");
+}

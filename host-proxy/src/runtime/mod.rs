@@ -18,6 +18,7 @@
 //! (export lookup, lowering and lifting, handle tables, post-return);
 //! compilation happens only while a snapshot is built, never on a request path.
 
+mod artifacts;
 mod bindings;
 pub(crate) mod host;
 mod wasi_io;
@@ -307,11 +308,18 @@ pub struct Runtime {
     ticker: Arc<Ticker>,
     /// Compilations running, abandoned ones included.
     compiling: Arc<std::sync::atomic::AtomicUsize>,
+    /// Compiled components on disk (`--compile-cache`), if any.
+    disk: Option<artifacts::ArtifactCache>,
 }
 
 impl Runtime {
     /// The engine, the linker with the host functions, the epoch ticker.
     pub fn new() -> anyhow::Result<Arc<Self>> {
+        Self::with_compile_cache(None)
+    }
+
+    /// [`Runtime::new`], keeping compiled components in `dir` across runs.
+    pub fn with_compile_cache(dir: Option<&std::path::Path>) -> anyhow::Result<Arc<Self>> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
@@ -322,8 +330,15 @@ impl Runtime {
         wasi_io::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let disk = match dir {
+            Some(d) => {
+                Some(artifacts::ArtifactCache::open(d, &engine).map_err(|e| anyhow::anyhow!(e))?)
+            }
+            None => None,
+        };
         let ticker = Ticker::start(engine.clone());
         Ok(Arc::new(Self {
+            disk,
             engine,
             linker,
             cache: Mutex::default(),
@@ -359,7 +374,26 @@ impl Runtime {
         if let Some(c) = self.cache.lock().unwrap().get(&sha256) {
             return Ok(c.clone());
         }
-        let component = self.compile(bytes, timeout)?;
+        let cached = self
+            .disk
+            .as_ref()
+            .and_then(|d| d.get(&self.engine, &sha256));
+        let component = match cached {
+            Some(c) => {
+                tracing::info!(
+                    sha256 = &sha256[..12],
+                    "component read from the compile cache"
+                );
+                c
+            }
+            None => {
+                let c = self.compile(bytes, timeout)?;
+                if let Some(d) = &self.disk {
+                    d.put(&sha256, &c);
+                }
+                c
+            }
+        };
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
