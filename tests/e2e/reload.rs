@@ -258,7 +258,10 @@ async fn a_restart_reads_compiled_plugins_from_the_compile_cache() {
     };
     // First run: compiles, writes the artifact into a directory it made 0700.
     let mut first = Proxy::start_with(&yaml, &["--compile-cache", &dir_arg]).await;
-    assert_eq!(via(&first, "reviews", "/").await.json()["headers"]["x-a"], "b");
+    assert_eq!(
+        via(&first, "reviews", "/").await.json()["headers"]["x-a"],
+        "b"
+    );
     assert_eq!(first.terminate().code(), Some(0));
     assert_eq!(artifacts().len(), 1, "one component, one artifact");
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
@@ -266,9 +269,14 @@ async fn a_restart_reads_compiled_plugins_from_the_compile_cache() {
 
     // Second run: reads it instead of compiling.
     let mut second = Proxy::start_with(&yaml, &["--compile-cache", &dir_arg]).await;
-    assert_eq!(via(&second, "reviews", "/").await.json()["headers"]["x-a"], "b");
+    assert_eq!(
+        via(&second, "reviews", "/").await.json()["headers"]["x-a"],
+        "b"
+    );
     assert!(
-        second.log_text().contains("component read from the compile cache"),
+        second
+            .log_text()
+            .contains("component read from the compile cache"),
         "{}",
         second.log_text()
     );
@@ -281,7 +289,10 @@ async fn a_restart_reads_compiled_plugins_from_the_compile_cache() {
     bytes[last] ^= 0xff;
     std::fs::write(file, bytes).unwrap();
     let third = Proxy::start_with(&yaml, &["--compile-cache", &dir_arg]).await;
-    assert_eq!(via(&third, "reviews", "/").await.json()["headers"]["x-a"], "b");
+    assert_eq!(
+        via(&third, "reviews", "/").await.json()["headers"]["x-a"],
+        "b"
+    );
     assert!(
         third.log_text().contains("compile cache entry corrupt"),
         "{}",
@@ -292,7 +303,13 @@ async fn a_restart_reads_compiled_plugins_from_the_compile_cache() {
     // A cache directory others can write to is refused.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let out = std::process::Command::new(WASMESH)
-        .args(["proxy", "--compile-cache", &dir_arg, "--config", "/nonexistent.yaml"])
+        .args([
+            "proxy",
+            "--compile-cache",
+            &dir_arg,
+            "--config",
+            "/nonexistent.yaml",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
