@@ -235,14 +235,69 @@ async fn proxy_mode_unknown_hosts_connect_and_upstream_failures_get_flagged_loca
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_turns_ready_off_and_exits_zero() {
-    let up = Upstream::echo("reviews").await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that answers after 1.5 s, so a request is in flight when
+    // SIGTERM comes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslow\n")
+                    .await;
+            });
+        }
+    });
     let mut proxy = Proxy::start(&format!(
-        "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n",
-        up.addr
+        "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
     ))
     .await;
-    assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
-    let status = proxy.terminate();
+    let listen = proxy.listen;
+    let in_flight = tokio::spawn(async move {
+        let req = http::Request::get(format!("http://{listen}/"))
+            .header("host", "reviews")
+            .body(Full::default())
+            .unwrap();
+        send(http1(), req).await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let t = std::time::Instant::now();
+    proxy.sigterm();
+    // Draining: /ready says 503 and the listener takes no new connections.
+    let mut ready_503 = false;
+    let mut refused = false;
+    while t.elapsed() < std::time::Duration::from_millis(1000) && !(ready_503 && refused) {
+        if let Ok(r) = get(&format!("http://{}/ready", proxy.admin)).await {
+            ready_503 |= r.status == 503;
+        }
+        refused |= tokio::net::TcpStream::connect(proxy.listen).await.is_err();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ready_503, "/ready never turned 503 while draining");
+    assert!(
+        refused,
+        "the listener still accepted connections while draining"
+    );
+    // The request in flight finishes.
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request was cut");
+    assert_eq!((r.status, &r.body[..]), (200, &b"slow\n"[..]));
+    let status = proxy.wait_exit();
     assert!(status.success(), "{status}: {}", proxy.log_text());
 }
 
