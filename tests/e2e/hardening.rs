@@ -59,6 +59,25 @@ async fn oversized_heads_get_431_and_never_reach_the_upstream() {
     let big = raw(&proxy, &get_with_headers(1, 70 * 1024)).await;
     assert!(big.starts_with("HTTP/1.1 431"), "{big}");
     assert_eq!(up.hits(), 1, "nothing oversized was forwarded");
+
+    // HTTP/2: a 70 KiB header is a stream error (or a 431), never forwarded.
+    let stream = TcpStream::connect(proxy.listen).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_header_list_size(1 << 20)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://reviews/")
+        .header("x-big", "a".repeat(70 * 1024))
+        .body(http_body_util::Full::<bytes::Bytes>::default())
+        .unwrap();
+    match sender.send_request(req).await {
+        Err(_) => {}
+        Ok(r) => assert_eq!(r.status(), 431),
+    }
+    assert_eq!(up.hits(), 1, "nothing oversized was forwarded over HTTP/2");
     // The proxy still serves.
     assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
 }
