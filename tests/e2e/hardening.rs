@@ -147,6 +147,21 @@ async fn slowloris_and_idle_connections_are_closed_by_their_timeouts() {
     proxy
         .metrics_containing(r#"wasmesh_downstream_closed_total{reason="idle"} 1"#)
         .await;
+
+    // A slow body: the head, one byte of ten, then nothing. The idle
+    // timeout closes it too.
+    let mut body = TcpStream::connect(proxy.listen).await.unwrap();
+    body.write_all(b"POST / HTTP/1.1\r\nhost: reviews\r\ncontent-length: 10\r\n\r\nx")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let (_, closed) = read_to_close(&mut body, Duration::from_secs(10)).await;
+    let closed = closed.expect("a stalled body was left open for 10 s");
+    assert!(
+        closed >= Duration::from_millis(900) && closed < Duration::from_secs(5),
+        "closed after {:?} (idle-timeout 1s)",
+        t.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
