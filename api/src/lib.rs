@@ -239,7 +239,7 @@ impl MeshFile {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let doc: MeshFile = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let path = if path == "." {
+            let path = if path == "." || path.is_empty() {
                 "(document)".into()
             } else {
                 path
@@ -331,6 +331,11 @@ mod tests {
             n += 1;
         }
         assert!(n >= 3, "the corpus is missing ({n} files in {dir})");
+        // Found by the fuzzer: an anchor (`&untime`) made the unknown-field
+        // error's path empty.
+        let found = std::fs::read(format!("{dir}/regression-empty-key")).unwrap();
+        let (path, _) = super::MeshFile::parse(&String::from_utf8_lossy(&found)).unwrap_err();
+        assert_eq!(path, "(document)");
     }
 
     use super::*;

@@ -88,6 +88,10 @@ fn bad_configuration_exits_2_naming_file_field_and_plugin() {
         "services:\n  reviews:\n    plugins:\n      - source: builtin:add-header\n        sha256: \"00\"\n",
         &["services.reviews.plugins[0].sha256", "not the 00"],
     );
+    refused(
+        &format!("# {}\n", "x".repeat(5 << 20)),
+        &["mesh.yaml", "over the 4194304-byte limit for a mesh file"],
+    );
 }
 
 #[test]
