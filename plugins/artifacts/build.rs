@@ -8,6 +8,9 @@ use std::process::Command;
 use std::{env, fs};
 
 /// (package, constant name, stock plugin shipped in the binary?)
+#[path = "table_bomb.rs"]
+mod table_bomb;
+
 const PLUGINS: &[(&str, &str, bool)] = &[
     ("add-header", "ADD_HEADER", true),
     ("deny-path", "DENY_PATH", true),
@@ -93,6 +96,12 @@ fn main() {
             ));
         }
     }
+    let bomb = out_dir.join("fixture_tablebomb.wasm");
+    table_bomb::write(&root.join("wit"), &bomb);
+    src.push_str(&format!(
+        "/// Path of the hand-assembled table-growth bomb component.\npub const TABLE_BOMB: &str = {:?};\n",
+        bomb.display().to_string()
+    ));
     src.push_str(&format!(
         "/// The stock plugins shipped in the binary, by `builtin:` name.\npub const BUILTINS: &[(&str, &[u8])] = &[\n{builtins}];\n"
     ));

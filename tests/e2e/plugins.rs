@@ -464,3 +464,29 @@ async fn no_guest_call_after_a_trap_and_only_on_complete_after_a_reply() {
     assert_eq!(calls("reply", "on_response"), 0, "{m}");
     assert_eq!(calls("reply", "on_complete"), 5, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_growth_bomb_is_trapped_at_the_table_cap() {
+    let up = Upstream::echo("up").await;
+    let bomb = format!("{:?}", wasmesh_artifacts::TABLE_BOMB);
+    let mut yaml = String::from("services:\n");
+    yaml += &fixture_service("bomb", &up, &bomb, "{}", "closed");
+    yaml += &format!("  healthy:\n    endpoints: {{ v1: [\"{}\"] }}\n", up.addr);
+    let proxy = Proxy::start(&yaml).await;
+    let start = proxy.rss_kib();
+    for _ in 0..200 {
+        let r = via(&proxy, "bomb", "/").await;
+        assert_eq!((r.status, r.header("x-wasmesh-flags")), (503, Some("PF")));
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(body.contains("table"), "{body}");
+    }
+    assert_eq!(up.hits(), 0);
+    assert_eq!(via(&proxy, "healthy", "/").await.status, 200);
+    let end = proxy.rss_kib();
+    // Each bomb's table is capped at 100,000 elements (≈ 1.6 MB) and freed
+    // with its instance.
+    assert!(
+        end < start + 16 * 1024,
+        "RSS {start} KiB → {end} KiB after 200 table bombs"
+    );
+}
