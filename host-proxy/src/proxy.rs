@@ -234,6 +234,8 @@ struct Completion {
     flags: &'static str,
     attempts: u32,
     started: Instant,
+    /// Set when the client's body broke after forwarding began.
+    body_broken: Option<Arc<AtomicBool>>,
 }
 
 impl Completion {
@@ -252,6 +254,16 @@ impl Drop for Completion {
             attempts: self.attempts,
             duration_us: self.started.elapsed().as_micros() as u64,
         };
+        // A client body that broke after the response began is counted as
+        // the client's fault (its stream was cut by hyper).
+        if self.flags.is_empty()
+            && self
+                .body_broken
+                .as_ref()
+                .is_some_and(|b| b.load(Ordering::Acquire))
+        {
+            self.flags = "DPE";
+        }
         let mut req = self.req.take();
         let (reached, failed) = (self.reached, self.failed);
         for (i, p) in self.chain().plugins.iter().enumerate().take(reached) {
@@ -287,7 +299,12 @@ impl Body for GuardedBody {
                 service = &*self.guard.service.name,
                 "upstream response body failed after its head: {e}"
             );
-            self.guard.flags = "UR";
+            let client_fault = self
+                .guard
+                .body_broken
+                .as_ref()
+                .is_some_and(|b| b.load(Ordering::Acquire));
+            self.guard.flags = if client_fault { "DPE" } else { "UR" };
         }
         r
     }
@@ -662,6 +679,7 @@ async fn serve(
         flags: "",
         attempts: 0,
         started,
+        body_broken: None,
     };
     let chain = match side {
         Side::Outbound => &service.outbound,
@@ -758,6 +776,7 @@ async fn serve(
             }
             Some(target) => {
                 let body_broken = Arc::new(AtomicBool::new(false));
+                guard.body_broken = Some(body_broken.clone());
                 let read = if chain.any_on_response {
                     buffer_body(body, &body_broken).await
                 } else {

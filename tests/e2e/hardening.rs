@@ -788,3 +788,64 @@ async fn past_the_per_endpoint_connection_cap_a_request_gets_503_uo_at_once() {
     // The connections are pooled, not lost: the next requests reuse them.
     assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_breaks_after_the_response_began_cuts_the_client_stream_and_is_counted() {
+    // An upstream that answers at once with a streaming response and then
+    // keeps reading the request body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+                    )
+                    .await;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: reviews\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
+    // The response head (and its first chunk) arrive while the body is open.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("first") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no response head while the body was open")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    // Now the body's framing breaks: the client's stream is cut (no final
+    // chunk), and the request is counted as the client's fault.
+    s.write_all(b"ZZ\r\nbroken\r\n0\r\n\r\n").await.unwrap();
+    let (rest, closed) = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert!(closed.is_some(), "the client stream was not cut");
+    assert!(
+        !rest.contains("0\r\n\r\n"),
+        "the response was completed: {rest}"
+    );
+    proxy
+        .metrics_containing(r#"response_code="200",response_flags="DPE"} 1"#)
+        .await;
+}
