@@ -108,9 +108,9 @@ impl Scanner {
                         // (The HTTP/2 preface reads as a head with version
                         // 2.0, which httparse refuses: the scan stops there.)
                     }
-                    let start = buf.len().saturating_sub(3);
+                    let start = buf.len().saturating_sub(2);
                     buf.extend_from_slice(bytes);
-                    let Some(end) = find(&buf[start..], b"\r\n\r\n").map(|i| start + i + 4) else {
+                    let Some(end) = head_end(buf, start) else {
                         if buf.len() > HEAD_CAP {
                             self.state = State::Done;
                         }
@@ -246,8 +246,22 @@ impl Scanner {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// The end of a head (just past its empty line), searching from `from`.
+/// Lines may end in CRLF or, as httparse (and so hyper) also accepts, a bare
+/// LF: the empty line is `\n\n` or `\n\r\n`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            match buf.get(i + 1..) {
+                Some([b'\n', ..]) => return Some(i + 2),
+                Some([b'\r', b'\n', ..]) => return Some(i + 3),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// A scanner's verdict shared between the socket (which feeds it) and the
@@ -377,6 +391,13 @@ mod tests {
             );
             assert_eq!(verdict(&input), Some((1, why)), "{headers}");
         }
+    }
+
+    #[test]
+    fn bare_lf_heads_are_judged_too() {
+        // httparse (and so hyper) accepts LF line endings: no way around the check.
+        let input = b"GET / HTTP/1.1\nhost: a\n\nPOST / HTTP/1.1\nhost: a\ncontent-length: 5\ntransfer-encoding: chunked\n\n0\r\n\r\n";
+        assert_eq!(verdict(input), Some((1, Violation::LengthAndChunked)));
     }
 
     #[test]

@@ -485,6 +485,15 @@ async fn smuggling_shapes_get_400_and_nothing_is_forwarded() {
             ));
         }
     }
+    // The same with bare-LF line endings, which hyper accepts too.
+    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\nhost: reviews\ncontent-length: 5\ntransfer-encoding: chunked\n\n0\r\n\r\nGET /smuggled HTTP/1.1\nhost: reviews\n\n")
+        .await
+        .unwrap();
+    let (text, closed) = read_to_close(&mut s, Duration::from_secs(10)).await;
+    if !(text.starts_with("HTTP/1.1 400") && closed.is_some()) {
+        failures.push(format!("bare LF: {text}"));
+    }
     assert!(failures.is_empty(), "not refused: {failures:#?}");
     assert_eq!(up.hits(), 0, "a smuggling shape was forwarded");
     assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
