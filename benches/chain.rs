@@ -235,6 +235,30 @@ fn percentiles(name: &str, mut f: impl FnMut()) -> Duration {
     p(0.50)
 }
 
+/// A test fixture, configured with `{}` under the default limits.
+fn fixture(runtime: &Arc<Runtime>, path: &str, name: &str) -> ConfiguredPlugin {
+    let bytes = std::fs::read(path).unwrap();
+    let component = runtime.load(&bytes).unwrap();
+    let scope = Arc::new(PluginScope {
+        service: "bench".into(),
+        plugin: name.into(),
+        version: component.sha256[..12].into(),
+        state: Arc::default(),
+        cluster: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
+        metrics: Arc::new(Metrics::new()),
+    });
+    ConfiguredPlugin::new(
+        runtime,
+        component,
+        scope,
+        name.into(),
+        OnFailure::Closed,
+        "{}".into(),
+        Limits::default(),
+    )
+    .unwrap()
+}
+
 fn main() {
     let runtime = Runtime::new().unwrap();
     let chain = wasm_chain(&runtime);
@@ -255,28 +279,7 @@ fn main() {
                 + usize::from(p.hooks.on_complete)
         })
         .sum();
-    let nop = {
-        let bytes = std::fs::read(wasmesh_artifacts::NOP).unwrap();
-        let component = runtime.load(&bytes).unwrap();
-        let scope = Arc::new(PluginScope {
-            service: "bench".into(),
-            plugin: "nop".into(),
-            version: component.sha256[..12].into(),
-            state: Arc::default(),
-            cluster: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
-            metrics: Arc::new(Metrics::new()),
-        });
-        ConfiguredPlugin::new(
-            &runtime,
-            component,
-            scope,
-            "nop".into(),
-            OnFailure::Closed,
-            "{}".into(),
-            Limits::default(),
-        )
-        .unwrap()
-    };
+    let nop = fixture(&runtime, wasmesh_artifacts::NOP, "nop");
 
     let mut c = Criterion::default().configure_from_args();
     c.bench_function("boundary/nop on-request (the floor)", |b| {
@@ -324,28 +327,7 @@ fn main() {
 
     // How long a runaway plugin holds a worker: a looping on-request under
     // the default 10 ms deadline (the bound is the deadline plus one tick).
-    let looper = {
-        let bytes = std::fs::read(wasmesh_artifacts::LOOPER).unwrap();
-        let component = runtime.load(&bytes).unwrap();
-        let scope = Arc::new(PluginScope {
-            service: "bench".into(),
-            plugin: "looper".into(),
-            version: component.sha256[..12].into(),
-            state: Arc::default(),
-            cluster: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
-            metrics: Arc::new(Metrics::new()),
-        });
-        ConfiguredPlugin::new(
-            &runtime,
-            component,
-            scope,
-            "looper".into(),
-            OnFailure::Closed,
-            "{}".into(),
-            Limits::default(),
-        )
-        .unwrap()
-    };
+    let looper = fixture(&runtime, wasmesh_artifacts::LOOPER, "looper");
     let mut cut: Vec<Duration> = (0..50)
         .map(|_| {
             let t = Instant::now();

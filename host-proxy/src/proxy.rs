@@ -1093,28 +1093,21 @@ enum SendError {
     Other(wit::Outcome, &'static str),
 }
 
+/// The first error of type `E` in `e`'s chain of sources.
+fn cause<'a, E: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    std::iter::successors(Some(e), |err| err.source()).find_map(|err| err.downcast_ref::<E>())
+}
+
 /// Whether an upstream error is the connector's per-endpoint cap.
 fn connection_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<crate::connector::ConnectionLimit>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    cause::<crate::connector::ConnectionLimit>(e).is_some()
 }
 
 /// Whether an upstream error is an HTTP/2 REFUSED_STREAM.
 fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        cur = err.source();
-    }
-    false
+    cause::<h2::Error>(e).is_some_and(|h2| h2.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 #[allow(clippy::too_many_arguments, reason = "internal helper of `send`")]
@@ -1194,15 +1187,7 @@ pub mod fuzzing {
             *data = rest;
             String::from_utf8_lossy(s).into_owned()
         };
-        let mut d = wit::RequestDecision {
-            request_headers: Vec::new(),
-            response_headers: Vec::new(),
-            route: None,
-            timeout_ms: None,
-            per_try_timeout_ms: None,
-            delay_ms: None,
-            reply: None,
-        };
+        let mut d = empty_decision();
         while let Some((&kind, rest)) = data.split_first() {
             data = rest;
             let header = |data: &mut &[u8]| wit::Header {
@@ -1247,6 +1232,18 @@ pub mod fuzzing {
             }
         }
         d
+    }
+
+    fn empty_decision() -> wit::RequestDecision {
+        wit::RequestDecision {
+            request_headers: Vec::new(),
+            response_headers: Vec::new(),
+            route: None,
+            timeout_ms: None,
+            per_try_timeout_ms: None,
+            delay_ms: None,
+            reply: None,
+        }
     }
 
     fn plain_request(parts: http::request::Parts) -> ReqData {
@@ -1324,12 +1321,7 @@ pub mod fuzzing {
         }
         let d = wit::RequestDecision {
             request_headers: ops,
-            response_headers: Vec::new(),
-            route: None,
-            timeout_ms: None,
-            per_try_timeout_ms: None,
-            delay_ms: None,
-            reply: None,
+            ..empty_decision()
         };
         let (empty, ()) = Request::get("/").body(()).unwrap().into_parts();
         let mut rebuilt = plain_request(empty);

@@ -508,49 +508,34 @@ async fn hostile_upstream() -> (
 ) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let ended = Arc::new(AtomicBool::new(false));
     let e = ended.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
+    let addr = raw_upstream(move |mut s| {
+        let ended = e.clone();
+        async move {
+            let Some(head) = read_head(&mut s).await else {
+                return;
             };
-            let ended = e.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let line = String::from_utf8_lossy(&head)
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                if line.contains("/rst") {
-                    let _ = s.set_zero_linger();
-                } else if line.contains("/truncated") {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
-                        .await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    let _ = s.set_zero_linger();
-                } else if line.contains("/endless") {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                        .await;
-                    let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
-                    while s.write_all(chunk.as_bytes()).await.is_ok() {}
-                    ended.store(true, Ordering::SeqCst);
-                }
-            });
+            let line = head.lines().next().unwrap_or_default();
+            if line.contains("/rst") {
+                let _ = s.set_zero_linger();
+            } else if line.contains("/truncated") {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = s.set_zero_linger();
+            } else if line.contains("/endless") {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+                while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                ended.store(true, Ordering::SeqCst);
+            }
         }
-    });
+    })
+    .await;
     (addr, ended)
 }
 
@@ -726,35 +711,16 @@ async fn a_refused_http2_stream_is_sent_again_transparently() {
 async fn past_the_per_endpoint_connection_cap_a_request_gets_503_uo_at_once() {
     // An upstream that takes a second to answer (without blocking this
     // test's runtime): each request in flight holds an HTTP/1 connection.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                loop {
-                    let mut head = Vec::new();
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(1000)).await;
-                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+    let up = raw_upstream(|mut s| async move {
+        while read_head(&mut s).await.is_some() {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if s.write_all(ok).await.is_err() {
+                return;
+            }
         }
-    });
-    let up = addr;
+    })
+    .await;
     let proxy = Proxy::start(&format!(
         "upstream: {{ max-connections-per-endpoint: 2 }}\nservices:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{}\"] }}\n",
         up
@@ -802,29 +768,17 @@ async fn past_the_per_endpoint_connection_cap_a_request_gets_503_uo_at_once() {
 async fn a_body_that_breaks_after_the_response_began_cuts_the_client_stream_and_is_counted() {
     // An upstream that answers at once with a streaming response and then
     // keeps reading the request body.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n",
-                    )
-                    .await;
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-            });
+    let addr = raw_upstream(|mut s| async move {
+        if read_head(&mut s).await.is_none() {
+            return;
         }
-    });
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            .await;
+        let mut buf = [0u8; 4096];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
     let proxy = Proxy::start(&format!(
         "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
     ))

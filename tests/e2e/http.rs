@@ -235,32 +235,18 @@ async fn proxy_mode_unknown_hosts_connect_and_upstream_failures_get_flagged_loca
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_turns_ready_off_and_exits_zero() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // An upstream that answers after 1.5 s, so a request is in flight when
     // SIGTERM comes.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslow\n")
-                    .await;
-            });
+    let addr = raw_upstream(|mut s| async move {
+        if read_head(&mut s).await.is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslow\n")
+                .await;
         }
-    });
+    })
+    .await;
     let mut proxy = Proxy::start(&format!(
         "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
     ))

@@ -424,35 +424,16 @@ async fn max_ejection_percent_keeps_endpoints_in_the_pool() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pending_request_overflow_is_answered_at_once() {
     // An upstream that answers after 2 s.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(n) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
-                    )
-                    .await;
-            });
+    let addr = raw_upstream(|mut s| async move {
+        use tokio::io::AsyncWriteExt;
+        if read_head(&mut s).await.is_some() {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
+                .await;
         }
-    });
+    })
+    .await;
     let proxy = Proxy::start(&format!(
         "services:\n  reviews:\n    endpoints: {{ v1: [\"{addr}\"] }}\n    plugins:\n      - source: builtin:circuit-breaker\n        config: {{ connectionPool: {{ http: {{ http1MaxPendingRequests: 2 }} }} }}\n"
     ))

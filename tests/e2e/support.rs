@@ -370,6 +370,40 @@ impl Upstream {
     }
 }
 
+/// A raw TCP upstream on 127.0.0.1, for behaviour no well-behaved server
+/// shows: every accepted connection is handed to `serve`.
+pub async fn raw_upstream<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            if let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve(s));
+            }
+        }
+    });
+    addr
+}
+
+/// Read one request head (through its empty line) from `s`; `None` when the
+/// connection ends first. Bytes after the head are dropped.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// Copy a file into a directory under a new name.
 pub fn copy_into(src: &str, dir: &Path, name: &str) -> PathBuf {
     let dst = dir.join(name);
