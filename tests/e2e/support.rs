@@ -22,13 +22,31 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 /// The `wasmesh` binary under test.
 pub const WASMESH: &str = env!("CARGO_BIN_EXE_wasmesh");
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, for a proxy to listen on.
+///
+/// Taken below Linux's ephemeral range (32768–60999), so that no outgoing
+/// connection of a concurrent test can take it between this check and the
+/// proxy's bind (with port 0 it could, and did, under load). Ports are
+/// handed out in turn from a per-process starting point; each is checked
+/// free before it is given.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+    let start = (std::process::id() * 97) % SPAN;
+    let _ = NEXT.compare_exchange(
+        usize::MAX,
+        start as usize,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst) as u32;
+        let port = (LOW + n % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running proxy process, killed on drop.
