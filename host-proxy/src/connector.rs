@@ -45,15 +45,6 @@ impl LimitedConnector {
             open: Arc::default(),
         }
     }
-
-    /// Open connections to `endpoint` (`ip:port`) now.
-    pub fn open_to(&self, endpoint: &str) -> usize {
-        self.open
-            .lock()
-            .unwrap()
-            .get(endpoint)
-            .map_or(0, |c| c.load(Ordering::Acquire))
-    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

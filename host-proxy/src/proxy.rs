@@ -175,12 +175,7 @@ fn reply_response(r: &wit::LocalReply) -> Result<Response<ProxyBody>, String> {
         .ok()
         .filter(|s| (200..=599).contains(&s.as_u16()))
         .ok_or_else(|| format!("local reply status {} is not in 200..=599", r.status))?;
-    if r.body.len() > RETRY_BUFFER {
-        return Err(format!(
-            "local reply body of {} bytes is over the 64 KiB limit",
-            r.body.len()
-        ));
-    }
+    // Its size was capped by the runtime (MAX_REPLY_BODY) when it was lifted.
     let mut resp = Response::new(full(r.body.clone()));
     *resp.status_mut() = status;
     for h in &r.headers {
@@ -239,6 +234,13 @@ struct Completion {
 }
 
 impl Completion {
+    /// Whether the client's body broke after forwarding began.
+    fn client_body_broke(&self) -> bool {
+        self.body_broken
+            .as_ref()
+            .is_some_and(|b| b.load(Ordering::Acquire))
+    }
+
     fn chain(&self) -> &Chain {
         match self.side {
             Side::Outbound => &self.service.outbound,
@@ -256,12 +258,7 @@ impl Drop for Completion {
         };
         // A client body that broke after the response began is counted as
         // the client's fault (its stream was cut by hyper).
-        if self.flags.is_empty()
-            && self
-                .body_broken
-                .as_ref()
-                .is_some_and(|b| b.load(Ordering::Acquire))
-        {
+        if self.flags.is_empty() && self.client_body_broke() {
             self.flags = "DPE";
         }
         let mut req = self.req.take();
@@ -299,12 +296,11 @@ impl Body for GuardedBody {
                 service = &*self.guard.service.name,
                 "upstream response body failed after its head: {e}"
             );
-            let client_fault = self
-                .guard
-                .body_broken
-                .as_ref()
-                .is_some_and(|b| b.load(Ordering::Acquire));
-            self.guard.flags = if client_fault { "DPE" } else { "UR" };
+            self.guard.flags = if self.guard.client_body_broke() {
+                "DPE"
+            } else {
+                "UR"
+            };
         }
         r
     }
