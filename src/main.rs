@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use wasmesh_proxy::runtime::compiler;
 
 #[derive(Parser)]
 #[command(
@@ -80,7 +81,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // The proxy compiles components in a child process running this same
+    // executable (see host-proxy/src/runtime/compiler.rs).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == compiler::SUBCOMMAND)
+    {
+        return compiler::child_main();
+    }
     let cli = Cli::parse();
+    #[cfg(feature = "native-chain")]
+    {
+        use wasmesh_plugin_sdk::native::filter;
+        wasmesh_proxy::runtime::native::register(vec![
+            ("router", filter::<router::Router>),
+            ("retry", filter::<retry::Retry>),
+            ("circuit-breaker", filter::<circuit_breaker::CircuitBreaker>),
+            ("fault-injection", filter::<fault_injection::FaultInjection>),
+            ("authz", filter::<authz::Authz>),
+        ]);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -131,6 +151,10 @@ fn proxy(
         workers,
         builtins: wasmesh_artifacts::BUILTINS,
         compile_cache,
+        compiler: match std::env::current_exe() {
+            Ok(exe) => compiler::Compiler::Subprocess(exe),
+            Err(_) => compiler::Compiler::InProcess,
+        },
     };
     rt.block_on(async move {
         let proxy = match wasmesh_proxy::Proxy::start(options).await {

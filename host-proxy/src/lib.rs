@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod connector;
 pub mod h1scan;
 mod listener;
+mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod runtime;
@@ -56,6 +57,8 @@ pub struct Options {
     pub builtins: &'static [(&'static str, &'static [u8])],
     /// Keep compiled components here across runs.
     pub compile_cache: Option<PathBuf>,
+    /// Where components are compiled.
+    pub compiler: runtime::Compiler,
 }
 
 /// Pooled upstream clients, one per protocol (pools keyed by endpoint).
@@ -135,7 +138,9 @@ impl Shared {
     /// serving one and record why not.
     pub fn reload(&self) -> Result<u64, BuildError> {
         let current = self.snapshot.load_full();
-        match snapshot::build(&self.options.config, &self.build_ctx(Some(&current))) {
+        let built = snapshot::build(&self.options.config, &self.build_ctx(Some(&current)));
+        memory::release_free_heap();
+        match built {
             Ok(snap) => {
                 let version = snap.version;
                 self.install(snap);
@@ -181,7 +186,8 @@ pub struct Proxy {
 impl Proxy {
     /// Build the first snapshot and bind the listeners.
     pub async fn start(options: Options) -> Result<Self, StartError> {
-        let runtime = Runtime::with_compile_cache(options.compile_cache.as_deref())?;
+        let runtime =
+            Runtime::with_options(options.compile_cache.as_deref(), options.compiler.clone())?;
         let metrics = Arc::new(Metrics::new());
         let state = Arc::new(StateStore::default());
         let endpoints = Arc::new(EndpointTable::default());
@@ -195,7 +201,7 @@ impl Proxy {
                 metrics.clone(),
                 cluster.clone(),
             );
-            tokio::task::spawn_blocking(move || {
+            let built = tokio::task::spawn_blocking(move || {
                 snapshot::build(
                     &options.config,
                     &BuildCtx {
@@ -211,7 +217,9 @@ impl Proxy {
                 )
             })
             .await
-            .map_err(|e| anyhow::anyhow!("building the configuration panicked: {e}"))??
+            .map_err(|e| anyhow::anyhow!("building the configuration panicked: {e}"))?;
+            memory::release_free_heap();
+            built?
         };
         let clients = Clients::new(&first.upstream);
         let l = first.listeners.clone();

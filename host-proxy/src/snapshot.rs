@@ -602,6 +602,43 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
     })
 }
 
+/// Benchmark builds (feature `native-chain`): `native:<name>` names a
+/// natively linked plugin, whose identity is `builtin:<name>`'s.
+#[cfg(feature = "native-chain")]
+fn native_name(source: &str) -> Option<&str> {
+    source.strip_prefix("native:")
+}
+
+#[cfg(not(feature = "native-chain"))]
+fn native_name(_: &str) -> Option<&str> {
+    None
+}
+
+#[cfg(feature = "native-chain")]
+fn with_native(
+    plugin: ConfiguredPlugin,
+    source: &str,
+) -> Result<ConfiguredPlugin, crate::runtime::PluginFailure> {
+    let Some(name) = native_name(source) else {
+        return Ok(plugin);
+    };
+    let factory = crate::runtime::native::factory(name).ok_or_else(|| {
+        crate::runtime::PluginFailure::Error(format!(
+            "no native plugin {name:?} in this build; registered: {}",
+            crate::runtime::native::registered().join(", ")
+        ))
+    })?;
+    plugin.with_native(factory)
+}
+
+#[cfg(not(feature = "native-chain"))]
+fn with_native(
+    plugin: ConfiguredPlugin,
+    _: &str,
+) -> Result<ConfiguredPlugin, crate::runtime::PluginFailure> {
+    Ok(plugin)
+}
+
 #[allow(clippy::too_many_arguments, reason = "internal helper of `build`")]
 fn build_chain(
     file: &Path,
@@ -626,7 +663,11 @@ fn build_chain(
     for (i, spec) in specs.iter().enumerate() {
         let path = format!("services.{service}.{key}[{i}]");
         let (bytes, default_name, origin): (std::borrow::Cow<'static, [u8]>, String, String) =
-            if let Some(b) = spec.source.strip_prefix("builtin:") {
+            if let Some(b) = spec
+                .source
+                .strip_prefix("builtin:")
+                .or_else(|| native_name(&spec.source))
+            {
                 let Some((_, bytes)) = ctx.builtins.iter().find(|(n, _)| *n == b) else {
                     let known: Vec<_> = ctx
                         .builtins
@@ -754,6 +795,7 @@ fn build_chain(
             config_json,
             limits,
         )
+        .and_then(|p| with_native(p, &spec.source))
         .map_err(|e| BuildError {
             source: plugin_source.clone(),
             path: format!("{path}.config"),

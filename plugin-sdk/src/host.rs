@@ -1,7 +1,8 @@
 //! What the host offers a plugin: logging, clocks, randomness, shared state,
 //! endpoint ejection and custom metrics.
 //!
-//! In a component these call the proxy; in native tests they act on the
+//! In a component these call the proxy; natively they act on the thread's
+//! [`crate::native::NativeHost`] when one is set, else on the
 //! [`crate::testing::TestHost`] of the current thread. None of them panics.
 
 use crate::types::{Endpoint, Level, StateEntry, StateError};
@@ -81,46 +82,64 @@ mod imp {
 #[cfg(not(target_arch = "wasm32"))]
 mod imp {
     use super::*;
-    use crate::testing::with_host;
+    use crate::native::dispatch;
 
     pub fn log(level: Level, message: &str) {
-        with_host(|h| h.logs.push((level, message.to_string())))
+        dispatch(
+            |n| n.log(level, message),
+            |h| h.logs.push((level, message.to_string())),
+        )
     }
     pub fn now_ms() -> u64 {
-        with_host(|h| h.now_ms())
+        dispatch(|n| n.now_ms(), |h| h.now_ms())
     }
     pub fn monotonic_ns() -> u64 {
-        with_host(|h| h.monotonic_ns())
+        dispatch(|n| n.monotonic_ns(), |h| h.monotonic_ns())
     }
     pub fn random_u64() -> u64 {
-        with_host(|h| h.next_random())
+        dispatch(|n| n.random_u64(), |h| h.next_random())
     }
     pub fn state_get(key: &str) -> Option<StateEntry> {
-        with_host(|h| h.state_get(key))
+        dispatch(|n| n.state_get(key), |h| h.state_get(key))
     }
     pub fn state_set(key: &str, value: &[u8], expected: Option<u64>) -> Result<u64, StateError> {
-        with_host(|h| h.state_set(key, value, expected))
+        dispatch(
+            |n| n.state_set(key, value, expected),
+            |h| h.state_set(key, value, expected),
+        )
     }
     pub fn state_delete(key: &str) -> bool {
-        with_host(|h| h.state.remove(key).is_some())
+        dispatch(|n| n.state_delete(key), |h| h.state.remove(key).is_some())
     }
     pub fn counter_add(key: &str, delta: i64) -> Result<i64, StateError> {
-        with_host(|h| h.counter_add(key, delta))
+        dispatch(|n| n.counter_add(key, delta), |h| h.counter_add(key, delta))
     }
     pub fn counter_get(key: &str) -> i64 {
-        with_host(|h| h.counters.get(key).copied().unwrap_or(0))
+        dispatch(
+            |n| n.counter_get(key),
+            |h| h.counters.get(key).copied().unwrap_or(0),
+        )
     }
     pub fn counter_hold(key: &str, delta: i64) -> Result<i64, StateError> {
-        with_host(|h| h.counter_hold(key, delta))
+        dispatch(
+            |n| n.counter_hold(key, delta),
+            |h| h.counter_hold(key, delta),
+        )
     }
     pub fn endpoints(service: Option<&str>) -> Vec<Endpoint> {
-        with_host(|h| h.endpoints_of(service))
+        dispatch(|n| n.endpoints(service), |h| h.endpoints_of(service))
     }
     pub fn eject(endpoint: &str, duration_ms: u32) -> bool {
-        with_host(|h| h.eject(endpoint, duration_ms))
+        dispatch(
+            |n| n.eject(endpoint, duration_ms),
+            |h| h.eject(endpoint, duration_ms),
+        )
     }
     pub fn metric_add(name: &str, delta: u64) {
-        with_host(|h| *h.metrics.entry(name.to_string()).or_insert(0) += delta)
+        dispatch(
+            |n| n.metric_add(name, delta),
+            |h| *h.metrics.entry(name.to_string()).or_insert(0) += delta,
+        )
     }
 }
 

@@ -42,6 +42,8 @@ mod view;
 mod guest;
 
 #[cfg(not(target_arch = "wasm32"))]
+pub mod native;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
 pub use types::*;

@@ -261,6 +261,68 @@ impl TestResponse {
     }
 }
 
+impl crate::native::RequestSource for TestRequest {
+    fn method(&self) -> String {
+        self.method.clone()
+    }
+    fn scheme(&self) -> String {
+        self.scheme.clone()
+    }
+    fn authority(&self) -> String {
+        self.authority.clone()
+    }
+    fn path(&self) -> String {
+        self.path.clone()
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        first(&self.headers, name)
+    }
+    fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.clone())
+            .collect()
+    }
+    fn headers(&self) -> Vec<Header> {
+        self.headers.clone()
+    }
+    fn source(&self) -> Peer {
+        self.source.clone()
+    }
+    fn service(&self) -> String {
+        self.service.clone()
+    }
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+impl crate::native::ResponseSource for TestResponse {
+    fn status(&self) -> u16 {
+        self.status
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        first(&self.headers, name)
+    }
+    fn headers(&self) -> Vec<Header> {
+        self.headers.clone()
+    }
+}
+
+fn first(headers: &[Header], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.clone())
+}
+
 /// A configured plugin, called as the proxy would call it: a hook the plugin
 /// did not declare is not called (the default decision is returned).
 pub struct Harness<P> {

@@ -1,7 +1,8 @@
 //! Read-only views of the request and response a hook is called with.
 //!
 //! In a component they read from the host on demand (a plugin pays only for the
-//! fields it reads); in native tests they read from the harness's values.
+//! fields it reads); natively they read from a [`crate::native::RequestSource`]
+//! (the test harness's values, or a native host's).
 
 use crate::types::{Header, Peer, Protocol};
 
@@ -13,7 +14,7 @@ pub struct Request<'a> {
     #[cfg(target_arch = "wasm32")]
     pub(crate) inner: &'a wit::Request,
     #[cfg(not(target_arch = "wasm32"))]
-    pub(crate) inner: &'a crate::testing::TestRequest,
+    pub(crate) inner: &'a dyn crate::native::RequestSource,
 }
 
 /// An upstream (or locally produced) response.
@@ -21,7 +22,7 @@ pub struct Response<'a> {
     #[cfg(target_arch = "wasm32")]
     pub(crate) inner: &'a wit::Response,
     #[cfg(not(target_arch = "wasm32"))]
-    pub(crate) inner: &'a crate::testing::TestResponse,
+    pub(crate) inner: &'a dyn crate::native::ResponseSource,
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -119,56 +120,51 @@ impl Response<'_> {
 impl Request<'_> {
     /// The method, e.g. `GET`.
     pub fn method(&self) -> String {
-        self.inner.method.clone()
+        self.inner.method()
     }
     /// `http` or `https`.
     pub fn scheme(&self) -> String {
-        self.inner.scheme.clone()
+        self.inner.scheme()
     }
     /// The authority the client addressed.
     pub fn authority(&self) -> String {
-        self.inner.authority.clone()
+        self.inner.authority()
     }
     /// Path with query.
     pub fn path(&self) -> String {
-        self.inner.path.clone()
+        self.inner.path()
     }
     /// Destination port.
     pub fn port(&self) -> u16 {
-        self.inner.port
+        self.inner.port()
     }
     /// Downstream protocol.
     pub fn protocol(&self) -> Protocol {
-        self.inner.protocol
+        self.inner.protocol()
     }
     /// First value of a header (case-insensitive name).
     pub fn header(&self, name: &str) -> Option<String> {
-        first(&self.inner.headers, name)
+        self.inner.header(name)
     }
     /// Every value of a header.
     pub fn header_all(&self, name: &str) -> Vec<String> {
-        self.inner
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.clone())
-            .collect()
+        self.inner.header_all(name)
     }
     /// All headers, in order.
     pub fn headers(&self) -> Vec<Header> {
-        self.inner.headers.clone()
+        self.inner.headers()
     }
     /// The caller.
     pub fn source(&self) -> Peer {
-        self.inner.source.clone()
+        self.inner.source()
     }
     /// The destination service.
     pub fn service(&self) -> String {
-        self.inner.service.clone()
+        self.inner.service()
     }
     /// The request id.
     pub fn id(&self) -> String {
-        self.inner.id.clone()
+        self.inner.id()
     }
 }
 
@@ -176,22 +172,14 @@ impl Request<'_> {
 impl Response<'_> {
     /// Status code.
     pub fn status(&self) -> u16 {
-        self.inner.status
+        self.inner.status()
     }
     /// First value of a header.
     pub fn header(&self, name: &str) -> Option<String> {
-        first(&self.inner.headers, name)
+        self.inner.header(name)
     }
     /// All headers.
     pub fn headers(&self) -> Vec<Header> {
-        self.inner.headers.clone()
+        self.inner.headers()
     }
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-fn first(headers: &[Header], name: &str) -> Option<String> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value.clone())
 }

@@ -269,3 +269,42 @@ fn plugin_export_writes_a_builtin_the_proxy_loads_from_a_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("known: add-header, deny-path, router"));
 }
+
+/// The proxy compiles components in a child process running its own
+/// executable (`wasmesh __compile-component`): component on stdin, the
+/// engine's artifact on stdout; anything else is refused on stderr, exit 1.
+#[test]
+fn the_compiler_process_turns_a_component_into_an_artifact_or_says_why_not() {
+    use std::io::Write;
+    let run = |input: &[u8]| {
+        let mut child = Command::new(WASMESH)
+            .arg("__compile-component")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let ok = run(&std::fs::read(wasmesh_artifacts::NOP).unwrap());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        &ok.stdout[..4],
+        b"\x7fELF",
+        "a wasmtime artifact is an ELF image"
+    );
+
+    let bad = run(b"not a component");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(bad.stdout.is_empty());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("magic header") || err.contains("wasm"),
+        "{err}"
+    );
+}

@@ -3,7 +3,9 @@
 //!
 //! Loading a compiled artifact is `unsafe` in wasmtime: it is native code,
 //! trusted as is. This is the one module of the crate allowed `unsafe`, and
-//! it only ever loads artifacts this proxy wrote itself:
+//! it only ever loads artifacts this proxy's own executable produced: those
+//! its compiler process just handed over a pipe ([`from_own_compiler`]), and
+//! those it wrote to the cache itself:
 //! - the directory must belong to this user and be closed to everyone else
 //!   (mode `0700`; created so when missing), or the cache is refused;
 //! - an artifact's file name carries the component's sha256 and the engine's
@@ -23,6 +25,17 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
+
+/// Load the artifact the compiler process (this same executable, see
+/// `compiler.rs`) just produced for `engine`'s configuration.
+pub fn from_own_compiler(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: the bytes come straight from a child process running this
+    // very executable, over a pipe no one else holds, compiled by an engine
+    // built from the same `engine_config()`; wasmtime also checks the
+    // artifact's header against this engine's compatibility settings and
+    // refuses a mismatch (e.g. the executable replaced on disk meanwhile).
+    unsafe { Component::deserialize(engine, artifact) }
+}
 
 /// A compile cache directory.
 pub struct ArtifactCache {

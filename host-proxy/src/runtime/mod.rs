@@ -20,7 +20,10 @@
 
 mod artifacts;
 mod bindings;
+pub mod compiler;
 pub(crate) mod host;
+#[cfg(feature = "native-chain")]
+pub mod native;
 mod wasi_io;
 
 use std::collections::HashMap;
@@ -35,6 +38,7 @@ use wasmtime::component::{Component, HasSelf, Linker, Resource};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
 
 use self::bindings::{Plugin, PluginPre, wit};
+pub use self::compiler::Compiler;
 use self::host::{HostState, RequestRes, ResponseRes};
 pub use self::host::{PluginScope, ReqData, RespData};
 pub use wasmesh_api::OnFailure;
@@ -310,6 +314,23 @@ pub struct Runtime {
     compiling: Arc<std::sync::atomic::AtomicUsize>,
     /// Compiled components on disk (`--compile-cache`), if any.
     disk: Option<artifacts::ArtifactCache>,
+    /// Where components are compiled.
+    compiler: Compiler,
+}
+
+/// The engine configuration, the same in the proxy and in its compiler
+/// process (their artifacts must be interchangeable).
+pub(crate) fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    // `WASMESH_PERF_MAP=1`: write /tmp/perf-PID.map so `perf report` names
+    // the plugins' compiled functions (profiling only).
+    if std::env::var_os("WASMESH_PERF_MAP").is_some_and(|v| v == "1") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
+    config
 }
 
 impl Runtime {
@@ -320,11 +341,15 @@ impl Runtime {
 
     /// [`Runtime::new`], keeping compiled components in `dir` across runs.
     pub fn with_compile_cache(dir: Option<&std::path::Path>) -> anyhow::Result<Arc<Self>> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        config.wasm_component_model(true);
-        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Self::with_options(dir, Compiler::InProcess)
+    }
+
+    /// [`Runtime::with_compile_cache`], compiling components with `compiler`.
+    pub fn with_options(
+        dir: Option<&std::path::Path>,
+        compiler: Compiler,
+    ) -> anyhow::Result<Arc<Self>> {
+        let engine = Engine::new(&engine_config()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         wasi_io::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -339,6 +364,7 @@ impl Runtime {
         let ticker = Ticker::start(engine.clone());
         Ok(Arc::new(Self {
             disk,
+            compiler,
             engine,
             linker,
             cache: Mutex::default(),
@@ -443,6 +469,11 @@ impl Runtime {
             self.compiling.fetch_sub(1, Ordering::AcqRel);
             return Err(LoadError::CompilerBusy);
         }
+        if let Compiler::Subprocess(exe) = &self.compiler {
+            let r = compiler::compile_in_child(&self.engine, exe, bytes, timeout);
+            self.compiling.fetch_sub(1, Ordering::AcqRel);
+            return r;
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let (engine, owned, compiling) =
             (self.engine.clone(), bytes.to_vec(), self.compiling.clone());
@@ -519,6 +550,10 @@ pub struct ConfiguredPlugin {
     /// The last known-good version of this plugin, serving while this one
     /// is quarantined.
     fallback: arc_swap::ArcSwapOption<ConfiguredPlugin>,
+    /// Benchmark builds only: the same plugin's logic, linked natively and
+    /// called instead of the component.
+    #[cfg(feature = "native-chain")]
+    native: Option<native::NativePlugin>,
 }
 
 /// A hook's index into per-hook counters.
@@ -578,10 +613,23 @@ impl ConfiguredPlugin {
             failures: Mutex::default(),
             quarantined: AtomicBool::new(false),
             fallback: arc_swap::ArcSwapOption::empty(),
+            #[cfg(feature = "native-chain")]
+            native: None,
         };
         let first = plugin.instantiate()?;
         plugin.pool.lock().unwrap().push(first);
         Ok(plugin)
+    }
+
+    /// Benchmark builds only: call `factory`'s native plugin, configured with
+    /// this plugin's config, instead of the component.
+    #[cfg(feature = "native-chain")]
+    pub(crate) fn with_native(mut self, factory: native::Factory) -> Result<Self, PluginFailure> {
+        self.native = Some(
+            native::NativePlugin::new(factory, &self.config_json, self.scope.clone())
+                .map_err(PluginFailure::Error)?,
+        );
+        Ok(self)
     }
 
     /// Whether this version is quarantined.
@@ -799,10 +847,25 @@ impl ConfiguredPlugin {
         &self,
         req: &mut Option<ReqData>,
     ) -> Result<wit::RequestDecision, PluginFailure> {
+        #[cfg(feature = "native-chain")]
+        if let Some(n) = &self.native {
+            self.calls[Hook::Request as usize].inc();
+            let d = n
+                .on_request(req)
+                .map_err(|e| self.fail(PluginFailure::Error(e), "on_request"))?;
+            return self.checked_request_decision(d);
+        }
         let d = self.call(Hook::Request, req, None, |p, store| {
             p.wasmesh_plugin_filter()
                 .call_on_request(store, Resource::<RequestRes>::new_borrow(0))
         })?;
+        self.checked_request_decision(d)
+    }
+
+    fn checked_request_decision(
+        &self,
+        d: wit::RequestDecision,
+    ) -> Result<wit::RequestDecision, PluginFailure> {
         let routes = d.route.iter().flat_map(|r| {
             [&r.service, &r.subset, &r.path, &r.authority]
                 .into_iter()
@@ -825,6 +888,14 @@ impl ConfiguredPlugin {
         resp: &mut Option<RespData>,
         attempt: &wit::Attempt,
     ) -> Result<wit::ResponseDecision, PluginFailure> {
+        #[cfg(feature = "native-chain")]
+        if let Some(n) = &self.native {
+            self.calls[Hook::Response as usize].inc();
+            let d = n
+                .on_response(req, resp, attempt)
+                .map_err(|e| self.fail(PluginFailure::Error(e), "on_response"))?;
+            return self.checked_response_decision(d);
+        }
         let d = self.call(Hook::Response, req, Some(resp), |p, store| {
             p.wasmesh_plugin_filter().call_on_response(
                 store,
@@ -833,6 +904,13 @@ impl ConfiguredPlugin {
                 attempt,
             )
         })?;
+        self.checked_response_decision(d)
+    }
+
+    fn checked_response_decision(
+        &self,
+        d: wit::ResponseDecision,
+    ) -> Result<wit::ResponseDecision, PluginFailure> {
         check_decision([&d.response_headers, &Vec::new()], d.reply.as_ref(), 0)
             .map_err(|e| self.fail(e, "on_response"))?;
         Ok(d)
@@ -844,6 +922,12 @@ impl ConfiguredPlugin {
         req: &mut Option<ReqData>,
         done: wit::Completion,
     ) -> Result<(), PluginFailure> {
+        #[cfg(feature = "native-chain")]
+        if let Some(n) = &self.native {
+            self.calls[Hook::Complete as usize].inc();
+            n.on_complete(req, done);
+            return Ok(());
+        }
         self.call(Hook::Complete, req, None, |p, store| {
             p.wasmesh_plugin_filter()
                 .call_on_complete(store, Resource::<RequestRes>::new_borrow(0), done)
