@@ -88,17 +88,18 @@ pub(crate) async fn accept_loop(
         };
         let svc = {
             let shared = shared.clone();
+            let peer = Arc::new(proxy::Remote::new(remote));
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 let bad = if req.version() < Version::HTTP_2 {
                     heads.next_request()
                 } else {
                     None
                 };
-                let shared = shared.clone();
+                let (shared, peer) = (shared.clone(), peer.clone());
                 async move {
                     match bad {
                         Some(why) => Ok(refuse_head(&shared, why)),
-                        None => proxy::handle(shared, side, remote, req).await,
+                        None => proxy::handle(shared, side, &peer, req).await,
                     }
                 }
             })

@@ -40,7 +40,12 @@ pub struct Metrics {
     /// Client connections the proxy closed, by reason.
     pub downstream_closed: Family<Labels, Counter>,
     custom_names: Mutex<HashMap<(String, String), usize>>,
+    /// `requests` counters already looked up, by service, then (code,
+    /// flags): counting a request then builds no label strings.
+    request_counters: RequestCounters,
 }
+
+type RequestCounters = std::sync::RwLock<HashMap<Box<str>, HashMap<(u16, &'static str), Counter>>>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -118,6 +123,7 @@ impl Metrics {
             downstream_connections,
             downstream_closed,
             custom_names: Mutex::default(),
+            request_counters: RequestCounters::default(),
         }
     }
 
@@ -136,7 +142,30 @@ impl Metrics {
     }
 
     /// Count a finished request.
-    pub fn request(&self, service: &str, code: u16, flags: &str) {
+    pub fn request(&self, service: &str, code: u16, flags: &'static str) {
+        let known = self
+            .request_counters
+            .read()
+            .unwrap()
+            .get(service)
+            .and_then(|m| m.get(&(code, flags)).cloned());
+        let counter = match known {
+            Some(c) => c,
+            None => {
+                let c = self.request_counter(service, code, flags);
+                self.request_counters
+                    .write()
+                    .unwrap()
+                    .entry(service.into())
+                    .or_default()
+                    .insert((code, flags), c.clone());
+                c
+            }
+        };
+        counter.inc();
+    }
+
+    fn request_counter(&self, service: &str, code: u16, flags: &str) -> Counter {
         self.requests
             .get_or_create(&vec![
                 ("destination_service", service.to_string()),
@@ -150,7 +179,7 @@ impl Metrics {
                     },
                 ),
             ])
-            .inc();
+            .clone()
     }
 
     /// Count a reload.

@@ -115,7 +115,32 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 fn request_id() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&fastrand::u64(..).to_le_bytes());
+    bytes[8..].copy_from_slice(&fastrand::u64(..).to_le_bytes());
+    hex::encode(bytes)
+}
+
+/// The client end of a downstream connection, formatted once per
+/// connection rather than once per request.
+pub struct Remote {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its IP, as `x-forwarded-for` carries it.
+    ip: HeaderValue,
+    /// `ip:port`, as plugins see it.
+    address: Box<str>,
+}
+
+impl Remote {
+    /// Format `addr` for the requests of its connection.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            ip: HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is a header value"),
+            address: addr.to_string().into(),
+        }
+    }
 }
 
 /// Header edits a plugin asked for, validated before any is applied.
@@ -543,7 +568,7 @@ impl Drop for Inflight<'_> {
 pub async fn handle(
     shared: Arc<Shared>,
     side: Side,
-    remote: SocketAddr,
+    remote: &Remote,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -555,7 +580,7 @@ async fn serve(
     shared: Arc<Shared>,
     snapshot: Arc<Snapshot>,
     side: Side,
-    remote: SocketAddr,
+    remote: &Remote,
     mut req: Request<Incoming>,
     started: Instant,
 ) -> Response<ProxyBody> {
@@ -611,16 +636,19 @@ async fn serve(
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
 
-    let ip = remote.ip().to_string();
     let xff = match parts
         .headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
     {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => HeaderValue::from_str(&format!(
+            "{prev}, {}",
+            remote.ip.to_str().unwrap_or_default()
+        ))
+        .ok(),
+        None => Some(remote.ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         parts.headers.insert("x-forwarded-for", v);
     }
     parts
@@ -656,7 +684,7 @@ async fn serve(
         authority: host,
         port,
         protocol,
-        source_address: remote.to_string(),
+        source_address: remote.address.to_string(),
         source_principal: None,
         service: service.name.clone(),
         id: id.clone(),
