@@ -76,6 +76,17 @@ enum PluginCommand {
     },
 }
 
+/// This executable, to run the compiler process from. On Linux,
+/// `/proc/self/exe` names the running image even after the file on disk was
+/// replaced (an upgrade in place), so proxy and compiler always match.
+fn own_executable() -> Option<PathBuf> {
+    let proc_self = PathBuf::from("/proc/self/exe");
+    if cfg!(target_os = "linux") && proc_self.exists() {
+        return Some(proc_self);
+    }
+    std::env::current_exe().ok()
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     wasmesh_api::parse_duration(s)
 }
@@ -151,10 +162,9 @@ fn proxy(
         workers,
         builtins: wasmesh_artifacts::BUILTINS,
         compile_cache,
-        compiler: match std::env::current_exe() {
-            Ok(exe) => compiler::Compiler::Subprocess(exe),
-            Err(_) => compiler::Compiler::InProcess,
-        },
+        compiler: own_executable().map_or(compiler::Compiler::InProcess, |exe| {
+            compiler::Compiler::Subprocess(exe)
+        }),
     };
     rt.block_on(async move {
         let proxy = match wasmesh_proxy::Proxy::start(options).await {

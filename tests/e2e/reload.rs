@@ -316,3 +316,34 @@ async fn a_restart_reads_compiled_plugins_from_the_compile_cache() {
     assert_ne!(out.status.code(), Some(0));
     assert!(err.contains("closed to others (chmod 700)"), "{err}");
 }
+
+/// The compiler process runs the proxy's own executable image
+/// (`/proc/self/exe`), not whatever file now sits at its path: after the
+/// binary on disk is replaced, as an upgrade in place does, a reload that
+/// has to compile a new plugin still lands.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_compiles_after_the_binary_on_disk_was_replaced() {
+    let up = Upstream::echo("v1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("wasmesh");
+    std::fs::copy(WASMESH, &binary).unwrap();
+    let service = |plugins: &str| {
+        format!(
+            "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n{plugins}",
+            up.addr
+        )
+    };
+    let proxy = Proxy::start_binary(&binary, dir, &service(""), &["--watch"]).await;
+    assert_eq!(via(&proxy, "reviews", "/admin").await.status, 200);
+
+    // A new file renamed over the old one: the running image is now deleted.
+    let new = binary.with_extension("new");
+    std::fs::write(&new, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::rename(&new, &binary).unwrap();
+
+    proxy.rewrite(&service(
+        "    plugins:\n      - source: builtin:deny-path\n        config: { prefixes: [\"/admin\"] }\n",
+    ));
+    proxy.wait_version(2).await;
+    assert_eq!(via(&proxy, "reviews", "/admin").await.status, 403);
+}

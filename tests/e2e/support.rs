@@ -89,6 +89,16 @@ impl Proxy {
 
     /// Start in a prepared directory.
     pub async fn start_in(dir: tempfile::TempDir, services_yaml: &str, args: &[&str]) -> Proxy {
+        Self::start_binary(Path::new(WASMESH), dir, services_yaml, args).await
+    }
+
+    /// Start `binary` (a copy of the one under test) in a prepared directory.
+    pub async fn start_binary(
+        binary: &Path,
+        dir: tempfile::TempDir,
+        services_yaml: &str,
+        args: &[&str],
+    ) -> Proxy {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("mesh.yaml");
@@ -98,7 +108,7 @@ impl Proxy {
         )
         .unwrap();
         let log = dir.path().join("proxy.log");
-        let child = Command::new(WASMESH)
+        let child = Command::new(binary)
             .args(["proxy", "--config"])
             .arg(&config)
             .args(["--workers", "2"])

@@ -71,12 +71,8 @@ pub(super) fn compile_in_child(
     bytes: &[u8],
     timeout: Duration,
 ) -> Result<Component, LoadError> {
-    let spawn_err = |e: std::io::Error| {
-        LoadError::Invalid(format!(
-            "cannot start the compiler process {}: {e}",
-            exe.display()
-        ))
-    };
+    let spawn_err =
+        |e: std::io::Error| LoadError::Compiler(format!("cannot run {}: {e}", exe.display()));
     let mut child = Command::new(exe)
         .arg(SUBCOMMAND)
         .stdin(Stdio::piped())
@@ -121,14 +117,15 @@ pub(super) fn compile_in_child(
     let (out, err) = result.map_err(|_| LoadError::CompileTimeout(timeout))?;
     let status = status.map_err(spawn_err)?;
     if !status.success() {
+        // The child explains a component it refuses on stderr (exit 1);
+        // a crash or a kill says nothing about the component.
         let why = err.trim();
-        return Err(LoadError::Invalid(if why.is_empty() {
-            format!("the compiler process failed ({status})")
-        } else {
-            why.to_string()
-        }));
+        return Err(match status.code() {
+            Some(1) if !why.is_empty() => LoadError::Invalid(why.to_string()),
+            _ => LoadError::Compiler(format!("{status}: {why}")),
+        });
     }
     let artifact = out.map_err(spawn_err)?;
     super::artifacts::from_own_compiler(engine, &artifact)
-        .map_err(|e| LoadError::Invalid(format!("the compiled component is unusable: {e:#}")))
+        .map_err(|e| LoadError::Compiler(format!("its artifact is unusable: {e:#}")))
 }

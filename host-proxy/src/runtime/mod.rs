@@ -192,6 +192,12 @@ pub enum LoadError {
         "{MAX_COMPILES} compilations are still running (abandoned ones included); try again when they end"
     )]
     CompilerBusy,
+    /// The compiler process could not be run, or died without saying why:
+    /// nothing is known about the component.
+    #[error(
+        "the compiler process failed ({0}); the component was not judged. The previous configuration keeps serving; check the proxy's executable and resources, then reload"
+    )]
+    Compiler(String),
     /// A component, but not a wasmesh plugin of a version this host serves.
     #[error(
         "not a wasmesh plugin this proxy can run (it must export `wasmesh:plugin/filter@0.1.x` and import nothing beyond `wasmesh:plugin/host` and WASI 0.2): {0}"
