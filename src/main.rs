@@ -76,15 +76,21 @@ enum PluginCommand {
     },
 }
 
-/// This executable, to run the compiler process from. On Linux,
-/// `/proc/self/exe` names the running image even after the file on disk was
-/// replaced (an upgrade in place), so proxy and compiler always match.
+/// This executable, to run the compiler process from. On Linux it is held
+/// open from the start and run as `/proc/self/fd/N`: that names the file this
+/// process was started from even after an upgrade renamed a new binary over
+/// it, so proxy and compiler always match (`/proc/self/exe` would too, but
+/// under valgrind it names valgrind).
 fn own_executable() -> Option<PathBuf> {
-    let proc_self = PathBuf::from("/proc/self/exe");
-    if cfg!(target_os = "linux") && proc_self.exists() {
-        return Some(proc_self);
+    let exe = std::env::current_exe().ok()?;
+    #[cfg(target_os = "linux")]
+    if let Ok(file) = std::fs::File::open(&exe) {
+        use std::os::fd::IntoRawFd;
+        // Kept open for the life of the process.
+        let fd = file.into_raw_fd();
+        return Some(PathBuf::from(format!("/proc/self/fd/{fd}")));
     }
-    std::env::current_exe().ok()
+    Some(exe)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

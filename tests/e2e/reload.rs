@@ -317,8 +317,8 @@ async fn a_restart_reads_compiled_plugins_from_the_compile_cache() {
     assert!(err.contains("closed to others (chmod 700)"), "{err}");
 }
 
-/// The compiler process runs the proxy's own executable image
-/// (`/proc/self/exe`), not whatever file now sits at its path: after the
+/// The compiler process runs the file the proxy was started from (held
+/// open), not whatever file now sits at its path: after the
 /// binary on disk is replaced, as an upgrade in place does, a reload that
 /// has to compile a new plugin still lands.
 #[tokio::test(flavor = "multi_thread")]

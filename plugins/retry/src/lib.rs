@@ -205,8 +205,12 @@ impl Plugin for Retry {
         if a.number > self.attempts {
             return Ok(ResponseDecision::proceed());
         }
+        // The grpc-status header is read (a host call) only when a gRPC
+        // status is among the retry conditions.
         let grpc = match a.outcome {
-            Outcome::Response(_) => resp.header("grpc-status").and_then(|g| g.parse().ok()),
+            Outcome::Response(_) if !self.retry_on.grpc.is_empty() => {
+                resp.header("grpc-status").and_then(|g| g.parse().ok())
+            }
             _ => None,
         };
         let (wanted, never_reached) = self.retry_on.wants(&a.outcome, grpc);
