@@ -392,8 +392,10 @@ impl Runtime {
     }
 
     /// [`Runtime::load`], abandoning a compile that takes longer than
-    /// `timeout`: it runs on its own thread, whose result is dropped when it
-    /// comes too late (at most [`MAX_COMPILES`] such threads at once).
+    /// `timeout`. With [`Compiler::Subprocess`] the compiler process is
+    /// killed then; in process the compile runs on its own thread, whose
+    /// result is dropped when it comes too late (at most [`MAX_COMPILES`]
+    /// compiles at once, abandoned threads included).
     pub fn load_within(
         &self,
         bytes: &[u8],
