@@ -124,8 +124,6 @@ fn request_id() -> String {
 /// The client end of a downstream connection, formatted once per
 /// connection rather than once per request.
 pub struct Remote {
-    /// Its address.
-    pub addr: SocketAddr,
     /// Its IP, as `x-forwarded-for` carries it.
     ip: HeaderValue,
     /// `ip:port`, as plugins see it.
@@ -136,7 +134,6 @@ impl Remote {
     /// Format `addr` for the requests of its connection.
     pub fn new(addr: SocketAddr) -> Self {
         Self {
-            addr,
             ip: HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is a header value"),
             address: addr.to_string().into(),
         }

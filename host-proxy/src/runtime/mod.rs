@@ -340,17 +340,14 @@ pub(crate) fn engine_config() -> Config {
 }
 
 impl Runtime {
-    /// The engine, the linker with the host functions, the epoch ticker.
+    /// The engine, the linker with the host functions, the epoch ticker;
+    /// compiling in process, with no compile cache.
     pub fn new() -> anyhow::Result<Arc<Self>> {
-        Self::with_compile_cache(None)
+        Self::with_options(None, Compiler::InProcess)
     }
 
-    /// [`Runtime::new`], keeping compiled components in `dir` across runs.
-    pub fn with_compile_cache(dir: Option<&std::path::Path>) -> anyhow::Result<Arc<Self>> {
-        Self::with_options(dir, Compiler::InProcess)
-    }
-
-    /// [`Runtime::with_compile_cache`], compiling components with `compiler`.
+    /// [`Runtime::new`], keeping compiled components in `dir` across runs
+    /// (if any) and compiling them with `compiler`.
     pub fn with_options(
         dir: Option<&std::path::Path>,
         compiler: Compiler,
