@@ -69,6 +69,8 @@ impl EndpointTable {
 pub struct Endpoint {
     /// `ip:port`.
     pub address: Arc<str>,
+    /// The same, parsed once for upstream request URIs.
+    pub authority: http::uri::Authority,
     /// Its subset.
     pub subset: Arc<str>,
     /// Live state, shared across snapshots.

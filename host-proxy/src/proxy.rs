@@ -68,7 +68,27 @@ pub(crate) fn local(status: StatusCode, flag: &str, body: String) -> Response<Pr
 /// Hop-by-hop headers, removed in both directions (RFC 9110 §7.6.1), plus
 /// the ones `Connection` names. `te: trailers` survives (gRPC needs it); an
 /// upgrade keeps `upgrade` and `connection: upgrade`.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass over the names instead of
+    // seven hashed removals.
+    let hop = |n: &HeaderName| {
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::PROXY_AUTHORIZATION
+            || n == header::UPGRADE
+            || n == header::TE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    };
+    if !upgrade && !h.keys().any(hop) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -81,8 +101,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         h.remove(n);
     }
     h.remove(header::CONNECTION);
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
+    h.remove(KEEP_ALIVE);
+    h.remove(PROXY_CONNECTION);
     h.remove(header::TRANSFER_ENCODING);
     h.remove(header::PROXY_AUTHORIZATION);
     if !upgrade {
@@ -115,10 +135,14 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 fn request_id() -> String {
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&fastrand::u64(..).to_le_bytes());
-    bytes[8..].copy_from_slice(&fastrand::u64(..).to_le_bytes());
-    hex::encode(bytes)
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for word in [fastrand::u64(..), fastrand::u64(..)] {
+        for shift in (0..64).step_by(4).rev() {
+            id.push(char::from(HEX[(word >> shift) as usize & 0xf]));
+        }
+    }
+    id
 }
 
 /// The client end of a downstream connection, formatted once per
@@ -635,7 +659,7 @@ async fn serve(
 
     let xff = match parts
         .headers
-        .get("x-forwarded-for")
+        .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
     {
         Some(prev) => HeaderValue::from_str(&format!(
@@ -646,14 +670,14 @@ async fn serve(
         None => Some(remote.ip.clone()),
     };
     if let Some(v) = xff {
-        parts.headers.insert("x-forwarded-for", v);
+        parts.headers.insert(X_FORWARDED_FOR, v);
     }
     parts
         .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     let id = match parts
         .headers
-        .get("x-request-id")
+        .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
     {
         Some(id) if !id.is_empty() => id.to_string(),
@@ -661,7 +685,7 @@ async fn serve(
             let id = request_id();
             parts
                 .headers
-                .insert("x-request-id", HeaderValue::from_str(&id).expect("hex id"));
+                .insert(X_REQUEST_ID, HeaderValue::from_str(&id).expect("hex id"));
             id
         }
     };
@@ -977,7 +1001,7 @@ async fn serve(
     let mut resp = final_response;
     apply_ops(resp.headers_mut(), &response_ops);
     if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-request-id", v);
+        resp.headers_mut().insert(X_REQUEST_ID, v);
     }
     guard.status = Some(resp.status().as_u16());
     guard.req = req_data;
@@ -1062,14 +1086,20 @@ async fn send(
     }
     let _inflight = Inflight(ep);
 
-    let path = plan
-        .path
-        .as_deref()
-        .or_else(|| req.parts.uri.path_and_query().map(|p| p.as_str()))
-        .unwrap_or("/");
-    let uri: Uri = format!("http://{}{}", ep.address, path)
-        .parse()
-        .map_err(|_| (wit::Outcome::Reset, "UR"))?;
+    let path_and_query = match plan.path.as_deref() {
+        Some(p) => p.parse().map_err(|_| (wit::Outcome::Reset, "UR"))?,
+        None => req
+            .parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(ep.authority.clone());
+    uri.path_and_query = Some(path_and_query);
+    let uri = Uri::from_parts(uri).map_err(|_| (wit::Outcome::Reset, "UR"))?;
     let h2 = match target.protocol {
         wasmesh_api::Protocol::Http1 => false,
         wasmesh_api::Protocol::H2c => true,
@@ -1357,6 +1387,19 @@ pub mod fuzzing {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_request_id_is_32_lowercase_hex_digits_and_fresh_each_time() {
+        let (a, b) = (super::request_id(), super::request_id());
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(
+                id.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+                "{id}"
+            );
+        }
+        assert_ne!(a, b);
+    }
+
     /// The fuzzers' seed and found corpora, replayed as the targets run them
     /// (`fuzz/fuzz_targets/decision.rs`, `head_roundtrip.rs`).
     #[test]

@@ -485,15 +485,20 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
         for (subset, addrs) in &svc.endpoints {
             let subset: Arc<str> = subset.as_str().into();
             for (i, a) in addrs.iter().enumerate() {
-                if a.parse::<SocketAddr>().is_err() {
+                let authority = a
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .and_then(|_| a.parse::<http::uri::Authority>().ok());
+                let Some(authority) = authority else {
                     return Err(field_err(
                         file,
                         format!("services.{name}.endpoints.{subset}[{i}]"),
                         format!("{a:?} is not an endpoint; write ip:port, e.g. 127.0.0.1:9081"),
                     ));
-                }
+                };
                 eps.push(Endpoint {
                     address: a.as_str().into(),
+                    authority,
                     subset: subset.clone(),
                     state: ctx.endpoints.get(name, a),
                 });

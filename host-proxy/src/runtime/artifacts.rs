@@ -11,14 +11,21 @@
 //! - an artifact's file name carries the component's sha256 and the engine's
 //!   compatibility fingerprint (wasmtime version, target, every codegen
 //!   setting), so an artifact built by another engine is never even opened;
-//! - each file starts with the sha256 of the artifact bytes that follow; a
-//!   file that does not match (truncated, corrupted) is removed and the
-//!   component compiled again.
+//! - beside each artifact `X.cwasm` lies `X.sha256`, the digest of its bytes;
+//!   an artifact that does not match it (truncated, corrupted, or missing its
+//!   digest) is removed and the component compiled again.
+//!
+//! Artifacts are mapped from their file, not copied into the heap: only the
+//! pages of compiled code that requests actually run become resident, the
+//! rest stay on disk (clean page cache the kernel can drop), and sidecars
+//! that share a cache directory share those pages. Entries are only ever
+//! replaced by rename, never rewritten in place, so a running proxy's
+//! mapping never changes under it.
 #![allow(unsafe_code)]
 
 use std::fs;
 use std::hash::{Hash, Hasher};
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -84,47 +91,82 @@ impl ArtifactCache {
     }
 
     /// The component compiled earlier from bytes with this sha256, if the
-    /// cache holds an intact one.
+    /// cache holds an intact one, mapped from its file.
     pub fn get(&self, engine: &Engine, sha256: &str) -> Option<Component> {
         let path = self.path(sha256);
-        let data = fs::read(&path).ok()?;
-        let intact = data.len() > 32 && Sha256::digest(&data[32..]).as_slice() == &data[..32];
+        if !path.exists() {
+            return None;
+        }
+        let digest = path.with_extension("sha256");
+        let intact = match (fs::read_to_string(&digest), file_sha256(&path)) {
+            (Ok(expected), Ok(actual)) => expected.trim() == actual,
+            _ => false,
+        };
         if !intact {
             tracing::warn!(file = %path.display(), "compile cache entry corrupt; compiling again");
             let _ = fs::remove_file(&path);
+            let _ = fs::remove_file(&digest);
             return None;
         }
-        // SAFETY: these bytes are an artifact `Component::serialize` produced
-        // for an engine with this very compatibility fingerprint (it is in
-        // the file name), written by this proxy into a directory no other
-        // user can write, and verified intact against the digest written
-        // with it. wasmtime checks the artifact's header against the engine
-        // as well.
-        match unsafe { Component::deserialize(engine, &data[32..]) } {
+        // SAFETY: this file is an artifact `precompile_component` or
+        // `Component::serialize` produced for an engine with this very
+        // compatibility fingerprint (it is in the file name), written by this
+        // proxy into a directory no other user can write, verified intact
+        // against the digest written with it, and only ever replaced by
+        // rename (see the module docs), so the mapping stays as verified.
+        // wasmtime checks the artifact's header against the engine as well.
+        match unsafe { Component::deserialize_file(engine, &path) } {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(file = %path.display(), "compile cache entry unusable ({e}); compiling again");
                 let _ = fs::remove_file(&path);
+                let _ = fs::remove_file(&digest);
                 None
             }
         }
     }
 
-    /// Store a freshly compiled component. Failures are logged, never fatal.
-    pub fn put(&self, sha256: &str, component: &Component) {
-        let write = || -> Result<(), String> {
-            let bytes = component.serialize().map_err(|e| e.to_string())?;
-            let path = self.path(sha256);
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    /// Store a freshly compiled artifact. Failures are logged, never fatal.
+    pub fn put(&self, sha256: &str, artifact: &[u8]) {
+        let path = self.path(sha256);
+        let write = |to: &Path, bytes: &[u8]| -> Result<PathBuf, String> {
+            let tmp = to.with_extension(format!(
+                "{}.tmp{}",
+                to.extension().unwrap_or_default().to_string_lossy(),
+                std::process::id()
+            ));
             let mut f = fs::File::create(&tmp).map_err(|e| e.to_string())?;
-            f.write_all(&Sha256::digest(&bytes))
-                .map_err(|e| e.to_string())?;
-            f.write_all(&bytes).map_err(|e| e.to_string())?;
+            f.write_all(bytes).map_err(|e| e.to_string())?;
             f.sync_all().map_err(|e| e.to_string())?;
-            fs::rename(&tmp, &path).map_err(|e| e.to_string())
+            Ok(tmp)
         };
-        if let Err(e) = write() {
+        let store = || -> Result<(), String> {
+            let digest = path.with_extension("sha256");
+            let tmp_artifact = write(&path, artifact)?;
+            let tmp_digest = write(&digest, hex::encode(Sha256::digest(artifact)).as_bytes())?;
+            // The digest first: an artifact never sits beside a digest that
+            // is not its own for longer than a crash between two renames,
+            // which `get` then reads as corrupt.
+            fs::rename(&tmp_digest, &digest).map_err(|e| e.to_string())?;
+            fs::rename(&tmp_artifact, &path).map_err(|e| e.to_string())
+        };
+        if let Err(e) = store() {
             tracing::warn!(dir = %self.dir.display(), "could not write to the compile cache: {e}");
         }
+    }
+}
+
+/// Hex sha256 of a file, read in pieces (an artifact is megabytes; the
+/// heap stays as it was).
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
     }
 }

@@ -16,7 +16,6 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use wasmtime::Engine;
-use wasmtime::component::Component;
 
 use super::LoadError;
 
@@ -64,13 +63,12 @@ pub fn child_main() -> ExitCode {
 }
 
 /// Compile `bytes` in a child process running `exe`, killing it past
-/// `timeout`.
+/// `timeout`; the artifact it produced.
 pub(super) fn compile_in_child(
-    engine: &Engine,
     exe: &std::path::Path,
     bytes: &[u8],
     timeout: Duration,
-) -> Result<Component, LoadError> {
+) -> Result<Vec<u8>, LoadError> {
     let spawn_err =
         |e: std::io::Error| LoadError::Compiler(format!("cannot run {}: {e}", exe.display()));
     let mut child = Command::new(exe)
@@ -125,7 +123,5 @@ pub(super) fn compile_in_child(
             _ => LoadError::Compiler(format!("{status}: {why}")),
         });
     }
-    let artifact = out.map_err(spawn_err)?;
-    super::artifacts::from_own_compiler(engine, &artifact)
-        .map_err(|e| LoadError::Compiler(format!("its artifact is unusable: {e:#}")))
+    out.map_err(spawn_err)
 }

@@ -326,6 +326,45 @@ pub struct Runtime {
 
 /// The engine configuration, the same in the proxy and in its compiler
 /// process (their artifacts must be interchangeable).
+/// What a compile produced: the artifact bytes a compiler process sent, or
+/// a component compiled in this process.
+enum Compiled {
+    Artifact(Vec<u8>),
+    Component(Component),
+}
+
+impl Compiled {
+    /// The component to run. With a compile cache it is written there and
+    /// mapped back from the file, so only the code that runs is resident.
+    fn load(
+        self,
+        engine: &Engine,
+        sha256: &str,
+        disk: Option<&artifacts::ArtifactCache>,
+    ) -> Result<Component, LoadError> {
+        let unusable =
+            |e: wasmtime::Error| LoadError::Compiler(format!("its artifact is unusable: {e:#}"));
+        let Some(disk) = disk else {
+            return match self {
+                Compiled::Artifact(a) => artifacts::from_own_compiler(engine, &a).map_err(unusable),
+                Compiled::Component(c) => Ok(c),
+            };
+        };
+        let artifact = match &self {
+            Compiled::Artifact(a) => std::borrow::Cow::Borrowed(a.as_slice()),
+            Compiled::Component(c) => std::borrow::Cow::Owned(c.serialize().map_err(unusable)?),
+        };
+        disk.put(sha256, &artifact);
+        if let Some(c) = disk.get(engine, sha256) {
+            return Ok(c);
+        }
+        match self {
+            Compiled::Artifact(a) => artifacts::from_own_compiler(engine, &a).map_err(unusable),
+            Compiled::Component(c) => Ok(c),
+        }
+    }
+}
+
 pub(crate) fn engine_config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
@@ -418,11 +457,8 @@ impl Runtime {
                 c
             }
             None => {
-                let c = self.compile(bytes, timeout)?;
-                if let Some(d) = &self.disk {
-                    d.put(&sha256, &c);
-                }
-                c
+                self.compile(bytes, timeout)?
+                    .load(&self.engine, &sha256, self.disk.as_ref())?
             }
         };
         let instance_pre = self
@@ -469,15 +505,15 @@ impl Runtime {
         Ok(loaded)
     }
 
-    fn compile(&self, bytes: &[u8], timeout: Duration) -> Result<Component, LoadError> {
+    fn compile(&self, bytes: &[u8], timeout: Duration) -> Result<Compiled, LoadError> {
         if self.compiling.fetch_add(1, Ordering::AcqRel) >= MAX_COMPILES {
             self.compiling.fetch_sub(1, Ordering::AcqRel);
             return Err(LoadError::CompilerBusy);
         }
         if let Compiler::Subprocess(exe) = &self.compiler {
-            let r = compiler::compile_in_child(&self.engine, exe, bytes, timeout);
+            let r = compiler::compile_in_child(exe, bytes, timeout);
             self.compiling.fetch_sub(1, Ordering::AcqRel);
-            return r;
+            return r.map(Compiled::Artifact);
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let (engine, owned, compiling) =
@@ -496,7 +532,9 @@ impl Runtime {
             )));
         }
         match rx.recv_timeout(timeout) {
-            Ok(r) => r.map_err(|e| LoadError::Invalid(format!("{e:#}"))),
+            Ok(r) => r
+                .map(Compiled::Component)
+                .map_err(|e| LoadError::Invalid(format!("{e:#}"))),
             Err(_) => Err(LoadError::CompileTimeout(timeout)),
         }
     }
