@@ -140,6 +140,7 @@ impl Shared {
         let current = self.snapshot.load_full();
         let built = snapshot::build(&self.options.config, &self.build_ctx(Some(&current)));
         memory::release_free_heap();
+        memory::release_embedded(self.options.builtins.iter().map(|(_, b)| *b));
         match built {
             Ok(snap) => {
                 let version = snap.version;
@@ -219,6 +220,7 @@ impl Proxy {
             .await
             .map_err(|e| anyhow::anyhow!("building the configuration panicked: {e}"))?;
             memory::release_free_heap();
+            memory::release_embedded(options.builtins.iter().map(|(_, b)| *b));
             built?
         };
         let clients = Clients::new(&first.upstream);

@@ -20,3 +20,34 @@ pub(crate) fn release_free_heap() {
         }
     }
 }
+
+/// Take bytes embedded in the executable (the stock plugins' wasm, read to
+/// hash and compile a configuration) out of this process's resident set
+/// once a build is over; the next build reads them back from the
+/// executable's page cache. Idle, a sidecar then holds only what serves.
+pub(crate) fn release_embedded<'a>(slices: impl IntoIterator<Item = &'a [u8]>) {
+    #[cfg(target_os = "linux")]
+    {
+        let page = rustix::param::page_size();
+        for bytes in slices {
+            // Whole pages inside the slice only: a neighbour's bytes stay.
+            let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+            let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+            if end <= start {
+                continue;
+            }
+            // SAFETY: MADV_PAGEOUT never changes memory contents: it asks the
+            // kernel to reclaim the pages (clean file pages are dropped and
+            // read back on the next access, anonymous ones go to swap or stay),
+            // so every reference to these bytes reads the same values after.
+            // The range lies inside one live allocation, the `'static` slice.
+            let _ = unsafe {
+                rustix::mm::madvise(
+                    start as *mut std::ffi::c_void,
+                    end - start,
+                    rustix::mm::Advice::LinuxPageOut,
+                )
+            };
+        }
+    }
+}
