@@ -28,7 +28,10 @@ pub(crate) fn release_free_heap() {
 pub(crate) fn release_embedded<'a>(slices: impl IntoIterator<Item = &'a [u8]>) {
     #[cfg(target_os = "linux")]
     {
-        let page = rustix::param::page_size();
+        // A multiple of every page size Linux uses (4, 16 and 64 KiB); asking
+        // the C library or the auxiliary vector for it is not worth a few
+        // KiB (and rustix's auxv reader faults under valgrind).
+        let page = 64 * 1024;
         for bytes in slices {
             // Whole pages inside the slice only: a neighbour's bytes stay.
             let start = (bytes.as_ptr() as usize).next_multiple_of(page);
