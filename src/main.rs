@@ -151,11 +151,20 @@ fn proxy(
     let workers = workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .max(1);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    // One worker: tokio's current-thread scheduler. Its thread polls the
+    // sockets and runs the tasks itself; the multi-threaded scheduler with
+    // one worker also hands work between that worker and the thread blocked
+    // in `block_on`, and that cost ≈ 10 µs of CPU per request here
+    // (benches/compare: 27k → 37k requests/s on one core, same CPU).
+    // Builds and compiles run on the blocking pool either way.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

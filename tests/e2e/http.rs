@@ -247,9 +247,14 @@ async fn graceful_shutdown_turns_ready_off_and_exits_zero() {
         }
     })
     .await;
-    let mut proxy = Proxy::start(&format!(
-        "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
-    ))
+    // One worker (the current-thread scheduler): draining and exiting must
+    // not depend on a second thread.
+    let mut proxy = Proxy::start_with(
+        &format!(
+            "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
+        ),
+        &["--workers", "1"],
+    )
     .await;
     let listen = proxy.listen;
     let in_flight = tokio::spawn(async move {

@@ -24,10 +24,21 @@ fn versioned(upstream: &Upstream, v: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn swapping_a_plugin_under_load_fails_no_request() {
+    swap_under_load("2").await;
+}
+
+/// The same on one worker thread (tokio's current-thread scheduler): the
+/// swap is built on the blocking pool while that thread keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn swapping_a_plugin_under_load_on_one_worker_fails_no_request() {
+    swap_under_load("1").await;
+}
+
+async fn swap_under_load(threads: &str) {
     let up = Upstream::echo("up").await;
     let dir = tempfile::tempdir().unwrap();
     copy_into(wasmesh_artifacts::ADD_HEADER, dir.path(), "plugin.wasm");
-    let proxy = Proxy::start_in(dir, &versioned(&up, 0), &["--watch"]).await;
+    let proxy = Proxy::start_in(dir, &versioned(&up, 0), &["--watch", "--workers", threads]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let listen = proxy.listen;
@@ -84,7 +95,7 @@ async fn swapping_a_plugin_under_load_fails_no_request() {
     }
     let rps = ok as f64 / elapsed.as_secs_f64();
     println!(
-        "swap under load: {ok} requests in {elapsed:?} ({rps:.0}/s), {swaps} swaps, {} failed",
+        "swap under load, {threads} worker(s): {ok} requests in {elapsed:?} ({rps:.0}/s), {swaps} swaps, {} failed",
         failed.len()
     );
     assert!(elapsed >= Duration::from_secs(5), "{elapsed:?}");

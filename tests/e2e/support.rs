@@ -108,10 +108,17 @@ impl Proxy {
         )
         .unwrap();
         let log = dir.path().join("proxy.log");
+        // Two workers (tokio's multi-threaded scheduler) unless a test asks
+        // for one (its current-thread scheduler, what benches/compare runs).
+        let workers: &[&str] = if args.contains(&"--workers") {
+            &[]
+        } else {
+            &["--workers", "2"]
+        };
         let child = Command::new(binary)
             .args(["proxy", "--config"])
             .arg(&config)
-            .args(["--workers", "2"])
+            .args(workers)
             .args(args)
             .env("RUST_LOG", "info,wasmesh=debug")
             .stdout(Stdio::null())
