@@ -3,7 +3,9 @@
 //! (`destination_service`, `response_code`, `response_flags`), so existing
 //! dashboards read them.
 
-use std::collections::HashMap;
+// foldhash: these maps are looked up on every request; SipHash cost
+// ≈ 1.5k instructions a request across them.
+use foldhash::HashMap;
 use std::sync::Mutex;
 
 use prometheus_client::encoding::text::encode;

@@ -3,7 +3,10 @@
 //! configured) and then swapped in behind an atomic pointer. Requests keep the
 //! snapshot they started with to their end.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+// foldhash: hosts and subsets are looked up on every request.
+use foldhash::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -466,7 +469,7 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
 
     // Endpoints first: plugins see the whole cluster through their scope.
     let mut cluster = ClusterView {
-        services: HashMap::new(),
+        services: HashMap::default(),
         table: ctx.endpoints.clone(),
     };
     for (name, svc) in &doc.services {
@@ -509,9 +512,9 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
     let cluster = Arc::new(cluster);
 
     let mut watched = vec![file.to_path_buf()];
-    let mut services = HashMap::new();
-    let mut hosts: HashMap<String, Arc<Service>> = HashMap::new();
-    let mut host_owner: HashMap<String, String> = HashMap::new();
+    let mut services = HashMap::default();
+    let mut hosts: HashMap<String, Arc<Service>> = HashMap::default();
+    let mut host_owner: HashMap<String, String> = HashMap::default();
     for (name, svc) in &doc.services {
         let prev_svc = ctx.previous.and_then(|p| p.services.get(name));
         let mut chain = |specs: &[PluginSpec], key: &str, prev: Option<&Chain>| {
@@ -534,7 +537,7 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
             prev_svc.map(|s| &s.inbound),
         )?;
         let endpoints = cluster.services[name].clone();
-        let mut subsets: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut subsets: HashMap<String, Vec<usize>> = HashMap::default();
         for (i, e) in endpoints.iter().enumerate() {
             subsets.entry(e.subset.to_string()).or_default().push(i);
         }
