@@ -17,6 +17,8 @@ pub struct EndpointState {
     pub inflight: AtomicUsize,
     /// Ejected until this many ms after [`EndpointTable::epoch`]; 0: not ejected.
     ejected_until_ms: AtomicU64,
+    /// Its HTTP/1.1 connections.
+    pub h1: crate::pool::H1Conns,
 }
 
 /// Every endpoint's live state, keyed by (service, address).
@@ -44,9 +46,15 @@ impl EndpointTable {
                 Arc::new(EndpointState {
                     inflight: AtomicUsize::new(0),
                     ejected_until_ms: AtomicU64::new(0),
+                    h1: Default::default(),
                 })
             })
             .clone()
+    }
+
+    /// Every endpoint's state (a copy of the list, taken under the lock).
+    pub fn all(&self) -> Vec<Arc<EndpointState>> {
+        self.map.lock().unwrap().values().cloned().collect()
     }
 
     fn now_ms(&self) -> u64 {

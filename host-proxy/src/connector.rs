@@ -70,14 +70,10 @@ impl tower_service::Service<Uri> for LimitedConnector {
             .entry(endpoint.clone())
             .or_default()
             .clone();
-        let limit = self.limit;
-        // Take the slot before connecting, so concurrent connects cannot
-        // overshoot the cap.
-        if count.fetch_add(1, Ordering::AcqRel) >= limit {
-            count.fetch_sub(1, Ordering::AcqRel);
-            return Box::pin(async move { Err(ConnectionLimit { endpoint, limit }.into()) });
-        }
-        let slot = Slot(count);
+        let slot = match take_slot(&count, self.limit, &endpoint) {
+            Ok(slot) => slot,
+            Err(e) => return Box::pin(async move { Err(e.into()) }),
+        };
         let connecting = self.inner.call(uri);
         Box::pin(async move {
             let io = connecting.await?;
@@ -87,7 +83,24 @@ impl tower_service::Service<Uri> for LimitedConnector {
 }
 
 /// One open connection's place under the cap.
-struct Slot(Arc<AtomicUsize>);
+pub(crate) struct Slot(Arc<AtomicUsize>);
+
+/// Take a place under `limit` in `count` before connecting (so concurrent
+/// connects cannot overshoot the cap), or say why not.
+pub(crate) fn take_slot(
+    count: &Arc<AtomicUsize>,
+    limit: usize,
+    endpoint: &str,
+) -> Result<Slot, ConnectionLimit> {
+    if count.fetch_add(1, Ordering::AcqRel) >= limit {
+        count.fetch_sub(1, Ordering::AcqRel);
+        return Err(ConnectionLimit {
+            endpoint: endpoint.to_string(),
+            limit,
+        });
+    }
+    Ok(Slot(count.clone()))
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -99,6 +112,13 @@ impl Drop for Slot {
 pub struct Counted {
     io: TokioIo<TcpStream>,
     _slot: Slot,
+}
+
+impl Counted {
+    /// `io`, holding `slot` until it closes.
+    pub(crate) fn new(io: TokioIo<TcpStream>, slot: Slot) -> Self {
+        Self { io, _slot: slot }
+    }
 }
 
 impl Connection for Counted {

@@ -18,6 +18,7 @@ pub mod h1scan;
 mod listener;
 mod memory;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod runtime;
 pub mod snapshot;
@@ -61,11 +62,11 @@ pub struct Options {
     pub compiler: runtime::Compiler,
 }
 
-/// Pooled upstream clients, one per protocol (pools keyed by endpoint).
+/// Pooled upstream clients, one per protocol.
 pub struct Clients {
-    /// HTTP/1.1.
-    pub http1: Client<LimitedConnector, ProxyBody>,
-    /// HTTP/2 with prior knowledge.
+    /// HTTP/1.1: connections pooled in each endpoint's live state.
+    pub http1: pool::H1Pool,
+    /// HTTP/2 with prior knowledge (hyper-util's pool, keyed by endpoint).
     pub h2c: Client<LimitedConnector, ProxyBody>,
 }
 
@@ -81,12 +82,15 @@ impl Clients {
             .pool_max_idle_per_host(s.max_idle_per_endpoint)
             .retry_canceled_requests(true)
             .set_host(false);
-        // One cap per protocol's pool.
-        let limited = || LimitedConnector::new(connector.clone(), s.max_connections_per_endpoint);
-        let http1 = b.build(limited());
         b.http2_only(true);
-        let h2c = b.build(limited());
-        Self { http1, h2c }
+        let h2c = b.build(LimitedConnector::new(
+            connector,
+            s.max_connections_per_endpoint,
+        ));
+        Self {
+            http1: pool::H1Pool::new(s),
+            h2c,
+        }
     }
 }
 
@@ -279,6 +283,7 @@ impl Proxy {
             )));
         }
         tokio::spawn(admin::serve(self.admin, shared.clone()));
+        tokio::spawn(sweep_upstream_pools(shared.clone()));
         if shared.options.watch {
             watch::spawn(shared.clone());
         }
@@ -307,6 +312,17 @@ impl Proxy {
             tracing::warn!("drain deadline passed with requests still in flight");
         }
         Ok(())
+    }
+}
+
+/// Close HTTP/1.1 upstream connections idle past `upstream.idle-timeout`.
+async fn sweep_upstream_pools(shared: Arc<Shared>) {
+    let every = shared.clients.http1.sweep_every();
+    loop {
+        tokio::time::sleep(every).await;
+        for ep in shared.endpoints.all() {
+            shared.clients.http1.sweep(&ep.h1);
+        }
     }
 }
 

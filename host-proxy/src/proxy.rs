@@ -1107,14 +1107,17 @@ async fn send(
     };
     let limit = limit.map(|l| Instant::now() + l);
     // A request the upstream refused unprocessed (HTTP/2 REFUSED_STREAM)
-    // provably never reached it: sent again at once, whatever the plugins
-    // say, if its body can be replayed. (hyper-util re-sends requests lost
-    // to a stale keep-alive connection itself.)
+    // provably never reached it, and an idempotent one lost to a keep-alive
+    // connection the upstream was closing may be sent again (RFC 9112
+    // §9.3.1): either goes out again at once, whatever the plugins say, if
+    // its body can be replayed. (The HTTP/1.1 pool itself re-sends a request
+    // that a closed pooled connection never wrote.)
     let mut resends = 0;
     loop {
         let result = send_once(
             shared,
             target,
+            ep,
             req,
             plan,
             uri.clone(),
@@ -1124,14 +1127,16 @@ async fn send(
         )
         .await;
         match result {
-            Err(SendError::Refused) if resends < 2 && matches!(body, ReqBody::Replayable(_)) => {
+            Err(SendError::Unprocessed)
+                if resends < 2 && matches!(body, ReqBody::Replayable(_)) =>
+            {
                 resends += 1;
                 tracing::debug!(
                     endpoint = &*ep.address,
-                    "stream refused by the upstream; sending again"
+                    "the upstream did not process the request; sending it again"
                 );
             }
-            Err(SendError::Refused) => return Err((wit::Outcome::Reset, "UR")),
+            Err(SendError::Unprocessed) => return Err((wit::Outcome::Reset, "UR")),
             Err(SendError::Other(o, f)) => return Err((o, f)),
             Ok(r) => return Ok(r),
         }
@@ -1139,8 +1144,9 @@ async fn send(
 }
 
 enum SendError {
-    /// HTTP/2 REFUSED_STREAM: the upstream did not process the request.
-    Refused,
+    /// The upstream did not process the request (HTTP/2 REFUSED_STREAM), or
+    /// an idempotent one was lost to a keep-alive connection it closed.
+    Unprocessed,
     Other(wit::Outcome, &'static str),
 }
 
@@ -1165,6 +1171,7 @@ fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
 async fn send_once(
     shared: &Shared,
     target: &Service,
+    ep: &Endpoint,
     req: &ReqData,
     plan: &Plan,
     uri: Uri,
@@ -1181,26 +1188,63 @@ async fn send_once(
     {
         up.headers_mut().insert(header::HOST, v);
     }
-    let fut = if h2 {
+    let result = if h2 {
         *up.version_mut() = Version::HTTP_2;
         up.headers_mut().remove(header::HOST);
-        shared.clients.h2c.request(up)
+        let fut = shared.clients.h2c.request(up);
+        match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), fut).await {
+                Ok(r) => r,
+                Err(_) => return Err(SendError::Other(wit::Outcome::Timeout, "UT")),
+            },
+            None => fut.await,
+        }
     } else {
         *up.version_mut() = Version::HTTP_11;
-        shared.clients.http1.request(up)
-    };
-    let result = match deadline {
-        Some(d) => match tokio::time::timeout_at(d.into(), fut).await {
-            Ok(r) => r,
-            Err(_) => return Err(SendError::Other(wit::Outcome::Timeout, "UT")),
-        },
-        None => fut.await,
+        // Origin form on an HTTP/1.1 connection of our own.
+        if let Some(pq) = up.uri().path_and_query().cloned() {
+            *up.uri_mut() = Uri::from(pq);
+        }
+        let fut = shared.clients.http1.send(ep, up);
+        let r = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), fut).await {
+                Ok(r) => r,
+                Err(_) => return Err(SendError::Other(wit::Outcome::Timeout, "UT")),
+            },
+            None => fut.await,
+        };
+        return match r {
+            Ok(r) => Ok(r),
+            Err(crate::pool::UpstreamError::Limit(_)) => {
+                Err(SendError::Other(wit::Outcome::Overflow, "UO"))
+            }
+            Err(crate::pool::UpstreamError::Connect(e)) => {
+                tracing::debug!(service = &*target.name, "upstream connect failed: {e}");
+                Err(SendError::Other(wit::Outcome::ConnectFailure, "UF"))
+            }
+            // Lost on a keep-alive connection the upstream was closing:
+            // RFC 9112 §9.3.1 lets a client send an idempotent request again.
+            Err(crate::pool::UpstreamError::Http {
+                reused: true,
+                error,
+            }) if req.parts.method.is_idempotent() => {
+                tracing::debug!(
+                    service = &*target.name,
+                    "upstream closed a kept-alive connection: {error}"
+                );
+                Err(SendError::Unprocessed)
+            }
+            Err(crate::pool::UpstreamError::Http { error, .. }) => {
+                tracing::debug!(service = &*target.name, "upstream error: {error:?}");
+                Err(SendError::Other(wit::Outcome::Reset, "UR"))
+            }
+        };
     };
     match result {
         Ok(r) => Ok(r),
         Err(e) if connection_limit(&e) => Err(SendError::Other(wit::Outcome::Overflow, "UO")),
         Err(e) if e.is_connect() => Err(SendError::Other(wit::Outcome::ConnectFailure, "UF")),
-        Err(e) if refused_stream(&e) => Err(SendError::Refused),
+        Err(e) if refused_stream(&e) => Err(SendError::Unprocessed),
         Err(e) => {
             tracing::debug!(service = &*target.name, "upstream error: {e:?}");
             Err(SendError::Other(wit::Outcome::Reset, "UR"))

@@ -429,3 +429,107 @@ async fn a_body_broken_from_its_first_bytes_is_refused_before_anything_is_forwar
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert_eq!(up.hits(), hits, "nothing was forwarded");
 }
+
+/// HTTP/1.1 upstream connections are pooled per endpoint: sequential
+/// requests share one keep-alive connection, and an upstream that closes
+/// its connections after every response (without saying so) costs no
+/// request: the closed connection is dropped, or the request, never
+/// written, goes out again on a new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_reused_and_ones_the_upstream_closed_cost_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let serve = |close_after_one: bool, accepted: Arc<AtomicUsize>| {
+        move |mut s: tokio::net::TcpStream| {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                while read_head(&mut s).await.is_some() {
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                    if s.write_all(ok).await.is_err() || close_after_one {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let (kept, closing) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let keep_alive = raw_upstream(serve(false, kept.clone())).await;
+    let one_shot = raw_upstream(serve(true, closing.clone())).await;
+    let proxy = Proxy::start_with(
+        &format!(
+            "services:\n  kept:\n    protocol: http1\n    endpoints: {{ v1: [\"{keep_alive}\"] }}\n  closing:\n    protocol: http1\n    endpoints: {{ v1: [\"{one_shot}\"] }}\n"
+        ),
+        &["--workers", "1"],
+    )
+    .await;
+    for host in ["kept", "closing"] {
+        for i in 0..40 {
+            let req = http::Request::get(format!("http://{}/{i}", proxy.listen))
+                .header("host", host)
+                .body(Full::default())
+                .unwrap();
+            let got = send(http1(), req).await.unwrap();
+            assert_eq!(got.status, 200, "{host} request {i}: {:?}", got.body);
+            if i % 2 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    }
+    assert_eq!(
+        kept.load(Ordering::SeqCst),
+        1,
+        "40 sequential requests, one connection"
+    );
+    assert_eq!(
+        closing.load(Ordering::SeqCst),
+        40,
+        "a connection per request"
+    );
+}
+
+/// A pooled upstream connection idle past `upstream.idle-timeout` is closed
+/// even when no further request comes for its endpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_upstream_connection_is_closed_after_the_idle_timeout() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let closed = Arc::new(AtomicUsize::new(0));
+    let c = closed.clone();
+    let up = raw_upstream(move |mut s| {
+        let c = c.clone();
+        async move {
+            while read_head(&mut s).await.is_some() {
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                if s.write_all(ok).await.is_err() {
+                    break;
+                }
+            }
+            c.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "upstream: {{ idle-timeout: 1s }}\nservices:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{up}\"] }}\n"
+    ))
+    .await;
+    let req = http::Request::get(format!("http://{}/", proxy.listen))
+        .header("host", "reviews")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(http1(), req).await.unwrap().status, 200);
+    assert_eq!(
+        closed.load(Ordering::SeqCst),
+        0,
+        "kept for the next request"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while closed.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still open 10 s later"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

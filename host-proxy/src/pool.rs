@@ -1,0 +1,203 @@
+//! HTTP/1.1 upstream connections, pooled per endpoint in the endpoint's live
+//! state ([`crate::cluster::EndpointState`]).
+//!
+//! hyper-util's pooled client keys one shared pool by (scheme, authority),
+//! hashing that key twice a request and boxing its futures; here the
+//! request already knows its endpoint, so a checkout is a short scan of
+//! that endpoint's own list. HTTP/2 upstreams keep hyper-util's client
+//! (one multiplexed connection needs no such list).
+//!
+//! The rules are the ones the proxy had with hyper-util: at most
+//! `upstream.max-connections-per-endpoint` open connections (past it a
+//! request fails at once, `503 UO`), at most `max-idle-per-endpoint` kept,
+//! idle ones closed after `idle-timeout`, and a request that a pooled
+//! connection closed before sending is sent again on another one. (One it
+//! wrote just as the upstream closed that connection is reported as
+//! `reused`; the proxy sends it again when its method is idempotent.)
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+
+use crate::cluster::Endpoint;
+use crate::connector::{ConnectionLimit, Counted, take_slot};
+use crate::proxy::ProxyBody;
+use crate::snapshot::UpstreamSettings;
+
+/// One endpoint's HTTP/1.1 connections.
+#[derive(Default)]
+pub struct H1Conns {
+    /// Connections handed back after a response head, each with the time it
+    /// was; a connection still streaming that response is not ready yet.
+    idle: Mutex<Vec<(SendRequest<ProxyBody>, Instant)>>,
+    /// Open connections, idle or not.
+    open: Arc<AtomicUsize>,
+}
+
+impl fmt::Debug for H1Conns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("H1Conns")
+            .field("pooled", &self.idle.lock().map(|v| v.len()).unwrap_or(0))
+            .field("open", &self.open)
+            .finish()
+    }
+}
+
+/// Why an upstream request got no response.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// The endpoint has its maximum of open connections.
+    Limit(ConnectionLimit),
+    /// No connection could be made.
+    Connect(std::io::Error),
+    /// The connection failed before a response head came back.
+    Http {
+        /// What failed.
+        error: hyper::Error,
+        /// The connection had served requests before: it may have been one
+        /// the upstream was closing as the request went out.
+        reused: bool,
+    },
+}
+
+/// The pool's settings, fixed at start like hyper-util's client was.
+pub struct H1Pool {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    max_open: usize,
+}
+
+impl H1Pool {
+    /// A pool with the proxy's `upstream` settings.
+    pub fn new(s: &UpstreamSettings) -> Self {
+        Self {
+            connect_timeout: s.connect_timeout,
+            idle_timeout: s.idle_timeout,
+            max_idle: s.max_idle_per_endpoint,
+            max_open: s.max_connections_per_endpoint,
+        }
+    }
+
+    /// Send `req` (origin-form URI) to `ep` on a pooled connection or a new
+    /// one.
+    pub async fn send(
+        &self,
+        ep: &Endpoint,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let conns = &ep.state.h1;
+        let mut resent = 0;
+        loop {
+            let (mut tx, pooled) = match self.take(conns) {
+                Some(tx) => (tx, true),
+                None => (self.connect(ep).await?, false),
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    self.put(conns, tx);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: a pooled connection the upstream had
+                    // closed meanwhile. Another connection gets it.
+                    Some(back) if pooled && resent < 3 => {
+                        resent += 1;
+                        req = back;
+                    }
+                    _ => {
+                        return Err(UpstreamError::Http {
+                            error: e.into_error(),
+                            reused: pooled,
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// Close the idle connections that have been idle past `idle-timeout`
+    /// and forget closed ones (run periodically, so an endpoint that gets no
+    /// more requests does not keep upstream sockets open).
+    pub fn sweep(&self, conns: &H1Conns) {
+        let now = Instant::now();
+        conns.idle.lock().unwrap().retain(|(tx, since)| {
+            !(tx.is_closed() || tx.is_ready() && now.duration_since(*since) > self.idle_timeout)
+        });
+    }
+
+    /// How often [`H1Pool::sweep`] should run.
+    pub fn sweep_every(&self) -> Duration {
+        (self.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    /// A pooled connection ready for a request, if any; closed and expired
+    /// ones are dropped on the way.
+    fn take(&self, conns: &H1Conns) -> Option<SendRequest<ProxyBody>> {
+        let mut idle = conns.idle.lock().unwrap();
+        let now = Instant::now();
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let (tx, since) = &idle[i];
+            if tx.is_closed() || now.duration_since(*since) > self.idle_timeout {
+                idle.swap_remove(i);
+            } else if tx.is_ready() {
+                return Some(idle.swap_remove(i).0);
+            }
+        }
+        None
+    }
+
+    /// Keep a connection for later requests (it becomes ready once the
+    /// response it carries has been read); past `max_idle`, it closes once
+    /// that response is done.
+    fn put(&self, conns: &H1Conns, tx: SendRequest<ProxyBody>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = conns.idle.lock().unwrap();
+        if idle.len() < self.max_idle {
+            idle.push((tx, Instant::now()));
+        }
+    }
+
+    async fn connect(&self, ep: &Endpoint) -> Result<SendRequest<ProxyBody>, UpstreamError> {
+        let slot = take_slot(&ep.state.h1.open, self.max_open, &ep.address)
+            .map_err(UpstreamError::Limit)?;
+        let addr: SocketAddr = ep
+            .address
+            .parse()
+            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+        let stream =
+            tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    UpstreamError::Connect(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection within {:?}", self.connect_timeout),
+                    ))
+                })?
+                .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = http1::handshake(Counted::new(TokioIo::new(stream), slot))
+            .await
+            .map_err(|error| UpstreamError::Http {
+                error,
+                reused: false,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        Ok(tx)
+    }
+}
