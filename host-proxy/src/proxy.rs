@@ -136,13 +136,16 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 
 fn request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(32);
-    for word in [fastrand::u64(..), fastrand::u64(..)] {
-        for shift in (0..64).step_by(4).rev() {
-            id.push(char::from(HEX[(word >> shift) as usize & 0xf]));
+    let mut id = [0u8; 32];
+    for (half, word) in id
+        .chunks_mut(16)
+        .zip([fastrand::u64(..), fastrand::u64(..)])
+    {
+        for (i, digit) in half.iter_mut().enumerate() {
+            *digit = HEX[(word >> (60 - 4 * i)) as usize & 0xf];
         }
     }
-    id
+    String::from_utf8(id.to_vec()).expect("hex digits are ASCII")
 }
 
 /// The client end of a downstream connection, formatted once per
