@@ -391,7 +391,13 @@ impl Runtime {
         dir: Option<&std::path::Path>,
         compiler: Compiler,
     ) -> anyhow::Result<Arc<Self>> {
-        let engine = Engine::new(&engine_config()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let mut config = engine_config();
+        // Compiling out of process, this process only loads artifacts: an
+        // engine without Cranelift never maps the compiler's code.
+        if matches!(compiler, Compiler::Subprocess(_)) {
+            config.enable_compiler(false);
+        }
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         wasi_io::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
