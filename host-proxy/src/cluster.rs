@@ -79,7 +79,9 @@ impl EndpointTable {
 pub struct Endpoint {
     /// `ip:port`.
     pub address: Arc<str>,
-    /// The same, parsed once for upstream request URIs.
+    /// The same, parsed once: to connect to,
+    pub socket: std::net::SocketAddr,
+    /// and for upstream request URIs.
     pub authority: http::uri::Authority,
     /// Its subset.
     pub subset: Arc<str>,

@@ -143,8 +143,7 @@ impl Shared {
     pub fn reload(&self) -> Result<u64, BuildError> {
         let current = self.snapshot.load_full();
         let built = snapshot::build(&self.options.config, &self.build_ctx(Some(&current)));
-        memory::release_free_heap();
-        memory::release_embedded(self.options.builtins.iter().map(|(_, b)| *b));
+        memory::release_after_build(self.options.builtins);
         match built {
             Ok(snap) => {
                 let version = snap.version;
@@ -223,8 +222,7 @@ impl Proxy {
             })
             .await
             .map_err(|e| anyhow::anyhow!("building the configuration panicked: {e}"))?;
-            memory::release_free_heap();
-            memory::release_embedded(options.builtins.iter().map(|(_, b)| *b));
+            memory::release_after_build(options.builtins);
             built?
         };
         let clients = Clients::new(&first.upstream);

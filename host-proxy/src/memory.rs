@@ -7,7 +7,7 @@
 #![allow(unsafe_code)]
 
 /// Return the heap's free pages to the system (glibc's `malloc_trim`).
-pub(crate) fn release_free_heap() {
+fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         unsafe extern "C" {
@@ -21,11 +21,18 @@ pub(crate) fn release_free_heap() {
     }
 }
 
+/// After a configuration build: the heap's free pages and the embedded
+/// `builtins`' pages go back to the system.
+pub(crate) fn release_after_build(builtins: &[(&'static str, &'static [u8])]) {
+    release_free_heap();
+    release_embedded(builtins.iter().map(|(_, b)| *b));
+}
+
 /// Take bytes embedded in the executable (the stock plugins' wasm, read to
 /// hash and compile a configuration) out of this process's resident set
 /// once a build is over; the next build reads them back from the
 /// executable's page cache. Idle, a sidecar then holds only what serves.
-pub(crate) fn release_embedded<'a>(slices: impl IntoIterator<Item = &'a [u8]>) {
+fn release_embedded<'a>(slices: impl IntoIterator<Item = &'a [u8]>) {
     #[cfg(target_os = "linux")]
     {
         // A multiple of every page size Linux uses (4, 16 and 64 KiB); asking

@@ -16,7 +16,6 @@
 //! `reused`; the proxy sends it again when its method is idempotent.)
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -172,20 +171,18 @@ impl H1Pool {
     async fn connect(&self, ep: &Endpoint) -> Result<SendRequest<ProxyBody>, UpstreamError> {
         let slot = take_slot(&ep.state.h1.open, self.max_open, &ep.address)
             .map_err(UpstreamError::Limit)?;
-        let addr: SocketAddr = ep
-            .address
-            .parse()
-            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
-        let stream =
-            tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
-                .await
-                .map_err(|_| {
-                    UpstreamError::Connect(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no connection within {:?}", self.connect_timeout),
-                    ))
-                })?
-                .map_err(UpstreamError::Connect)?;
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(ep.socket),
+        )
+        .await
+        .map_err(|_| {
+            UpstreamError::Connect(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {:?}", self.connect_timeout),
+            ))
+        })?
+        .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
         let (tx, conn) = http1::handshake(Counted::new(TokioIo::new(stream), slot))
             .await

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 
 use crate::Shared;
 use crate::cluster::Endpoint;
+use crate::pool::UpstreamError;
 use crate::runtime::contract as wit;
 use crate::runtime::{OnFailure, PluginFailure, ReqData, RespData};
 use crate::snapshot::{Chain, Service, Snapshot};
@@ -1098,15 +1099,21 @@ async fn send(
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(ep.authority.clone());
-    uri.path_and_query = Some(path_and_query);
-    let uri = Uri::from_parts(uri).map_err(|_| (wit::Outcome::Reset, "UR"))?;
     let h2 = match target.protocol {
         wasmesh_api::Protocol::Http1 => false,
         wasmesh_api::Protocol::H2c => true,
         wasmesh_api::Protocol::Auto => downstream_h2,
+    };
+    // Origin form on our own HTTP/1.1 connections; absolute form for
+    // hyper-util's HTTP/2 client, which picks its connection by authority.
+    let uri = if h2 {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(ep.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).map_err(|_| (wit::Outcome::Reset, "UR"))?
+    } else {
+        Uri::from(path_and_query)
     };
     let limit = limit.map(|l| Instant::now() + l);
     // A request the upstream refused unprocessed (HTTP/2 REFUSED_STREAM)
@@ -1191,67 +1198,57 @@ async fn send_once(
     {
         up.headers_mut().insert(header::HOST, v);
     }
-    let result = if h2 {
+    if h2 {
         *up.version_mut() = Version::HTTP_2;
         up.headers_mut().remove(header::HOST);
-        let fut = shared.clients.h2c.request(up);
-        match deadline {
-            Some(d) => match tokio::time::timeout_at(d.into(), fut).await {
-                Ok(r) => r,
-                Err(_) => return Err(SendError::Other(wit::Outcome::Timeout, "UT")),
-            },
-            None => fut.await,
-        }
-    } else {
-        *up.version_mut() = Version::HTTP_11;
-        // Origin form on an HTTP/1.1 connection of our own.
-        if let Some(pq) = up.uri().path_and_query().cloned() {
-            *up.uri_mut() = Uri::from(pq);
-        }
-        let fut = shared.clients.http1.send(ep, up);
-        let r = match deadline {
-            Some(d) => match tokio::time::timeout_at(d.into(), fut).await {
-                Ok(r) => r,
-                Err(_) => return Err(SendError::Other(wit::Outcome::Timeout, "UT")),
-            },
-            None => fut.await,
-        };
-        return match r {
+        return match within(deadline, shared.clients.h2c.request(up)).await? {
             Ok(r) => Ok(r),
-            Err(crate::pool::UpstreamError::Limit(_)) => {
-                Err(SendError::Other(wit::Outcome::Overflow, "UO"))
-            }
-            Err(crate::pool::UpstreamError::Connect(e)) => {
-                tracing::debug!(service = &*target.name, "upstream connect failed: {e}");
-                Err(SendError::Other(wit::Outcome::ConnectFailure, "UF"))
-            }
-            // Lost on a keep-alive connection the upstream was closing:
-            // RFC 9112 §9.3.1 lets a client send an idempotent request again.
-            Err(crate::pool::UpstreamError::Http {
-                reused: true,
-                error,
-            }) if req.parts.method.is_idempotent() => {
-                tracing::debug!(
-                    service = &*target.name,
-                    "upstream closed a kept-alive connection: {error}"
-                );
-                Err(SendError::Unprocessed)
-            }
-            Err(crate::pool::UpstreamError::Http { error, .. }) => {
-                tracing::debug!(service = &*target.name, "upstream error: {error:?}");
+            Err(e) if connection_limit(&e) => Err(SendError::Other(wit::Outcome::Overflow, "UO")),
+            Err(e) if e.is_connect() => Err(SendError::Other(wit::Outcome::ConnectFailure, "UF")),
+            Err(e) if refused_stream(&e) => Err(SendError::Unprocessed),
+            Err(e) => {
+                tracing::debug!(service = &*target.name, "upstream error: {e:?}");
                 Err(SendError::Other(wit::Outcome::Reset, "UR"))
             }
         };
-    };
-    match result {
+    }
+    *up.version_mut() = Version::HTTP_11;
+    match within(deadline, shared.clients.http1.send(ep, up)).await? {
         Ok(r) => Ok(r),
-        Err(e) if connection_limit(&e) => Err(SendError::Other(wit::Outcome::Overflow, "UO")),
-        Err(e) if e.is_connect() => Err(SendError::Other(wit::Outcome::ConnectFailure, "UF")),
-        Err(e) if refused_stream(&e) => Err(SendError::Unprocessed),
-        Err(e) => {
-            tracing::debug!(service = &*target.name, "upstream error: {e:?}");
+        Err(UpstreamError::Limit(_)) => Err(SendError::Other(wit::Outcome::Overflow, "UO")),
+        Err(UpstreamError::Connect(e)) => {
+            tracing::debug!(service = &*target.name, "upstream connect failed: {e}");
+            Err(SendError::Other(wit::Outcome::ConnectFailure, "UF"))
+        }
+        // Lost on a keep-alive connection the upstream was closing:
+        // RFC 9112 §9.3.1 lets a client send an idempotent request again.
+        Err(UpstreamError::Http {
+            reused: true,
+            error,
+        }) if req.parts.method.is_idempotent() => {
+            tracing::debug!(
+                service = &*target.name,
+                "upstream closed a kept-alive connection: {error}"
+            );
+            Err(SendError::Unprocessed)
+        }
+        Err(UpstreamError::Http { error, .. }) => {
+            tracing::debug!(service = &*target.name, "upstream error: {error:?}");
             Err(SendError::Other(wit::Outcome::Reset, "UR"))
         }
+    }
+}
+
+/// `fut`, or `UT` once `deadline` passes.
+async fn within<T>(
+    deadline: Option<Instant>,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, SendError> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), fut)
+            .await
+            .map_err(|_| SendError::Other(wit::Outcome::Timeout, "UT")),
+        None => Ok(fut.await),
     }
 }
 

@@ -488,11 +488,11 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
         for (subset, addrs) in &svc.endpoints {
             let subset: Arc<str> = subset.as_str().into();
             for (i, a) in addrs.iter().enumerate() {
-                let authority = a
+                let parsed = a
                     .parse::<SocketAddr>()
                     .ok()
-                    .and_then(|_| a.parse::<http::uri::Authority>().ok());
-                let Some(authority) = authority else {
+                    .zip(a.parse::<http::uri::Authority>().ok());
+                let Some((socket, authority)) = parsed else {
                     return Err(field_err(
                         file,
                         format!("services.{name}.endpoints.{subset}[{i}]"),
@@ -501,6 +501,7 @@ pub fn build(file: &Path, ctx: &BuildCtx<'_>) -> Result<Snapshot, BuildError> {
                 };
                 eps.push(Endpoint {
                     address: a.as_str().into(),
+                    socket,
                     authority,
                     subset: subset.clone(),
                     state: ctx.endpoints.get(name, a),

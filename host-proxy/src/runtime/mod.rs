@@ -324,8 +324,6 @@ pub struct Runtime {
     compiler: Compiler,
 }
 
-/// The engine configuration, the same in the proxy and in its compiler
-/// process (their artifacts must be interchangeable).
 /// What a compile produced: the artifact bytes a compiler process sent, or
 /// a component compiled in this process.
 enum Compiled {
@@ -344,19 +342,15 @@ impl Compiled {
     ) -> Result<Component, LoadError> {
         let unusable =
             |e: wasmtime::Error| LoadError::Compiler(format!("its artifact is unusable: {e:#}"));
-        let Some(disk) = disk else {
-            return match self {
-                Compiled::Artifact(a) => artifacts::from_own_compiler(engine, &a).map_err(unusable),
-                Compiled::Component(c) => Ok(c),
+        if let Some(disk) = disk {
+            let artifact = match &self {
+                Compiled::Artifact(a) => std::borrow::Cow::Borrowed(a.as_slice()),
+                Compiled::Component(c) => std::borrow::Cow::Owned(c.serialize().map_err(unusable)?),
             };
-        };
-        let artifact = match &self {
-            Compiled::Artifact(a) => std::borrow::Cow::Borrowed(a.as_slice()),
-            Compiled::Component(c) => std::borrow::Cow::Owned(c.serialize().map_err(unusable)?),
-        };
-        disk.put(sha256, &artifact);
-        if let Some(c) = disk.get(engine, sha256) {
-            return Ok(c);
+            disk.put(sha256, &artifact);
+            if let Some(c) = disk.get(engine, sha256) {
+                return Ok(c);
+            }
         }
         match self {
             Compiled::Artifact(a) => artifacts::from_own_compiler(engine, &a).map_err(unusable),
