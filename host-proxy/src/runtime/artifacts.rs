@@ -115,8 +115,12 @@ impl ArtifactCache {
         // against the digest written with it, and only ever replaced by
         // rename (see the module docs), so the mapping stays as verified.
         // wasmtime checks the artifact's header against the engine as well.
+        drop_cached_pages(&path);
         match unsafe { Component::deserialize_file(engine, &path) } {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                read_on_demand(&c);
+                Some(c)
+            }
             Err(e) => {
                 tracing::warn!(file = %path.display(), "compile cache entry unusable ({e}); compiling again");
                 let _ = fs::remove_file(&path);
@@ -158,6 +162,33 @@ impl ArtifactCache {
 
 /// Hex sha256 of a file, read in pieces (an artifact is megabytes; the
 /// heap stays as it was).
+/// Drop the page cache the digest check (or the write in `put`) left for
+/// `path`. Reading a file in sequence leaves it cached in large folios, and
+/// touching one byte of a mapped folio maps all of it: a proxy that runs a
+/// few functions of a plugin would hold every page of its code. Read back
+/// page by page instead (see [`read_on_demand`]), only what runs is resident.
+/// Pages another sidecar has mapped stay cached.
+fn drop_cached_pages(path: &Path) {
+    if let Ok(f) = fs::File::open(path) {
+        let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+    }
+}
+
+/// No read-around for the mapped artifact: a fault reads its own page only.
+fn read_on_demand(component: &Component) {
+    let image = component.image_range();
+    // SAFETY: MADV_RANDOM changes no memory contents, only how the kernel
+    // reads this file-backed range in on a fault; the range is the
+    // component's own mapping, alive as long as `component`.
+    let _ = unsafe {
+        rustix::mm::madvise(
+            image.start as *mut std::ffi::c_void,
+            image.end as usize - image.start as usize,
+            rustix::mm::Advice::Random,
+        )
+    };
+}
+
 fn file_sha256(path: &Path) -> std::io::Result<String> {
     let mut f = fs::File::open(path)?;
     let mut hasher = Sha256::new();
