@@ -160,8 +160,6 @@ impl ArtifactCache {
     }
 }
 
-/// Hex sha256 of a file, read in pieces (an artifact is megabytes; the
-/// heap stays as it was).
 /// Drop the page cache the digest check (or the write in `put`) left for
 /// `path`. Reading a file in sequence leaves it cached in large folios, and
 /// touching one byte of a mapped folio maps all of it: a proxy that runs a
@@ -189,6 +187,8 @@ fn read_on_demand(component: &Component) {
     };
 }
 
+/// Hex sha256 of a file, read in pieces (an artifact is megabytes; the
+/// heap stays as it was).
 fn file_sha256(path: &Path) -> std::io::Result<String> {
     let mut f = fs::File::open(path)?;
     let mut hasher = Sha256::new();
