@@ -37,7 +37,7 @@ fn release_embedded<'a>(slices: impl IntoIterator<Item = &'a [u8]>) {
     {
         // A multiple of every page size Linux uses (4, 16 and 64 KiB); asking
         // the C library or the auxiliary vector for it is not worth a few
-        // KiB (and rustix's auxv reader faults under valgrind).
+        // KiB.
         let page = 64 * 1024;
         for bytes in slices {
             // Whole pages inside the slice only: a neighbour's bytes stay.
