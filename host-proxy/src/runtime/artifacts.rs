@@ -98,8 +98,9 @@ impl ArtifactCache {
             return None;
         }
         let digest = path.with_extension("sha256");
-        let intact = match (fs::read_to_string(&digest), file_sha256(&path)) {
-            (Ok(expected), Ok(actual)) => expected.trim() == actual,
+        let file = fs::File::open(&path);
+        let intact = match (fs::read_to_string(&digest), &file) {
+            (Ok(expected), Ok(f)) => file_sha256(f).is_ok_and(|a| expected.trim() == a),
             _ => false,
         };
         if !intact {
@@ -108,6 +109,9 @@ impl ArtifactCache {
             let _ = fs::remove_file(&digest);
             return None;
         }
+        if let Ok(f) = &file {
+            drop_cached_pages(f);
+        }
         // SAFETY: this file is an artifact `precompile_component` or
         // `Component::serialize` produced for an engine with this very
         // compatibility fingerprint (it is in the file name), written by this
@@ -115,7 +119,6 @@ impl ArtifactCache {
         // against the digest written with it, and only ever replaced by
         // rename (see the module docs), so the mapping stays as verified.
         // wasmtime checks the artifact's header against the engine as well.
-        drop_cached_pages(&path);
         match unsafe { Component::deserialize_file(engine, &path) } {
             Ok(c) => {
                 read_on_demand(&c);
@@ -161,15 +164,13 @@ impl ArtifactCache {
 }
 
 /// Drop the page cache the digest check (or the write in `put`) left for
-/// `path`. Reading a file in sequence leaves it cached in large folios, and
+/// `file`. Reading a file in sequence leaves it cached in large folios, and
 /// touching one byte of a mapped folio maps all of it: a proxy that runs a
 /// few functions of a plugin would hold every page of its code. Read back
 /// page by page instead (see [`read_on_demand`]), only what runs is resident.
 /// Pages another sidecar has mapped stay cached.
-fn drop_cached_pages(path: &Path) {
-    if let Ok(f) = fs::File::open(path) {
-        let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-    }
+fn drop_cached_pages(file: &fs::File) {
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
 }
 
 /// No read-around for the mapped artifact: a fault reads its own page only.
@@ -189,8 +190,7 @@ fn read_on_demand(component: &Component) {
 
 /// Hex sha256 of a file, read in pieces (an artifact is megabytes; the
 /// heap stays as it was).
-fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut f = fs::File::open(path)?;
+fn file_sha256(mut f: &fs::File) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
