@@ -28,6 +28,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("fixture-nop", "NOP", false),
     ("fixture-hostile", "HOSTILE", false),
     ("fixture-bigmem", "BIGMEM", false),
+    ("fixture-probe", "PROBE", false),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

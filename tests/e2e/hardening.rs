@@ -9,30 +9,6 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-/// Read until EOF (or `limit`), returning what came and when it ended.
-async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
-    let t = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match tokio::time::timeout(limit.saturating_sub(t.elapsed()), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return (String::from_utf8_lossy(&got).into(), Some(t.elapsed()));
-            }
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Err(_) => return (String::from_utf8_lossy(&got).into(), None),
-        }
-    }
-}
-
-/// Send a raw HTTP/1.1 request and return the first response's text (head
-/// and whatever body came with it).
-async fn raw(proxy: &Proxy, request: &[u8]) -> String {
-    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
-    s.write_all(request).await.unwrap();
-    read_to_close(&mut s, Duration::from_secs(10)).await.0
-}
-
 fn get_with_headers(n: usize, each: usize) -> Vec<u8> {
     let mut r = b"GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n".to_vec();
     for i in 0..n {
@@ -177,7 +153,9 @@ async fn past_the_connection_cap_a_client_gets_503_at_once_and_the_slot_comes_ba
         held.push(TcpStream::connect(proxy.listen).await.unwrap());
     }
     // The three are accepted (and counted) before the fourth arrives.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy
+        .metrics_containing("wasmesh_downstream_connections 3")
+        .await;
     let t = Instant::now();
     let mut fourth = TcpStream::connect(proxy.listen).await.unwrap();
     let _ = fourth
@@ -605,39 +583,48 @@ async fn upstream_faults_before_the_head_get_flagged_replies_and_after_it_cut_th
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_that_breaks_after_forwarding_began_aborts_the_upstream_and_gets_400() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    // An upstream that reads the body to its end before answering, and
-    // notes whether it ever saw a complete body.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let completed = Arc::new(AtomicBool::new(false));
-    let c = completed.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+    use tokio::sync::watch;
+    // An upstream that reads the request body to its end, and says what it
+    // has seen: the first chunk, then how the connection ended.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Seen {
+        Nothing,
+        FirstChunk,
+        Ended { complete: bool },
+    }
+    let (tx, mut rx) = watch::channel(Seen::Nothing);
+    let tx = Arc::new(tx);
+    let addr = raw_upstream(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            // The whole stream, head and body: the body is what follows the
+            // head's empty line.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let body_of = |got: &[u8]| {
+                let text = String::from_utf8_lossy(got).into_owned();
+                text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
             };
-            let c = c.clone();
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let c = c.clone();
-                        async move {
-                            use http_body_util::BodyExt;
-                            if req.into_body().collect().await.is_ok() {
-                                c.store(true, Ordering::SeqCst);
-                            }
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                            ))
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+                if body_of(&got).is_some_and(|b| b.contains("hello")) {
+                    tx.send_if_modified(|v| {
+                        let first = *v == Seen::Nothing;
+                        if first {
+                            *v = Seen::FirstChunk;
                         }
+                        first
                     });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+                }
+            }
+            let complete = body_of(&got).is_some_and(|b| b.ends_with("0\r\n\r\n"));
+            let _ = tx.send(Seen::Ended { complete });
         }
-    });
+    })
+    .await;
     let proxy = Proxy::start(&format!(
         "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{addr}\"] }}\n"
     ))
@@ -647,14 +634,27 @@ async fn a_body_that_breaks_after_forwarding_began_aborts_the_upstream_and_gets_
         .await
         .unwrap();
     // The first chunk is forwarded; then the framing breaks.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|v| *v != Seen::Nothing),
+    )
+    .await
+    .expect("the first chunk never reached the upstream")
+    .unwrap();
     s.write_all(b"ZZ\r\nbroken\r\n0\r\n\r\n").await.unwrap();
     let (text, closed) = read_to_close(&mut s, Duration::from_secs(10)).await;
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(closed.is_some());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !completed.load(Ordering::SeqCst),
+    let ended = *tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|v| matches!(v, Seen::Ended { .. })),
+    )
+    .await
+    .expect("the upstream request was not aborted")
+    .unwrap();
+    assert_eq!(
+        ended,
+        Seen::Ended { complete: false },
         "the upstream saw a complete body"
     );
     proxy

@@ -166,28 +166,6 @@ async fn http1_and_h2c_pass_through_with_the_configured_upstream_protocol() {
     }
 }
 
-/// Send an h2c request over a connection to `addr`, whatever its URI says.
-pub async fn send_h2_to(addr: std::net::SocketAddr, req: http::Request<Full<Bytes>>) -> Got {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let r = sender.send_request(req).await.unwrap();
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let body = r.into_body().collect().await.unwrap().to_bytes();
-    Got {
-        status,
-        headers,
-        body,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn proxy_mode_unknown_hosts_connect_and_upstream_failures_get_flagged_local_replies() {
     let up = Upstream::echo("reviews").await;
@@ -235,18 +213,10 @@ async fn proxy_mode_unknown_hosts_connect_and_upstream_failures_get_flagged_loca
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_turns_ready_off_and_exits_zero() {
-    use tokio::io::AsyncWriteExt;
     // An upstream that answers after 1.5 s, so a request is in flight when
     // SIGTERM comes.
-    let addr = raw_upstream(|mut s| async move {
-        if read_head(&mut s).await.is_some() {
-            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslow\n")
-                .await;
-        }
-    })
-    .await;
+    let slow = Slow::start(std::time::Duration::from_millis(1500)).await;
+    let addr = slow.addr;
     // One worker (the current-thread scheduler): draining and exiting must
     // not depend on a second thread.
     let mut proxy = Proxy::start_with(
@@ -264,7 +234,7 @@ async fn graceful_shutdown_turns_ready_off_and_exits_zero() {
             .unwrap();
         send(http1(), req).await
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    slow.wait_arrived(1).await;
     let t = std::time::Instant::now();
     proxy.sigterm();
     // Draining: /ready says 503 and the listener takes no new connections.

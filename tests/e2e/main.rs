@@ -8,5 +8,6 @@ mod hardening;
 mod http;
 mod plugins;
 mod reload;
+mod request;
 mod stock;
 mod support;

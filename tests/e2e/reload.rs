@@ -1,9 +1,9 @@
 //! `--watch`: live swaps with zero failed requests; refused reloads keep the
 //! previous snapshot serving and show in `/config`.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -41,13 +41,14 @@ async fn swap_under_load(threads: &str) {
     let proxy = Proxy::start_in(dir, &versioned(&up, 0), &["--watch", "--workers", threads]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Responses seen per version, while the load runs.
+    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let listen = proxy.listen;
     let mut workers = Vec::new();
     for _ in 0..4 {
-        let stop = stop.clone();
+        let (stop, seen) = (stop.clone(), seen.clone());
         workers.push(tokio::spawn(async move {
-            let (mut ok, mut failed, mut mixed) = (0usize, Vec::new(), 0usize);
-            let mut versions = HashSet::new();
+            let (mut failed, mut mixed) = (Vec::new(), 0usize);
             while !stop.load(Ordering::SeqCst) {
                 let req = http::Request::get(format!("http://{listen}/"))
                     .header("host", "reviews")
@@ -63,43 +64,54 @@ async fn swap_under_load(threads: &str) {
                         if resp_v != req_v || resp_v == "none" {
                             mixed += 1;
                         }
-                        versions.insert(resp_v);
-                        ok += 1;
+                        *seen.lock().unwrap().entry(resp_v).or_default() += 1;
                     }
                     Ok(r) => failed.push(format!("{} {:?}", r.status, r.body)),
                     Err(e) => failed.push(e),
                 }
             }
-            (ok, failed, mixed, versions)
+            (failed, mixed)
         }));
     }
 
-    let started = Instant::now();
+    // Each version serves a good share of the load before the next swap:
+    // the swaps land while requests are in flight on every version.
+    let served = |v: u32| {
+        seen.lock()
+            .unwrap()
+            .get(&v.to_string())
+            .copied()
+            .unwrap_or(0)
+    };
     let swaps = 6;
-    for v in 1..=swaps {
-        tokio::time::sleep(Duration::from_millis(900)).await;
-        proxy.rewrite(&versioned(&up, v));
-        proxy.wait_version(u64::from(v) + 1).await;
+    for v in 0..=swaps {
+        if v > 0 {
+            proxy.rewrite(&versioned(&up, v));
+            proxy.wait_version(u64::from(v) + 1).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while served(v) < 200 {
+            assert!(
+                Instant::now() < deadline,
+                "version {v} served only {} requests in 30 s",
+                served(v)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::SeqCst);
-    let elapsed = started.elapsed();
 
-    let (mut ok, mut failed, mut mixed, mut versions) = (0, Vec::new(), 0, HashSet::new());
+    let (mut failed, mut mixed) = (Vec::new(), 0);
     for w in workers {
-        let (o, f, m, v) = w.await.unwrap();
-        ok += o;
+        let (f, m) = w.await.unwrap();
         failed.extend(f);
         mixed += m;
-        versions.extend(v);
     }
-    let rps = ok as f64 / elapsed.as_secs_f64();
+    let seen = seen.lock().unwrap().clone();
     println!(
-        "swap under load, {threads} worker(s): {ok} requests in {elapsed:?} ({rps:.0}/s), {swaps} swaps, {} failed",
+        "swap under load, {threads} worker(s): {seen:?}, {} failed",
         failed.len()
     );
-    assert!(elapsed >= Duration::from_secs(5), "{elapsed:?}");
-    assert!(rps >= 200.0, "only {rps:.0} requests/s");
     assert!(
         failed.is_empty(),
         "{} failed: {:?}",
@@ -107,7 +119,6 @@ async fn swap_under_load(threads: &str) {
         &failed[..failed.len().min(5)]
     );
     assert_eq!(mixed, 0, "responses mixing two versions");
-    assert!(versions.len() >= 5, "saw versions {versions:?}");
     let cfg = proxy.config().await;
     assert_eq!(cfg["version"], u64::from(swaps) + 1);
     assert!(cfg["last_error"].is_null());

@@ -202,25 +202,9 @@ async fn fault_injection_aborts_and_delays_the_configured_share() {
     assert!(t.elapsed() < std::time::Duration::from_millis(200));
 }
 
-/// An upstream that fails every other request with 503.
-async fn flaky() -> Upstream {
-    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    Upstream::start(std::sync::Arc::new(move |_req| {
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let code = if i.is_multiple_of(2) { 503 } else { 200 };
-        http::Response::builder()
-            .status(code)
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                b"flaky\n",
-            )))
-            .unwrap()
-    }))
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn retry_recovers_half_failing_upstreams_but_not_posts() {
-    let up = flaky().await;
+    let up = Upstream::flaky().await;
     let proxy = Proxy::start(&format!(
         r#"services:
   reviews:
@@ -319,18 +303,6 @@ async fn a_retry_budget_caps_the_load_on_a_failing_upstream() {
     );
 }
 
-/// An upstream that always answers `code`, naming itself in `x-upstream`.
-async fn answering(name: &'static str, code: u16) -> Upstream {
-    Upstream::start(std::sync::Arc::new(move |_req| {
-        http::Response::builder()
-            .status(code)
-            .header("x-upstream", name)
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"-\n")))
-            .unwrap()
-    }))
-    .await
-}
-
 fn breaker_mesh(endpoints: &[&Upstream], config: &str) -> String {
     let eps: Vec<String> = endpoints
         .iter()
@@ -345,9 +317,9 @@ fn breaker_mesh(endpoints: &[&Upstream], config: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_circuit_breaker_ejects_a_failing_endpoint_and_lets_it_back() {
     let (a, b, bad) = (
-        answering("a", 200).await,
-        answering("b", 200).await,
-        answering("bad", 500).await,
+        Upstream::answering("a", 200).await,
+        Upstream::answering("b", 200).await,
+        Upstream::answering("bad", 500).await,
     );
     let proxy = Proxy::start(&breaker_mesh(
         &[&a, &b, &bad],
@@ -391,9 +363,9 @@ async fn the_circuit_breaker_ejects_a_failing_endpoint_and_lets_it_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn max_ejection_percent_keeps_endpoints_in_the_pool() {
     let (good, bad1, bad2) = (
-        answering("good", 200).await,
-        answering("bad1", 500).await,
-        answering("bad2", 500).await,
+        Upstream::answering("good", 200).await,
+        Upstream::answering("bad1", 500).await,
+        Upstream::answering("bad2", 500).await,
     );
     let proxy = Proxy::start(&breaker_mesh(
         &[&good, &bad1, &bad2],
@@ -580,7 +552,10 @@ services:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn breaker_state_and_ejections_survive_a_plugin_upgrade() {
-    let (a, bad) = (answering("a", 200).await, answering("bad", 500).await);
+    let (a, bad) = (
+        Upstream::answering("a", 200).await,
+        Upstream::answering("bad", 500).await,
+    );
     let config = |ms: u32| {
         breaker_mesh(
             &[&a, &bad],

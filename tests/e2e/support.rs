@@ -454,3 +454,148 @@ pub fn replace_file(path: &Path, bytes: &[u8]) {
     f.sync_all().unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// Read until EOF (or `limit`), returning what came and when it ended.
+pub async fn read_to_close(
+    s: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> (String, Option<Duration>) {
+    use tokio::io::AsyncReadExt;
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (String::from_utf8_lossy(&got).into(), Some(t.elapsed()));
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into(), None),
+        }
+    }
+}
+
+/// Send a raw HTTP/1.1 request and return the first response's text (head
+/// and whatever body came with it).
+pub async fn raw(proxy: &Proxy, request: &[u8]) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
+    s.write_all(request).await.unwrap();
+    read_to_close(&mut s, Duration::from_secs(10)).await.0
+}
+
+impl Upstream {
+    /// An upstream that always answers `code`, naming itself in `x-upstream`.
+    pub async fn answering(name: &'static str, code: u16) -> Upstream {
+        Upstream::start(Arc::new(move |_req| {
+            Response::builder()
+                .status(code)
+                .header("x-upstream", name)
+                .body(Full::new(Bytes::from_static(b"-\n")))
+                .unwrap()
+        }))
+        .await
+    }
+
+    /// An upstream that fails every other request with 503.
+    pub async fn flaky() -> Upstream {
+        let n = Arc::new(AtomicUsize::new(0));
+        Upstream::start(Arc::new(move |_req| {
+            let i = n.fetch_add(1, Ordering::SeqCst);
+            let code = if i.is_multiple_of(2) { 503 } else { 200 };
+            Response::builder()
+                .status(code)
+                .body(Full::new(Bytes::from_static(b"flaky\n")))
+                .unwrap()
+        }))
+        .await
+    }
+}
+
+/// A raw HTTP/1.1 upstream that answers each request `200 slow` only after
+/// `delay`, and counts the request heads it has received: a test waits on
+/// [`Slow::wait_arrived`] to know a request is in flight.
+pub struct Slow {
+    /// Its address.
+    pub addr: SocketAddr,
+    arrived: Arc<(AtomicUsize, tokio::sync::Notify)>,
+}
+
+impl Slow {
+    /// Start one.
+    pub async fn start(delay: Duration) -> Slow {
+        let arrived = Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new()));
+        let a = arrived.clone();
+        let addr = raw_upstream(move |mut s| {
+            let a = a.clone();
+            async move {
+                use tokio::io::AsyncWriteExt;
+                while read_head(&mut s).await.is_some() {
+                    a.0.fetch_add(1, Ordering::SeqCst);
+                    a.1.notify_waiters();
+                    tokio::time::sleep(delay).await;
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslow\n";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .await;
+        Slow { addr, arrived }
+    }
+
+    /// Request heads received so far.
+    pub fn arrived(&self) -> usize {
+        self.arrived.0.load(Ordering::SeqCst)
+    }
+
+    /// Wait (up to 10 s) until `n` request heads have arrived.
+    pub async fn wait_arrived(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let notified = self.arrived.1.notified();
+            if self.arrived() >= n {
+                return;
+            }
+            assert!(
+                tokio::time::timeout_at(deadline.into(), notified)
+                    .await
+                    .is_ok(),
+                "only {} of {n} requests reached the upstream",
+                self.arrived()
+            );
+        }
+    }
+}
+
+/// The log lines a proxy wrote from `offset` on (an offset taken with
+/// `proxy.log_text().len()` before the step under test).
+pub fn log_since(proxy: &Proxy, offset: usize) -> String {
+    proxy
+        .log_text()
+        .get(offset..)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Send an h2c request over a connection to `addr`, whatever its URI says.
+pub async fn send_h2_to(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let r = sender.send_request(req).await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    Got {
+        status,
+        headers,
+        body,
+    }
+}
