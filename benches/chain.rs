@@ -17,13 +17,16 @@ use arc_swap::ArcSwap;
 use criterion::Criterion;
 use wasmesh_plugin_sdk::testing::{Harness, TestRequest, TestResponse, attempt};
 use wasmesh_plugin_sdk::{Completion, Outcome};
-use wasmesh_proxy::cluster::ClusterView;
 use wasmesh_proxy::metrics::Metrics;
-use wasmesh_proxy::runtime::contract as wit;
-use wasmesh_proxy::runtime::{
-    ConfiguredPlugin, Limits, OnFailure, PluginScope, ReqData, RespData, Runtime,
+use wasmesh_proxy::runtime::state::StateStore;
+use wasmesh_proxy::runtime::types::{
+    Attempt as HostAttempt, Completion as HostCompletion, Outcome as HostOutcome, Protocol,
+    ResponseView,
 };
-use wasmesh_proxy::state::StateStore;
+use wasmesh_proxy::runtime::{
+    ConfiguredPlugin, Limits, OnFailure, PluginScope, RequestView, Runtime,
+};
+use wasmesh_proxy::upstream::cluster::ClusterView;
 
 const CONFIGS: [(&str, &str, &str); 5] = [
     (
@@ -104,18 +107,18 @@ fn wasm_chain(runtime: &Arc<Runtime>) -> Vec<Arc<ConfiguredPlugin>> {
         .collect()
 }
 
-fn req_data() -> ReqData {
+fn req_data() -> RequestView {
     let mut b = http::Request::builder().method("GET").uri("/reviews/1?x=y");
     for (k, v) in HEADERS {
         b = b.header(k, v);
     }
     let (parts, ()) = b.body(()).unwrap().into_parts();
-    ReqData {
+    RequestView {
         parts,
         scheme: "http",
         authority: "reviews".into(),
         port: 80,
-        protocol: wit::Protocol::Http1,
+        protocol: Protocol::Http1,
         source_address: "127.0.0.1:50000".into(),
         source_principal: None,
         service: "reviews".into(),
@@ -125,14 +128,14 @@ fn req_data() -> ReqData {
 }
 
 /// A first attempt answered 200 by the upstream.
-fn ok_attempt() -> wit::Attempt {
-    wit::Attempt {
+fn ok_attempt() -> HostAttempt {
+    HostAttempt {
         number: 1,
-        outcome: wit::Outcome::Response(200),
+        outcome: HostOutcome::Response(200),
         service: "reviews".into(),
         subset: Some("v1".into()),
         endpoint: Some("127.0.0.1:9081".into()),
-        duration_us: 800,
+        duration: Duration::from_micros(800),
     }
 }
 
@@ -140,8 +143,8 @@ fn ok_attempt() -> wit::Attempt {
 /// reverse for an upstream 200, on-complete.
 fn run_wasm(
     chain: &[Arc<ConfiguredPlugin>],
-    req: &mut Option<ReqData>,
-    resp: &mut Option<RespData>,
+    req: &mut Option<RequestView>,
+    resp: &mut Option<ResponseView>,
 ) {
     for p in chain {
         if p.hooks.on_request {
@@ -154,10 +157,10 @@ fn run_wasm(
             black_box(p.on_response(req, resp, &a).unwrap());
         }
     }
-    let done = wit::Completion {
+    let done = HostCompletion {
         status: Some(200),
         attempts: 1,
-        duration_us: 900,
+        duration: Duration::from_micros(900),
     };
     for p in chain {
         if p.hooks.on_complete {
@@ -264,7 +267,7 @@ fn main() {
     let chain = wasm_chain(&runtime);
     let native = native_chain();
     let mut req = Some(req_data());
-    let mut resp = Some(RespData {
+    let mut resp = Some(ResponseView {
         status: 200,
         headers: http::HeaderMap::new(),
     });

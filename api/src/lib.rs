@@ -10,11 +10,46 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod values;
+
+pub use values::{
+    Address, BoundedDuration, BoundedSize, Count, HostName, PluginName, ServiceName, Sha256,
+    SubsetName,
+};
+pub use wasmesh_units::{parse_duration, parse_size};
+
 /// The `apiVersion` this build understands.
 pub const API_VERSION: &str = "wasmesh.io/v1alpha1";
 
 /// Largest mesh file accepted, in bytes.
 pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Deadline of one hook call: 1ms to 10s.
+pub type HookDeadline = BoundedDuration<1, 10_000>;
+/// Linear-memory cap of a plugin instance: 1Mi to 4Gi.
+pub type MemoryLimit = BoundedSize<{ 1 << 20 }, { 4 << 30 }>;
+/// Ready instances kept per plugin: 1 to 1024.
+pub type PoolSize = Count<1, 1024>;
+/// Longest compile of one component: 1ms to 10m.
+pub type CompileTimeout = BoundedDuration<1, 600_000>;
+/// A positive duration (at least 1ms).
+pub type PositiveDuration = BoundedDuration<1, { u64::MAX }>;
+/// A duration, zero or more.
+pub type AnyDuration = BoundedDuration<0, { u64::MAX }>;
+/// At least one.
+pub type AtLeastOne = Count<1, { u64::MAX }>;
+/// Any count.
+pub type AnyCount = Count<0, { u64::MAX }>;
+/// Largest request head: 8Ki to 1Mi.
+pub type HeadBytes = BoundedSize<{ 8 << 10 }, { 1 << 20 }>;
+/// Most headers in one request: 1 to 1000.
+pub type HeaderCount = Count<1, 1000>;
+/// Time to send a request head: at least 100ms.
+pub type HeadTimeout = BoundedDuration<100, { u64::MAX }>;
+/// A connection's idle timeout: at least 1s.
+pub type IdleTimeout = BoundedDuration<1000, { u64::MAX }>;
+/// Concurrent streams per HTTP/2 connection: 1 to 2^31.
+pub type StreamCount = Count<1, { 1 << 31 }>;
 
 /// A standalone proxy's configuration file (`wasmesh proxy --config mesh.yaml`).
 #[derive(Clone, Debug, Deserialize)]
@@ -24,14 +59,14 @@ pub struct MeshFile {
     #[serde(rename = "apiVersion")]
     pub api_version: Option<String>,
     /// Admin listener (`/ready`, `/config`, `/metrics`). Default `127.0.0.1:15000`.
-    pub admin: Option<String>,
+    pub admin: Option<Address>,
     /// Outbound listener: the local app's requests to other services. Default `127.0.0.1:15001`.
-    pub listen: Option<String>,
+    pub listen: Option<Address>,
     /// Inbound listener: peers' requests to this service. Optional.
-    pub inbound: Option<String>,
+    pub inbound: Option<Address>,
     /// The service this sidecar stands beside (whose `inbound-plugins` run on
     /// the inbound listener). Required with `inbound`.
-    pub local_service: Option<String>,
+    pub local_service: Option<ServiceName>,
     /// Plugin runtime limits.
     #[serde(default)]
     pub runtime: RuntimeSpec,
@@ -43,22 +78,25 @@ pub struct MeshFile {
     pub downstream: DownstreamSpec,
     /// The services of the mesh, by name.
     #[serde(default)]
-    pub services: BTreeMap<String, ServiceSpec>,
+    pub services: BTreeMap<ServiceName, ServiceSpec>,
 }
 
 /// Limits that apply to every plugin call.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RuntimeSpec {
-    /// Deadline of one hook call, e.g. `10ms`. Default `10ms`.
-    pub hook_deadline: Option<String>,
-    /// Linear-memory cap of one plugin instance, e.g. `16Mi`. Default `16Mi`.
-    pub memory_limit: Option<String>,
-    /// Ready instances kept per plugin. Default: twice the worker count.
-    pub pool_size: Option<usize>,
-    /// Longest a component may take to compile, e.g. `30s`; past it the
-    /// compile is abandoned and the component refused. Default `30s`.
-    pub compile_timeout: Option<String>,
+    /// Deadline of one hook call, e.g. `10ms` (1ms to 10s). Default `10ms`.
+    pub hook_deadline: Option<HookDeadline>,
+    /// Linear-memory cap of one plugin instance, e.g. `16Mi` (1Mi to 4Gi).
+    /// Default `16Mi`.
+    pub memory_limit: Option<MemoryLimit>,
+    /// Ready instances kept per plugin (1 to 1024). Default: twice the
+    /// worker count.
+    pub pool_size: Option<PoolSize>,
+    /// Longest a component may take to compile, e.g. `30s` (up to 10m);
+    /// past it the compile is abandoned and the component refused. Default
+    /// `30s`.
+    pub compile_timeout: Option<CompileTimeout>,
     /// Quarantine a plugin version that keeps failing. Off unless given.
     pub quarantine: Option<QuarantineSpec>,
 }
@@ -67,13 +105,13 @@ pub struct RuntimeSpec {
 /// plugin version is quarantined: the last known-good version of that
 /// plugin serves instead, or, if there is none, its `on-failure` applies,
 /// until a new version is deployed.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct QuarantineSpec {
-    /// Failures that quarantine a version, e.g. `5`.
-    pub traps: u32,
+    /// Failures that quarantine a version, e.g. `5` (at least 1).
+    pub traps: Count<1, { u32::MAX as u64 }>,
     /// The window they must fall in, e.g. `10s`.
-    pub window: String,
+    pub window: PositiveDuration,
 }
 
 /// How the proxy talks to upstreams.
@@ -81,48 +119,51 @@ pub struct QuarantineSpec {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct UpstreamSpec {
     /// TCP connect timeout. Default `1s`.
-    pub connect_timeout: Option<String>,
+    pub connect_timeout: Option<PositiveDuration>,
     /// Idle pooled connections are closed after this. Default `90s`.
-    pub idle_timeout: Option<String>,
+    pub idle_timeout: Option<PositiveDuration>,
     /// Idle connections kept per endpoint. Default `32`.
-    pub max_idle_per_endpoint: Option<usize>,
+    pub max_idle_per_endpoint: Option<AnyCount>,
     /// Requests in flight per endpoint; more get 503 `UO`. Default `1024`.
-    pub max_requests_per_endpoint: Option<usize>,
+    pub max_requests_per_endpoint: Option<AtLeastOne>,
     /// Open connections per endpoint (per upstream protocol); a request that
     /// needs one more gets 503 `UO` at once. Default `1024`.
-    pub max_connections_per_endpoint: Option<usize>,
+    pub max_connections_per_endpoint: Option<AtLeastOne>,
 }
 
 /// Limits on downstream (client) connections, as Envoy's defaults.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DownstreamSpec {
-    /// Largest request head (request line and headers), e.g. `60Ki`. Past
-    /// it: `431` (HTTP/1) or the stream is reset (HTTP/2). Default `60Ki`.
-    pub max_header_bytes: Option<String>,
-    /// Most headers in one request; past it: `431` / stream reset. Default `100`.
-    pub max_headers: Option<usize>,
-    /// Time a client has to send a whole request head. Default `10s`.
-    pub header_read_timeout: Option<String>,
-    /// A connection that moves no bytes for this long is closed. Default `5m`.
-    pub idle_timeout: Option<String>,
+    /// Largest request head (request line and headers), e.g. `60Ki` (8Ki to
+    /// 1Mi). Past it: `431` (HTTP/1) or the stream is reset (HTTP/2).
+    /// Default `60Ki`.
+    pub max_header_bytes: Option<HeadBytes>,
+    /// Most headers in one request (1 to 1000); past it: `431` / stream
+    /// reset. Default `100`.
+    pub max_headers: Option<HeaderCount>,
+    /// Time a client has to send a whole request head (at least 100ms).
+    /// Default `10s`.
+    pub header_read_timeout: Option<HeadTimeout>,
+    /// A connection that moves no bytes for this long is closed (at least
+    /// 1s). Default `5m`.
+    pub idle_timeout: Option<IdleTimeout>,
     /// Open connections per listener; past it a new connection gets `503`
     /// with `Connection: close` and is closed at once. Default `10000`.
-    pub max_connections: Option<usize>,
+    pub max_connections: Option<AtLeastOne>,
     /// Concurrent streams per HTTP/2 connection. Default `100`.
-    pub max_concurrent_streams: Option<u32>,
+    pub max_concurrent_streams: Option<StreamCount>,
 }
 
 /// Upstream protocol of a service.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    /// HTTP/1.1.
+    /// HTTP/1.1, always.
     Http1,
-    /// HTTP/2 with prior knowledge (cleartext).
+    /// HTTP/2 with prior knowledge (cleartext), always.
     H2c,
-    /// Whatever the downstream spoke.
-    #[default]
+    /// Whatever the downstream client spoke.
     Auto,
 }
 
@@ -132,13 +173,13 @@ pub enum Protocol {
 pub struct ServiceSpec {
     /// Extra host names routed to this service (the service name always is).
     #[serde(default)]
-    pub hosts: Vec<String>,
-    /// Upstream protocol. Default `auto`.
-    #[serde(default)]
-    pub protocol: Protocol,
+    pub hosts: Vec<HostName>,
+    /// Upstream protocol. Default: HTTP/1.1, and HTTP/2 (h2c) for gRPC
+    /// requests.
+    pub protocol: Option<Protocol>,
     /// Endpoints by subset name (`v1: ["127.0.0.1:9081"]`).
     #[serde(default)]
-    pub endpoints: BTreeMap<String, Vec<String>>,
+    pub endpoints: BTreeMap<SubsetName, Vec<Address>>,
     /// The outbound chain, run by callers' sidecars, in order.
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,
@@ -155,9 +196,9 @@ pub struct PluginSpec {
     /// `builtin:<name>`.
     pub source: String,
     /// Unique in its chain. Default: the builtin's name or the file's stem.
-    pub name: Option<String>,
+    pub name: Option<PluginName>,
     /// Expected sha256 (hex) of the component; refused when it differs.
-    pub sha256: Option<String>,
+    pub sha256: Option<Sha256>,
     /// The plugin's configuration, passed to it as JSON.
     #[serde(default)]
     pub config: serde_json::Value,
@@ -244,11 +285,12 @@ impl MeshFile {
             } else {
                 path
             };
-            // The YAML error may name the path itself; say it once.
+            // The YAML error may start with the path (or its parent's) by
+            // itself; say it once, in full, before the reason.
             let reason = e.into_inner().to_string();
-            let reason = match reason.strip_prefix(&format!("{path}: ")) {
-                Some(rest) => rest.to_string(),
-                None => reason,
+            let reason = match reason.split_once(": ") {
+                Some((head, rest)) if path.starts_with(head) => rest.to_string(),
+                _ => reason,
             };
             (path, reason)
         })?;
@@ -262,54 +304,6 @@ impl MeshFile {
         }
         Ok(doc)
     }
-}
-
-/// Parse a duration as Istio and protobuf write them: `250ms`, `1s`, `1.5s`,
-/// `2m`, `1h`, `0.25s`, `100us`.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("{text:?}: missing a unit (ms, s, m, h)"))?;
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?}: not a number followed by a unit"))?;
-    let secs = match unit {
-        "us" | "µs" => n / 1e6,
-        "ms" => n / 1e3,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use us, ms, s, m or h)"
-            ));
-        }
-    };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("{text:?}: out of range"));
-    }
-    Ok(std::time::Duration::from_secs_f64(secs))
-}
-
-/// Parse a size: `16Mi`, `512Ki`, `1Gi`, `1000000` (bytes).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, mult) = if let Some(n) = t.strip_suffix("Ki") {
-        (n, 1u64 << 10)
-    } else if let Some(n) = t.strip_suffix("Mi") {
-        (n, 1 << 20)
-    } else if let Some(n) = t.strip_suffix("Gi") {
-        (n, 1 << 30)
-    } else {
-        (t, 1)
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?}: expected bytes or a number with Ki, Mi or Gi"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{text:?}: out of range"))
 }
 
 #[cfg(test)]
@@ -349,7 +343,7 @@ mod tests {
         assert_eq!(e.0, "services.reviews.plugins[0].on-failure");
         assert!(e.1.contains("unknown variant `sideways`"), "{}", e.1);
 
-        let e = MeshFile::parse("listen: 1\nbogus: 2\n").unwrap_err();
+        let e = MeshFile::parse("listen: 127.0.0.1:1\nbogus: 2\n").unwrap_err();
         assert!(e.1.contains("unknown field `bogus`"), "{e:?}");
 
         let e = MeshFile::parse("apiVersion: wasmesh.io/v9\n").unwrap_err();
@@ -357,13 +351,27 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_sizes() {
-        assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
-        assert_eq!(parse_duration("0.25s").unwrap().as_millis(), 250);
-        assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("5d").is_err());
-        assert_eq!(parse_size("16Mi").unwrap(), 16 << 20);
-        assert!(parse_size("lots").is_err());
+    fn values_are_checked_where_they_are_read() {
+        let e = MeshFile::parse("runtime: { hook-deadline: 20s }\n").unwrap_err();
+        assert_eq!(e.0, "runtime.hook-deadline");
+        assert_eq!(
+            e.1,
+            "must be between 1ms and 10s, not \"20s\" at line 1 column 10"
+        );
+        let e = MeshFile::parse(
+            "services:\n  reviews:\n    endpoints: { v1: [\"127.0.0.1:1\", \"nowhere\"] }\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "services.reviews.endpoints.v1[1]");
+        assert!(e.1.contains("\"nowhere\" is not an address"), "{}", e.1);
+        let e =
+            MeshFile::parse("services:\n  reviews:\n    plugins: [{ source: x, name: \"a b\" }]\n")
+                .unwrap_err();
+        assert_eq!(e.0, "services.reviews.plugins[0].name");
+        let e = MeshFile::parse("downstream: { max-connections: 0 }\n").unwrap_err();
+        assert_eq!(e.0, "downstream.max-connections");
+        assert!(e.1.starts_with("must be at least 1, not 0"), "{}", e.1);
+        let e = MeshFile::parse("services:\n  \"re views\": {}\n").unwrap_err();
+        assert!(e.1.contains("a service name is"), "{e:?}");
     }
 }

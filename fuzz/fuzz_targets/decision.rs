@@ -5,8 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wasmesh_proxy::proxy::fuzzing;
 
 fuzz_target!(|data: &[u8]| {
-    fuzzing::request_decision(fuzzing::decision_from_bytes(data));
+    wasmesh_proxy::fuzzing::request_decision(data);
 });

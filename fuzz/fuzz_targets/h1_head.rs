@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 
 // The check is std + httparse only; include its source rather than build
 // the whole proxy (and wasmtime) under the sanitizer.
-#[path = "../../host-proxy/src/h1scan.rs"]
+#[path = "../../host-proxy/src/listener/h1scan.rs"]
 #[allow(dead_code)]
 mod h1scan;
 

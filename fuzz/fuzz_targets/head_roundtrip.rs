@@ -7,5 +7,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    wasmesh_proxy::proxy::fuzzing::head_roundtrip(data);
+    wasmesh_proxy::fuzzing::head_roundtrip(data);
 });

@@ -1,30 +1,12 @@
-//! The component side: wit-bindgen's generated bindings (fenced here, private)
-//! and the glue the `export!` macro expands to.
-
-#![allow(
-    unsafe_code,
-    reason = "wit-bindgen's generated export glue is unsafe code"
-)]
-#![allow(missing_docs, reason = "generated bindings")]
+//! The component side: the glue the `export!` macro expands to, between
+//! the generated bindings ([`crate::bindings`]) and the plugin's own types.
 
 use crate::types::{self as t, Hooks};
 use crate::view::{Request, Response};
 use crate::{Plugin, parse_config};
 
-pub mod bindings {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "plugin",
-        pub_export_macro: true,
-        export_macro_name: "export_filter",
-        default_bindings_module: "wasmesh_plugin_sdk::__private::bindings",
-        runtime_path: "wasmesh_plugin_sdk::__private::wit_bindgen::rt",
-        bitflags_path: "wasmesh_plugin_sdk::__private::wit_bindgen::rt::bitflags",
-    });
-}
-
-pub use bindings::exports::wasmesh::plugin::filter::{Guest, HookSet as WitHooks};
-use bindings::wasmesh::plugin::types as wit;
+pub use crate::bindings::exports::wasmesh::plugin::filter::{Guest, HookSet as WitHooks};
+use crate::bindings::wasmesh::plugin::types as wit;
 pub use wit::{
     Attempt as WitAttempt, Completion as WitCompletion, Request as WitRequest,
     RequestDecision as WitRequestDecision, Response as WitResponse,
@@ -116,7 +98,15 @@ fn header_ops(ops: Vec<t::HeaderOp>) -> Vec<wit::HeaderOp> {
         .collect()
 }
 
+/// The reply, and its flag told to the host (during the hook call, as the
+/// contract asks).
 fn local_reply(r: t::LocalReply) -> wit::LocalReply {
+    use crate::bindings::wasmesh::plugin::host as h;
+    match r.flag {
+        t::ReplyFlag::LocalReply => {}
+        t::ReplyFlag::Overflow => h::set_reply_flag(h::ReplyFlag::Overflow),
+        t::ReplyFlag::RateLimited => h::set_reply_flag(h::ReplyFlag::RateLimited),
+    }
     wit::LocalReply {
         status: r.status,
         headers: r.headers.into_iter().map(header).collect(),

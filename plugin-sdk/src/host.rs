@@ -10,7 +10,7 @@ use crate::types::{Endpoint, Level, StateEntry, StateError};
 #[cfg(target_arch = "wasm32")]
 mod imp {
     use super::*;
-    use crate::guest::bindings::wasmesh::plugin::host as h;
+    use crate::bindings::wasmesh::plugin::host as h;
 
     pub fn log(level: Level, message: &str) {
         let level = match level {
@@ -61,6 +61,13 @@ mod imp {
     pub fn counter_hold(key: &str, delta: i64) -> Result<i64, StateError> {
         h::counter_hold(key, delta).map_err(state_error)
     }
+    pub fn counter_hold_within(
+        key: &str,
+        delta: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, StateError> {
+        h::counter_hold_within(key, delta, limit).map_err(state_error)
+    }
     pub fn endpoints(service: Option<&str>) -> Vec<Endpoint> {
         h::endpoints(service)
             .into_iter()
@@ -82,7 +89,18 @@ mod imp {
 #[cfg(not(target_arch = "wasm32"))]
 mod imp {
     use super::*;
-    use crate::native::dispatch;
+
+    /// Call `native` on this thread's native host, or `test` on the
+    /// harness's fake host when there is none.
+    fn dispatch<R>(
+        native: impl FnOnce(&dyn crate::native::NativeHost) -> R,
+        test: impl FnOnce(&mut crate::testing::TestHost) -> R,
+    ) -> R {
+        match crate::native::current() {
+            Some(host) => native(&*host),
+            None => crate::testing::with_host(test),
+        }
+    }
 
     pub fn log(level: Level, message: &str) {
         dispatch(
@@ -109,7 +127,7 @@ mod imp {
         )
     }
     pub fn state_delete(key: &str) -> bool {
-        dispatch(|n| n.state_delete(key), |h| h.state.remove(key).is_some())
+        dispatch(|n| n.state_delete(key), |h| h.state_delete(key))
     }
     pub fn counter_add(key: &str, delta: i64) -> Result<i64, StateError> {
         dispatch(|n| n.counter_add(key, delta), |h| h.counter_add(key, delta))
@@ -124,6 +142,16 @@ mod imp {
         dispatch(
             |n| n.counter_hold(key, delta),
             |h| h.counter_hold(key, delta),
+        )
+    }
+    pub fn counter_hold_within(
+        key: &str,
+        delta: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, StateError> {
+        dispatch(
+            |n| n.counter_hold_within(key, delta, limit),
+            |h| h.counter_hold_within(key, delta, limit),
         )
     }
     pub fn endpoints(service: Option<&str>) -> Vec<Endpoint> {
@@ -209,6 +237,19 @@ pub mod state {
     /// (in `Plugin::new`) it is refused with [`StateError::NoRequest`].
     pub fn counter_hold(key: &str, delta: i64) -> Result<i64, StateError> {
         imp::counter_hold(key, delta)
+    }
+
+    /// [`counter_hold`] only if the counter stays at most `limit`, checked
+    /// and added as one step in the host: `Some(new value)` when held,
+    /// `None` (nothing added) when `limit` would be passed. For a budget
+    /// that concurrent requests share, where reading the counter and then
+    /// holding it would let two requests take the last slot.
+    pub fn counter_hold_within(
+        key: &str,
+        delta: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, StateError> {
+        imp::counter_hold_within(key, delta, limit)
     }
 }
 

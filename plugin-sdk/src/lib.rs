@@ -34,12 +34,15 @@
 
 extern crate self as wasmesh_plugin_sdk;
 
+// Public only for the `export!` macro's expansion (through `__private`).
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod bindings;
+#[cfg(target_arch = "wasm32")]
+mod guest;
 pub mod host;
 mod types;
 mod view;
-
-#[cfg(target_arch = "wasm32")]
-mod guest;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
@@ -48,6 +51,8 @@ pub mod testing;
 
 pub use types::*;
 pub use view::{Request, Response};
+#[cfg(not(target_arch = "wasm32"))]
+pub use view::{RequestSource, ResponseSource};
 
 use serde::de::DeserializeOwned;
 
@@ -128,7 +133,9 @@ pub mod __private {
     pub use wit_bindgen;
 
     #[cfg(target_arch = "wasm32")]
-    pub use crate::guest::bindings::export_filter;
+    pub use crate::bindings;
+    #[cfg(target_arch = "wasm32")]
+    pub use crate::bindings::export_filter;
 }
 
 #[doc(hidden)]

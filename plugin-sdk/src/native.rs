@@ -13,46 +13,8 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use crate::types::*;
-use crate::view::{Request, Response};
+use crate::view::{Request, RequestSource, Response, ResponseSource};
 use crate::{Declared, Plugin, parse_config};
-
-/// What a plugin's [`Request`] view reads from.
-pub trait RequestSource {
-    /// The method.
-    fn method(&self) -> String;
-    /// `http` or `https`.
-    fn scheme(&self) -> String;
-    /// The authority the client addressed.
-    fn authority(&self) -> String;
-    /// Path with query.
-    fn path(&self) -> String;
-    /// Destination port.
-    fn port(&self) -> u16;
-    /// Downstream protocol.
-    fn protocol(&self) -> Protocol;
-    /// First value of a header (case-insensitive name).
-    fn header(&self, name: &str) -> Option<String>;
-    /// Every value of a header.
-    fn header_all(&self, name: &str) -> Vec<String>;
-    /// All headers, in order.
-    fn headers(&self) -> Vec<Header>;
-    /// The caller.
-    fn source(&self) -> Peer;
-    /// The destination service.
-    fn service(&self) -> String;
-    /// The request id.
-    fn id(&self) -> String;
-}
-
-/// What a plugin's [`Response`] view reads from.
-pub trait ResponseSource {
-    /// Status code.
-    fn status(&self) -> u16;
-    /// First value of a header.
-    fn header(&self, name: &str) -> Option<String>;
-    /// All headers.
-    fn headers(&self) -> Vec<Header>;
-}
 
 /// The host functions of [`crate::host`], served by a native host.
 #[allow(
@@ -70,6 +32,12 @@ pub trait NativeHost {
     fn counter_add(&self, key: &str, delta: i64) -> Result<i64, StateError>;
     fn counter_get(&self, key: &str) -> i64;
     fn counter_hold(&self, key: &str, delta: i64) -> Result<i64, StateError>;
+    fn counter_hold_within(
+        &self,
+        key: &str,
+        delta: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, StateError>;
     fn endpoints(&self, service: Option<&str>) -> Vec<Endpoint>;
     fn eject(&self, endpoint: &str, duration_ms: u32) -> bool;
     fn metric_add(&self, name: &str, delta: u64);
@@ -93,22 +61,9 @@ pub fn with_host<R>(host: &Arc<dyn NativeHost + Send + Sync>, f: impl FnOnce() -
     f()
 }
 
-/// Call `native` on this thread's native host, or `test` on the harness's
-/// fake host when there is none.
-pub(crate) fn dispatch<R>(
-    native: impl FnOnce(&dyn NativeHost) -> R,
-    test: impl FnOnce(&mut crate::testing::TestHost) -> R,
-) -> R {
-    let mut native = Some(native);
-    let served = HOST.with(|h| {
-        h.borrow()
-            .as_deref()
-            .map(|host| (native.take().expect("called once"))(host as &dyn NativeHost))
-    });
-    match served {
-        Some(r) => r,
-        None => crate::testing::with_host(test),
-    }
+/// The native host serving this thread's host functions, if one is set.
+pub(crate) fn current() -> Option<Arc<dyn NativeHost + Send + Sync>> {
+    HOST.with(|h| h.borrow().clone())
 }
 
 /// A configured plugin as a native host calls it. Undeclared hooks return the
@@ -210,6 +165,14 @@ mod tests {
                 .unwrap()
                 .push(format!("hold {key} {delta}"));
             Ok(41 + delta)
+        }
+        fn counter_hold_within(
+            &self,
+            key: &str,
+            delta: i64,
+            limit: i64,
+        ) -> Result<Option<i64>, StateError> {
+            Ok(None)
         }
         fn endpoints(&self, service: Option<&str>) -> Vec<Endpoint> {
             Vec::new()

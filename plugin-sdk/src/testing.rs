@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use crate::types::*;
-use crate::view::{Request, Response};
+use crate::view::{Request, RequestSource, Response, ResponseSource};
 use crate::{Declared, Plugin, parse_config};
 
 /// Per-entry cap on shared-state values in the fake host, as in the proxy's
@@ -20,7 +20,7 @@ pub const STATE_VALUE_CAP: usize = 64 * 1024;
 pub const STATE_KEY_CAP: usize = 10_000;
 
 /// The fake host a test's plugin calls go to.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct TestHost {
     /// Current wall-clock time, ms since the epoch; advance it with [`TestHost::advance`].
     pub clock_ms: u64,
@@ -45,6 +45,22 @@ pub struct TestHost {
     /// Counter holds: (request id, key, delta), undone by
     /// [`Harness::on_complete`] for that request.
     pub holds: Vec<(String, String, i64)>,
+    /// Run on this host just before the plugin's next shared-state write
+    /// (set, delete, a counter add or hold): what another instance of the
+    /// plugin did meanwhile. See [`TestHost::before_next_write`].
+    #[allow(clippy::type_complexity, reason = "a one-shot closure")]
+    interleave: Option<Box<dyn FnOnce(&mut TestHost)>>,
+}
+
+impl std::fmt::Debug for TestHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestHost")
+            .field("clock_ms", &self.clock_ms)
+            .field("state", &self.state)
+            .field("counters", &self.counters)
+            .field("holds", &self.holds)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TestHost {
@@ -58,6 +74,22 @@ impl TestHost {
                 .ejections
                 .iter()
                 .any(|(a, until)| *a == ep.address && *until > now);
+        }
+    }
+
+    /// Simulate another instance of the plugin (another worker, another
+    /// request) writing shared state between this plugin's read and its
+    /// next write: `f` runs on this host just before that write. A
+    /// compare-and-set that read a version before `f` then loses, as it
+    /// would in the proxy.
+    pub fn before_next_write(&mut self, f: impl FnOnce(&mut TestHost) + 'static) {
+        self.interleave = Some(Box::new(f));
+    }
+
+    /// Run what [`TestHost::before_next_write`] asked for, once.
+    fn writing(&mut self) {
+        if let Some(f) = self.interleave.take() {
+            f(self);
         }
     }
 
@@ -97,6 +129,7 @@ impl TestHost {
         value: &[u8],
         expected: Option<u64>,
     ) -> Result<u64, StateError> {
+        self.writing();
         let current = self.state.get(key).map_or(0, |e| e.version);
         self.check_key(key, current != 0)?;
         if value.len() > STATE_VALUE_CAP {
@@ -118,7 +151,13 @@ impl TestHost {
         Ok(version)
     }
 
+    pub(crate) fn state_delete(&mut self, key: &str) -> bool {
+        self.writing();
+        self.state.remove(key).is_some()
+    }
+
     pub(crate) fn counter_add(&mut self, key: &str, delta: i64) -> Result<i64, StateError> {
+        self.writing();
         self.check_key(key, self.counters.contains_key(key))?;
         let c = self.counters.entry(key.to_string()).or_insert(0);
         *c = c.saturating_add(delta);
@@ -132,6 +171,27 @@ impl TestHost {
         let n = self.counter_add(key, delta)?;
         self.holds.push((id, key.to_string(), delta));
         Ok(n)
+    }
+
+    pub(crate) fn counter_hold_within(
+        &mut self,
+        key: &str,
+        delta: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, StateError> {
+        let Some(id) = self.current_request.clone() else {
+            return Err(StateError::NoRequest);
+        };
+        self.writing();
+        self.check_key(key, self.counters.contains_key(key))?;
+        let current = self.counters.get(key).copied().unwrap_or(0);
+        let new = current.saturating_add(delta);
+        if new > limit {
+            return Ok(None);
+        }
+        self.counters.insert(key.to_string(), new);
+        self.holds.push((id, key.to_string(), delta));
+        Ok(Some(new))
     }
 
     /// Undo the holds of request `id`, as the proxy does when it ends.
@@ -261,7 +321,7 @@ impl TestResponse {
     }
 }
 
-impl crate::native::RequestSource for TestRequest {
+impl RequestSource for TestRequest {
     fn method(&self) -> String {
         self.method.clone()
     }
@@ -284,11 +344,7 @@ impl crate::native::RequestSource for TestRequest {
         first(&self.headers, name)
     }
     fn header_all(&self, name: &str) -> Vec<String> {
-        self.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.clone())
-            .collect()
+        all(&self.headers, name)
     }
     fn headers(&self) -> Vec<Header> {
         self.headers.clone()
@@ -304,7 +360,7 @@ impl crate::native::RequestSource for TestRequest {
     }
 }
 
-impl crate::native::ResponseSource for TestResponse {
+impl ResponseSource for TestResponse {
     fn status(&self) -> u16 {
         self.status
     }
@@ -314,6 +370,17 @@ impl crate::native::ResponseSource for TestResponse {
     fn headers(&self) -> Vec<Header> {
         self.headers.clone()
     }
+    fn header_all(&self, name: &str) -> Vec<String> {
+        all(&self.headers, name)
+    }
+}
+
+fn all(headers: &[Header], name: &str) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.clone())
+        .collect()
 }
 
 fn first(headers: &[Header], name: &str) -> Option<String> {

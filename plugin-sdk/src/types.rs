@@ -70,6 +70,19 @@ pub struct Route {
     pub authority: Option<String>,
 }
 
+/// How the proxy flags a local reply (`x-wasmesh-flags`, and the
+/// `response_flags` label of its request metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplyFlag {
+    /// `LR`: a local reply.
+    #[default]
+    LocalReply,
+    /// `UO`: an overflow, such as a circuit breaker's pending-request limit.
+    Overflow,
+    /// `RL`: the request was rate limited.
+    RateLimited,
+}
+
 /// A response produced by the plugin.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalReply {
@@ -79,6 +92,8 @@ pub struct LocalReply {
     pub headers: Vec<Header>,
     /// Body.
     pub body: Vec<u8>,
+    /// How the proxy flags it (default `LR`).
+    pub flag: ReplyFlag,
 }
 
 impl LocalReply {
@@ -88,12 +103,20 @@ impl LocalReply {
             status,
             headers: vec![Header::new("content-type", "text/plain; charset=utf-8")],
             body: body.into().into_bytes(),
+            flag: ReplyFlag::LocalReply,
         }
     }
 
     /// Add a header to the reply.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push(Header::new(name, value));
+        self
+    }
+
+    /// Flag the reply as something other than a plain local reply, e.g.
+    /// [`ReplyFlag::Overflow`] for a circuit breaker's limit.
+    pub fn flagged(mut self, flag: ReplyFlag) -> Self {
+        self.flag = flag;
         self
     }
 }

@@ -1,20 +1,63 @@
 //! Read-only views of the request and response a hook is called with.
 //!
 //! In a component they read from the host on demand (a plugin pays only for the
-//! fields it reads); natively they read from a [`crate::native::RequestSource`]
-//! (the test harness's values, or a native host's).
+//! fields it reads); natively they read from a [`RequestSource`] (the test
+//! harness's values, or a native host's).
 
 use crate::types::{Header, Peer, Protocol};
 
 #[cfg(target_arch = "wasm32")]
-use crate::guest::bindings::wasmesh::plugin::types as wit;
+use crate::bindings::wasmesh::plugin::types as wit;
+
+#[cfg(not(target_arch = "wasm32"))]
+/// What a plugin's [`Request`] view reads from, natively: the test
+/// harness's requests, or a native host's.
+pub trait RequestSource {
+    /// The method.
+    fn method(&self) -> String;
+    /// `http` or `https`.
+    fn scheme(&self) -> String;
+    /// The authority the client addressed.
+    fn authority(&self) -> String;
+    /// Path with query.
+    fn path(&self) -> String;
+    /// Destination port.
+    fn port(&self) -> u16;
+    /// Downstream protocol.
+    fn protocol(&self) -> Protocol;
+    /// First value of a header (case-insensitive name).
+    fn header(&self, name: &str) -> Option<String>;
+    /// Every value of a header.
+    fn header_all(&self, name: &str) -> Vec<String>;
+    /// All headers, in order.
+    fn headers(&self) -> Vec<Header>;
+    /// The caller.
+    fn source(&self) -> Peer;
+    /// The destination service.
+    fn service(&self) -> String;
+    /// The request id.
+    fn id(&self) -> String;
+}
+
+/// What a plugin's [`Response`] view reads from.
+#[cfg(not(target_arch = "wasm32"))]
+pub trait ResponseSource {
+    /// Status code.
+    fn status(&self) -> u16;
+    /// First value of a header.
+    fn header(&self, name: &str) -> Option<String>;
+    /// All headers.
+    fn headers(&self) -> Vec<Header>;
+    /// Every value of a header.
+    fn header_all(&self, name: &str) -> Vec<String>;
+}
 
 /// The request being decided on. Header edits by earlier plugins are visible.
 pub struct Request<'a> {
     #[cfg(target_arch = "wasm32")]
     pub(crate) inner: &'a wit::Request,
     #[cfg(not(target_arch = "wasm32"))]
-    pub(crate) inner: &'a dyn crate::native::RequestSource,
+    pub(crate) inner: &'a dyn RequestSource,
 }
 
 /// An upstream (or locally produced) response.
@@ -22,7 +65,7 @@ pub struct Response<'a> {
     #[cfg(target_arch = "wasm32")]
     pub(crate) inner: &'a wit::Response,
     #[cfg(not(target_arch = "wasm32"))]
-    pub(crate) inner: &'a dyn crate::native::ResponseSource,
+    pub(crate) inner: &'a dyn ResponseSource,
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -114,6 +157,11 @@ impl Response<'_> {
             })
             .collect()
     }
+    /// Every value of a header, in order (a host serving contract 0.1.1 or
+    /// later).
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.inner.header_all(name)
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -181,5 +229,9 @@ impl Response<'_> {
     /// All headers.
     pub fn headers(&self) -> Vec<Header> {
         self.inner.headers()
+    }
+    /// Every value of a header, in order.
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.inner.header_all(name)
     }
 }

@@ -29,6 +29,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("fixture-hostile", "HOSTILE", false),
     ("fixture-bigmem", "BIGMEM", false),
     ("fixture-probe", "PROBE", false),
+    ("fixture-contract-0-1-0", "CONTRACT_0_1_0", false),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

@@ -12,9 +12,15 @@ use wasm_encoder::{
 
 /// Write the component to `out`, built against the WIT in `wit_dir`.
 pub fn write(wit_dir: &Path, out: &Path) {
-    let mut module = core_module();
     let mut resolve = wit_parser::Resolve::default();
     let (pkg, _) = resolve.push_path(wit_dir).expect("parsing wit/");
+    let version = resolve.packages[pkg]
+        .name
+        .version
+        .as_ref()
+        .expect("wit/ names its version")
+        .to_string();
+    let mut module = core_module(&version);
     let world = resolve
         .select_world(&[pkg], Some("plugin"))
         .expect("the plugin world");
@@ -34,7 +40,8 @@ pub fn write(wit_dir: &Path, out: &Path) {
     std::fs::write(out, component).unwrap();
 }
 
-fn core_module() -> Vec<u8> {
+/// The core module, exporting the `filter` interface of `version`.
+fn core_module(version: &str) -> Vec<u8> {
     let i32_ = ValType::I32;
     let mut types = TypeSection::new();
     // 0: cabi_realloc(old, old_size, align, new_size) -> ptr
@@ -98,7 +105,7 @@ fn core_module() -> Vec<u8> {
     .enumerate()
     {
         exports.export(
-            &format!("wasmesh:plugin/filter@0.1.0#{name}"),
+            &format!("wasmesh:plugin/filter@{version}#{name}"),
             ExportKind::Func,
             i as u32 + 1,
         );

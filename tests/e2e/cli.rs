@@ -85,8 +85,21 @@ fn bad_configuration_exits_2_naming_file_field_and_plugin() {
         &["services.reviews.endpoints.v1[0]", "ip:port"],
     );
     refused(
+        &format!(
+            "services:\n  reviews:\n    plugins:\n      - source: builtin:add-header\n        sha256: \"{}\"\n",
+            "0".repeat(64)
+        ),
+        &[
+            "services.reviews.plugins[0].sha256",
+            &format!("not the {} this entry expects", "0".repeat(64)),
+        ],
+    );
+    refused(
         "services:\n  reviews:\n    plugins:\n      - source: builtin:add-header\n        sha256: \"00\"\n",
-        &["services.reviews.plugins[0].sha256", "not the 00"],
+        &[
+            "services.reviews.plugins[0].sha256: \"00\" is not a sha256",
+            "write 64 hex digits",
+        ],
     );
     refused(
         &format!("# {}\n", "x".repeat(5 << 20)),
@@ -136,7 +149,7 @@ fn a_compile_past_its_timeout_is_abandoned_and_refused() {
     );
     refused(
         "runtime: { compile-timeout: 0s }\n",
-        &["runtime.compile-timeout", "longer than 0s"],
+        &["runtime.compile-timeout: must be between 1ms and 10m, not \"0s\""],
     );
 }
 

@@ -102,10 +102,10 @@ async fn a_grpc_call_passes_through_with_its_status() {
             .add_service(Greeter)
             .serve_with_incoming(tokio_stream_from(listener)),
     );
+    // No `protocol`: a gRPC request goes upstream as HTTP/2 by default.
     let proxy = Proxy::start(&format!(
         r#"services:
   greeter:
-    protocol: h2c
     endpoints: {{ v1: ["{addr}"] }}
     plugins:
       - source: builtin:add-header

@@ -128,7 +128,10 @@ async fn http1_and_h2c_pass_through_with_the_configured_upstream_protocol() {
     let up = Upstream::echo("any").await;
     let proxy = Proxy::start(&format!(
         r#"services:
+  default:
+    endpoints: {{ v1: ["{a}"] }}
   auto:
+    protocol: auto
     endpoints: {{ v1: ["{a}"] }}
   one:
     protocol: http1
@@ -140,7 +143,11 @@ async fn http1_and_h2c_pass_through_with_the_configured_upstream_protocol() {
         a = up.addr
     ))
     .await;
+    // With no protocol given: HTTP/1.1 whatever the client spoke (gRPC
+    // aside, tests/e2e/grpc.rs); `auto`: the client's.
     let cases = [
+        (false, "default", "HTTP/1.1"),
+        (true, "default", "HTTP/1.1"),
         (false, "auto", "HTTP/1.1"),
         (true, "auto", "HTTP/2.0"),
         (true, "one", "HTTP/1.1"),

@@ -6,6 +6,7 @@ mod cli;
 mod grpc;
 mod hardening;
 mod http;
+mod layers;
 mod plugins;
 mod reload;
 mod request;

@@ -494,3 +494,60 @@ async fn a_table_growth_bomb_is_trapped_at_the_table_cap() {
         "RSS {start} KiB → {end} KiB after 200 table bombs"
     );
 }
+
+/// A plugin built against contract 0.1.0 (a frozen copy of that WIT, with
+/// wit-bindgen directly) loads and runs on this 0.1.x host: its reads,
+/// state, edits, its `on-response`, and its 0.1.0 way of flagging `UO`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_built_against_contract_0_1_0_keeps_working() {
+    let up = Upstream::echo("up").await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - source: {:?}\n",
+        up.addr,
+        wasmesh_artifacts::CONTRACT_0_1_0
+    ))
+    .await;
+    let req = http::Request::get(format!("http://{}/", proxy.listen))
+        .header("host", "reviews")
+        .header("end-user", "jason")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let r = send(http1(), req).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-contract"], "0.1.0 jason 1");
+    assert_eq!(r.header("x-contract-status"), Some("200"));
+    let r = via(&proxy, "reviews", "/overflow").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (503, Some("UO")));
+    assert_eq!(
+        r.header("x-contract-status"),
+        None,
+        "the replier's own on-response is not called"
+    );
+    proxy
+        .metrics_containing(r#"wasmesh_requests_total{destination_service="reviews",response_code="503",response_flags="UO"} 1"#)
+        .await;
+}
+
+/// What 0.1.1 added, through the SDK: a response's every value of a header,
+/// and a local reply flagged by the plugin (the circuit breaker's `UO` is
+/// tested with the stock plugins).
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_0_1_1_additions_reach_plugins() {
+    let up = Upstream::start(std::sync::Arc::new(|_req| {
+        http::Response::builder()
+            .header("x-multi", "a")
+            .header("x-multi", "b")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+            .unwrap()
+    }))
+    .await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - {{ source: {:?}, config: {{ mode: observe }} }}\n",
+        up.addr,
+        wasmesh_artifacts::PROBE
+    ))
+    .await;
+    let r = via(&proxy, "reviews", "/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-response-multi"), Some("a|b"));
+}

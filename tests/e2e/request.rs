@@ -268,6 +268,66 @@ async fn a_drain_deadline_ends_the_proxy_with_a_request_still_in_flight() {
     );
 }
 
+/// `on-complete` always sees the request, and the counters a request held
+/// are released, however early the client leaves: during a plugin's delay,
+/// or while the upstream has not answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_mid_request_still_gets_on_complete_with_the_request() {
+    let echo = Upstream::echo("up").await;
+    let slow = Slow::start(Duration::from_secs(30)).await;
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  delayed:
+    endpoints: {{ v1: ["{}"] }}
+    plugins:
+      - {}
+      - source: builtin:fault-injection
+        config: {{ delay: {{ fixedDelay: 5s, percentage: {{ value: 100 }} }} }}
+  waiting:
+    endpoints: {{ v1: ["{}"] }}
+    plugins: [{}]
+"#,
+        echo.addr,
+        probe("complete-reader"),
+        slow.addr,
+        probe("complete-reader"),
+    ))
+    .await;
+    for _ in 0..3 {
+        abandon(&proxy, "delayed", "/a", Duration::from_millis(300)).await;
+        abandon(&proxy, "waiting", "/b", Duration::from_millis(300)).await;
+    }
+    slow.wait_arrived(3).await;
+    for service in ["delayed", "waiting"] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = via(&proxy, service, "/stats").await;
+            assert_eq!(r.status, 200, "{service}: {:?}", r.body);
+            // The `/stats` request holds one in-flight count itself.
+            if r.json() == serde_json::json!({ "inflight": 1, "completed": 3 }) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service}: {} (3 abandoned requests should be completed and released)\n{}",
+                r.json(),
+                proxy.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(
+        echo.hits(),
+        0,
+        "the delayed requests never reached the upstream"
+    );
+    assert!(
+        !proxy.log_text().contains("panicked"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
 /// A raw upstream that answers each request with its request head as the
 /// body, so a test sees the exact bytes that were forwarded.
 async fn head_echo() -> std::net::SocketAddr {
@@ -334,4 +394,53 @@ async fn header_values_http_allows_round_trip_through_a_plugin() {
         "{text}"
     );
     assert!(contains(&got, b"x-latin: \xe9t\xe9\r\n"), "{text}");
+}
+
+/// What `on-response` is told when no upstream answered: a local reply is
+/// attempt 1 and its response handle shows the reply; an outcome without a
+/// response shows status 0 and no headers.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_response_sees_attempt_1_and_the_documented_response_for_local_outcomes() {
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  replied:
+    plugins:
+      - {}
+      - {}
+  empty:
+    plugins: [{}]
+"#,
+        probe("observe"),
+        probe("reply"),
+        probe("observe"),
+    ))
+    .await;
+    let r = via(&proxy, "replied", "/").await;
+    assert_eq!(r.status, 418);
+    assert_eq!(r.header("x-attempt-number"), Some("1"));
+    assert_eq!(r.header("x-outcome"), Some("LocalReply(418)"));
+    assert_eq!(r.header("x-response-status"), Some("418"));
+    let r = via(&proxy, "empty", "/").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (503, Some("UH")));
+    assert_eq!(r.header("x-attempt-number"), Some("1"));
+    assert_eq!(r.header("x-outcome"), Some("NoHealthyEndpoint"));
+    assert_eq!(r.header("x-response-status"), Some("0"));
+    assert_eq!(r.header("x-response-headers"), Some("0"));
+}
+
+/// With no `protocol` given, an HTTP/2 client's request to an HTTP/1-only
+/// service goes out as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread")]
+async fn by_default_an_h2c_client_reaches_an_http1_only_service() {
+    let up = head_echo().await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  legacy:\n    endpoints: {{ v1: [\"{up}\"] }}\n"
+    ))
+    .await;
+    let req = http::Request::get("http://legacy/p")
+        .body(Full::default())
+        .unwrap();
+    let r = send_h2_to(proxy.listen, req).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.body.starts_with(b"GET /p HTTP/1.1\r\n"), "{:?}", r.body);
 }

@@ -569,6 +569,23 @@ impl Slow {
     }
 }
 
+/// Start sending `GET http://{proxy}{path}` (Host `host`) and give up after
+/// `after`: the client goes away with the request in flight. Returns when it
+/// has given up.
+pub async fn abandon(proxy: &Proxy, host: &str, path: &str, after: Duration) {
+    let req = Request::get(format!("http://{}{path}", proxy.listen))
+        .header("host", host)
+        .body(Full::default())
+        .unwrap();
+    // A client of its own, so that giving up closes its connection.
+    let client = client(false);
+    let r = tokio::time::timeout(after, send(&client, req)).await;
+    assert!(
+        r.is_err(),
+        "the request was answered before {after:?}: {r:?}"
+    );
+}
+
 /// The log lines a proxy wrote from `offset` on (an offset taken with
 /// `proxy.log_text().len()` before the step under test).
 pub fn log_since(proxy: &Proxy, offset: usize) -> String {

@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::HeaderMap;
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -18,13 +17,16 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{wit, wit_host};
-use crate::cluster::ClusterView;
+use super::convert;
+use super::state::{self, Scope};
+use super::types::{Protocol, ReplyFlag, ResponseView};
+use crate::http::headers::lossy;
 use crate::metrics::Metrics;
-use crate::state::{self, Scope};
+use crate::upstream::cluster::ClusterView;
 
 /// The request a hook is called for, moved into the store for the call.
 #[derive(Debug)]
-pub struct ReqData {
+pub struct RequestView {
     /// Method, URI, headers (with earlier plugins' edits applied).
     pub parts: http::request::Parts,
     /// `http` or `https`.
@@ -34,9 +36,9 @@ pub struct ReqData {
     /// The destination port.
     pub port: u16,
     /// The downstream protocol.
-    pub protocol: wit::Protocol,
+    pub protocol: Protocol,
     /// The caller's address.
-    pub source_address: String,
+    pub source_address: Arc<str>,
     /// The caller's verified identity, when known.
     pub source_principal: Option<String>,
     /// The destination service.
@@ -46,15 +48,6 @@ pub struct ReqData {
     /// Counter increments held by plugins for this request
     /// (`counter-hold`), undone when this is dropped.
     pub holds: state::Holds,
-}
-
-/// The response an `on-response` hook is called with.
-#[derive(Debug, Default)]
-pub struct RespData {
-    /// Status.
-    pub status: u16,
-    /// Headers.
-    pub headers: HeaderMap,
 }
 
 /// Marker type of the `request` resource (a borrow of the store's current request).
@@ -87,8 +80,10 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
-    pub(crate) req: Option<ReqData>,
-    pub(crate) resp: Option<RespData>,
+    pub(crate) req: Option<RequestView>,
+    pub(crate) resp: Option<ResponseView>,
+    /// What the current call asked its local reply to be flagged.
+    pub(crate) reply_flag: ReplyFlag,
     scope: Arc<PluginScope>,
     rng: fastrand::Rng,
     pub(crate) deadline: super::Deadline,
@@ -113,16 +108,33 @@ impl HostState {
             limits,
             req: None,
             resp: None,
+            reply_flag: ReplyFlag::LocalReply,
             scope,
             rng: fastrand::Rng::new(),
             deadline: Default::default(),
         }
     }
 
-    fn req(&self) -> &ReqData {
-        self.req
-            .as_ref()
-            .expect("request handle used outside a hook call")
+    /// The request of the current call. Every hook that gets a request
+    /// handle runs with one, `on-complete` included; a handle a guest kept
+    /// past its call (which the component model forbids for a borrow)
+    /// would read an empty request, never panic the host.
+    fn req(&self) -> &RequestView {
+        static EMPTY: std::sync::OnceLock<RequestView> = std::sync::OnceLock::new();
+        self.req.as_ref().unwrap_or_else(|| {
+            EMPTY.get_or_init(|| RequestView {
+                parts: http::Request::new(()).into_parts().0,
+                scheme: "http",
+                authority: String::new(),
+                port: 0,
+                protocol: Protocol::Http1,
+                source_address: "".into(),
+                source_principal: None,
+                service: "".into(),
+                id: String::new(),
+                holds: Default::default(),
+            })
+        })
     }
 }
 
@@ -138,22 +150,6 @@ impl WasiView for HostState {
 /// The limiter `Store::limiter` consults.
 pub(crate) fn limiter(state: &mut HostState) -> &mut dyn ResourceLimiter {
     &mut state.limits
-}
-
-fn lossy(v: &http::HeaderValue) -> String {
-    match v.to_str() {
-        Ok(s) => s.to_string(),
-        Err(_) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
-    }
-}
-
-pub(crate) fn headers_list(map: &HeaderMap) -> Vec<wit::Header> {
-    map.iter()
-        .map(|(n, v)| wit::Header {
-            name: n.as_str().to_string(),
-            value: lossy(v),
-        })
-        .collect()
 }
 
 impl wit::Host for HostState {}
@@ -177,7 +173,7 @@ impl wit::HostRequest for HostState {
         self.req().port
     }
     fn protocol(&mut self, _: Resource<RequestRes>) -> wit::Protocol {
-        self.req().protocol
+        convert::protocol(self.req().protocol)
     }
     fn header(&mut self, _: Resource<RequestRes>, name: String) -> Option<String> {
         self.req().parts.headers.get(name.as_str()).map(lossy)
@@ -192,7 +188,7 @@ impl wit::HostRequest for HostState {
             .collect()
     }
     fn headers(&mut self, _: Resource<RequestRes>) -> Vec<wit::Header> {
-        headers_list(&self.req().parts.headers)
+        convert::headers_list(&self.req().parts.headers)
     }
     fn source(&mut self, _: Resource<RequestRes>) -> wit::Peer {
         let r = self.req();
@@ -205,7 +201,7 @@ impl wit::HostRequest for HostState {
         wit::Peer {
             principal: r.source_principal.clone(),
             namespace,
-            address: r.source_address.clone(),
+            address: r.source_address.to_string(),
         }
     }
     fn service(&mut self, _: Resource<RequestRes>) -> String {
@@ -233,7 +229,13 @@ impl wit::HostResponse for HostState {
     fn headers(&mut self, _: Resource<ResponseRes>) -> Vec<wit::Header> {
         self.resp
             .as_ref()
-            .map(|r| headers_list(&r.headers))
+            .map(|r| convert::headers_list(&r.headers))
+            .unwrap_or_default()
+    }
+    fn header_all(&mut self, _: Resource<ResponseRes>, name: String) -> Vec<String> {
+        self.resp
+            .as_ref()
+            .map(|r| r.headers.get_all(name.as_str()).iter().map(lossy).collect())
             .unwrap_or_default()
     }
     fn drop(&mut self, _: Resource<ResponseRes>) -> wasmtime::Result<()> {
@@ -343,6 +345,24 @@ impl wit_host::Host for HostState {
         req.holds
             .hold(&self.scope.state, &key, delta)
             .map_err(state_error)
+    }
+
+    fn counter_hold_within(
+        &mut self,
+        key: String,
+        delta: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, wit_host::StateError> {
+        let Some(req) = self.req.as_mut() else {
+            return Err(wit_host::StateError::NoRequest);
+        };
+        req.holds
+            .hold_within(&self.scope.state, &key, delta, limit)
+            .map_err(state_error)
+    }
+
+    fn set_reply_flag(&mut self, flag: wit_host::ReplyFlag) {
+        self.reply_flag = convert::reply_flag(flag);
     }
 
     fn endpoints(&mut self, service: Option<String>) -> Vec<wit_host::Endpoint> {

@@ -21,9 +21,15 @@
 mod artifacts;
 mod bindings;
 pub mod compiler;
+mod convert;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub(crate) mod host;
+pub mod memory;
 #[cfg(feature = "native-chain")]
 pub mod native;
+pub mod state;
+pub mod types;
 mod wasi_io;
 
 use std::collections::HashMap;
@@ -37,10 +43,14 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, Resource};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
 
-use self::bindings::{Plugin, PluginPre, wit};
+use self::bindings::{Plugin, PluginPre};
 pub use self::compiler::Compiler;
+pub use self::convert::{MAX_DECISION_HEADER_BYTES, MAX_HEADER_OPS, MAX_REPLY_BODY, MAX_WAIT};
 use self::host::{HostState, RequestRes, ResponseRes};
-pub use self::host::{PluginScope, ReqData, RespData};
+pub use self::host::{PluginScope, RequestView};
+use self::types::{
+    Attempt, Completion, ReplyFlag, RequestDecision, ResponseDecision, ResponseView,
+};
 pub use wasmesh_api::OnFailure;
 
 /// How often the epoch advances while plugins run: the granularity of hook
@@ -59,12 +69,6 @@ pub const MAX_COMPONENT_BYTES: usize = 16 << 20;
 pub const MAX_MEMORY_LIMIT: usize = 4 << 30;
 /// Default bound on compiling one component (`runtime.compile-timeout`).
 pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most header operations one decision may carry (each side).
-pub const MAX_HEADER_OPS: usize = 1_000;
-/// Most bytes of header names and values one decision may carry.
-pub const MAX_DECISION_HEADER_BYTES: usize = 256 << 10;
-/// Largest local-reply body a plugin may return.
-pub const MAX_REPLY_BODY: usize = 64 << 10;
 
 /// Compilations running at once, abandoned ones included; past it a new
 /// component is refused until one ends.
@@ -223,6 +227,11 @@ pub enum PluginFailure {
     /// The plugin returned more than the host accepts.
     #[error("returned too much: {0}")]
     TooLarge(String),
+    /// The plugin returned something HTTP or the contract does not allow
+    /// (a header value with a control character, a status out of range, a
+    /// delay over the bound ...).
+    #[error("returned an invalid decision: {0}")]
+    Invalid(String),
     /// This version is quarantined and no earlier good version is loaded.
     #[error(
         "is quarantined after {0} failures within {1:?}, and no earlier good version is loaded; deploy a fixed version"
@@ -238,6 +247,7 @@ impl PluginFailure {
             PluginFailure::Timeout(_) => "timeout",
             PluginFailure::Quarantined(..) => "quarantined",
             PluginFailure::TooLarge(_) => "too_large",
+            PluginFailure::Invalid(_) => "invalid",
             PluginFailure::Memory(_) => "memory",
             PluginFailure::Error(_) => "error",
         }
@@ -607,6 +617,12 @@ enum Hook {
     Complete = 2,
 }
 
+impl Hook {
+    fn name(self) -> &'static str {
+        ["on_request", "on_response", "on_complete"][self as usize]
+    }
+}
+
 impl ConfiguredPlugin {
     /// Instantiate the component and configure it; the instance becomes the
     /// first of the pool. An error is the plugin refusing its configuration
@@ -799,7 +815,8 @@ impl ConfiguredPlugin {
         PluginFailure::Trap(cause)
     }
 
-    fn fail(&self, f: PluginFailure, hook: &str) -> PluginFailure {
+    fn fail(&self, f: PluginFailure, hook: Hook) -> PluginFailure {
+        let hook = hook.name();
         self.scope
             .metrics
             .plugin_failures
@@ -822,14 +839,14 @@ impl ConfiguredPlugin {
 
     /// Run one hook call on a pooled (or fresh) instance. The request (and
     /// response) are moved into the store for the call and back out after.
+    /// Returns what the call returned and the reply flag it set.
     fn call<R>(
         &self,
         hook: Hook,
-        req: &mut Option<ReqData>,
-        resp: Option<&mut Option<RespData>>,
+        req: &mut Option<RequestView>,
+        resp: Option<&mut Option<ResponseView>>,
         f: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<Result<R, String>>,
-    ) -> Result<R, PluginFailure> {
-        const NAMES: [&str; 3] = ["on_request", "on_response", "on_complete"];
+    ) -> Result<(R, ReplyFlag), PluginFailure> {
         if self.is_quarantined() {
             return match self.fallback() {
                 Some(good) => good.call(hook, req, resp, f),
@@ -838,10 +855,7 @@ impl ConfiguredPlugin {
                         .limits
                         .quarantine
                         .expect("quarantined with quarantine on");
-                    Err(self.fail(
-                        PluginFailure::Quarantined(q.traps, q.window),
-                        NAMES[hook as usize],
-                    ))
+                    Err(self.fail(PluginFailure::Quarantined(q.traps, q.window), hook))
                 }
             };
         }
@@ -849,13 +863,12 @@ impl ConfiguredPlugin {
         let pooled = self.pool.lock().unwrap().pop();
         let mut inst = match pooled {
             Some(i) => i,
-            None => self
-                .instantiate()
-                .map_err(|e| self.fail(e, NAMES[hook as usize]))?,
+            None => self.instantiate().map_err(|e| self.fail(e, hook))?,
         };
         let mut resp = resp;
         let data = inst.store.data_mut();
         data.req = req.take();
+        data.reply_flag = ReplyFlag::LocalReply;
         if let Some(r) = resp.as_deref_mut() {
             data.resp = r.take();
         }
@@ -864,6 +877,7 @@ impl ConfiguredPlugin {
         let result = f(&inst.plugin, &mut inst.store);
         let data = inst.store.data_mut();
         *req = data.req.take();
+        let flag = data.reply_flag;
         if let Some(r) = resp {
             *r = data.resp.take();
         }
@@ -874,97 +888,72 @@ impl ConfiguredPlugin {
                     pool.push(inst);
                 }
                 drop(pool);
-                r.map_err(|e| self.fail(PluginFailure::Error(e), NAMES[hook as usize]))
+                r.map(|r| (r, flag))
+                    .map_err(|e| self.fail(PluginFailure::Error(e), hook))
             }
             Err(e) => {
                 // A trapped instance is never entered again.
                 let f = self.classify(e);
                 self.note_failure();
-                Err(self.fail(f, NAMES[hook as usize]))
+                Err(self.fail(f, hook))
             }
         }
     }
 
-    /// `on-request`.
+    /// `on-request`: the plugin's decision, checked.
     pub fn on_request(
         &self,
-        req: &mut Option<ReqData>,
-    ) -> Result<wit::RequestDecision, PluginFailure> {
+        req: &mut Option<RequestView>,
+    ) -> Result<RequestDecision, PluginFailure> {
         #[cfg(feature = "native-chain")]
         if let Some(n) = &self.native {
             self.calls[Hook::Request as usize].inc();
-            let d = n
+            let (d, flag) = n
                 .on_request(req)
-                .map_err(|e| self.fail(PluginFailure::Error(e), "on_request"))?;
-            return self.checked_request_decision(d);
+                .map_err(|e| self.fail(PluginFailure::Error(e), Hook::Request))?;
+            return convert::request_decision(d, flag).map_err(|e| self.fail(e, Hook::Request));
         }
-        let d = self.call(Hook::Request, req, None, |p, store| {
+        let (d, flag) = self.call(Hook::Request, req, None, |p, store| {
             p.wasmesh_plugin_filter()
                 .call_on_request(store, Resource::<RequestRes>::new_borrow(0))
         })?;
-        self.checked_request_decision(d)
+        convert::request_decision(d, flag).map_err(|e| self.fail(e, Hook::Request))
     }
 
-    fn checked_request_decision(
-        &self,
-        d: wit::RequestDecision,
-    ) -> Result<wit::RequestDecision, PluginFailure> {
-        let routes = d.route.iter().flat_map(|r| {
-            [&r.service, &r.subset, &r.path, &r.authority]
-                .into_iter()
-                .flatten()
-                .map(String::len)
-        });
-        check_decision(
-            [&d.request_headers, &d.response_headers],
-            d.reply.as_ref(),
-            routes.sum(),
-        )
-        .map_err(|e| self.fail(e, "on_request"))?;
-        Ok(d)
-    }
-
-    /// `on-response`.
+    /// `on-response`: the plugin's decision, checked.
     pub fn on_response(
         &self,
-        req: &mut Option<ReqData>,
-        resp: &mut Option<RespData>,
-        attempt: &wit::Attempt,
-    ) -> Result<wit::ResponseDecision, PluginFailure> {
+        req: &mut Option<RequestView>,
+        resp: &mut Option<ResponseView>,
+        attempt: &Attempt,
+    ) -> Result<ResponseDecision, PluginFailure> {
+        let attempt = convert::attempt(attempt);
         #[cfg(feature = "native-chain")]
         if let Some(n) = &self.native {
             self.calls[Hook::Response as usize].inc();
-            let d = n
-                .on_response(req, resp, attempt)
-                .map_err(|e| self.fail(PluginFailure::Error(e), "on_response"))?;
-            return self.checked_response_decision(d);
+            let (d, flag) = n
+                .on_response(req, resp, &attempt)
+                .map_err(|e| self.fail(PluginFailure::Error(e), Hook::Response))?;
+            return convert::response_decision(d, flag).map_err(|e| self.fail(e, Hook::Response));
         }
-        let d = self.call(Hook::Response, req, Some(resp), |p, store| {
+        let (d, flag) = self.call(Hook::Response, req, Some(resp), |p, store| {
             p.wasmesh_plugin_filter().call_on_response(
                 store,
                 Resource::<RequestRes>::new_borrow(0),
                 Resource::<ResponseRes>::new_borrow(0),
-                attempt,
+                &attempt,
             )
         })?;
-        self.checked_response_decision(d)
-    }
-
-    fn checked_response_decision(
-        &self,
-        d: wit::ResponseDecision,
-    ) -> Result<wit::ResponseDecision, PluginFailure> {
-        check_decision([&d.response_headers, &Vec::new()], d.reply.as_ref(), 0)
-            .map_err(|e| self.fail(e, "on_response"))?;
-        Ok(d)
+        convert::response_decision(d, flag).map_err(|e| self.fail(e, Hook::Response))
     }
 
     /// `on-complete`.
     pub fn on_complete(
         &self,
-        req: &mut Option<ReqData>,
-        done: wit::Completion,
+        req: &mut Option<RequestView>,
+        done: Completion,
     ) -> Result<(), PluginFailure> {
+        let done = convert::completion(done);
         #[cfg(feature = "native-chain")]
         if let Some(n) = &self.native {
             self.calls[Hook::Complete as usize].inc();
@@ -976,57 +965,6 @@ impl ConfiguredPlugin {
                 .call_on_complete(store, Resource::<RequestRes>::new_borrow(0), done)
                 .map(Ok)
         })
+        .map(|((), _)| ())
     }
 }
-
-/// The host's caps on what a plugin may hand back: past them the decision
-/// is refused as a plugin failure (its `on-failure` applies), nothing of it
-/// applied. Guest memory caps bound what can be lifted in the first place.
-pub(crate) fn check_decision(
-    ops: [&Vec<wit::HeaderOp>; 2],
-    reply: Option<&wit::LocalReply>,
-    other_bytes: usize,
-) -> Result<(), PluginFailure> {
-    let mut bytes = other_bytes;
-    for side in ops {
-        if side.len() > MAX_HEADER_OPS {
-            return Err(PluginFailure::TooLarge(format!(
-                "{} header operations (at most {MAX_HEADER_OPS})",
-                side.len()
-            )));
-        }
-        for op in side {
-            bytes += match op {
-                wit::HeaderOp::Set(h) | wit::HeaderOp::Append(h) => h.name.len() + h.value.len(),
-                wit::HeaderOp::Remove(n) => n.len(),
-            };
-        }
-    }
-    if let Some(r) = reply {
-        if r.body.len() > MAX_REPLY_BODY {
-            return Err(PluginFailure::TooLarge(format!(
-                "a local-reply body of {} bytes (at most {MAX_REPLY_BODY})",
-                r.body.len()
-            )));
-        }
-        if r.headers.len() > MAX_HEADER_OPS {
-            return Err(PluginFailure::TooLarge(format!(
-                "{} local-reply headers (at most {MAX_HEADER_OPS})",
-                r.headers.len()
-            )));
-        }
-        bytes += r
-            .headers
-            .iter()
-            .map(|h| h.name.len() + h.value.len())
-            .sum::<usize>();
-    }
-    if bytes > MAX_DECISION_HEADER_BYTES {
-        return Err(PluginFailure::TooLarge(format!(
-            "{bytes} bytes of headers and routes (at most {MAX_DECISION_HEADER_BYTES})"
-        )));
-    }
-    Ok(())
-}
-
-pub use self::bindings::wit as contract;

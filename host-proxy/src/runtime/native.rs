@@ -9,12 +9,14 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use wasmesh_plugin_sdk as sdk;
-use wasmesh_plugin_sdk::native::{NativeFilter, NativeHost, RequestSource, ResponseSource};
+use wasmesh_plugin_sdk::native::{NativeFilter, NativeHost};
+use wasmesh_plugin_sdk::{RequestSource, ResponseSource};
 use wasmtime::StoreLimits;
 use wasmtime::component::Resource;
 
 use super::bindings::{wit, wit_host};
-use super::host::{HostState, PluginScope, ReqData, RespData};
+use super::host::{HostState, PluginScope, RequestView};
+use super::types::{ReplyFlag, ResponseView};
 
 /// Builds a configured native plugin from its JSON configuration.
 pub type Factory = fn(&str) -> Result<Box<dyn NativeFilter>, String>;
@@ -77,8 +79,8 @@ impl NativePlugin {
     /// state, as the component path moves them into a store.
     fn call<R>(
         &self,
-        req: &mut Option<ReqData>,
-        resp: Option<&mut Option<RespData>>,
+        req: &mut Option<RequestView>,
+        resp: Option<&mut Option<ResponseView>>,
         f: impl FnOnce(&Host) -> R,
     ) -> R {
         let host = self.pool.lock().unwrap().pop().unwrap_or_else(|| {
@@ -108,18 +110,21 @@ impl NativePlugin {
 
     pub(crate) fn on_request(
         &self,
-        req: &mut Option<ReqData>,
-    ) -> Result<wit::RequestDecision, String> {
-        self.call(req, None, |h| self.filter.on_request(h))
-            .map(request_decision)
+        req: &mut Option<RequestView>,
+    ) -> Result<(wit::RequestDecision, ReplyFlag), String> {
+        let d = self.call(req, None, |h| self.filter.on_request(h));
+        d.map(|d| {
+            let flag = reply_flag(d.reply.as_ref());
+            (request_decision(d), flag)
+        })
     }
 
     pub(crate) fn on_response(
         &self,
-        req: &mut Option<ReqData>,
-        resp: &mut Option<RespData>,
+        req: &mut Option<RequestView>,
+        resp: &mut Option<ResponseView>,
         attempt: &wit::Attempt,
-    ) -> Result<wit::ResponseDecision, String> {
+    ) -> Result<(wit::ResponseDecision, ReplyFlag), String> {
         let attempt = sdk::Attempt {
             number: attempt.number,
             outcome: match attempt.outcome {
@@ -136,21 +141,35 @@ impl NativePlugin {
             endpoint: attempt.endpoint.clone(),
             duration_us: attempt.duration_us,
         };
-        self.call(req, Some(resp), |h| self.filter.on_response(h, h, &attempt))
-            .map(|d| wit::ResponseDecision {
+        let d = self.call(req, Some(resp), |h| self.filter.on_response(h, h, &attempt));
+        d.map(|d| {
+            let flag = reply_flag(d.reply.as_ref());
+            let d = wit::ResponseDecision {
                 response_headers: header_ops(d.response_headers),
                 reply: d.reply.map(local_reply),
                 retry: d.retry_after_ms.map(|backoff_ms| wit::Retry { backoff_ms }),
-            })
+            };
+            (d, flag)
+        })
     }
 
-    pub(crate) fn on_complete(&self, req: &mut Option<ReqData>, done: wit::Completion) {
+    pub(crate) fn on_complete(&self, req: &mut Option<RequestView>, done: wit::Completion) {
         let done = sdk::Completion {
             status: done.status,
             attempts: done.attempts,
             duration_us: done.duration_us,
         };
         self.call(req, None, |h| self.filter.on_complete(h, &done))
+    }
+}
+
+/// The flag an SDK plugin gave its reply (a component tells the host with
+/// `set-reply-flag` instead).
+fn reply_flag(r: Option<&sdk::LocalReply>) -> ReplyFlag {
+    match r.map(|r| r.flag) {
+        Some(sdk::ReplyFlag::Overflow) => ReplyFlag::Overflow,
+        Some(sdk::ReplyFlag::RateLimited) => ReplyFlag::RateLimited,
+        _ => ReplyFlag::LocalReply,
     }
 }
 
@@ -225,6 +244,9 @@ impl ResponseSource for Host {
         let list = self.with(|s| wit::HostResponse::headers(s, borrow()));
         list.into_iter().map(header).collect()
     }
+    fn header_all(&self, name: &str) -> Vec<String> {
+        self.with(|s| wit::HostResponse::header_all(s, borrow(), name.to_string()))
+    }
 }
 
 fn state_error(e: wit_host::StateError) -> sdk::StateError {
@@ -285,6 +307,15 @@ impl NativeHost for Host {
     }
     fn counter_hold(&self, key: &str, delta: i64) -> Result<i64, sdk::StateError> {
         self.with(|s| wit_host::Host::counter_hold(s, key.to_string(), delta))
+            .map_err(state_error)
+    }
+    fn counter_hold_within(
+        &self,
+        key: &str,
+        delta: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, sdk::StateError> {
+        self.with(|s| wit_host::Host::counter_hold_within(s, key.to_string(), delta, limit))
             .map_err(state_error)
     }
     fn endpoints(&self, service: Option<&str>) -> Vec<sdk::Endpoint> {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use wasmesh_istio::duration_ms;
 use wasmesh_plugin_sdk::host::{self, state};
 use wasmesh_plugin_sdk::{
-    Attempt, Level, LocalReply, Outcome, Plugin, Request, RequestDecision, Response,
+    Attempt, Level, LocalReply, Outcome, Plugin, ReplyFlag, Request, RequestDecision, Response,
     ResponseDecision, export,
 };
 
@@ -138,7 +138,7 @@ impl Plugin for CircuitBreaker {
                     503,
                     "upstream overflow: too many requests in flight (circuit breaker)\n",
                 )
-                .with_header("x-wasmesh-flags", "UO"),
+                .flagged(ReplyFlag::Overflow),
             ));
         }
         Ok(RequestDecision::proceed())

@@ -116,11 +116,7 @@ fn in_flight_limit_overflows_fast_and_is_released_when_a_request_ends() {
     assert!(h.on_request(&b).unwrap().reply.is_none());
     let r = h.on_request(&c).unwrap().reply.unwrap();
     assert_eq!(r.status, 503);
-    assert!(
-        r.headers
-            .iter()
-            .any(|x| x.name == "x-wasmesh-flags" && x.value == "UO")
-    );
+    assert_eq!(r.flag, wasmesh_plugin_sdk::ReplyFlag::Overflow);
     let done = Completion {
         status: Some(200),
         attempts: 1,

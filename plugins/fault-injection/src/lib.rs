@@ -90,6 +90,9 @@ fn grpc_code(v: &serde_json::Value) -> Result<u32, String> {
 
 const FULL: Percent = Percent { value: 100.0 };
 
+/// Longest delay the host accepts from a plugin (`delay-ms`).
+const MAX_DELAY_MS: u32 = 60_000;
+
 impl Plugin for FaultInjection {
     type Config = Config;
 
@@ -102,7 +105,16 @@ impl Plugin for FaultInjection {
             Some(d) => {
                 let p = d.percentage.unwrap_or(FULL);
                 p.check("config.delay.percentage")?;
-                Some((duration_ms(&d.fixed_delay, "config.delay.fixedDelay")?, p))
+                let ms = duration_ms(&d.fixed_delay, "config.delay.fixedDelay")?;
+                // The host refuses a delay over a minute (the contract's
+                // bound): say so here, not on every request.
+                if ms > MAX_DELAY_MS {
+                    return Err(format!(
+                        "config.delay.fixedDelay: {:?} is over the one minute (60s) the proxy allows",
+                        d.fixed_delay
+                    ));
+                }
+                Some((ms, p))
             }
         };
         let abort = match &c.abort {
@@ -155,6 +167,7 @@ impl Plugin for FaultInjection {
                         Header::new("grpc-message", "fault filter abort"),
                     ],
                     body: Vec::new(),
+                    flag: Default::default(),
                 },
             });
         }
@@ -234,6 +247,7 @@ mod tests {
         assert!(e(r#"{"abort":{"httpStatus":700}}"#).contains("config.abort.httpStatus"));
         assert!(e(r#"{"abort":{"grpcStatus":"NOPE"}}"#).contains("config.abort.grpcStatus"));
         assert!(e(r#"{"delay":{"fixedDelay":"soon"}}"#).contains("config.delay.fixedDelay"));
+        assert!(e(r#"{"delay":{"fixedDelay":"2m"}}"#).contains("over the one minute"));
         assert!(
             e(r#"{"delay":{"fixedDelay":"1s","percentage":{"value":150}}}"#)
                 .contains("config.delay.percentage.value")

@@ -4,7 +4,6 @@
 //! protobuf write them, and percentages.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use regex_lite::Regex;
 use serde::Deserialize;
@@ -235,28 +234,12 @@ impl Condition {
 }
 
 /// Parse a duration as Istio and protobuf write them (`2s`, `250ms`,
-/// `0.25s`, `1m`, `1h`) into milliseconds; `path` names the field in errors.
+/// `0.25s`, `1m`, `1h`) into milliseconds, with wasmesh's one duration
+/// grammar (`wasmesh_units`, the mesh file's too); `path` names the field in
+/// errors.
 pub fn duration_ms(t: &str, path: &str) -> Result<u32, String> {
-    let t = t.trim();
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000.0)
-    } else if let Some(n) = t.strip_suffix('h') {
-        (n, 3_600_000.0)
-    } else {
-        return Err(format!("{path}: {t:?} needs a unit (ms, s, m, h), e.g. 2s"));
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{path}: {t:?} is not a duration, e.g. 2s or 250ms"))?;
-    let ms = n * scale;
-    if !(0.0..=f64::from(u32::MAX)).contains(&ms) {
-        return Err(format!("{path}: {t:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(ms / 1000.0).as_millis() as u32)
+    let d = wasmesh_units::parse_duration(t).map_err(|e| format!("{path}: {e}"))?;
+    u32::try_from(d.as_millis()).map_err(|_| format!("{path}: {t:?} is out of range"))
 }
 
 /// Istio `Percent`: `{ value: 12.5 }`, 0 to 100.

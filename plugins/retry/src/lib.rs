@@ -61,7 +61,8 @@ struct RetryOn {
     gateway: bool,
     connect_failure: bool,
     reset: bool,
-    retriable_codes: bool,
+    /// Status codes listed in `retryOn`: retried (Istio hands them to
+    /// Envoy as `retriable_status_codes`).
     codes: Vec<u16>,
     retriable_4xx: bool,
     grpc: Vec<u32>,
@@ -76,7 +77,9 @@ impl RetryOn {
                 "gateway-error" => r.gateway = true,
                 "connect-failure" => r.connect_failure = true,
                 "reset" | "refused-stream" => r.reset = true,
-                "retriable-status-codes" => r.retriable_codes = true,
+                // Istio's default lists it with no codes: it only says the
+                // codes listed beside it are retried, which they always are.
+                "retriable-status-codes" => {}
                 "retriable-4xx" => r.retriable_4xx = true,
                 "cancelled" => r.grpc.push(1),
                 "deadline-exceeded" => r.grpc.push(4),
@@ -228,14 +231,17 @@ impl Plugin for Retry {
         }
         if let Some((percent, min)) = self.budget {
             let active = state::counter_get(ACTIVE);
-            let allowed = ((active as f64) * percent / 100.0).floor() as i64;
-            if state::counter_get(RETRIES) >= allowed.max(min) {
+            let allowed = (((active as f64) * percent / 100.0).floor() as i64).max(min);
+            // Checked and taken in one step in the host, so that concurrent
+            // requests cannot both take the last slot; held until this
+            // request ends.
+            let held =
+                state::counter_hold_within(RETRIES, 1, allowed).map_err(|e| e.to_string())?;
+            if held.is_none() {
                 host::metric_add("retry_budget_exhausted", 1);
                 host::log(Level::Debug, "retry budget exhausted");
                 return Ok(ResponseDecision::proceed());
             }
-            // Held until this request ends.
-            state::counter_hold(RETRIES, 1).map_err(|e| e.to_string())?;
         }
         host::metric_add("retries", 1);
         // Fully jittered exponential backoff.

@@ -121,3 +121,27 @@ fn bad_configs_name_the_field() {
     );
     assert!(e(r#"{"attempts":2,"retries":1}"#).contains("unknown field `retries`"));
 }
+
+/// The budget's last slot goes to one request only: another instance taking
+/// it between this request's look at the budget and its hold (here, just
+/// before the plugin's next shared-state write) wins, and this request is
+/// not retried.
+#[test]
+fn a_concurrent_request_taking_the_last_retry_slot_is_not_overshot() {
+    let h = retry(r#"{"retryOn":"5xx","retryBudget":{"percent":0,"minRetryConcurrency":1}}"#);
+    let req = TestRequest::get("/");
+    h.on_request(&req).unwrap();
+    wasmesh_plugin_sdk::testing::with_host(|host| {
+        host.before_next_write(|other| {
+            *other.counters.entry(RETRIES.to_string()).or_insert(0) += 1;
+        })
+    });
+    assert_eq!(decide(&h, &req, 1, Outcome::Response(503)), None);
+    wasmesh_plugin_sdk::testing::with_host(|host| {
+        assert_eq!(
+            host.counters[RETRIES], 1,
+            "one retry in flight, the other's"
+        );
+        assert_eq!(host.metrics["retry_budget_exhausted"], 1);
+    });
+}

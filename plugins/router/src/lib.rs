@@ -425,6 +425,7 @@ impl Router {
                         status: *code,
                         headers: Vec::new(),
                         body: Vec::new(),
+                        flag: Default::default(),
                     }
                     .with_header("location", format!("{scheme}://{authority}{uri}")),
                 );

@@ -18,7 +18,7 @@ pub struct EndpointState {
     /// Ejected until this many ms after [`EndpointTable::epoch`]; 0: not ejected.
     ejected_until_ms: AtomicU64,
     /// Its HTTP/1.1 connections.
-    pub h1: crate::pool::H1Conns,
+    pub h1: super::pool::H1Conns,
 }
 
 /// Every endpoint's live state, keyed by (service, address).
@@ -103,5 +103,67 @@ impl ClusterView {
     /// Endpoints of a service.
     pub fn endpoints(&self, service: &str) -> &[Endpoint] {
         self.services.get(service).map_or(&[], |e| e)
+    }
+}
+
+/// The endpoints of one service as load balancing sees them: every
+/// endpoint, each subset's, and the round-robin cursor.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Endpoints, subsets in name order.
+    pub endpoints: Arc<[Endpoint]>,
+    /// Indexes into `endpoints` per subset.
+    subsets: HashMap<Arc<str>, Vec<usize>>,
+    /// Every index into `endpoints`.
+    all: Vec<usize>,
+    /// Round-robin cursor.
+    rr: AtomicUsize,
+}
+
+impl Cluster {
+    /// Balance over `endpoints`.
+    pub fn new(endpoints: Arc<[Endpoint]>) -> Self {
+        let mut subsets: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
+        for (i, e) in endpoints.iter().enumerate() {
+            subsets.entry(e.subset.clone()).or_default().push(i);
+        }
+        Self {
+            all: (0..endpoints.len()).collect(),
+            subsets,
+            endpoints,
+            rr: AtomicUsize::new(0),
+        }
+    }
+
+    /// Pick an endpoint: round robin over the subset (all endpoints without
+    /// one), skipping ejected ones and, when another exists, `avoid` (the
+    /// endpoint the previous attempt went to).
+    pub fn pick(
+        &self,
+        table: &EndpointTable,
+        subset: Option<&str>,
+        avoid: Option<&str>,
+    ) -> Option<&Endpoint> {
+        let candidates: &[usize] = match subset {
+            Some(s) => self.subsets.get(s).map_or(&[], |v| v.as_slice()),
+            None => &self.all,
+        };
+        if candidates.is_empty() {
+            return None;
+        }
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let mut fallback = None;
+        for k in 0..candidates.len() {
+            let e = &self.endpoints[candidates[(start + k) % candidates.len()]];
+            if table.is_ejected(&e.state) {
+                continue;
+            }
+            if avoid == Some(&*e.address) {
+                fallback.get_or_insert(e);
+                continue;
+            }
+            return Some(e);
+        }
+        fallback
     }
 }

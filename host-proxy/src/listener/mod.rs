@@ -1,9 +1,18 @@
 //! The accept loop of a client listener and what guards each connection:
 //! the connection cap (past it, an immediate `503` and close, never a queue),
 //! HTTP/1 head limits and the header-read timeout (hyper's), HTTP/2 stream
-//! limits and reset-flood protection (h2's), and an idle timeout that closes
-//! a connection which moved no bytes for `downstream.idle-timeout`.
+//! limits and reset-flood protection (h2's), the raw HTTP/1 head check
+//! against request smuggling ([`h1scan`]), and an idle timeout that closes a
+//! connection which moved no bytes for `downstream.idle-timeout`.
+//!
+//! It hands each request to a [`Handler`] and knows nothing of what the
+//! handler does; it depends on [`crate::http`], [`crate::error`] and
+//! [`crate::metrics`]. TLS termination for the inbound listener lands here.
 
+pub mod h1scan;
+
+use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,13 +26,54 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 
-use crate::Shared;
-use crate::h1scan::{self, Scanner, Violation};
-use crate::proxy::{self, ProxyBody, Side};
-use crate::snapshot::Downstream;
+use self::h1scan::{Scanner, Violation};
+use crate::error::ProxyError;
+use crate::http::ProxyBody;
+use crate::http::headers::Remote;
+use crate::metrics::Metrics;
+
+/// Limits on client connections (the mesh file's `downstream` block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head, bytes.
+    pub max_header_bytes: usize,
+    /// Most headers per request.
+    pub max_headers: usize,
+    /// Time to send a whole request head.
+    pub header_read_timeout: Duration,
+    /// A connection moving no bytes this long is closed.
+    pub idle_timeout: Duration,
+    /// Open connections per listener.
+    pub max_connections: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 60 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            max_concurrent_streams: 100,
+        }
+    }
+}
+
+/// What serves the requests a listener accepts.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// Answer one request from `remote`.
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        remote: Arc<Remote>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send;
+}
 
 /// Connections being turned away at once, at most; past it an overflowing
 /// connection is simply closed.
@@ -40,14 +90,31 @@ fn overflow_reply() -> Vec<u8> {
     .into_bytes()
 }
 
-pub(crate) async fn accept_loop(
+/// Answer a connection past `downstream.max-connections` with a 503, at most
+/// [`MAX_REFUSING`] at once; past that it is simply closed.
+fn turn_away(stream: TcpStream, refusing: &Arc<AtomicUsize>, metrics: &Metrics) {
+    metrics.downstream_closed("overflow");
+    if refusing.fetch_add(1, Ordering::AcqRel) < MAX_REFUSING {
+        let refusing = refusing.clone();
+        tokio::spawn(async move {
+            refuse(stream).await;
+            refusing.fetch_sub(1, Ordering::AcqRel);
+        });
+    } else {
+        refusing.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Accept connections on `listener` until `stop` changes, serving each with
+/// `handler` under `limits`; `graceful` tracks them for draining.
+pub async fn accept_loop<H: Handler>(
     listener: TcpListener,
-    shared: Arc<Shared>,
-    side: Side,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    handler: H,
     mut stop: tokio::sync::watch::Receiver<bool>,
     graceful: Arc<GracefulShutdown>,
 ) {
-    let limits = shared.snapshot.load().listeners.downstream;
     let builder = builder(&limits);
     let open = Arc::new(AtomicUsize::new(0));
     let refusing = Arc::new(AtomicUsize::new(0));
@@ -64,19 +131,10 @@ pub(crate) async fn accept_loop(
             _ = stop.changed() => return,
         };
         if open.load(Ordering::Acquire) >= limits.max_connections {
-            shared.metrics.downstream_closed("overflow");
-            if refusing.fetch_add(1, Ordering::AcqRel) < MAX_REFUSING {
-                let refusing = refusing.clone();
-                tokio::spawn(async move {
-                    refuse(stream).await;
-                    refusing.fetch_sub(1, Ordering::AcqRel);
-                });
-            } else {
-                refusing.fetch_sub(1, Ordering::AcqRel);
-            }
+            turn_away(stream, &refusing, &metrics);
             continue;
         }
-        let slot = Slot::take(&open, &shared);
+        let slot = Slot::take(&open, &metrics);
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
         let heads = Arc::new(h1scan::Shared::new());
@@ -87,27 +145,27 @@ pub(crate) async fn accept_loop(
             heads: heads.clone(),
         };
         let svc = {
-            let shared = shared.clone();
-            let peer = Arc::new(proxy::Remote::new(remote));
+            let (handler, metrics) = (handler.clone(), metrics.clone());
+            let peer = Arc::new(Remote::new(remote));
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 let bad = if req.version() < Version::HTTP_2 {
                     heads.next_request()
                 } else {
                     None
                 };
-                let (shared, peer) = (shared.clone(), peer.clone());
+                let (handler, metrics, peer) = (handler.clone(), metrics.clone(), peer.clone());
                 async move {
-                    match bad {
-                        Some(why) => Ok(refuse_head(&shared, why)),
-                        None => proxy::handle(shared, side, &peer, req).await,
-                    }
+                    Ok::<_, Infallible>(match bad {
+                        Some(why) => refuse_head(&metrics, why),
+                        None => handler.handle(req, peer).await,
+                    })
                 }
             })
         };
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         let conn = graceful.watch(conn.into_owned());
         let idle = limits.idle_timeout;
-        let shared = shared.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _slot = slot;
             tokio::pin!(conn);
@@ -115,7 +173,7 @@ pub(crate) async fn accept_loop(
                 let wait = idle.saturating_sub(activity.idle_for());
                 if wait.is_zero() {
                     tracing::debug!(%remote, "closing a connection idle for {idle:?}");
-                    shared.metrics.downstream_closed("idle");
+                    metrics.downstream_closed("idle");
                     return;
                 }
                 tokio::select! {
@@ -134,23 +192,16 @@ pub(crate) async fn accept_loop(
 
 /// The answer to a request head the raw check refused: 400, and the
 /// connection closes after it; nothing is forwarded.
-fn refuse_head(shared: &Shared, why: Violation) -> Response<ProxyBody> {
-    shared.metrics.downstream_closed("bad_framing");
-    let mut r = proxy::local(
-        StatusCode::BAD_REQUEST,
-        "DPE",
-        format!(
-            "bad request framing: {}; refused (request smuggling protection)\n",
-            why.describe()
-        ),
-    );
+fn refuse_head(metrics: &Metrics, why: Violation) -> Response<ProxyBody> {
+    metrics.downstream_closed("bad_framing");
+    let mut r = ProxyError::BadFraming(why.describe()).into_response();
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
 
 /// hyper's connection builder with the downstream limits applied.
-fn builder(limits: &Downstream) -> auto::Builder<TokioExecutor> {
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -193,16 +244,16 @@ async fn refuse(mut stream: TcpStream) {
 /// One open connection, counted while it lives.
 struct Slot {
     open: Arc<AtomicUsize>,
-    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
 }
 
 impl Slot {
-    fn take(open: &Arc<AtomicUsize>, shared: &Arc<Shared>) -> Self {
+    fn take(open: &Arc<AtomicUsize>, metrics: &Arc<Metrics>) -> Self {
         open.fetch_add(1, Ordering::AcqRel);
-        shared.metrics.downstream_connections.inc();
+        metrics.downstream_connections.inc();
         Self {
             open: open.clone(),
-            shared: shared.clone(),
+            metrics: metrics.clone(),
         }
     }
 }
@@ -210,7 +261,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
-        self.shared.metrics.downstream_connections.dec();
+        self.metrics.downstream_connections.dec();
     }
 }
 

@@ -9,21 +9,16 @@
 /// Return the heap's free pages to the system (glibc's `malloc_trim`).
 fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        unsafe extern "C" {
-            fn malloc_trim(pad: usize) -> std::ffi::c_int;
-        }
-        // SAFETY: `malloc_trim` only walks glibc's own arenas under their
-        // locks; it may be called from any thread at any time.
-        unsafe {
-            malloc_trim(0);
-        }
+    // SAFETY: `malloc_trim` only walks glibc's own arenas under their
+    // locks; it may be called from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
 /// After a configuration build: the heap's free pages and the embedded
 /// `builtins`' pages go back to the system.
-pub(crate) fn release_after_build(builtins: &[(&'static str, &'static [u8])]) {
+pub fn release_after_build(builtins: &[(&'static str, &'static [u8])]) {
     release_free_heap();
     release_embedded(builtins.iter().map(|(_, b)| *b));
 }

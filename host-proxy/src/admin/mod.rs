@@ -1,10 +1,12 @@
 //! The admin listener: `GET /ready` (503 while draining), `GET /config` (the
 //! serving snapshot and the last refused reload, as JSON), `GET /metrics`
 //! (Prometheus text).
+//!
+//! Reads [`crate::config`] and [`crate::metrics`]; nothing depends on it.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -14,11 +16,22 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::Shared;
-use crate::snapshot::{Chain, Snapshot};
+use crate::chain::Chain;
+use crate::config::{Live, Snapshot};
+use crate::metrics::Metrics;
+
+/// What the admin listener reads.
+pub struct Admin {
+    /// The serving configuration.
+    pub live: Arc<Live>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set on shutdown: `/ready` answers 503.
+    pub draining: Arc<AtomicBool>,
+}
 
 /// Accept admin connections until the process ends.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Admin>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -50,7 +63,7 @@ fn text(
     r
 }
 
-fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n");
     }
@@ -63,8 +76,8 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/config" => {
-            let snap = shared.snapshot.load();
-            let last_error = shared.last_error.lock().unwrap().clone();
+            let snap = shared.live.load();
+            let last_error = shared.live.last_error();
             let body = config_json(&snap, last_error.map(|e| json!(e)).unwrap_or(Value::Null));
             text(
                 StatusCode::OK,
@@ -125,6 +138,7 @@ fn config_json(snap: &Snapshot, last_error: Value) -> Value {
         .map(|name| {
             let s = &snap.services[name];
             let endpoints: Vec<Value> = s
+                .cluster
                 .endpoints
                 .iter()
                 .map(|e| json!({ "subset": &*e.subset, "address": &*e.address }))

@@ -2,6 +2,8 @@
 //! `/metrics`. Label names follow Istio's where a meaning is shared
 //! (`destination_service`, `response_code`, `response_flags`), so existing
 //! dashboards read them.
+//!
+//! Depends only on [`crate::flags`]; every other module records into it.
 
 // foldhash: these maps are looked up on every request; SipHash cost
 // ≈ 1.5k instructions a request across them.
@@ -13,6 +15,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::flags::ResponseFlag;
 
 /// Label set: a small list of (name, value).
 pub type Labels = Vec<(&'static str, String)>;
@@ -47,7 +51,8 @@ pub struct Metrics {
     request_counters: RequestCounters,
 }
 
-type RequestCounters = std::sync::RwLock<HashMap<Box<str>, HashMap<(u16, &'static str), Counter>>>;
+type RequestCounters =
+    std::sync::RwLock<HashMap<Box<str>, HashMap<(u16, Option<ResponseFlag>), Counter>>>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -144,44 +149,34 @@ impl Metrics {
     }
 
     /// Count a finished request.
-    pub fn request(&self, service: &str, code: u16, flags: &'static str) {
+    pub fn request(&self, service: &str, code: u16, flag: Option<ResponseFlag>) {
         let known = self
             .request_counters
             .read()
             .unwrap()
             .get(service)
-            .and_then(|m| m.get(&(code, flags)).cloned());
+            .and_then(|m| m.get(&(code, flag)).cloned());
         let counter = match known {
             Some(c) => c,
             None => {
-                let c = self.request_counter(service, code, flags);
+                let c = self
+                    .requests
+                    .get_or_create(&vec![
+                        ("destination_service", service.to_string()),
+                        ("response_code", code.to_string()),
+                        ("response_flags", ResponseFlag::label(flag).to_string()),
+                    ])
+                    .clone();
                 self.request_counters
                     .write()
                     .unwrap()
                     .entry(service.into())
                     .or_default()
-                    .insert((code, flags), c.clone());
+                    .insert((code, flag), c.clone());
                 c
             }
         };
         counter.inc();
-    }
-
-    fn request_counter(&self, service: &str, code: u16, flags: &str) -> Counter {
-        self.requests
-            .get_or_create(&vec![
-                ("destination_service", service.to_string()),
-                ("response_code", code.to_string()),
-                (
-                    "response_flags",
-                    if flags.is_empty() {
-                        "-".into()
-                    } else {
-                        flags.to_string()
-                    },
-                ),
-            ])
-            .clone()
     }
 
     /// Count a reload.

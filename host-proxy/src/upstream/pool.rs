@@ -1,5 +1,5 @@
 //! HTTP/1.1 upstream connections, pooled per endpoint in the endpoint's live
-//! state ([`crate::cluster::EndpointState`]).
+//! state ([`super::cluster::EndpointState`]).
 //!
 //! hyper-util's pooled client keys one shared pool by (scheme, authority),
 //! hashing that key twice a request and boxing its futures; here the
@@ -25,10 +25,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
-use crate::cluster::Endpoint;
-use crate::connector::{ConnectionLimit, Counted, take_slot};
-use crate::proxy::ProxyBody;
-use crate::snapshot::UpstreamSettings;
+use super::UpstreamSettings;
+use super::cluster::Endpoint;
+use super::connector::{ConnectionLimit, Counted, take_slot};
+use crate::http::ProxyBody;
 
 /// One endpoint's HTTP/1.1 connections.
 #[derive(Default)]

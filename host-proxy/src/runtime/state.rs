@@ -92,6 +92,31 @@ impl Scope {
         Ok(delta)
     }
 
+    /// Add to a counter only if its new value stays at most `limit`, as one
+    /// step under the scope's lock: `Some(new value)`, or `None` (nothing
+    /// added) past the limit.
+    pub fn counter_add_within(
+        &self,
+        key: &str,
+        delta: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, StateError> {
+        let mut inner = self.inner.lock().unwrap();
+        let current = match inner.counters.get(key) {
+            Some(c) => *c,
+            None => {
+                Self::check_key(&inner, key, false)?;
+                0
+            }
+        };
+        let new = current.saturating_add(delta);
+        if new > limit {
+            return Ok(None);
+        }
+        inner.counters.insert(key.to_string(), new);
+        Ok(Some(new))
+    }
+
     /// Read a counter.
     pub fn counter_get(&self, key: &str) -> i64 {
         self.inner
@@ -115,6 +140,22 @@ impl Holds {
     pub fn hold(&mut self, scope: &Arc<Scope>, key: &str, delta: i64) -> Result<i64, StateError> {
         let n = scope.counter_add(key, delta)?;
         self.0.push((scope.clone(), key.into(), delta));
+        Ok(n)
+    }
+
+    /// Add `delta` to `key` in `scope` until the request ends, only if the
+    /// counter stays at most `limit` ([`Scope::counter_add_within`]).
+    pub fn hold_within(
+        &mut self,
+        scope: &Arc<Scope>,
+        key: &str,
+        delta: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, StateError> {
+        let n = scope.counter_add_within(key, delta, limit)?;
+        if n.is_some() {
+            self.0.push((scope.clone(), key.into(), delta));
+        }
         Ok(n)
     }
 
@@ -186,5 +227,20 @@ mod tests {
         assert_eq!(holds.hold(&s, "", 1), Err(StateError::BadKey));
         holds.release();
         assert_eq!(s.counter_get("pending"), 10);
+    }
+
+    #[test]
+    fn a_hold_within_a_limit_is_refused_past_it_and_undone_when_dropped() {
+        let s = Arc::new(Scope::default());
+        let mut a = Holds::default();
+        let mut b = Holds::default();
+        assert_eq!(a.hold_within(&s, "retries", 1, 2), Ok(Some(1)));
+        assert_eq!(b.hold_within(&s, "retries", 1, 2), Ok(Some(2)));
+        assert_eq!(b.hold_within(&s, "retries", 1, 2), Ok(None));
+        assert_eq!(s.counter_get("retries"), 2);
+        drop(a);
+        assert_eq!(s.counter_get("retries"), 1);
+        drop(b);
+        assert_eq!(s.counter_get("retries"), 0);
     }
 }

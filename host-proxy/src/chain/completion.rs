@@ -1,0 +1,188 @@
+//! The completion guard: the one place a request ends. It owns the request
+//! view from the moment the chain first sees it, so `on-complete` always
+//! has the request, however early the request ends; when dropped — at the
+//! end of the response body, or earlier when the client goes away — it
+//! runs `on-complete` for the plugins the request reached, then releases
+//! the counters they held, then counts the request.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use super::Chain;
+use crate::flags::ResponseFlag;
+use crate::http::body::Broken;
+use crate::http::headers::HeaderEdit;
+use crate::http::{BoxError, ProxyBody};
+use crate::metrics::Metrics;
+use crate::runtime::RequestView;
+use crate::runtime::types::Completion;
+
+/// One request's passage through a chain, and how it ended.
+pub struct CompletionGuard {
+    metrics: Arc<Metrics>,
+    /// The service the request addressed (its metric label).
+    service: Arc<str>,
+    pub(super) chain: Arc<Chain>,
+    /// Plugins `0..reached` were reached.
+    pub(super) reached: usize,
+    /// Bit i: plugin i failed on this request; it gets no further calls.
+    pub(super) failed: u64,
+    /// The request. Always here between hook calls (each call moves it
+    /// into the plugin's store and back).
+    pub(super) req: Option<RequestView>,
+    /// Response header edits asked for so far.
+    pub(super) response_edits: Vec<HeaderEdit>,
+    status: Option<u16>,
+    flag: Option<ResponseFlag>,
+    attempts: u32,
+    started: Instant,
+    /// Set when the client's body broke after forwarding began.
+    body_broken: Option<Broken>,
+}
+
+impl CompletionGuard {
+    /// Start `req`'s passage through `chain`.
+    pub fn begin(
+        metrics: Arc<Metrics>,
+        service: Arc<str>,
+        chain: Arc<Chain>,
+        req: RequestView,
+        started: Instant,
+    ) -> Self {
+        Self {
+            metrics,
+            service,
+            chain,
+            reached: 0,
+            failed: 0,
+            req: Some(req),
+            response_edits: Vec::new(),
+            status: None,
+            flag: None,
+            attempts: 0,
+            started,
+            body_broken: None,
+        }
+    }
+
+    /// The request, with the edits plugins made so far.
+    pub fn request(&self) -> &RequestView {
+        self.req
+            .as_ref()
+            .expect("the request is here between calls")
+    }
+
+    /// How many plugins `on-request` reached so far.
+    pub fn reached(&self) -> usize {
+        self.reached
+    }
+
+    /// The chain it runs.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// Note another upstream attempt.
+    pub fn count_attempt(&mut self) -> u32 {
+        self.attempts += 1;
+        self.attempts
+    }
+
+    /// Watch the client's body: if it breaks after forwarding began, the
+    /// request is the client's fault (`DPE`).
+    pub fn watch_body(&mut self, broken: Broken) {
+        self.body_broken = Some(broken);
+    }
+
+    fn client_body_broke(&self) -> bool {
+        self.body_broken.as_ref().is_some_and(Broken::is_set)
+    }
+
+    /// The response head is going out with `status`, flagged `flag`; the
+    /// guard now travels with its body.
+    pub fn respond(
+        mut self,
+        status: u16,
+        flag: Option<ResponseFlag>,
+        body: ProxyBody,
+    ) -> GuardedBody {
+        self.status = Some(status);
+        self.flag = flag;
+        GuardedBody {
+            inner: body,
+            guard: self,
+        }
+    }
+}
+
+impl Drop for CompletionGuard {
+    fn drop(&mut self) {
+        let done = Completion {
+            status: self.status,
+            attempts: self.attempts,
+            duration: self.started.elapsed(),
+        };
+        if self.status.is_none() {
+            // Dropped before a response head: the client went away.
+            self.flag = Some(ResponseFlag::DownstreamConnectionTermination);
+        } else if self.flag.is_none() && self.client_body_broke() {
+            // A client body that broke after the response began is the
+            // client's fault (hyper cut its stream).
+            self.flag = Some(ResponseFlag::DownstreamProtocolError);
+        }
+        let chain = self.chain.clone();
+        for (i, p) in chain.plugins.iter().enumerate().take(self.reached) {
+            if p.hooks.on_complete && self.failed & (1 << i) == 0 {
+                let _ = p.on_complete(&mut self.req, done);
+            }
+        }
+        // Counters the request held are released after every on-complete.
+        drop(self.req.take());
+        self.metrics
+            .request(&self.service, self.status.unwrap_or(0), self.flag);
+    }
+}
+
+/// A response body that carries the request's [`CompletionGuard`].
+pub struct GuardedBody {
+    inner: ProxyBody,
+    guard: CompletionGuard,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &r {
+            // The upstream failed after the response head went out: the
+            // client's stream is cut (hyper closes the HTTP/1 connection or
+            // resets the HTTP/2 stream); the request is counted with `UR`,
+            // or `DPE` when it was the client's body that broke.
+            tracing::debug!(
+                service = &*self.guard.service,
+                "upstream response body failed after its head: {e}"
+            );
+            self.guard.flag = Some(if self.guard.client_body_broke() {
+                ResponseFlag::DownstreamProtocolError
+            } else {
+                ResponseFlag::UpstreamReset
+            });
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,180 @@
+//! Running a chain: `on-request` in chain order into a [`Plan`],
+//! `on-response` in reverse order for every attempt's outcome, and
+//! `on-complete` exactly once per request from the [`CompletionGuard`],
+//! whatever happens to the request (the guard also records the request's
+//! metric, so both live in one place).
+//!
+//! The merge rules are the contract's (`wit/plugin.wit`); a plugin that
+//! fails gets no further call for the request, and its `on-failure` decides
+//! whether the request goes on without it or ends with `503 PF`.
+//!
+//! Depends on [`crate::runtime`] (the configured plugins it calls),
+//! [`crate::http`] and [`crate::metrics`]; it neither routes nor sends.
+
+pub mod completion;
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Response;
+
+pub use self::completion::CompletionGuard;
+pub use self::plan::Plan;
+use crate::error::ProxyError;
+use crate::flags::{FLAGS_HEADER, ResponseFlag};
+use crate::http::headers::HeaderEdit;
+use crate::http::{ProxyBody, full};
+use crate::runtime::types::{Attempt, LocalReply, ReplyFlag, ResponseView};
+use crate::runtime::{ConfiguredPlugin, OnFailure, PluginFailure};
+
+/// An ordered list of configured plugins.
+#[derive(Default)]
+pub struct Chain {
+    /// In chain order.
+    pub plugins: Vec<Arc<ConfiguredPlugin>>,
+    /// Some plugin implements `on-response` (so bodies are buffered for
+    /// retries).
+    pub any_on_response: bool,
+}
+
+impl Chain {
+    /// A chain of these plugins, in this order.
+    pub fn new(plugins: Vec<Arc<ConfiguredPlugin>>) -> Self {
+        let any_on_response = plugins.iter().any(|p| p.hooks.on_response);
+        Self {
+            plugins,
+            any_on_response,
+        }
+    }
+}
+
+/// A response the chain made instead of the upstream's, and its flag.
+pub struct Reply {
+    /// The response.
+    pub response: Response<ProxyBody>,
+    /// Its flag: `LR`, `UO`, `RL` as the plugin asked, or `PF`.
+    pub flag: ResponseFlag,
+}
+
+impl Reply {
+    /// A plugin's local reply.
+    fn local(r: LocalReply) -> Self {
+        let flag = match r.flag {
+            ReplyFlag::LocalReply => ResponseFlag::LocalReply,
+            ReplyFlag::Overflow => ResponseFlag::UpstreamOverflow,
+            ReplyFlag::RateLimited => ResponseFlag::RateLimited,
+        };
+        let mut response = Response::new(full(r.body));
+        *response.status_mut() = r.status;
+        let h = response.headers_mut();
+        for (n, v) in r.headers {
+            h.append(n, v);
+        }
+        h.insert(FLAGS_HEADER, flag.header_value());
+        Self { response, flag }
+    }
+
+    /// The answer to a plugin that failed with `on-failure: closed`.
+    fn failed(p: &ConfiguredPlugin, failure: PluginFailure) -> Self {
+        let e = ProxyError::Plugin {
+            plugin: p.name.clone(),
+            version: p.version().into(),
+            failure,
+        };
+        Self {
+            flag: ResponseFlag::PluginFailure,
+            response: e.into_response(),
+        }
+    }
+}
+
+/// What `on-response` decided for one attempt, merged.
+#[derive(Default)]
+pub struct ResponseVerdict {
+    /// The first reply (a failure with `on-failure: closed` counts as one).
+    pub reply: Option<Reply>,
+    /// The longest backoff asked for, if any plugin asked for a retry and
+    /// the outcome may be retried.
+    pub retry: Option<Duration>,
+}
+
+impl CompletionGuard {
+    /// Run `on-request` over the chain, merging into `plan`. Returns the
+    /// reply that ended the pass: a plugin's local reply, or `PF` for a
+    /// plugin that failed closed.
+    pub fn run_on_request(&mut self, plan: &mut Plan) -> Option<Reply> {
+        let chain = self.chain.clone();
+        for (i, p) in chain.plugins.iter().enumerate() {
+            self.reached = i + 1;
+            if !p.hooks.on_request {
+                continue;
+            }
+            match p.on_request(&mut self.req) {
+                Ok(d) => {
+                    let req = self.req.as_mut().expect("the request is back after a call");
+                    if let Some(r) = plan.merge(req, &mut self.response_edits, d) {
+                        return Some(Reply::local(r));
+                    }
+                }
+                Err(f) => {
+                    self.failed |= 1 << i;
+                    if p.on_failure == OnFailure::Closed {
+                        return Some(Reply::failed(p, f));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Run `on-response` for `attempt` over the plugins `on-request`
+    /// reached before `upto` (all reached ones when `None`), in reverse
+    /// order.
+    pub fn run_on_response(
+        &mut self,
+        upto: Option<usize>,
+        resp: ResponseView,
+        attempt: &Attempt,
+    ) -> ResponseVerdict {
+        let upto = upto.unwrap_or(self.reached);
+        let chain = self.chain.clone();
+        let mut resp = Some(resp);
+        let mut verdict = ResponseVerdict::default();
+        for i in (0..upto).rev() {
+            let p = &chain.plugins[i];
+            if !p.hooks.on_response || self.failed & (1 << i) != 0 {
+                continue;
+            }
+            match p.on_response(&mut self.req, &mut resp, attempt) {
+                Ok(d) => {
+                    self.response_edits.extend(d.response_headers);
+                    if verdict.reply.is_none() {
+                        verdict.reply = d.reply.map(Reply::local);
+                    }
+                    if let Some(b) = d.retry {
+                        verdict.retry = Some(verdict.retry.map_or(b, |x| x.max(b)));
+                    }
+                }
+                Err(f) => {
+                    self.failed |= 1 << i;
+                    if p.on_failure == OnFailure::Closed && verdict.reply.is_none() {
+                        verdict.reply = Some(Reply::failed(p, f));
+                    }
+                }
+            }
+        }
+        if matches!(
+            attempt.outcome,
+            crate::runtime::types::Outcome::LocalReply(_)
+        ) {
+            verdict.retry = None;
+        }
+        verdict
+    }
+
+    /// The response edits the chain asked for so far.
+    pub fn take_response_edits(&mut self) -> Vec<HeaderEdit> {
+        std::mem::take(&mut self.response_edits)
+    }
+}

@@ -1,0 +1,153 @@
+//! Request bodies as the attempt loop sees them: read whole up to the
+//! replay buffer (so a retry can send them again), or streamed once after a
+//! first frame read ahead (so a body broken from its first bytes is refused
+//! before anything is forwarded).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{BoxError, ProxyBody, full};
+
+/// Largest request body buffered so that it can be replayed for a retry.
+pub const RETRY_BUFFER: usize = 64 * 1024;
+
+/// How long the proxy waits for a request body's first frame before it
+/// calls the upstream anyway (a client may hold its body until it sees the
+/// response head).
+const FIRST_FRAME_WAIT: Duration = Duration::from_millis(250);
+
+/// The request body as the attempt loop sees it.
+pub enum ReqBody {
+    /// Read whole (at most [`RETRY_BUFFER`]): can be sent again.
+    Replayable(Bytes),
+    /// Streamed: can be sent once.
+    Once(Option<ProxyBody>),
+}
+
+impl ReqBody {
+    /// The body for the next attempt (a streamed body is empty after its
+    /// first).
+    pub fn take(&mut self) -> ProxyBody {
+        match self {
+            ReqBody::Replayable(b) => full(b.clone()),
+            ReqBody::Once(b) => b.take().unwrap_or_else(|| full(Bytes::new())),
+        }
+    }
+
+    /// Whether it can be sent again.
+    pub fn is_replayable(&self) -> bool {
+        matches!(self, ReqBody::Replayable(_))
+    }
+}
+
+/// Set when the client's body fails (bad framing, a reset) after
+/// forwarding began, so the failure is answered as the client's.
+#[derive(Clone, Default)]
+pub struct Broken(Arc<AtomicBool>);
+
+impl Broken {
+    /// Whether it broke.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A request body whose first frames were read ahead (up to the retry
+/// buffer), followed by the rest of the stream.
+struct PrefixedBody {
+    prefix: VecDeque<Frame<Bytes>>,
+    rest: Incoming,
+    broken: Broken,
+}
+
+impl Body for PrefixedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        let r = Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map_err(BoxError::from);
+        if let Poll::Ready(Some(Err(_))) = &r {
+            self.broken.0.store(true, Ordering::Release);
+        }
+        r
+    }
+}
+
+fn streamed(prefix: VecDeque<Frame<Bytes>>, rest: Incoming, broken: &Broken) -> ReqBody {
+    ReqBody::Once(Some(
+        PrefixedBody {
+            prefix,
+            rest,
+            broken: broken.clone(),
+        }
+        .boxed(),
+    ))
+}
+
+/// Read the body ahead up to [`RETRY_BUFFER`] when it may have to be sent
+/// again (`replay`); otherwise only its first frame, so that a body broken
+/// from its first bytes is refused before anything is forwarded. The rest
+/// streams.
+pub async fn read(body: Incoming, replay: bool, broken: &Broken) -> Result<ReqBody, hyper::Error> {
+    if replay {
+        buffer(body, broken).await
+    } else {
+        first_frame(body, broken).await
+    }
+}
+
+async fn first_frame(mut body: Incoming, broken: &Broken) -> Result<ReqBody, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(ReqBody::Replayable(Bytes::new()));
+    }
+    let prefix = match tokio::time::timeout(FIRST_FRAME_WAIT, body.frame()).await {
+        Err(_) => VecDeque::new(),
+        Ok(None) => return Ok(ReqBody::Replayable(Bytes::new())),
+        Ok(Some(Err(e))) => return Err(e),
+        Ok(Some(Ok(frame))) => [frame].into(),
+    };
+    Ok(streamed(prefix, body, broken))
+}
+
+async fn buffer(mut body: Incoming, broken: &Broken) -> Result<ReqBody, hyper::Error> {
+    let mut data = bytes::BytesMut::new();
+    let mut size = 0usize;
+    loop {
+        match body.frame().await {
+            None => return Ok(ReqBody::Replayable(data.freeze())),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    size += d.len();
+                    if size <= RETRY_BUFFER {
+                        data.extend_from_slice(d);
+                        continue;
+                    }
+                }
+                // Too large, or trailers: stream it, once.
+                let mut prefix = VecDeque::new();
+                if !data.is_empty() {
+                    prefix.push_back(Frame::data(data.freeze()));
+                }
+                prefix.push_back(frame);
+                return Ok(streamed(prefix, body, broken));
+            }
+        }
+    }
+}

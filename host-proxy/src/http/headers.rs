@@ -1,0 +1,238 @@
+//! Header hygiene: hop-by-hop headers removed both ways, the forwarding
+//! headers and request id the proxy adds, and header edits (what plugins
+//! ask for, validated before any is applied).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Version};
+
+/// `keep-alive`, hop-by-hop.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// `proxy-connection`, hop-by-hop.
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Set to the client's address chain.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Set to the scheme the client used.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The request id, generated when absent and echoed on the response.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1), plus the ones `Connection`
+/// names. `te: trailers` survives (gRPC needs it); an upgrade keeps
+/// `upgrade` and `connection: upgrade`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass over the names instead of
+    // seven hashed removals.
+    let hop = |n: &HeaderName| {
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::PROXY_AUTHORIZATION
+            || n == header::UPGRADE
+            || n == header::TE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    };
+    if !upgrade && !h.keys().any(hop) {
+        return;
+    }
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    h.remove(header::CONNECTION);
+    h.remove(KEEP_ALIVE);
+    h.remove(PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::PROXY_AUTHORIZATION);
+    if !upgrade {
+        h.remove(header::UPGRADE);
+    }
+    let te_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    h.remove(header::TE);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Whether a request asks to switch protocols (WebSocket and other
+/// HTTP/1.1 `Upgrade`s).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// A fresh request id: 32 lowercase hex digits.
+pub fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    for (half, word) in id
+        .chunks_mut(16)
+        .zip([fastrand::u64(..), fastrand::u64(..)])
+    {
+        for (i, digit) in half.iter_mut().enumerate() {
+            *digit = HEX[(word >> (60 - 4 * i)) as usize & 0xf];
+        }
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a header value")
+}
+
+/// The client end of a downstream connection, formatted once per
+/// connection rather than once per request.
+pub struct Remote {
+    /// Its IP, as `x-forwarded-for` carries it.
+    pub ip: HeaderValue,
+    /// `ip:port`, as plugins see it.
+    pub address: Arc<str>,
+}
+
+impl Remote {
+    /// Format `addr` for the requests of its connection.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            ip: HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is a header value"),
+            address: addr.to_string().into(),
+        }
+    }
+}
+
+/// Add the headers a proxy adds on the way in: `x-forwarded-for` (the
+/// client appended), `x-forwarded-proto`, `x-request-id` (when absent) and
+/// `host` (when an HTTP/2 request named its authority only). Returns the
+/// request id (text, so it is a `str` too).
+pub fn add_forwarding(h: &mut HeaderMap, remote: &Remote, host: &str) -> HeaderValue {
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::from_str(&format!(
+            "{prev}, {}",
+            remote.ip.to_str().unwrap_or_default()
+        ))
+        .ok(),
+        None => Some(remote.ip.clone()),
+    };
+    if let Some(v) = xff {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let id = match h.get(&X_REQUEST_ID) {
+        Some(id) if !id.is_empty() && id.to_str().is_ok() => id.clone(),
+        _ => {
+            let id = request_id();
+            h.insert(X_REQUEST_ID, id.clone());
+            id
+        }
+    };
+    if !h.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        h.insert(header::HOST, v);
+    }
+    id
+}
+
+/// One header edit, already validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderEdit {
+    /// Replace every value of the header with this one.
+    Set(HeaderName, HeaderValue),
+    /// Add one more value.
+    Append(HeaderName, HeaderValue),
+    /// Remove every value.
+    Remove(HeaderName),
+}
+
+/// A header name a plugin gave: a token (lowercased by the parser).
+pub fn parse_name(name: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name {name:?}"))
+}
+
+/// A header value a plugin gave: any bytes HTTP allows in a field value
+/// (visible ASCII, space, tab, and obs-text: bytes 0x80–0xFF, so UTF-8
+/// beyond ASCII passes as its bytes); no control characters (CR, LF, NUL,
+/// DEL ...).
+pub fn parse_value(name: &str, value: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_bytes(value.as_bytes()).map_err(|_| {
+        format!("invalid value for header {name:?}: control characters (CR, LF, NUL ...) are not allowed in a header value")
+    })
+}
+
+/// Apply edits in order.
+pub fn apply(h: &mut HeaderMap, edits: &[HeaderEdit]) {
+    for e in edits {
+        match e {
+            HeaderEdit::Set(n, v) => {
+                h.insert(n.clone(), v.clone());
+            }
+            HeaderEdit::Append(n, v) => {
+                h.append(n.clone(), v.clone());
+            }
+            HeaderEdit::Remove(n) => {
+                h.remove(n);
+            }
+        }
+    }
+}
+
+/// A header value as a plugin sees it: the text, or, for bytes that are not
+/// UTF-8, the text with U+FFFD replacements.
+pub fn lossy(v: &HeaderValue) -> String {
+    match v.to_str() {
+        Ok(s) => s.to_string(),
+        Err(_) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_id_is_32_lowercase_hex_digits_and_fresh_each_time() {
+        let (a, b) = (request_id(), request_id());
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 32, "{id:?}");
+            assert!(
+                id.as_bytes()
+                    .iter()
+                    .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+                "{id:?}"
+            );
+        }
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn values_beyond_ascii_are_accepted_and_control_characters_refused() {
+        assert_eq!(
+            parse_value("x", "café ✓").unwrap().as_bytes(),
+            "café ✓".as_bytes()
+        );
+        assert_eq!(parse_value("x", "a\tb").unwrap().as_bytes(), b"a\tb");
+        for bad in ["a\r\nb: c", "nul\0", "del\x7f"] {
+            assert!(parse_value("x", bad).is_err(), "{bad:?}");
+        }
+        let latin1 = HeaderValue::from_bytes(b"\xe9t\xe9").unwrap();
+        assert_eq!(lossy(&latin1), "\u{fffd}t\u{fffd}");
+    }
+}

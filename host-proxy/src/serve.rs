@@ -1,0 +1,506 @@
+//! One request, end to end. [`handle`] reads top to bottom as the steps a
+//! request goes through:
+//!
+//! 1. **admit**: refuse what the proxy never forwards (`CONNECT`) and find
+//!    the service the request is for (by host outbound; the local service
+//!    inbound), or `404 NR`;
+//! 2. **prepare**: hop-by-hop headers out, forwarding headers and the
+//!    request id in; the request view plugins see;
+//! 3. **on-request**: the chain decides, in order ([`crate::chain`]); a
+//!    local reply or a plugin failure ends the request here;
+//! 4. **route**: the service and subset the chain chose;
+//! 5. **send with attempts**: pick an endpoint, send within the route's
+//!    timeouts ([`crate::upstream`]), run `on-response` for the outcome,
+//!    retry when a plugin asks and the host allows;
+//! 6. **respond**: the chain's response edits, the request id; the
+//!    completion guard travels with the response body.
+//!
+//! `on-complete` and the request metric run in one place: when the
+//! [`CompletionGuard`] made in step 2 drops, at the end of the response
+//! body or as soon as the client goes away.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::Authority;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::chain::{CompletionGuard, Plan, Reply};
+use crate::config::{Live, Service, Snapshot};
+use crate::error::ProxyError;
+use crate::flags::ResponseFlag;
+use crate::http::body::{self, Broken, ReqBody};
+use crate::http::headers::{self, Remote, X_REQUEST_ID};
+use crate::http::{ProxyBody, full};
+use crate::metrics::Metrics;
+use crate::runtime::RequestView;
+use crate::runtime::types::{Attempt, Outcome, Protocol, ResponseView};
+use crate::upstream::{self, Clients, Outgoing, UpstreamFailure};
+
+/// Most attempts the host makes for one request, whatever plugins ask.
+pub const MAX_ATTEMPTS: u32 = 16;
+
+/// Which listener a request came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// From the local app to a service of the mesh: the service's
+    /// outbound chain runs.
+    Outbound,
+    /// From a peer to the local service: its inbound chain runs.
+    Inbound,
+}
+
+/// What every request shares: the serving configuration, the upstream
+/// clients, the metrics.
+pub struct Shared {
+    /// The serving snapshot.
+    pub live: Arc<Live>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Upstream clients.
+    pub clients: Arc<Clients>,
+}
+
+/// The handler a listener serves with: [`handle`] for one side.
+#[derive(Clone)]
+pub struct Handler {
+    /// What requests share.
+    pub shared: Arc<Shared>,
+    /// Which side it serves.
+    pub side: Side,
+}
+
+impl crate::listener::Handler for Handler {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        remote: Arc<Remote>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        handle(self.shared.clone(), self.side, remote, req)
+    }
+}
+
+/// A response decided, with its flag.
+struct Answer {
+    response: Response<ProxyBody>,
+    flag: Option<ResponseFlag>,
+}
+
+impl From<ProxyError> for Answer {
+    fn from(e: ProxyError) -> Self {
+        Self {
+            flag: e.flag(),
+            response: e.into_response(),
+        }
+    }
+}
+
+impl From<Reply> for Answer {
+    fn from(r: Reply) -> Self {
+        Self {
+            response: r.response,
+            flag: Some(r.flag),
+        }
+    }
+}
+
+/// What the handler keeps of a request besides the view plugins see: what
+/// forwarding needs, and the request id for the response.
+struct Rest {
+    incoming: BodyParts,
+    request_id: HeaderValue,
+}
+
+/// What forwarding needs of the request besides its view.
+struct BodyParts {
+    body: Incoming,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_h2: bool,
+    started: Instant,
+}
+
+/// The proxy's request handler.
+pub async fn handle(
+    shared: Arc<Shared>,
+    side: Side,
+    remote: Arc<Remote>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let snapshot = shared.live.load();
+    let (service, authority) = match admit(&snapshot, side, &req) {
+        Ok(admitted) => admitted,
+        Err(e) => return refuse(&shared.metrics, e),
+    };
+    let (
+        view,
+        Rest {
+            incoming,
+            request_id,
+        },
+    ) = prepare(req, &remote, &service, authority, started);
+    let chain = match side {
+        Side::Outbound => service.outbound.clone(),
+        Side::Inbound => service.inbound.clone(),
+    };
+    // From here the request ends when `guard` drops: on-complete, then the
+    // request metric.
+    let mut guard = CompletionGuard::begin(
+        shared.metrics.clone(),
+        service.name.clone(),
+        chain,
+        view,
+        started,
+    );
+    let mut plan = Plan::default();
+    let answer = match guard.run_on_request(&mut plan) {
+        Some(reply) => reply_locally(&mut guard, &plan, &service, reply).await,
+        None => forward(&shared, &snapshot, &service, &mut guard, &plan, incoming).await,
+    };
+    respond(guard, answer, request_id)
+}
+
+/// Refuse a request before any plugin sees it.
+fn refuse(metrics: &Metrics, e: ProxyError) -> Response<ProxyBody> {
+    metrics.request("-", e.status().as_u16(), e.flag());
+    e.into_response()
+}
+
+/// Step 1: what the proxy refuses outright, and the service a request is
+/// for.
+fn admit(
+    snapshot: &Snapshot,
+    side: Side,
+    req: &Request<Incoming>,
+) -> Result<(Arc<Service>, Option<Authority>), ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::ConnectUnsupported);
+    }
+    let authority = req.uri().authority().cloned().or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+    });
+    let service = match side {
+        Side::Outbound => authority
+            .as_ref()
+            .and_then(|a| snapshot.service_for_host(a.host())),
+        Side::Inbound => snapshot.local_service.as_ref(),
+    };
+    match service {
+        Some(s) => Ok((s.clone(), authority)),
+        None => Err(ProxyError::NoRoute {
+            host: authority.map(|a| a.to_string()).unwrap_or_default(),
+        }),
+    }
+}
+
+/// Step 2: the request as plugins see it (hop-by-hop headers removed,
+/// forwarding headers and the request id added), and the rest.
+fn prepare(
+    mut req: Request<Incoming>,
+    remote: &Remote,
+    service: &Service,
+    authority: Option<Authority>,
+    started: Instant,
+) -> (RequestView, Rest) {
+    let upgrade = headers::is_upgrade(&req);
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_h2 = req.version() == Version::HTTP_2;
+    let protocol = match client_h2 {
+        false => Protocol::Http1,
+        true if is_grpc(&req) => Protocol::Grpc,
+        true => Protocol::Http2,
+    };
+    let (mut parts, body) = req.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    let host = authority.as_ref().map_or("", |a| a.as_str());
+    let request_id = headers::add_forwarding(&mut parts.headers, remote, host);
+    let view = RequestView {
+        scheme: "http",
+        authority: host.to_string(),
+        port: authority
+            .as_ref()
+            .and_then(Authority::port_u16)
+            .unwrap_or(80),
+        protocol,
+        source_address: remote.address.clone(),
+        source_principal: None,
+        service: service.name.clone(),
+        id: request_id.to_str().unwrap_or_default().to_string(),
+        holds: Default::default(),
+        parts,
+    };
+    let rest = Rest {
+        incoming: BodyParts {
+            body,
+            on_upgrade,
+            client_h2,
+            started,
+        },
+        request_id,
+    };
+    (view, rest)
+}
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Step 3's early end: a plugin replied locally (or failed closed). A delay
+/// decided before a local reply still applies (Istio delays, then aborts),
+/// and the plugins before the one that replied see the reply as attempt 1
+/// in `on-response`.
+async fn reply_locally(
+    guard: &mut CompletionGuard,
+    plan: &Plan,
+    service: &Service,
+    reply: Reply,
+) -> Answer {
+    if reply.flag == ResponseFlag::PluginFailure {
+        return reply.into();
+    }
+    if let Some(d) = plan.delay {
+        tokio::time::sleep(d).await;
+    }
+    let status = reply.response.status().as_u16();
+    let seen = ResponseView {
+        status,
+        headers: reply.response.headers().clone(),
+    };
+    let attempt = Attempt {
+        number: 1,
+        outcome: Outcome::LocalReply(status),
+        service: service.name.clone(),
+        subset: None,
+        endpoint: None,
+        duration: Duration::ZERO,
+    };
+    let replier = guard.reached() - 1;
+    let verdict = guard.run_on_response(Some(replier), seen, &attempt);
+    verdict.reply.unwrap_or(reply).into()
+}
+
+/// Steps 4 and 5: route as the plan says, read the body (whole, when a
+/// retry may replay it), and send with attempts.
+async fn forward(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    service: &Arc<Service>,
+    guard: &mut CompletionGuard,
+    plan: &Plan,
+    incoming: BodyParts,
+) -> Answer {
+    if let Some(d) = plan.delay {
+        tokio::time::sleep(d).await;
+    }
+    let target = match &plan.service {
+        None => service.clone(),
+        Some(s) => match snapshot.services.get(s) {
+            Some(t) => t.clone(),
+            None => return ProxyError::UnknownService { service: s.clone() }.into(),
+        },
+    };
+    let broken = Broken::default();
+    guard.watch_body(broken.clone());
+    let replay = guard.chain().any_on_response;
+    let body = match body::read(incoming.body, replay, &broken).await {
+        Ok(b) => b,
+        Err(e) => return ProxyError::BadRequestBody(e.to_string()).into(),
+    };
+    let mut attempts = Attempts {
+        shared,
+        snapshot,
+        target: &target,
+        plan,
+        body,
+        h2: target.protocol.h2(
+            incoming.client_h2,
+            guard.request().protocol == Protocol::Grpc,
+        ),
+        deadline: plan.timeout.map(|t| incoming.started + t),
+    };
+    let last = attempts.run(guard).await;
+    attempts.finish(last, incoming.on_upgrade, &broken)
+}
+
+/// The attempts at one request's target.
+struct Attempts<'a> {
+    shared: &'a Shared,
+    snapshot: &'a Snapshot,
+    target: &'a Service,
+    plan: &'a Plan,
+    body: ReqBody,
+    /// HTTP/2 upstream, else HTTP/1.1.
+    h2: bool,
+    /// The request's own deadline (`timeout-ms`).
+    deadline: Option<Instant>,
+}
+
+/// How the last attempt ended: the upstream's response, a reply instead of
+/// it, or a failure.
+enum Last {
+    Response(Response<Incoming>),
+    Reply(Reply),
+    Failed(UpstreamFailure),
+}
+
+impl Attempts<'_> {
+    /// Step 5: attempt until an attempt stands — the first, unless a plugin
+    /// asks for a retry that the host allows (a replayable body, fewer than
+    /// [`MAX_ATTEMPTS`], time left) — and return how the last one ended.
+    async fn run(&mut self, guard: &mut CompletionGuard) -> Last {
+        let mut avoid: Option<Arc<str>> = None;
+        loop {
+            let number = guard.count_attempt();
+            let t0 = Instant::now();
+            let target = self.target;
+            let ep = target.cluster.pick(
+                &self.snapshot.cluster.table,
+                self.plan.subset.as_deref(),
+                avoid.as_deref(),
+            );
+            let result = match ep {
+                None => Err(UpstreamFailure::NoHealthyEndpoint),
+                Some(ep) => self.send(guard.request(), ep, t0).await,
+            };
+            if !guard.chain().any_on_response {
+                return result.map_or_else(Last::Failed, Last::Response);
+            }
+            let attempt = Attempt {
+                number,
+                outcome: outcome(&result),
+                service: self.target.name.clone(),
+                subset: self.plan.subset.clone(),
+                endpoint: ep.map(|e| e.address.clone()),
+                duration: t0.elapsed(),
+            };
+            let seen = match &result {
+                Ok(r) => ResponseView {
+                    status: r.status().as_u16(),
+                    headers: r.headers().clone(),
+                },
+                Err(_) => ResponseView::default(),
+            };
+            let verdict = guard.run_on_response(None, seen, &attempt);
+            if let Some(reply) = verdict.reply {
+                return Last::Reply(reply);
+            }
+            match verdict.retry {
+                Some(backoff) if self.may_retry(number) => {
+                    // This attempt's response is discarded (its connection
+                    // is not reused mid-body).
+                    drop(result);
+                    let wait = match self.deadline {
+                        Some(d) => backoff.min(d.saturating_duration_since(Instant::now())),
+                        None => backoff,
+                    };
+                    tokio::time::sleep(wait).await;
+                    avoid = ep.map(|e| e.address.clone());
+                }
+                _ => return result.map_or_else(Last::Failed, Last::Response),
+            }
+        }
+    }
+
+    fn may_retry(&self, number: u32) -> bool {
+        self.body.is_replayable()
+            && number < MAX_ATTEMPTS
+            && self.deadline.is_none_or(|d| Instant::now() < d)
+    }
+
+    /// One attempt at `ep`, within the per-try timeout and what is left of
+    /// the request's.
+    async fn send(
+        &mut self,
+        req: &RequestView,
+        ep: &upstream::cluster::Endpoint,
+        now: Instant,
+    ) -> Result<Response<Incoming>, UpstreamFailure> {
+        let remaining = self.deadline.map(|d| d.saturating_duration_since(now));
+        let limit = match (self.plan.per_try_timeout, remaining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let out = Outgoing {
+            parts: &req.parts,
+            path: self.plan.path.as_ref(),
+            authority: self.plan.authority.as_ref(),
+            h2: self.h2,
+        };
+        let max = self.snapshot.upstream.max_requests_per_endpoint;
+        upstream::send(&self.shared.clients, ep, max, &out, &mut self.body, limit).await
+    }
+
+    /// Step 5's end: the answer from how the last attempt ended.
+    fn finish(
+        &self,
+        last: Last,
+        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        broken: &Broken,
+    ) -> Answer {
+        match last {
+            Last::Reply(reply) => reply.into(),
+            Last::Response(mut resp) => {
+                if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, resp.status()) {
+                    let up = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(upstream::tunnel(down, up));
+                    let (parts, _) = resp.into_parts();
+                    return Answer {
+                        response: Response::from_parts(parts, full(Bytes::new())),
+                        flag: None,
+                    };
+                }
+                let (mut parts, body) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers, false);
+                Answer {
+                    response: Response::from_parts(parts, body.map_err(Into::into).boxed()),
+                    flag: None,
+                }
+            }
+            // The client's body broke after forwarding began: the upstream
+            // request was aborted; the fault is the client's.
+            Last::Failed(_) if broken.is_set() => ProxyError::BodyBrokeAfterForwarding.into(),
+            Last::Failed(failure) => ProxyError::Upstream {
+                failure,
+                service: self.target.name.clone(),
+                subset: self.plan.subset.clone(),
+            }
+            .into(),
+        }
+    }
+}
+
+/// How an attempt ended, as plugins are told.
+fn outcome(result: &Result<Response<Incoming>, UpstreamFailure>) -> Outcome {
+    match result {
+        Ok(r) => Outcome::Response(r.status().as_u16()),
+        Err(UpstreamFailure::NoHealthyEndpoint) => Outcome::NoHealthyEndpoint,
+        Err(UpstreamFailure::ConnectFailure) => Outcome::ConnectFailure,
+        Err(UpstreamFailure::Reset) => Outcome::Reset,
+        Err(UpstreamFailure::Timeout) => Outcome::Timeout,
+        Err(UpstreamFailure::Overflow) => Outcome::Overflow,
+    }
+}
+
+/// Step 6: the chain's response edits and the request id on the response;
+/// the completion guard goes with its body.
+fn respond(
+    mut guard: CompletionGuard,
+    answer: Answer,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
+    let mut resp = answer.response;
+    headers::apply(resp.headers_mut(), &guard.take_response_edits());
+    resp.headers_mut().insert(X_REQUEST_ID, request_id);
+    let status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, guard.respond(status, answer.flag, body).boxed())
+}

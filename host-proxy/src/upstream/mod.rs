@@ -1,0 +1,349 @@
+//! The upstream side: services' endpoints and their live state (in-flight
+//! counts, ejections), load balancing, pooled connections (HTTP/1.1 in each
+//! endpoint's own pool, HTTP/2 through hyper-util's client), and one attempt
+//! at an endpoint with its limits and timeout.
+//!
+//! Depends on [`crate::http`] and [`crate::flags`]; it knows nothing of
+//! plugins or configuration files: the request handler decides where a
+//! request goes and this module sends it there.
+
+pub mod cluster;
+pub mod connector;
+pub mod pool;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use self::cluster::Endpoint;
+use self::connector::LimitedConnector;
+use self::pool::UpstreamError;
+use crate::flags::ResponseFlag;
+use crate::http::ProxyBody;
+use crate::http::body::ReqBody;
+
+/// Upstream connection settings; fixed for the life of the process, except
+/// the per-endpoint request limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle pooled connections close after this.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+    /// Requests in flight per endpoint.
+    pub max_requests_per_endpoint: usize,
+    /// Open connections per endpoint (per upstream protocol).
+    pub max_connections_per_endpoint: usize,
+}
+
+/// Which protocol a service's endpoints are spoken to in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, except gRPC, which needs HTTP/2: the default.
+    #[default]
+    Http1UnlessGrpc,
+    /// Always HTTP/1.1.
+    Http1,
+    /// Always HTTP/2 with prior knowledge.
+    H2c,
+    /// Whatever the client spoke.
+    Auto,
+}
+
+impl UpstreamProtocol {
+    /// Whether a request goes out as HTTP/2.
+    pub fn h2(self, client_h2: bool, grpc: bool) -> bool {
+        match self {
+            UpstreamProtocol::Http1UnlessGrpc => grpc,
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::H2c => true,
+            UpstreamProtocol::Auto => client_h2,
+        }
+    }
+}
+
+/// Pooled upstream clients, one per protocol.
+pub struct Clients {
+    /// HTTP/1.1: connections pooled in each endpoint's live state.
+    pub http1: pool::H1Pool,
+    /// HTTP/2 with prior knowledge (hyper-util's pool, keyed by endpoint).
+    h2c: Client<LimitedConnector, ProxyBody>,
+}
+
+impl Clients {
+    /// Clients with the proxy's `upstream` settings.
+    pub fn new(s: &UpstreamSettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(s.connect_timeout));
+        connector.set_nodelay(true);
+        let mut b = Client::builder(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(s.idle_timeout)
+            .pool_max_idle_per_host(s.max_idle_per_endpoint)
+            .retry_canceled_requests(true)
+            .set_host(false);
+        b.http2_only(true);
+        let h2c = b.build(LimitedConnector::new(
+            connector,
+            s.max_connections_per_endpoint,
+        ));
+        Self {
+            http1: pool::H1Pool::new(s),
+            h2c,
+        }
+    }
+}
+
+/// Why an attempt got no response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// No endpoint of the chosen subset is available (none, or all ejected).
+    NoHealthyEndpoint,
+    /// No connection could be made.
+    ConnectFailure,
+    /// The connection or stream was reset before a response.
+    Reset,
+    /// The attempt ran past its timeout.
+    Timeout,
+    /// A connection or request limit was full.
+    Overflow,
+}
+
+impl UpstreamFailure {
+    /// Its response flag.
+    pub fn flag(self) -> ResponseFlag {
+        match self {
+            UpstreamFailure::NoHealthyEndpoint => ResponseFlag::NoHealthyUpstream,
+            UpstreamFailure::ConnectFailure => ResponseFlag::UpstreamConnectionFailure,
+            UpstreamFailure::Reset => ResponseFlag::UpstreamReset,
+            UpstreamFailure::Timeout => ResponseFlag::UpstreamRequestTimeout,
+            UpstreamFailure::Overflow => ResponseFlag::UpstreamOverflow,
+        }
+    }
+
+    /// What it says to a client.
+    pub fn describe(self) -> &'static str {
+        match self {
+            UpstreamFailure::NoHealthyEndpoint => "no healthy endpoint",
+            UpstreamFailure::ConnectFailure => "upstream connect failure",
+            UpstreamFailure::Reset => "upstream reset before a response",
+            UpstreamFailure::Timeout => "upstream request timeout",
+            UpstreamFailure::Overflow => "upstream overflow: too many requests in flight",
+        }
+    }
+}
+
+/// What goes upstream on an attempt: the request's head (with plugins'
+/// edits applied) and where the route changed it.
+pub struct Outgoing<'a> {
+    /// Method, URI and headers.
+    pub parts: &'a http::request::Parts,
+    /// The path (with query) the route asked for, if it changed it.
+    pub path: Option<&'a PathAndQuery>,
+    /// The authority the route asked for, if it changed it.
+    pub authority: Option<&'a HeaderValue>,
+    /// HTTP/2 with prior knowledge, else HTTP/1.1.
+    pub h2: bool,
+}
+
+/// One attempt: send to `ep` within `limit`, counted against the
+/// endpoint's `max_requests` while in flight.
+pub async fn send(
+    clients: &Clients,
+    ep: &Endpoint,
+    max_requests: usize,
+    out: &Outgoing<'_>,
+    body: &mut ReqBody,
+    limit: Option<Duration>,
+) -> Result<Response<Incoming>, UpstreamFailure> {
+    if ep.state.inflight.fetch_add(1, Ordering::Relaxed) >= max_requests {
+        ep.state.inflight.fetch_sub(1, Ordering::Relaxed);
+        return Err(UpstreamFailure::Overflow);
+    }
+    let _inflight = Inflight(ep);
+    let path = match out.path {
+        Some(p) => p.clone(),
+        None => out
+            .parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    };
+    // Origin form on our own HTTP/1.1 connections; absolute form for
+    // hyper-util's HTTP/2 client, which picks its connection by authority.
+    let uri = if out.h2 {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(ep.authority.clone());
+        parts.path_and_query = Some(path);
+        Uri::from_parts(parts).map_err(|_| UpstreamFailure::Reset)?
+    } else {
+        Uri::from(path)
+    };
+    let deadline = limit.map(|l| Instant::now() + l);
+    // A request the upstream refused unprocessed (HTTP/2 REFUSED_STREAM)
+    // provably never reached it, and an idempotent one lost to a keep-alive
+    // connection the upstream was closing may be sent again (RFC 9112
+    // §9.3.1): either goes out again at once, whatever the plugins say, if
+    // its body can be replayed. (The HTTP/1.1 pool itself re-sends a request
+    // that a closed pooled connection never wrote.)
+    let mut resends = 0;
+    loop {
+        let req = request(out, uri.clone(), body.take());
+        match send_once(clients, ep, req, out.h2, deadline).await {
+            Err(SendError::Unprocessed) if resends < 2 && body.is_replayable() => {
+                resends += 1;
+                tracing::debug!(
+                    endpoint = &*ep.address,
+                    "the upstream did not process the request; sending it again"
+                );
+            }
+            Err(SendError::Unprocessed) => return Err(UpstreamFailure::Reset),
+            Err(SendError::Failed(f)) => return Err(f),
+            Ok(r) => return Ok(r),
+        }
+    }
+}
+
+/// Counts a request in flight to an endpoint for as long as it lives.
+struct Inflight<'a>(&'a Endpoint);
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.state.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn request(out: &Outgoing<'_>, uri: Uri, body: ProxyBody) -> Request<ProxyBody> {
+    let mut up = Request::new(body);
+    *up.method_mut() = out.parts.method.clone();
+    *up.uri_mut() = uri;
+    *up.headers_mut() = out.parts.headers.clone();
+    if let Some(a) = out.authority {
+        up.headers_mut().insert(header::HOST, a.clone());
+    }
+    if out.h2 {
+        *up.version_mut() = Version::HTTP_2;
+        up.headers_mut().remove(header::HOST);
+    } else {
+        *up.version_mut() = Version::HTTP_11;
+    }
+    up
+}
+
+enum SendError {
+    /// The upstream did not process the request (HTTP/2 REFUSED_STREAM), or
+    /// an idempotent one was lost to a keep-alive connection it closed.
+    Unprocessed,
+    Failed(UpstreamFailure),
+}
+
+/// The first error of type `E` in `e`'s chain of sources.
+fn cause<'a, E: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    std::iter::successors(Some(e), |err| err.source()).find_map(|err| err.downcast_ref::<E>())
+}
+
+async fn send_once(
+    clients: &Clients,
+    ep: &Endpoint,
+    up: Request<ProxyBody>,
+    h2: bool,
+    deadline: Option<Instant>,
+) -> Result<Response<Incoming>, SendError> {
+    if h2 {
+        return match within(deadline, clients.h2c.request(up)).await? {
+            Ok(r) => Ok(r),
+            Err(e) if cause::<connector::ConnectionLimit>(&e).is_some() => {
+                Err(SendError::Failed(UpstreamFailure::Overflow))
+            }
+            Err(e) if e.is_connect() => Err(SendError::Failed(UpstreamFailure::ConnectFailure)),
+            Err(e)
+                if cause::<h2::Error>(&e)
+                    .is_some_and(|h2| h2.reason() == Some(h2::Reason::REFUSED_STREAM)) =>
+            {
+                Err(SendError::Unprocessed)
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = &*ep.address, "upstream error: {e:?}");
+                Err(SendError::Failed(UpstreamFailure::Reset))
+            }
+        };
+    }
+    let idempotent = up.method().is_idempotent();
+    match within(deadline, clients.http1.send(ep, up)).await? {
+        Ok(r) => Ok(r),
+        Err(UpstreamError::Limit(_)) => Err(SendError::Failed(UpstreamFailure::Overflow)),
+        Err(UpstreamError::Connect(e)) => {
+            tracing::debug!(endpoint = &*ep.address, "upstream connect failed: {e}");
+            Err(SendError::Failed(UpstreamFailure::ConnectFailure))
+        }
+        // Lost on a keep-alive connection the upstream was closing:
+        // RFC 9112 §9.3.1 lets a client send an idempotent request again.
+        Err(UpstreamError::Http {
+            reused: true,
+            error,
+        }) if idempotent => {
+            tracing::debug!(
+                endpoint = &*ep.address,
+                "upstream closed a kept-alive connection: {error}"
+            );
+            Err(SendError::Unprocessed)
+        }
+        Err(UpstreamError::Http { error, .. }) => {
+            tracing::debug!(endpoint = &*ep.address, "upstream error: {error:?}");
+            Err(SendError::Failed(UpstreamFailure::Reset))
+        }
+    }
+}
+
+/// `fut`, or a timeout once `deadline` passes.
+async fn within<T>(
+    deadline: Option<Instant>,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, SendError> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), fut)
+            .await
+            .map_err(|_| SendError::Failed(UpstreamFailure::Timeout)),
+        None => Ok(fut.await),
+    }
+}
+
+/// Copy bytes both ways between an upgraded client connection and an
+/// upgraded upstream connection (WebSocket and other `Upgrade`s).
+pub async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (Ok(down), Ok(up)) = (down.await, up.await) else {
+        return;
+    };
+    let mut down = hyper_util::rt::TokioIo::new(down);
+    let mut up = hyper_util::rt::TokioIo::new(up);
+    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+}
+
+/// Close HTTP/1.1 upstream connections idle past `upstream.idle-timeout`;
+/// runs for the life of the proxy.
+pub async fn sweep_idle(
+    clients: std::sync::Arc<Clients>,
+    table: std::sync::Arc<cluster::EndpointTable>,
+) {
+    let every = clients.http1.sweep_every();
+    loop {
+        tokio::time::sleep(every).await;
+        for ep in table.all() {
+            clients.http1.sweep(&ep.h1);
+        }
+    }
+}
