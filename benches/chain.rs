@@ -24,7 +24,7 @@ use wasmesh_proxy::runtime::types::{
     ResponseView,
 };
 use wasmesh_proxy::runtime::{
-    ConfiguredPlugin, Limits, OnFailure, PluginScope, RequestView, Runtime,
+    ConfiguredPlugin, Limits, LoweredAttempt, OnFailure, PluginScope, RequestView, Runtime,
 };
 use wasmesh_proxy::upstream::cluster::ClusterView;
 
@@ -116,25 +116,25 @@ fn req_data() -> RequestView {
     RequestView {
         parts,
         scheme: "http",
-        authority: "reviews".into(),
+        authority: Some(http::uri::Authority::from_static("reviews")),
         port: 80,
         protocol: Protocol::Http1,
         source_address: "127.0.0.1:50000".into(),
         source_principal: None,
         service: "reviews".into(),
-        id: "0123456789abcdef0123456789abcdef".into(),
+        id: http::HeaderValue::from_static("0123456789abcdef0123456789abcdef"),
         holds: Default::default(),
     }
 }
 
 /// A first attempt answered 200 by the upstream.
-fn ok_attempt() -> HostAttempt {
+fn ok_attempt() -> HostAttempt<'static> {
     HostAttempt {
         number: 1,
         outcome: HostOutcome::Response(200),
-        service: "reviews".into(),
-        subset: Some("v1".into()),
-        endpoint: Some("127.0.0.1:9081".into()),
+        service: "reviews",
+        subset: Some("v1"),
+        endpoint: Some("127.0.0.1:9081"),
         duration: Duration::from_micros(800),
     }
 }
@@ -151,7 +151,7 @@ fn run_wasm(
             black_box(p.on_request(req).unwrap());
         }
     }
-    let a = ok_attempt();
+    let a = LoweredAttempt::new(&ok_attempt());
     for p in chain.iter().rev() {
         if p.hooks.on_response {
             black_box(p.on_response(req, resp, &a).unwrap());
@@ -288,7 +288,7 @@ fn main() {
     c.bench_function("boundary/nop on-request (the floor)", |b| {
         b.iter(|| black_box(nop.on_request(&mut req).unwrap()))
     });
-    let a = ok_attempt();
+    let a = LoweredAttempt::new(&ok_attempt());
     c.bench_function("boundary/nop on-response (the floor)", |b| {
         b.iter(|| black_box(nop.on_response(&mut req, &mut resp, &a).unwrap()))
     });

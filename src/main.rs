@@ -1,16 +1,24 @@
-//! `wasmesh`: the one binary. `proxy` runs a sidecar from a mesh file;
-//! `plugin new` and `plugin build` are the plugin author's tools.
+//! `wasmesh`: the one binary. `proxy` runs a sidecar (from a mesh file, or
+//! from the control plane); `control` runs the control plane; `push`,
+//! `apply`, `get`, `delete` and `status` talk to it; `plugin new` and
+//! `plugin build` are the plugin author's tools.
 //!
-//! Exit codes: 0 done; 1 runtime failure (e.g. a port in use); 2 usage or
-//! invalid input (bad file, bad component, a plugin refusing its config).
+//! Exit codes: 0 done; 1 runtime failure (e.g. a port in use, a refusal by
+//! control); 2 usage or invalid input (bad file, bad component, a plugin
+//! refusing its config).
 
+mod control_cmd;
 mod plugin_cmd;
+mod validator;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use control_cmd::{Deletable, Format, Kind, Target};
 use wasmesh_proxy::runtime::compiler;
 
 #[derive(Parser)]
@@ -24,13 +32,55 @@ struct Cli {
     command: Command,
 }
 
+/// A sidecar's listeners and limits (each overrides the mesh file's key).
+#[derive(Clone, Debug, clap::Args)]
+struct ListenerArgs {
+    /// Outbound listener (default 127.0.0.1:15001).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin listener (default 127.0.0.1:15000).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Inbound listener: peers' requests to this service.
+    #[arg(long)]
+    inbound: Option<SocketAddr>,
+    /// Linear-memory cap of one plugin instance, e.g. 16Mi (overrides
+    /// runtime.memory-limit).
+    #[arg(long, value_parser = parse_memory)]
+    memory_limit: Option<usize>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run a sidecar proxy from a mesh file (standalone mode).
+    /// Run a sidecar proxy: from a mesh file (--config), or from the
+    /// control plane (--control with --service).
     Proxy {
-        /// The mesh file (YAML).
-        #[arg(long, short)]
-        config: PathBuf,
+        /// The mesh file (YAML), for a standalone proxy.
+        #[arg(
+            long,
+            short,
+            required_unless_present = "control",
+            conflicts_with = "control"
+        )]
+        config: Option<PathBuf>,
+        /// Control's gRPC address, e.g. http://127.0.0.1:15010.
+        #[arg(long, requires = "service")]
+        control: Option<String>,
+        /// The service this sidecar stands beside (with --control).
+        #[arg(long)]
+        service: Option<String>,
+        /// Its subset (version) (with --control).
+        #[arg(long, default_value = "v1")]
+        subset: String,
+        /// Its app's address, registered with control as an endpoint of the
+        /// service, and where the inbound listener sends.
+        #[arg(long)]
+        app: Option<SocketAddr>,
+        /// Its instance id (default: HOSTNAME-PID).
+        #[arg(long)]
+        instance: Option<String>,
+        #[command(flatten)]
+        listeners: ListenerArgs,
         /// Reload when the file or a component it references changes.
         #[arg(long)]
         watch: bool,
@@ -40,10 +90,88 @@ enum Command {
         /// How long in-flight requests may take to finish on SIGTERM.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         drain: Duration,
-        /// Keep compiled plugins in this directory (yours alone, mode 700)
-        /// so a restart does not compile them again.
+        /// Keep compiled plugins (and, with --control, the last snapshot
+        /// applied and its components) in this directory (yours alone, mode
+        /// 700), so a restart does not compile them again.
         #[arg(long, value_name = "DIR")]
         compile_cache: Option<PathBuf>,
+    },
+    /// Run the control plane: plugin registry, config and discovery.
+    Control {
+        /// gRPC listener (loopback unless --insecure).
+        #[arg(long, default_value = wasmesh_control::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// Admin HTTP listener (/metrics, /ready).
+        #[arg(long, default_value = wasmesh_control::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+        /// Where control keeps its state.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The admin token file (default DATA_DIR/admin.token; created at
+        /// first start).
+        #[arg(long, value_name = "FILE")]
+        admin_token_file: Option<PathBuf>,
+        /// Allow listening beyond loopback without TLS.
+        #[arg(long)]
+        insecure: bool,
+        /// How long a disconnected proxy keeps its endpoints.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        endpoint_grace: Duration,
+    },
+    /// Push a plugin component to control as NAME@VERSION.
+    Push {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// The plugin's name.
+        #[arg(long)]
+        name: String,
+        /// Its version (immutable once pushed).
+        #[arg(long)]
+        version: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Apply config documents (services) to control: all or none.
+    Apply {
+        /// A YAML file, a directory of them, or - for standard input.
+        #[arg(short = 'f', long = "file")]
+        file: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show services, plugins or proxies.
+    Get {
+        /// What to show.
+        kind: Kind,
+        /// Output format.
+        #[arg(short, long, default_value = "table")]
+        output: Format,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete a service or a plugin version.
+    Delete {
+        #[command(subcommand)]
+        what: Deletable,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Every connected proxy: applied version, last ACK or NACK.
+    Status {
+        /// Wait until every connected proxy has ACKed the latest version
+        /// (exit 0) or one has NACKed it (exit 1).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Write and build plugins.
     Plugin {
@@ -64,6 +192,14 @@ enum PluginCommand {
     Build {
         /// The crate's directory (default: the current one).
         dir: Option<PathBuf>,
+        /// Write the component here.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Push it to control as NAME@VERSION.
+        #[arg(long, value_name = "NAME@VERSION")]
+        push: Option<String>,
+        #[command(flatten)]
+        target: Target,
     },
     /// Write a stock plugin shipped in this binary (`builtin:NAME`) to a file;
     /// prints `PATH SHA256`.
@@ -93,8 +229,29 @@ fn own_executable() -> Option<PathBuf> {
     Some(exe)
 }
 
+/// Where components are compiled: in a child process running this
+/// executable — except under valgrind (benches/compare/instructions), where
+/// the CPU this process sees is valgrind's, which lacks some of the host's
+/// features (AVX-VNNI, say): a native child would compile code this process
+/// refuses to load, so it compiles for itself.
+fn compiler() -> compiler::Compiler {
+    let under_valgrind =
+        std::env::var_os("LD_PRELOAD").is_some_and(|p| p.to_string_lossy().contains("vgpreload"));
+    if under_valgrind {
+        return compiler::Compiler::InProcess;
+    }
+    own_executable().map_or(
+        compiler::Compiler::InProcess,
+        compiler::Compiler::Subprocess,
+    )
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     wasmesh_api::parse_duration(s)
+}
+
+fn parse_memory(s: &str) -> Result<usize, String> {
+    wasmesh_api::MemoryLimit::parse(s).map(|m| m.get() as usize)
 }
 
 fn main() -> ExitCode {
@@ -128,29 +285,205 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Proxy {
             config,
+            control,
+            service,
+            subset,
+            app,
+            instance,
+            listeners,
             watch,
             workers,
             drain,
             compile_cache,
-        } => proxy(config, watch, workers, drain, compile_cache),
+        } => {
+            let control = control.map(|url| wasmesh_proxy::xds::ControlOptions {
+                url,
+                service: service.unwrap_or_default(),
+                subset,
+                instance: instance.unwrap_or_else(default_instance),
+                app,
+                cache: compile_cache.clone(),
+                backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(5),
+                proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+            });
+            let options = wasmesh_proxy::Options {
+                config,
+                control,
+                overrides: wasmesh_proxy::config::Overrides {
+                    admin: listeners.admin,
+                    listen: listeners.listen,
+                    inbound: listeners.inbound,
+                    memory_limit: listeners.memory_limit,
+                },
+                watch,
+                workers: 0,
+                builtins: wasmesh_artifacts::BUILTINS,
+                compile_cache,
+                compiler: compiler(),
+            };
+            proxy(options, workers, drain)
+        }
+        Command::Control {
+            listen,
+            admin,
+            data_dir,
+            admin_token_file,
+            insecure,
+            endpoint_grace,
+        } => control(wasmesh_control::Options {
+            listen,
+            admin,
+            data_dir,
+            admin_token_file,
+            insecure,
+            endpoint_grace,
+        }),
+        Command::Push {
+            file,
+            name,
+            version,
+            target,
+        } => client(async move { control_cmd::push(&target, &file, &name, &version).await }),
+        Command::Apply { file, target } => {
+            client(async move { control_cmd::apply(&target, &file).await })
+        }
+        Command::Get {
+            kind,
+            output,
+            target,
+        } => client(async move { control_cmd::get(&target, kind, output).await }),
+        Command::Delete { what, target } => {
+            client(async move { control_cmd::delete(&target, what).await })
+        }
+        Command::Status {
+            wait,
+            timeout,
+            target,
+        } => client(async move { control_cmd::status(&target, wait, timeout).await }),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "wasmesh",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::Plugin { command } => match command {
             PluginCommand::New { name } => plugin_cmd::new(&name),
-            PluginCommand::Build { dir } => plugin_cmd::build(dir.as_deref()),
+            PluginCommand::Build {
+                dir,
+                output,
+                push: None,
+                ..
+            } => plugin_cmd::build(dir.as_deref(), output.as_deref()),
+            PluginCommand::Build {
+                dir,
+                output,
+                push: Some(push),
+                target,
+            } => build_and_push(dir, output, &push, target),
             PluginCommand::Export { name, output } => plugin_cmd::export(&name, &output),
         },
     }
 }
 
-fn proxy(
-    config: PathBuf,
-    watch: bool,
-    workers: Option<usize>,
-    drain: Duration,
-    compile_cache: Option<PathBuf>,
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "proxy".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A small runtime for a client command.
+fn client(fut: impl std::future::Future<Output = Result<(), control_cmd::Failure>>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => control_cmd::finish(rt.block_on(fut)),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn build_and_push(
+    dir: Option<PathBuf>,
+    output: Option<PathBuf>,
+    push: &str,
+    target: Target,
 ) -> ExitCode {
+    let Some((name, version)) = push.split_once('@') else {
+        eprintln!("error: --push {push:?}: name it NAME@VERSION");
+        return ExitCode::from(2);
+    };
+    let (_, bytes) = match plugin_cmd::build_component(dir.as_deref()) {
+        Ok(b) => b,
+        Err((code, e)) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(code);
+        }
+    };
+    if let Some(o) = &output
+        && let Err(e) = std::fs::write(o, &bytes)
+    {
+        eprintln!("error: cannot write {}: {e}", o.display());
+        return ExitCode::from(1);
+    }
+    let (name, version) = (name.to_string(), version.to_string());
+    client(async move {
+        let mut c = target.connect().await?;
+        let p = control_cmd::push_bytes(&mut c, bytes, &name, &version).await?;
+        println!("{}@{} {}", p.name, p.version, p.sha256);
+        Ok(())
+    })
+}
+
+fn control(options: wasmesh_control::Options) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let validator =
+            match validator::RuntimeValidator::new(compiler(), wasmesh_artifacts::BUILTINS) {
+                Ok(v) => Arc::new(v),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(1);
+                }
+            };
+        let control = match wasmesh_control::Control::start(options, validator).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(1);
+            }
+        };
+        match control.run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn proxy(mut options: wasmesh_proxy::Options, workers: Option<usize>, drain: Duration) -> ExitCode {
     let workers = workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .max(1);
+    options.workers = workers;
     // One worker: tokio's current-thread scheduler. Its thread polls the
     // sockets and runs the tasks itself; the multi-threaded scheduler with
     // one worker also hands work between that worker and the thread blocked
@@ -170,16 +503,6 @@ fn proxy(
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
-    };
-    let options = wasmesh_proxy::Options {
-        config,
-        watch,
-        workers,
-        builtins: wasmesh_artifacts::BUILTINS,
-        compile_cache,
-        compiler: own_executable().map_or(compiler::Compiler::InProcess, |exe| {
-            compiler::Compiler::Subprocess(exe)
-        }),
     };
     rt.block_on(async move {
         let proxy = match wasmesh_proxy::Proxy::start(options).await {

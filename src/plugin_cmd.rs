@@ -157,43 +157,52 @@ mod tests {{
     Ok(dir)
 }
 
-/// `wasmesh plugin build [DIR]`.
-pub fn build(dir: Option<&Path>) -> ExitCode {
+/// Build the plugin crate in `dir` into a checked component: its path and
+/// bytes, or the exit code and why not.
+pub fn build_component(dir: Option<&Path>) -> Result<(PathBuf, Vec<u8>), (u8, anyhow::Error)> {
     let dir = dir.unwrap_or(Path::new("."));
     let manifest = dir.join("Cargo.toml");
     if !manifest.exists() {
-        return fail(
+        return Err((
             2,
             anyhow::anyhow!(
                 "no Cargo.toml in {}: give the plugin crate's directory",
                 dir.display()
             ),
-        );
+        ));
     }
-    if let Err(e) = ensure_target() {
-        return fail(1, e);
-    }
-    let wasm = match cargo_build(&manifest) {
-        Ok(p) => p,
-        Err(e) => return fail(2, e),
-    };
-    let bytes = match std::fs::read(&wasm) {
-        Ok(b) => b,
-        Err(e) => return fail(1, anyhow::anyhow!("cannot read {}: {e}", wasm.display())),
-    };
-    let runtime = match wasmesh_proxy::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => return fail(1, e),
-    };
+    ensure_target().map_err(|e| (1, e))?;
+    let wasm = cargo_build(&manifest).map_err(|e| (2, e))?;
+    let bytes = std::fs::read(&wasm)
+        .map_err(|e| (1, anyhow::anyhow!("cannot read {}: {e}", wasm.display())))?;
+    let runtime = wasmesh_proxy::runtime::Runtime::new().map_err(|e| (1, e))?;
     if let Err(e) = runtime.load(&bytes) {
-        return fail(
+        return Err((
             2,
             anyhow::anyhow!("{} was built but is refused: {e}", wasm.display()),
-        );
+        ));
     }
+    Ok((wasm, bytes))
+}
+
+/// `wasmesh plugin build [DIR] [-o FILE]`: prints `PATH SHA256`.
+pub fn build(dir: Option<&Path>, output: Option<&Path>) -> ExitCode {
+    let (wasm, bytes) = match build_component(dir) {
+        Ok(b) => b,
+        Err((code, e)) => return fail(code, e),
+    };
+    let path = match output {
+        None => wasm,
+        Some(o) => {
+            if let Err(e) = std::fs::write(o, &bytes) {
+                return fail(1, anyhow::anyhow!("cannot write {}: {e}", o.display()));
+            }
+            o.to_path_buf()
+        }
+    };
     println!(
         "{} {}",
-        wasm.display(),
+        path.display(),
         wasmesh_proxy::runtime::Runtime::sha256(&bytes)
     );
     ExitCode::SUCCESS

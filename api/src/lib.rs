@@ -1,6 +1,9 @@
-//! wasmesh's resource model: the documents an operator writes (today the
-//! standalone `mesh.yaml`; the control plane's resources will join them), as
-//! plain serde types, parsed with errors that name the field.
+//! wasmesh's resource model and control API: the documents an operator
+//! writes (the standalone `mesh.yaml`, and the control plane's resources in
+//! [`resources`]) as plain serde types, parsed with errors that name the
+//! field; and the control plane's gRPC API ([`proto`], from
+//! `proto/wasmesh/control/v1/control.proto`), shared by control, the proxies
+//! and the CLI.
 //!
 //! Everything here is data. Validation that needs more than the document
 //! (files, components, plugin configuration) happens in the proxy.
@@ -10,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod proto;
+pub mod resources;
 pub mod values;
 
 pub use values::{

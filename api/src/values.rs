@@ -70,6 +70,11 @@ impl<const MIN: u64, const MAX: u64> BoundedSize<MIN, MAX> {
     pub fn get(self) -> u64 {
         self.0
     }
+
+    /// Read a size as written (`16Mi`), checking its range.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::try_from(SizeText::Text(text.to_string()))
+    }
 }
 
 impl<const MIN: u64, const MAX: u64> TryFrom<SizeText> for BoundedSize<MIN, MAX> {

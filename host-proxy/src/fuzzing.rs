@@ -12,13 +12,13 @@ fn plain_request(parts: http::request::Parts) -> RequestView {
     RequestView {
         parts,
         scheme: "http",
-        authority: "reviews".into(),
+        authority: Some(http::uri::Authority::from_static("reviews")),
         port: 80,
         protocol: Protocol::Http1,
         source_address: "127.0.0.1:50000".into(),
         source_principal: None,
         service: "reviews".into(),
-        id: "fuzz".into(),
+        id: http::HeaderValue::from_static("fuzz"),
         holds: Default::default(),
     }
 }

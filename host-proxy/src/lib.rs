@@ -15,6 +15,7 @@
 //! Modules depend downwards only, never in a circle (a test checks it):
 //!
 //! ```text
+//! xds                               the control plane's client
 //! serve, admin                      the request handler; the admin listener
 //! config                            snapshots: building, swapping, watching
 //! listener  chain                   accepting; running a chain
@@ -40,6 +41,7 @@ pub mod metrics;
 pub mod runtime;
 pub mod serve;
 pub mod upstream;
+pub mod xds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,7 +52,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
-use crate::config::{BuildError, Builder, Live};
+use crate::config::{BuildError, Builder, Components, Live, Local, Origin, Overrides};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::runtime::state::StateStore;
@@ -61,8 +63,12 @@ use crate::upstream::cluster::{ClusterView, EndpointTable};
 /// How to run a proxy.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The mesh file.
-    pub config: PathBuf,
+    /// The mesh file (standalone mode).
+    pub config: Option<PathBuf>,
+    /// The control plane (control mode).
+    pub control: Option<xds::ControlOptions>,
+    /// Settings from the command line (listeners, memory limit).
+    pub overrides: Overrides,
     /// Reload when the file or a referenced component changes.
     pub watch: bool,
     /// Worker threads.
@@ -91,6 +97,7 @@ pub struct Proxy {
     shared: Arc<Shared>,
     endpoints: Arc<EndpointTable>,
     watch: bool,
+    control: Option<xds::ControlOptions>,
     listeners: Vec<(TcpListener, Side)>,
     admin: TcpListener,
 }
@@ -102,6 +109,7 @@ impl Proxy {
             Runtime::with_options(options.compile_cache.as_deref(), options.compiler.clone())?;
         let metrics = Arc::new(Metrics::new());
         let endpoints = Arc::new(EndpointTable::default());
+        let cache = options.compile_cache.clone();
         let builder = Builder {
             runtime,
             state: Arc::new(StateStore::default()),
@@ -110,9 +118,19 @@ impl Proxy {
             builtins: options.builtins,
             workers: options.workers,
             cluster: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
+            overrides: options.overrides.clone(),
+            local: options.control.as_ref().map(|c| Local {
+                service: c.service.clone(),
+                subset: c.subset.clone(),
+                app: c.app,
+            }),
+            components: Arc::new(Components::new(
+                cache.as_ref().map(|d| d.join("components")),
+            )),
         };
+        let (doc, origin) = first_document(&options)?;
         let file = options.config.clone();
-        let live = tokio::task::spawn_blocking(move || Live::start(builder, file))
+        let live = tokio::task::spawn_blocking(move || Live::start(builder, file, &doc, &origin))
             .await
             .map_err(|e| anyhow::anyhow!("building the configuration panicked: {e}"))??;
         let first = live.load();
@@ -136,6 +154,7 @@ impl Proxy {
             }),
             endpoints,
             watch: options.watch,
+            control: options.control,
             listeners,
             admin,
         })
@@ -183,6 +202,9 @@ impl Proxy {
         if self.watch {
             config::watch::spawn(shared.live.clone());
         }
+        if let Some(control) = self.control {
+            tokio::spawn(xds::run(shared.live.clone(), control));
+        }
         let snap = shared.live.load();
         tracing::info!(
             listen = %snap.listeners.listen,
@@ -209,6 +231,35 @@ impl Proxy {
         }
         Ok(())
     }
+}
+
+/// What a proxy serves before any file or control has spoken: nothing
+/// (standalone mode reads its file in `Live::start`), or, in control mode,
+/// the last snapshot it ACKed, kept in the compile cache.
+fn first_document(options: &Options) -> anyhow::Result<(wasmesh_api::MeshFile, Origin)> {
+    let empty = || wasmesh_api::MeshFile::parse("{}").expect("an empty mesh document parses");
+    let Some(control) = &options.control else {
+        return Ok((empty(), Origin::Empty));
+    };
+    if let Some(cached) = xds::cached_snapshot(control.cache.as_ref()) {
+        match xds::document(&cached, &control.service) {
+            Ok(doc) => {
+                tracing::warn!(
+                    version = %cached.version,
+                    "serving the last snapshot ACKed, from the compile cache, until control answers"
+                );
+                return Ok((
+                    doc,
+                    Origin::Control {
+                        version: cached.version,
+                        cached: true,
+                    },
+                ));
+            }
+            Err(e) => tracing::warn!("the cached control snapshot is unusable: {e}"),
+        }
+    }
+    Ok((empty(), Origin::Empty))
 }
 
 async fn shutdown_signal() {

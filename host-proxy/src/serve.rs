@@ -222,16 +222,16 @@ fn prepare(
     let request_id = headers::add_forwarding(&mut parts.headers, remote, host);
     let view = RequestView {
         scheme: "http",
-        authority: host.to_string(),
         port: authority
             .as_ref()
             .and_then(Authority::port_u16)
             .unwrap_or(80),
+        authority,
         protocol,
         source_address: remote.address.clone(),
         source_principal: None,
         service: service.name.clone(),
-        id: request_id.to_str().unwrap_or_default().to_string(),
+        id: request_id.clone(),
         holds: Default::default(),
         parts,
     };
@@ -278,7 +278,7 @@ async fn reply_locally(
     let attempt = Attempt {
         number: 1,
         outcome: Outcome::LocalReply(status),
-        service: service.name.clone(),
+        service: &service.name,
         subset: None,
         endpoint: None,
         duration: Duration::ZERO,
@@ -377,9 +377,9 @@ impl Attempts<'_> {
             let attempt = Attempt {
                 number,
                 outcome: outcome(&result),
-                service: self.target.name.clone(),
-                subset: self.plan.subset.clone(),
-                endpoint: ep.map(|e| e.address.clone()),
+                service: &self.target.name,
+                subset: self.plan.subset.as_deref(),
+                endpoint: ep.map(|e| &*e.address),
                 duration: t0.elapsed(),
             };
             let seen = match &result {

@@ -96,8 +96,8 @@ mod imp {
         native: impl FnOnce(&dyn crate::native::NativeHost) -> R,
         test: impl FnOnce(&mut crate::testing::TestHost) -> R,
     ) -> R {
-        match crate::native::current() {
-            Some(host) => native(&*host),
+        match crate::native::with_current(|host| host.map(native)) {
+            Some(r) => r,
             None => crate::testing::with_host(test),
         }
     }

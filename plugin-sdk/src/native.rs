@@ -61,9 +61,10 @@ pub fn with_host<R>(host: &Arc<dyn NativeHost + Send + Sync>, f: impl FnOnce() -
     f()
 }
 
-/// The native host serving this thread's host functions, if one is set.
-pub(crate) fn current() -> Option<Arc<dyn NativeHost + Send + Sync>> {
-    HOST.with(|h| h.borrow().clone())
+/// Run `f` with the native host serving this thread's host functions, if
+/// one is set (borrowed: a host call costs no reference count).
+pub(crate) fn with_current<R>(f: impl FnOnce(Option<&dyn NativeHost>) -> R) -> R {
+    HOST.with(|h| f(h.borrow().as_deref().map(|h| h as &dyn NativeHost)))
 }
 
 /// A configured plugin as a native host calls it. Undeclared hooks return the

@@ -3,6 +3,7 @@
 //! plugins compiled to wasm. One test binary, a module per area.
 
 mod cli;
+mod control;
 mod grpc;
 mod hardening;
 mod http;

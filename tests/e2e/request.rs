@@ -444,3 +444,41 @@ async fn by_default_an_h2c_client_reaches_an_http1_only_service() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.body.starts_with(b"GET /p HTTP/1.1\r\n"), "{:?}", r.body);
 }
+
+/// The contract's bound on `delay-ms` (a minute) is enforced: a plugin
+/// asking for more fails (`503 PF`, counted as an invalid decision), and
+/// one within it is obeyed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delay_over_the_contracts_bound_is_a_plugin_failure() {
+    let up = Upstream::echo("up").await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  long:\n    endpoints: {{ v1: [\"{a}\"] }}\n    plugins: [{{ source: {p:?}, name: slow, config: {{ mode: delay, ms: 120000 }} }}]\n  short:\n    endpoints: {{ v1: [\"{a}\"] }}\n    plugins: [{{ source: {p:?}, name: slow, config: {{ mode: delay, ms: 200 }} }}]\n",
+        a = up.addr,
+        p = wasmesh_artifacts::PROBE,
+    ))
+    .await;
+    let t = Instant::now();
+    let r = via(&proxy, "long", "/").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (503, Some("PF")));
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        body.contains("delay-ms of 120000 ms is over the 60000 ms"),
+        "{body}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let m = proxy.metrics_containing(r#"kind="invalid"} 1"#).await;
+    assert!(
+        m.lines().any(|l| l
+            .starts_with(r#"wasmesh_plugin_failures_total{service="long",plugin="slow","#)
+            && l.ends_with(r#"kind="invalid"} 1"#)),
+        "{m}"
+    );
+    let t = Instant::now();
+    assert_eq!(via(&proxy, "short", "/").await.status, 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(up.hits(), 1);
+}

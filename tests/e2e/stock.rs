@@ -132,7 +132,8 @@ async fn a_canary_rolls_forward_and_back_by_reapplying_config() {
         );
         assert!(
             (got - want).abs() <= 0.03,
-            "step {i}: want v2 {want}, measured {got:.3} ({counts:?})"
+            "step {i}: want v2 {want}, measured {got:.3} ({counts:?})\n{}",
+            proxy.log_text()
         );
     }
 }

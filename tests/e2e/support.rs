@@ -616,3 +616,241 @@ pub async fn send_h2_to(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
         body,
     }
 }
+
+/// A running `wasmesh control`, killed on drop.
+pub struct Control {
+    child: Child,
+    /// gRPC listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Its data directory (kept across restarts).
+    pub data: PathBuf,
+    /// Its log (appended to across restarts).
+    pub log: PathBuf,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Control {
+    /// Start control on fresh ports with its data in `data` (created).
+    pub async fn start(data: &Path) -> Control {
+        let listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_on(data, listen, admin).await
+    }
+
+    /// Start control on these ports.
+    pub async fn start_on(data: &Path, listen: SocketAddr, admin: SocketAddr) -> Control {
+        let log = data.with_extension("log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(WASMESH)
+            .args(["control", "--listen", &listen.to_string()])
+            .args(["--admin", &admin.to_string(), "--data-dir"])
+            .arg(data)
+            .args(["--endpoint-grace", "60s"])
+            .env("RUST_LOG", "info,wasmesh=debug")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut c = Control {
+            child,
+            listen,
+            admin,
+            data: data.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = c.child.try_wait().unwrap() {
+                panic!("control exited with {status}:\n{}", c.log_text());
+            }
+            if let Ok(r) = get(&format!("http://{admin}/ready")).await
+                && r.status == 200
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control not ready:\n{}",
+                c.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c
+    }
+
+    /// `http://LISTEN`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`, and wait for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Run the CLI against this control, with its admin token: (exit code,
+    /// stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        cli_with(
+            &self.url(),
+            Some(&self.data.join("admin.token")),
+            args,
+            None,
+        )
+    }
+
+    /// Like [`Control::cli`], with `stdin` fed to the command.
+    pub fn cli_stdin(&self, args: &[&str], stdin: &str) -> (i32, String, String) {
+        cli_with(
+            &self.url(),
+            Some(&self.data.join("admin.token")),
+            args,
+            Some(stdin),
+        )
+    }
+
+    /// `wasmesh apply -f -` of `yaml`; panics unless it succeeds.
+    pub fn apply(&self, yaml: &str) {
+        let (code, out, err) = self.cli_stdin(&["apply", "-f", "-"], yaml);
+        assert_eq!(code, 0, "apply failed: {out}{err}\n{yaml}");
+    }
+
+    /// `wasmesh status --wait`; panics unless every proxy ACKed.
+    pub fn wait_rollout(&self) {
+        let (code, out, err) = self.cli(&["status", "--wait", "--timeout", "60s"]);
+        assert_eq!(code, 0, "status --wait: {out}{err}\n{}", self.log_text());
+    }
+
+    /// `get proxies -o json`, parsed.
+    pub fn proxies(&self) -> Vec<serde_json::Value> {
+        let (code, out, err) = self.cli(&["get", "proxies", "-o", "json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// Wait until `n` proxies are connected.
+    pub async fn wait_proxies(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let p = self.proxies();
+            if p.len() >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} proxies connected: {p:?}",
+                p.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Run the CLI against `control` with `token` (if any).
+pub fn cli_with(
+    control: &str,
+    token: Option<&Path>,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (i32, String, String) {
+    let mut cmd = Command::new(WASMESH);
+    cmd.args(args)
+        .env("WASMESH_CONTROL", control)
+        .env_remove("WASMESH_ADMIN_TOKEN_FILE")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(t) = token {
+        cmd.env("WASMESH_ADMIN_TOKEN_FILE", t);
+    }
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl Proxy {
+    /// Start a sidecar of the control plane at `control` for `service` and
+    /// its `subset`, on fresh ports; `args` adds flags (`--app`,
+    /// `--compile-cache` ...). Waits for `/ready`.
+    pub async fn start_control(control: &str, service: &str, subset: &str, args: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_control_in(dir, control, service, subset, args).await
+    }
+
+    /// [`Proxy::start_control`] in a prepared directory (its log goes there).
+    pub async fn start_control_in(
+        dir: tempfile::TempDir,
+        control: &str,
+        service: &str,
+        subset: &str,
+        args: &[&str],
+    ) -> Proxy {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.path().join(format!("proxy-{}.log", listen.port()));
+        let child = Command::new(WASMESH)
+            .args(["proxy", "--control", control, "--service", service])
+            .args([
+                "--subset",
+                subset,
+                "--instance",
+                &format!("{service}-{}", listen.port()),
+            ])
+            .args([
+                "--listen",
+                &listen.to_string(),
+                "--admin",
+                &admin.to_string(),
+            ])
+            .args(["--workers", "1"])
+            .args(args)
+            .env("RUST_LOG", "info,wasmesh=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut p = Proxy {
+            child,
+            listen,
+            admin,
+            dir,
+            log,
+        };
+        p.wait_ready().await;
+        p
+    }
+}

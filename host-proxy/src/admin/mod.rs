@@ -153,7 +153,8 @@ fn config_json(snap: &Snapshot, last_error: Value) -> Value {
         .collect();
     json!({
         "version": snap.version,
-        "file": snap.file.display().to_string(),
+        "file": snap.origin.file().map(|f| f.display().to_string()),
+        "source": snap.origin.to_string(),
         "last_error": last_error,
         "services": services,
     })

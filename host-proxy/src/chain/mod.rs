@@ -26,7 +26,7 @@ use crate::flags::{FLAGS_HEADER, ResponseFlag};
 use crate::http::headers::HeaderEdit;
 use crate::http::{ProxyBody, full};
 use crate::runtime::types::{Attempt, LocalReply, ReplyFlag, ResponseView};
-use crate::runtime::{ConfiguredPlugin, OnFailure, PluginFailure};
+use crate::runtime::{ConfiguredPlugin, LoweredAttempt, OnFailure, PluginFailure};
 
 /// An ordered list of configured plugins.
 #[derive(Default)]
@@ -135,18 +135,19 @@ impl CompletionGuard {
         &mut self,
         upto: Option<usize>,
         resp: ResponseView,
-        attempt: &Attempt,
+        attempt: &Attempt<'_>,
     ) -> ResponseVerdict {
         let upto = upto.unwrap_or(self.reached);
         let chain = self.chain.clone();
         let mut resp = Some(resp);
+        let lowered = LoweredAttempt::new(attempt);
         let mut verdict = ResponseVerdict::default();
         for i in (0..upto).rev() {
             let p = &chain.plugins[i];
             if !p.hooks.on_response || self.failed & (1 << i) != 0 {
                 continue;
             }
-            match p.on_response(&mut self.req, &mut resp, attempt) {
+            match p.on_response(&mut self.req, &mut resp, &lowered) {
                 Ok(d) => {
                     self.response_edits.extend(d.response_headers);
                     if verdict.reply.is_none() {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use foldhash::HashMap;
 use wasmesh_api::{MeshFile, PluginSpec, ServiceSpec};
 
-use super::{BuildError, Builder, Listeners, Service, Snapshot};
+use super::{BuildError, Builder, Listeners, Origin, Overrides, Service, Snapshot};
 use crate::chain::Chain;
 use crate::listener::Limits as Downstream;
 use crate::runtime::{ConfiguredPlugin, Limits, PluginFailure, PluginScope, Quarantine, Runtime};
@@ -25,9 +25,9 @@ use crate::upstream::cluster::{Cluster, ClusterView, Endpoint};
 /// Most plugins in one chain.
 pub const MAX_CHAIN: usize = 32;
 
-fn field_err(file: &Path, path: impl Into<String>, reason: impl Into<String>) -> BuildError {
+fn field_err(origin: &Origin, path: impl Into<String>, reason: impl Into<String>) -> BuildError {
     BuildError {
-        source: file.display().to_string(),
+        source: origin.to_string(),
         path: path.into(),
         reason: reason.into(),
     }
@@ -35,40 +35,55 @@ fn field_err(file: &Path, path: impl Into<String>, reason: impl Into<String>) ->
 
 /// Read, validate and build a snapshot from a mesh file; `previous` is the
 /// snapshot serving now, whose unchanged plugins are kept warm.
-pub fn build(
+pub fn build_file(
     file: &Path,
     builder: &Builder,
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, BuildError> {
+    let origin = Origin::File(file.to_path_buf());
     let doc = MeshFile::load(file).map_err(|e| match e {
-        wasmesh_api::LoadError::Invalid { path, reason, .. } => field_err(file, path, reason),
-        other => field_err(file, "(file)", other.to_string()),
+        wasmesh_api::LoadError::Invalid { path, reason, .. } => field_err(&origin, path, reason),
+        other => field_err(&origin, "(file)", other.to_string()),
     })?;
-    let listeners = listeners(file, &doc, previous)?;
-    let (limits, compile_timeout) = runtime_limits(&doc, builder.workers);
-    let upstream = upstream(file, &doc, previous)?;
+    build(&doc, &origin, builder, previous)
+}
+
+/// Validate and build a snapshot from a mesh document that came from
+/// `origin`; `previous` is the snapshot serving now, whose unchanged
+/// plugins are kept warm.
+pub fn build(
+    doc: &MeshFile,
+    origin: &Origin,
+    builder: &Builder,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, BuildError> {
+    let listeners = listeners(origin, doc, previous, &builder.overrides)?;
+    let (mut limits, compile_timeout) = runtime_limits(doc, builder.workers);
+    if let Some(m) = builder.overrides.memory_limit {
+        limits.memory = m;
+    }
+    let upstream = upstream(origin, doc, previous)?;
     // Endpoints first: plugins see the whole cluster through their scope.
-    let cluster = Arc::new(cluster(&doc, builder));
+    let cluster = Arc::new(cluster(doc, builder));
     let mut ctx = ChainCtx {
-        file,
-        base: file.parent().unwrap_or(Path::new(".")),
+        origin,
         builder,
         limits,
         compile_timeout,
-        watched: vec![file.to_path_buf()],
+        watched: origin.file().map(Path::to_path_buf).into_iter().collect(),
     };
     let mut services = HashMap::default();
     let mut hosts = HashMap::default();
     for (name, spec) in &doc.services {
         let prev = previous.and_then(|p| p.services.get(name.as_str()));
         let service = Arc::new(service(&mut ctx, name, spec, prev, &cluster)?);
-        add_hosts(file, &mut hosts, name, spec, &service)?;
+        add_hosts(origin, &mut hosts, name, spec, &service)?;
         services.insert(name.to_string(), service);
     }
-    let local_service = local_service(file, &doc, &listeners, &services)?;
+    let local_service = local_service(origin, doc, &listeners, &services, builder)?;
     Ok(Snapshot {
         version: previous.map_or(1, |p| p.version + 1),
-        file: file.to_path_buf(),
+        origin: origin.clone(),
         listeners,
         upstream,
         services,
@@ -81,16 +96,23 @@ pub fn build(
 }
 
 fn listeners(
-    file: &Path,
+    origin: &Origin,
     doc: &MeshFile,
     previous: Option<&Snapshot>,
+    overrides: &Overrides,
 ) -> Result<Listeners, BuildError> {
     let d = &doc.downstream;
     let def = Downstream::default();
     let listeners = Listeners {
-        admin: doc.admin.map_or(([127, 0, 0, 1], 15000).into(), |a| a.0),
-        listen: doc.listen.map_or(([127, 0, 0, 1], 15001).into(), |a| a.0),
-        inbound: doc.inbound.map(|a| a.0),
+        admin: overrides
+            .admin
+            .or(doc.admin.map(|a| a.0))
+            .unwrap_or(([127, 0, 0, 1], 15000).into()),
+        listen: overrides
+            .listen
+            .or(doc.listen.map(|a| a.0))
+            .unwrap_or(([127, 0, 0, 1], 15001).into()),
+        inbound: overrides.inbound.or(doc.inbound.map(|a| a.0)),
         downstream: Downstream {
             max_header_bytes: d
                 .max_header_bytes
@@ -115,7 +137,7 @@ fn listeners(
             "admin/listen/inbound"
         };
         return Err(field_err(
-            file,
+            origin,
             path,
             "listener addresses and downstream limits cannot change while the proxy runs; restart the proxy to apply them",
         ));
@@ -145,7 +167,7 @@ fn runtime_limits(doc: &MeshFile, workers: usize) -> (Limits, Duration) {
 }
 
 fn upstream(
-    file: &Path,
+    origin: &Origin,
     doc: &MeshFile,
     previous: Option<&Snapshot>,
 ) -> Result<UpstreamSettings, BuildError> {
@@ -170,7 +192,7 @@ fn upstream(
         };
         if fixed(&prev.upstream) != fixed(&upstream) {
             return Err(field_err(
-                file,
+                origin,
                 "upstream",
                 "connect-timeout, idle-timeout, max-idle-per-endpoint and max-connections-per-endpoint cannot change while the proxy runs; restart the proxy to apply them",
             ));
@@ -236,7 +258,7 @@ fn service(
 /// Route the service's name and its extra host names (ports ignored,
 /// case-insensitive) to it; a host already routed elsewhere is refused.
 fn add_hosts(
-    file: &Path,
+    origin: &Origin,
     hosts: &mut HashMap<String, Arc<Service>>,
     name: &str,
     spec: &ServiceSpec,
@@ -252,13 +274,13 @@ fn add_hosts(
         // A name checked by `HostName` (or a service name) is an authority.
         let host = h
             .parse::<http::uri::Authority>()
-            .map_err(|_| field_err(file, &path, format!("{h:?} is not a host name")))?
+            .map_err(|_| field_err(origin, &path, format!("{h:?} is not a host name")))?
             .host()
             .to_ascii_lowercase();
         match hosts.get(&host) {
             Some(other) if *other.name != *name => {
                 return Err(field_err(
-                    file,
+                    origin,
                     path,
                     format!("host {host:?} already routes to service {:?}", other.name),
                 ));
@@ -272,23 +294,31 @@ fn add_hosts(
 }
 
 fn local_service(
-    file: &Path,
+    origin: &Origin,
     doc: &MeshFile,
     listeners: &Listeners,
     services: &HashMap<String, Arc<Service>>,
+    builder: &Builder,
 ) -> Result<Option<Arc<Service>>, BuildError> {
+    if let Some(local) = &builder.local {
+        return Ok(Some(Arc::new(local_app(
+            local,
+            services,
+            &builder.endpoints,
+        ))));
+    }
     match (&doc.local_service, &listeners.inbound) {
         (Some(s), _) => Ok(Some(services.get(s.as_str()).cloned().ok_or_else(
             || {
                 field_err(
-                    file,
+                    origin,
                     "local-service",
                     format!("no service named {s:?} in `services`"),
                 )
             },
         )?)),
         (None, Some(_)) => Err(field_err(
-            file,
+            origin,
             "local-service",
             "`inbound` needs `local-service`: the service whose requests the inbound listener receives",
         )),
@@ -296,11 +326,41 @@ fn local_service(
     }
 }
 
+/// A sidecar of the control plane: its inbound listener sends to its own
+/// app (`--app`), through its service's inbound chain (none until the
+/// service is applied).
+fn local_app(
+    local: &super::Local,
+    services: &HashMap<String, Arc<Service>>,
+    table: &Arc<crate::upstream::cluster::EndpointTable>,
+) -> Service {
+    let known = services.get(&local.service);
+    let endpoints: Vec<Endpoint> = local
+        .app
+        .iter()
+        .map(|a| {
+            let address = a.to_string();
+            Endpoint {
+                state: table.get(&format!("{} (local app)", local.service), &address),
+                authority: address.parse().expect("a socket address is an authority"),
+                address: address.into(),
+                socket: *a,
+                subset: local.subset.as_str().into(),
+            }
+        })
+        .collect();
+    Service {
+        name: local.service.as_str().into(),
+        protocol: known.map_or_else(Default::default, |s| s.protocol),
+        cluster: Cluster::new(endpoints.into()),
+        outbound: Arc::default(),
+        inbound: known.map_or_else(Arc::default, |s| s.inbound.clone()),
+    }
+}
+
 /// What building the chains of one snapshot shares.
 struct ChainCtx<'a> {
-    file: &'a Path,
-    /// The mesh file's directory: plugin paths are relative to it.
-    base: &'a Path,
+    origin: &'a Origin,
     builder: &'a Builder,
     limits: Limits,
     compile_timeout: Duration,
@@ -325,7 +385,7 @@ impl ChainCtx<'_> {
     ) -> Result<Chain, BuildError> {
         if specs.len() > MAX_CHAIN {
             return Err(field_err(
-                self.file,
+                self.origin,
                 format!("services.{service}.{key}"),
                 format!("at most {MAX_CHAIN} plugins per chain"),
             ));
@@ -341,7 +401,7 @@ impl ChainCtx<'_> {
                 .map_or_else(|| source.default_name.clone(), |n| n.to_string());
             if !seen.insert(name.clone()) {
                 return Err(field_err(
-                    self.file,
+                    self.origin,
                     format!("{path}.name"),
                     format!(
                         "a plugin named {name:?} is already in this chain; give one of them another `name`"
@@ -367,7 +427,7 @@ impl ChainCtx<'_> {
                     .map(|(n, _)| format!("builtin:{n}"))
                     .collect();
                 return Err(field_err(
-                    self.file,
+                    self.origin,
                     format!("{path}.source"),
                     format!("unknown builtin {b:?}; known: {}", known.join(", ")),
                 ));
@@ -378,11 +438,39 @@ impl ChainCtx<'_> {
                 origin: spec.source.clone(),
             });
         }
-        let wasm = self.base.join(&spec.source);
+        if let Some(hex) = spec.source.strip_prefix("sha256:") {
+            let bytes = self.builder.components.get(hex).ok_or_else(|| {
+                field_err(
+                    self.origin,
+                    format!("{path}.source"),
+                    format!("component sha256:{hex} is not here (it was not fetched from control)"),
+                )
+            })?;
+            return Ok(Source {
+                bytes: Cow::Owned(bytes.to_vec()),
+                default_name: format!("sha256-{}", &hex[..hex.len().min(12)]),
+                origin: spec.source.clone(),
+            });
+        }
+        let Some(base) = self
+            .origin
+            .file()
+            .map(|f| f.parent().unwrap_or(Path::new(".")))
+        else {
+            return Err(field_err(
+                self.origin,
+                format!("{path}.source"),
+                format!(
+                    "{:?}: a control-plane snapshot names components by sha256: or builtin:",
+                    spec.source
+                ),
+            ));
+        };
+        let wasm = base.join(&spec.source);
         self.watched.push(wasm.clone());
         let unreadable = |e: &dyn std::fmt::Display| {
             field_err(
-                self.file,
+                self.origin,
                 format!("{path}.source"),
                 format!("cannot read {}: {e}", wasm.display()),
             )
@@ -421,7 +509,7 @@ impl ChainCtx<'_> {
             && expected.as_str() != sha256
         {
             return Err(field_err(
-                self.file,
+                self.origin,
                 format!("{path}.sha256"),
                 format!(
                     "{} has sha256 {sha256}, not the {} this entry expects; fix the entry or the file",

@@ -5,26 +5,30 @@
 //! refused build leaves the serving snapshot as it was and says why
 //! ([`BuildError`]: source, field path, reason).
 //!
-//! Today snapshots come from the mesh file ([`build`]); the control plane's
-//! client will be a second source feeding the same [`Live`].
+//! Snapshots come from the mesh file ([`build_file`]) or from the control
+//! plane (its client, [`crate::xds`], hands [`Live::apply`] a mesh document
+//! made from the snapshot it received); both go through the same
+//! [`build`].
 //!
 //! Depends on [`crate::chain`], [`crate::runtime`], [`crate::upstream`],
 //! [`crate::listener`] (for its limits) and [`crate::metrics`]; nothing on
 //! the request path depends on how a snapshot was built.
 
 mod build;
+pub mod components;
 pub mod watch;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 // foldhash: hosts are looked up on every request.
 use foldhash::HashMap;
 
-pub use self::build::{MAX_CHAIN, build};
+pub use self::build::{MAX_CHAIN, build, build_file};
+pub use self::components::Components;
 use crate::chain::Chain;
 use crate::listener::Limits as Downstream;
 use crate::metrics::Metrics;
@@ -51,6 +55,76 @@ impl fmt::Display for BuildError {
 }
 
 impl std::error::Error for BuildError {}
+
+/// Where a snapshot came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A mesh file.
+    File(PathBuf),
+    /// The control plane: a snapshot it sent, by version.
+    Control {
+        /// The snapshot's version.
+        version: String,
+        /// Read back from the compile cache (control was unreachable at
+        /// start).
+        cached: bool,
+    },
+    /// Nothing yet: a control-plane sidecar before its first snapshot.
+    Empty,
+}
+
+impl Origin {
+    /// The mesh file, for a snapshot built from one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Origin::File(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "{}", p.display()),
+            Origin::Control {
+                version,
+                cached: false,
+            } => write!(f, "control snapshot {version}"),
+            Origin::Control {
+                version,
+                cached: true,
+            } => write!(f, "control snapshot {version} (from the compile cache)"),
+            Origin::Empty => write!(f, "(no snapshot yet)"),
+        }
+    }
+}
+
+/// Settings given on the command line; each overrides the mesh file's key
+/// (and the default), and is all a control-plane sidecar has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--admin`.
+    pub admin: Option<SocketAddr>,
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--inbound`.
+    pub inbound: Option<SocketAddr>,
+    /// `--memory-limit`: `runtime.memory-limit`.
+    pub memory_limit: Option<usize>,
+}
+
+/// A control-plane sidecar's own service: the inbound listener sends to its
+/// app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    /// `--service`.
+    pub service: String,
+    /// `--subset`.
+    pub subset: String,
+    /// `--app`.
+    pub app: Option<SocketAddr>,
+}
 
 /// The listeners and their connection limits; fixed for the life of the
 /// process.
@@ -84,8 +158,8 @@ pub struct Service {
 pub struct Snapshot {
     /// +1 per accepted snapshot.
     pub version: u64,
-    /// The mesh file it came from.
-    pub file: PathBuf,
+    /// Where it came from.
+    pub origin: Origin,
     /// Listener addresses.
     pub listeners: Listeners,
     /// Upstream settings.
@@ -140,21 +214,36 @@ pub struct Builder {
     pub workers: usize,
     /// The endpoints plugins see: the serving snapshot's.
     pub cluster: Arc<ArcSwap<ClusterView>>,
+    /// Settings from the command line.
+    pub overrides: Overrides,
+    /// A control-plane sidecar's own service.
+    pub local: Option<Local>,
+    /// Components fetched from the control plane, by sha256.
+    pub components: Arc<Components>,
 }
 
 /// The serving snapshot, and how the last attempt to replace it went.
 pub struct Live {
     builder: Builder,
-    file: PathBuf,
+    file: Option<PathBuf>,
     snapshot: ArcSwap<Snapshot>,
     last_error: Mutex<Option<BuildError>>,
 }
 
 impl Live {
-    /// Build the first snapshot from `file`. Slow (compiles components):
-    /// call off the async runtime.
-    pub fn start(builder: Builder, file: PathBuf) -> Result<Self, BuildError> {
-        let first = build(&file, &builder, None);
+    /// Build the first snapshot: from `file`, or from `doc` (a control
+    /// plane's, from `origin`). Slow (compiles components): call off the
+    /// async runtime.
+    pub fn start(
+        builder: Builder,
+        file: Option<PathBuf>,
+        doc: &wasmesh_api::MeshFile,
+        origin: &Origin,
+    ) -> Result<Self, BuildError> {
+        let first = match &file {
+            Some(f) => build_file(f, &builder, None),
+            None => build(doc, origin, &builder, None),
+        };
         crate::runtime::memory::release_after_build(builder.builtins);
         let first = first?;
         builder.metrics.config_version.set(first.version as i64);
@@ -165,6 +254,20 @@ impl Live {
             snapshot: ArcSwap::from_pointee(first),
             last_error: Mutex::new(None),
         })
+    }
+
+    /// The components fetched from control.
+    pub fn components(&self) -> &Arc<Components> {
+        &self.builder.components
+    }
+
+    /// Build a snapshot from a control plane's document and swap it in, or
+    /// keep the serving one and record why not. Slow: call off the async
+    /// runtime.
+    pub fn apply(&self, doc: &wasmesh_api::MeshFile, origin: &Origin) -> Result<u64, BuildError> {
+        let current = self.snapshot.load_full();
+        let built = build(doc, origin, &self.builder, Some(&current));
+        self.swap(built)
     }
 
     /// The serving snapshot.
@@ -180,8 +283,15 @@ impl Live {
     /// Rebuild from the mesh file and swap the new snapshot in, or keep the
     /// serving one and record why not. Slow: call off the async runtime.
     pub fn reload(&self) -> Result<u64, BuildError> {
+        let Some(file) = &self.file else {
+            return Ok(self.snapshot.load().version);
+        };
         let current = self.snapshot.load_full();
-        let built = build(&self.file, &self.builder, Some(&current));
+        let built = build_file(file, &self.builder, Some(&current));
+        self.swap(built)
+    }
+
+    fn swap(&self, built: Result<Snapshot, BuildError>) -> Result<u64, BuildError> {
         crate::runtime::memory::release_after_build(self.builder.builtins);
         let metrics = &self.builder.metrics;
         match built {

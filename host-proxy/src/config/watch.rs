@@ -1,8 +1,8 @@
 //! `--watch`: reload when the mesh file or a component it references
 //! changes. notify-debouncer-mini turns an editor's or a build's series of
-//! writes into one event per file, 150 ms after the last write; only changes
-//! count (reading a file, as a reload does, is not one), and only to the
-//! files the serving snapshot names. A reload that lands on a half-written
+//! writes into one event per file, 150 ms after the last write; only content
+//! changes count (reading a file, as a reload does, is not one), and only to
+//! the files the serving snapshot names. A reload that lands on a half-written
 //! file is refused, and the next event retries.
 
 use std::collections::HashSet;
@@ -23,14 +23,25 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 /// The platform's watcher, passing on changes only: opening or reading a
-/// file (as every reload does) is not a change.
+/// file (as every reload does) is not a change, nor is the access-time
+/// update that a read after a write makes (a metadata change): passing it
+/// on would reload a second time after every change.
 struct ChangesOnly(RecommendedWatcher);
+
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::ModifyKind;
+    !matches!(
+        kind,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
+    )
+}
 
 impl Watcher for ChangesOnly {
     fn new<F: EventHandler>(mut handler: F, config: notify::Config) -> notify::Result<Self> {
         RecommendedWatcher::new(
             move |ev: notify::Result<notify::Event>| {
-                if !matches!(&ev, Ok(e) if e.kind.is_access()) {
+                if !matches!(&ev, Ok(e) if !is_change(&e.kind)) {
                     handler.handle_event(ev);
                 }
             },
@@ -70,15 +81,46 @@ pub fn spawn(live: Arc<Live>) {
     tokio::spawn(async move {
         let mut dirs = HashSet::new();
         let mut files = watch_files(&live, &mut debouncer, &mut dirs);
+        let mut built = stamp(&files);
         while let Some(paths) = rx.recv().await {
             if !paths.iter().any(|p| files.contains(&absolute(p))) {
                 continue;
             }
+            // The debouncer may report one change in two batches: reload
+            // only when a watched file differs from what the serving
+            // snapshot was built from.
+            let now = stamp(&files);
+            if now == built {
+                continue;
+            }
+            tracing::debug!(?paths, "watched files changed");
             let l = live.clone();
             let _ = tokio::task::spawn_blocking(move || l.reload()).await;
             files = watch_files(&live, &mut debouncer, &mut dirs);
+            built = now;
         }
     });
+}
+
+/// What identifies each file's content on disk: its inode (a file renamed
+/// over is another), size and modification time; `None` for a file that is
+/// not there.
+type Stamp = Vec<(PathBuf, Option<(u64, u64, i64, i64)>)>;
+
+fn stamp(files: &HashSet<PathBuf>) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let mut s: Stamp = files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f).ok();
+            (
+                f.clone(),
+                m.map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec())),
+            )
+        })
+        .collect();
+    s.sort();
+    s
 }
 
 /// Watch the directories of the files the serving snapshot names (a

@@ -26,7 +26,7 @@
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -133,6 +133,32 @@ impl ArtifactCache {
         }
     }
 
+    /// Take the cache's lock on one component, waiting up to `patience`
+    /// for another process that holds it (a sidecar compiling the same
+    /// component): sidecars sharing a cache compile each component once,
+    /// and the others map what the first one wrote. `None` (no lock, go on
+    /// alone) when the lock file cannot be made or the wait runs out.
+    pub fn lock(&self, sha256: &str, patience: std::time::Duration) -> Option<CompileLock> {
+        let path = self.path(sha256).with_extension("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .ok()?;
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Some(CompileLock(file)),
+                Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Store a freshly compiled artifact. Failures are logged, never fatal.
     pub fn put(&self, sha256: &str, artifact: &[u8]) {
         let path = self.path(sha256);
@@ -162,6 +188,11 @@ impl ArtifactCache {
         }
     }
 }
+
+/// A compile-cache lock on one component, released when dropped (or when
+/// the process ends, however it ends: the kernel drops a `flock` with its
+/// file).
+pub struct CompileLock(#[allow(dead_code, reason = "held for its flock")] fs::File);
 
 /// Drop the page cache the digest check (or the write in `put`) left for
 /// `file`. Reading a file in sequence leaves it cached in large folios, and

@@ -230,7 +230,7 @@ pub(crate) fn protocol(p: Protocol) -> wit::Protocol {
     }
 }
 
-pub(crate) fn attempt(a: &Attempt) -> wit::Attempt {
+pub(crate) fn attempt(a: &Attempt<'_>) -> wit::Attempt {
     wit::Attempt {
         number: a.number,
         outcome: match a.outcome {
@@ -243,8 +243,8 @@ pub(crate) fn attempt(a: &Attempt) -> wit::Attempt {
             Outcome::Overflow => wit::Outcome::Overflow,
         },
         service: a.service.to_string(),
-        subset: a.subset.clone(),
-        endpoint: a.endpoint.as_deref().map(str::to_string),
+        subset: a.subset.map(str::to_string),
+        endpoint: a.endpoint.map(str::to_string),
         duration_us: a.duration.as_micros() as u64,
     }
 }

@@ -31,8 +31,8 @@ pub struct RequestView {
     pub parts: http::request::Parts,
     /// `http` or `https`.
     pub scheme: &'static str,
-    /// The authority the client addressed.
-    pub authority: String,
+    /// The authority the client addressed (none: it named none).
+    pub authority: Option<http::uri::Authority>,
     /// The destination port.
     pub port: u16,
     /// The downstream protocol.
@@ -43,8 +43,8 @@ pub struct RequestView {
     pub source_principal: Option<String>,
     /// The destination service.
     pub service: Arc<str>,
-    /// The request id.
-    pub id: String,
+    /// The request id (`x-request-id`, text).
+    pub id: http::HeaderValue,
     /// Counter increments held by plugins for this request
     /// (`counter-hold`), undone when this is dropped.
     pub holds: state::Holds,
@@ -125,13 +125,13 @@ impl HostState {
             EMPTY.get_or_init(|| RequestView {
                 parts: http::Request::new(()).into_parts().0,
                 scheme: "http",
-                authority: String::new(),
+                authority: None,
                 port: 0,
                 protocol: Protocol::Http1,
                 source_address: "".into(),
                 source_principal: None,
                 service: "".into(),
-                id: String::new(),
+                id: http::HeaderValue::from_static(""),
                 holds: Default::default(),
             })
         })
@@ -162,7 +162,10 @@ impl wit::HostRequest for HostState {
         self.req().scheme.to_string()
     }
     fn authority(&mut self, _: Resource<RequestRes>) -> String {
-        self.req().authority.clone()
+        self.req()
+            .authority
+            .as_ref()
+            .map_or_else(String::new, |a| a.as_str().to_string())
     }
     fn path(&mut self, _: Resource<RequestRes>) -> String {
         let uri = &self.req().parts.uri;
@@ -208,7 +211,7 @@ impl wit::HostRequest for HostState {
         self.req().service.to_string()
     }
     fn id(&mut self, _: Resource<RequestRes>) -> String {
-        self.req().id.clone()
+        self.req().id.to_str().unwrap_or_default().to_string()
     }
     fn drop(&mut self, _: Resource<RequestRes>) -> wasmtime::Result<()> {
         // Handles are borrows of the store's current request; nothing to free.

@@ -454,6 +454,9 @@ impl Runtime {
         if let Some(c) = self.cache.lock().unwrap().get(&sha256) {
             return Ok(c.clone());
         }
+        // Sidecars sharing the compile cache: one compiles, the others wait
+        // and map its artifact.
+        let _lock = self.disk.as_ref().and_then(|d| d.lock(&sha256, timeout));
         let cached = self
             .disk
             .as_ref()
@@ -607,6 +610,17 @@ pub struct ConfiguredPlugin {
     /// called instead of the component.
     #[cfg(feature = "native-chain")]
     native: Option<native::NativePlugin>,
+}
+
+/// An attempt as plugins get it, lowered once however many plugins'
+/// `on-response` it is passed to.
+pub struct LoweredAttempt(bindings::wit::Attempt);
+
+impl LoweredAttempt {
+    /// Lower `attempt`.
+    pub fn new(attempt: &Attempt<'_>) -> Self {
+        Self(convert::attempt(attempt))
+    }
 }
 
 /// A hook's index into per-hook counters.
@@ -925,14 +939,14 @@ impl ConfiguredPlugin {
         &self,
         req: &mut Option<RequestView>,
         resp: &mut Option<ResponseView>,
-        attempt: &Attempt,
+        attempt: &LoweredAttempt,
     ) -> Result<ResponseDecision, PluginFailure> {
-        let attempt = convert::attempt(attempt);
+        let attempt = &attempt.0;
         #[cfg(feature = "native-chain")]
         if let Some(n) = &self.native {
             self.calls[Hook::Response as usize].inc();
             let (d, flag) = n
-                .on_response(req, resp, &attempt)
+                .on_response(req, resp, attempt)
                 .map_err(|e| self.fail(PluginFailure::Error(e), Hook::Response))?;
             return convert::response_decision(d, flag).map_err(|e| self.fail(e, Hook::Response));
         }
@@ -941,7 +955,7 @@ impl ConfiguredPlugin {
                 store,
                 Resource::<RequestRes>::new_borrow(0),
                 Resource::<ResponseRes>::new_borrow(0),
-                &attempt,
+                attempt,
             )
         })?;
         convert::response_decision(d, flag).map_err(|e| self.fail(e, Hook::Response))

@@ -111,19 +111,21 @@ pub enum Outcome {
     Overflow,
 }
 
-/// One attempt, as `on-response` is told of it.
-#[derive(Clone, Debug)]
-pub struct Attempt {
+/// One attempt, as `on-response` is told of it (borrowed from the request
+/// handler's state: lowered for plugins once, see
+/// [`crate::runtime::LoweredAttempt`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Attempt<'a> {
     /// 1 for the first try.
     pub number: u32,
     /// How it ended.
     pub outcome: Outcome,
     /// The service called.
-    pub service: std::sync::Arc<str>,
+    pub service: &'a str,
     /// The subset chosen.
-    pub subset: Option<String>,
+    pub subset: Option<&'a str>,
     /// The endpoint called.
-    pub endpoint: Option<std::sync::Arc<str>>,
+    pub endpoint: Option<&'a str>,
     /// How long it took.
     pub duration: Duration,
 }

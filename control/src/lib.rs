@@ -1,0 +1,218 @@
+//! wasmesh's control plane: `wasmesh control`. A tonic gRPC server with the
+//! plugin registry, declarative config, the discovery stream each proxy
+//! holds (versioned snapshots, ACK/NACK, the xDS model) and proxy status;
+//! gRPC health and reflection; an admin HTTP listener with `/metrics` and
+//! `/ready`. State lives in a [`store::Store`] (embedded redb by default).
+//!
+//! It depends on `wasmesh-api` (the resources and the gRPC API) and judges
+//! plugins through a [`validate::Validator`] the binary supplies (the
+//! proxy's own runtime); it never links the data plane itself.
+
+pub mod auth;
+pub mod grpc;
+pub mod mesh;
+pub mod metrics;
+pub mod store;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use wasmesh_api::proto;
+
+use crate::auth::Auth;
+use crate::grpc::Services;
+use crate::mesh::Mesh;
+use crate::metrics::Metrics;
+use crate::validate::Validator;
+
+/// Default gRPC listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15010";
+/// Default admin listener.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15011";
+/// How long a disconnected proxy keeps its endpoints, by default.
+pub const DEFAULT_ENDPOINT_GRACE: Duration = Duration::from_secs(30);
+
+/// How to run control.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The gRPC listener.
+    pub listen: SocketAddr,
+    /// The admin HTTP listener.
+    pub admin: SocketAddr,
+    /// Where state lives.
+    pub data_dir: PathBuf,
+    /// The admin token file (default `DATA_DIR/admin.token`).
+    pub admin_token_file: Option<PathBuf>,
+    /// Listen beyond loopback without TLS.
+    pub insecure: bool,
+    /// How long a disconnected proxy keeps its endpoints.
+    pub endpoint_grace: Duration,
+}
+
+/// Control, bound and ready to serve.
+pub struct Control {
+    mesh: Arc<Mesh>,
+    auth: Arc<Auth>,
+    grpc: TcpListener,
+    admin: TcpListener,
+}
+
+impl Control {
+    /// Open the store, load the credential, bind the listeners.
+    pub async fn start(options: Options, validator: Arc<dyn Validator>) -> anyhow::Result<Self> {
+        for (what, addr) in [("--listen", options.listen), ("--admin", options.admin)] {
+            anyhow::ensure!(
+                addr.ip().is_loopback() || options.insecure,
+                "refusing to listen on {addr} ({what}): it is not a loopback address, and whoever can reach control can push code to every proxy. Until control serves TLS with authentication, listen on 127.0.0.1, or start with --insecure if this network is yours alone"
+            );
+        }
+        raise_open_files();
+        std::fs::create_dir_all(&options.data_dir).with_context(|| {
+            format!("creating the data directory {}", options.data_dir.display())
+        })?;
+        let token_file = options
+            .admin_token_file
+            .clone()
+            .unwrap_or_else(|| options.data_dir.join("admin.token"));
+        let auth = Arc::new(Auth::load_or_create(
+            &token_file,
+            !options.listen.ip().is_loopback(),
+        )?);
+        let store = store::embedded::Embedded::open(&options.data_dir)
+            .with_context(|| format!("opening the store in {}", options.data_dir.display()))?;
+        let metrics = Arc::new(Metrics::new());
+        let mesh = Mesh::open(Arc::new(store), validator, metrics, options.endpoint_grace)?;
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} ({what})"))
+        };
+        Ok(Self {
+            grpc: bind(options.listen, "listen").await?,
+            admin: bind(options.admin, "admin").await?,
+            mesh,
+            auth,
+        })
+    }
+
+    /// Serve until SIGTERM or SIGINT.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let services = Services {
+            mesh: self.mesh.clone(),
+            auth: self.auth,
+        };
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<proto::discovery_server::DiscoveryServer<Services>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building gRPC reflection")?;
+        tokio::spawn(self.mesh.clone().write_endpoints());
+        let expiring = self.mesh.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                expiring.expire();
+            }
+        });
+        tokio::spawn(admin(self.admin, self.mesh.clone()));
+        let addr = self.grpc.local_addr()?;
+        tracing::info!(%addr, revision = self.mesh.revision(), "wasmesh control serving");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.grpc);
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(
+                proto::registry_server::RegistryServer::new(services.clone())
+                    .max_decoding_message_size(2 << 20),
+            )
+            .add_service(proto::config_server::ConfigServer::new(services.clone()))
+            .add_service(proto::discovery_server::DiscoveryServer::new(
+                services.clone(),
+            ))
+            .add_service(proto::status_server::StatusServer::new(services))
+            .serve_with_incoming_shutdown(incoming, shutdown())
+            .await
+            .context("serving gRPC")?;
+        tracing::info!("control stopped");
+        Ok(())
+    }
+}
+
+/// Each connected proxy holds a connection: raise the soft limit on open
+/// files to the hard one (as Go's runtime does), so that thousands of
+/// proxies fit.
+fn raise_open_files() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!("could not raise the open-files limit: {e}");
+        }
+    }
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// The admin listener: `GET /metrics`, `GET /ready`.
+async fn admin(listener: TcpListener, mesh: Arc<Mesh>) {
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let mesh = mesh.clone();
+                    async move {
+                        let (status, ctype, body) = match req.uri().path() {
+                            "/metrics" => (
+                                StatusCode::OK,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                mesh.metrics.encode(),
+                            ),
+                            "/ready" => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+                            _ => (
+                                StatusCode::NOT_FOUND,
+                                "text/plain",
+                                "not found; try /metrics or /ready\n".to_string(),
+                            ),
+                        };
+                        let mut r = Response::new(Full::new(bytes::Bytes::from(body)));
+                        *r.status_mut() = status;
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static(ctype),
+                        );
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,289 @@
+//! Connected proxies: who they are, what they applied, what they refused,
+//! and the endpoints they registered (their apps' addresses). A proxy that
+//! disconnects keeps its endpoint for the grace period, then loses it;
+//! endpoints are written to the store (in batches) so that a restarted
+//! control serves them while proxies reconnect.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use wasmesh_api::proto;
+
+use super::{Inner, Mesh, now_ms};
+use crate::store::EndpointRecord;
+
+/// One proxy, connected or gone within the grace period.
+pub(super) struct Entry {
+    /// The connection that owns the entry now.
+    conn: u64,
+    pub(super) hello: proto::Hello,
+    connected_at_ms: i64,
+    last_reply_at_ms: i64,
+    applied: String,
+    nack: Option<(String, String)>,
+    /// When its stream ended; `None` while connected.
+    gone_since: Option<Instant>,
+}
+
+/// Proxies by (service, instance), and endpoints registered.
+#[derive(Default)]
+pub(super) struct Proxies {
+    entries: BTreeMap<(String, String), Entry>,
+    /// Registered endpoints by `SERVICE/INSTANCE`, with when their proxy
+    /// went away (`None`: connected). Records loaded from the store start as
+    /// gone since control started.
+    endpoints: BTreeMap<String, (EndpointRecord, Option<Instant>)>,
+    next_conn: u64,
+}
+
+impl Proxies {
+    /// The endpoints the store remembers, gone since now.
+    pub(super) fn from_records(records: &BTreeMap<String, EndpointRecord>) -> Self {
+        let now = Instant::now();
+        Self {
+            endpoints: records
+                .iter()
+                .map(|(k, r)| (k.clone(), (r.clone(), Some(now))))
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Registered endpoints of `service`: (subset, address).
+    pub(super) fn registered(&self, service: &str) -> Vec<(String, String)> {
+        self.endpoints
+            .values()
+            .filter(|(r, _)| r.service == service)
+            .map(|(r, _)| (r.subset.clone(), r.address.clone()))
+            .collect()
+    }
+}
+
+/// A connected proxy's place in [`Mesh`]; given back on every reply and
+/// when the stream ends.
+#[derive(Clone, Debug)]
+pub struct ProxyHandle {
+    key: (String, String),
+    conn: u64,
+    /// Its own service.
+    pub service: String,
+}
+
+/// Endpoint writes waiting for the batch writer, and the lock that orders
+/// config writes.
+#[derive(Default)]
+pub(super) struct PendingEndpoints {
+    writes: Mutex<BTreeMap<String, Option<EndpointRecord>>>,
+    wake: tokio::sync::Notify,
+    /// Held by an apply or a delete from its revision read to its commit.
+    pub(super) apply_lock: Mutex<()>,
+}
+
+impl Mesh {
+    /// A proxy connected and said who it is.
+    pub fn connect(&self, hello: proto::Hello) -> ProxyHandle {
+        let mut inner = self.inner.lock().unwrap();
+        inner.proxies.next_conn += 1;
+        let conn = inner.proxies.next_conn;
+        let key = (hello.service.clone(), hello.instance.clone());
+        let endpoint = (!hello.app_address.is_empty()).then(|| EndpointRecord {
+            service: hello.service.clone(),
+            subset: hello.subset.clone(),
+            instance: hello.instance.clone(),
+            address: hello.app_address.clone(),
+        });
+        let handle = ProxyHandle {
+            key: key.clone(),
+            conn,
+            service: hello.service.clone(),
+        };
+        inner.proxies.entries.insert(
+            key,
+            Entry {
+                conn,
+                applied: hello.applied_version.clone(),
+                hello,
+                connected_at_ms: now_ms(),
+                last_reply_at_ms: 0,
+                nack: None,
+                gone_since: None,
+            },
+        );
+        self.metrics.connected.set(connected(&inner) as i64);
+        if let Some(r) = endpoint {
+            let k = r.key();
+            let known = inner.proxies.endpoints.get(&k).map(|(e, _)| e.clone());
+            inner.proxies.endpoints.insert(k.clone(), (r.clone(), None));
+            if known.as_ref() != Some(&r) {
+                self.write_endpoint(k, Some(r));
+                self.bump(&mut inner);
+            }
+        }
+        handle
+    }
+
+    /// A proxy ACKed (`error` empty) or NACKed a version.
+    pub fn reply(&self, h: &ProxyHandle, version: &str, error: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        let Inner {
+            proxies,
+            changed_at,
+            ..
+        } = &mut *inner;
+        let Some(e) = proxies.entries.get_mut(&h.key).filter(|e| e.conn == h.conn) else {
+            return;
+        };
+        e.last_reply_at_ms = now_ms();
+        if error.is_empty() {
+            e.applied = version.to_string();
+            e.nack = None;
+            self.metrics.acks.inc();
+            self.metrics
+                .fanout
+                .observe(changed_at.elapsed().as_secs_f64());
+        } else {
+            e.nack = Some((version.to_string(), error.to_string()));
+            self.metrics.nacks.inc();
+            tracing::warn!(
+                service = %h.key.0,
+                instance = %h.key.1,
+                version,
+                "proxy refused the snapshot: {error}"
+            );
+        }
+    }
+
+    /// A proxy's stream ended.
+    pub fn disconnect(&self, h: &ProxyHandle) {
+        let mut inner = self.inner.lock().unwrap();
+        let now = Instant::now();
+        if let Some(e) = inner
+            .proxies
+            .entries
+            .get_mut(&h.key)
+            .filter(|e| e.conn == h.conn)
+        {
+            e.gone_since = Some(now);
+        }
+        let k = format!("{}/{}", h.key.0, h.key.1);
+        let owned = inner
+            .proxies
+            .entries
+            .get(&h.key)
+            .is_some_and(|e| e.conn == h.conn);
+        if owned && let Some((_, gone)) = inner.proxies.endpoints.get_mut(&k) {
+            *gone = Some(now);
+        }
+        self.metrics.connected.set(connected(&inner) as i64);
+    }
+
+    /// Forget proxies and endpoints gone longer than the grace period.
+    pub fn expire(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        let grace = self.grace;
+        let expired: Vec<String> = inner
+            .proxies
+            .endpoints
+            .iter()
+            .filter(|(_, (_, gone))| gone.is_some_and(|g| g.elapsed() >= grace))
+            .map(|(k, _)| k.clone())
+            .collect();
+        inner
+            .proxies
+            .entries
+            .retain(|_, e| e.gone_since.is_none_or(|g| g.elapsed() < grace));
+        if expired.is_empty() {
+            return;
+        }
+        for k in expired {
+            inner.proxies.endpoints.remove(&k);
+            self.write_endpoint(k, None);
+        }
+        self.bump(&mut inner);
+    }
+
+    fn write_endpoint(&self, key: String, record: Option<EndpointRecord>) {
+        self.pending.writes.lock().unwrap().insert(key, record);
+        self.pending.wake.notify_one();
+    }
+
+    /// Write registered endpoints to the store in batches; runs for the
+    /// life of control.
+    pub async fn write_endpoints(self: std::sync::Arc<Self>) {
+        loop {
+            self.pending.wake.notified().await;
+            // Let a burst of connects gather into one transaction.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let batch = std::mem::take(&mut *self.pending.writes.lock().unwrap());
+            let (upserts, deletes): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|(_, r)| r.is_some());
+            let upserts: Vec<EndpointRecord> = upserts.into_iter().filter_map(|(_, r)| r).collect();
+            let deletes: Vec<String> = deletes.into_iter().map(|(k, _)| k).collect();
+            let store = self.store.clone();
+            let r = tokio::task::spawn_blocking(move || store.commit_endpoints(&upserts, &deletes))
+                .await;
+            if let Ok(Err(e)) = r {
+                tracing::error!("could not record registered endpoints: {e}");
+            }
+        }
+    }
+
+    /// The status of every proxy known (connected, or gone within the grace
+    /// period), and the revision.
+    pub fn status(&self) -> proto::ProxiesResponse {
+        let mut out = Vec::new();
+        let services: Vec<String> = {
+            let inner = self.inner.lock().unwrap();
+            inner
+                .proxies
+                .entries
+                .values()
+                .filter(|e| e.gone_since.is_none())
+                .map(|e| e.hello.service.clone())
+                .collect()
+        };
+        let latest: BTreeMap<String, String> = services
+            .into_iter()
+            .map(|s| {
+                let v = self.snapshot(&s).version.clone();
+                (s, v)
+            })
+            .collect();
+        let inner = self.inner.lock().unwrap();
+        for e in inner
+            .proxies
+            .entries
+            .values()
+            .filter(|e| e.gone_since.is_none())
+        {
+            let (nacked_version, nack_reason) = e.nack.clone().unwrap_or_default();
+            out.push(proto::ProxyStatus {
+                service: e.hello.service.clone(),
+                subset: e.hello.subset.clone(),
+                instance: e.hello.instance.clone(),
+                app_address: e.hello.app_address.clone(),
+                proxy_version: e.hello.proxy_version.clone(),
+                latest_version: latest.get(&e.hello.service).cloned().unwrap_or_default(),
+                applied_version: e.applied.clone(),
+                nacked_version,
+                nack_reason,
+                connected_at_ms: e.connected_at_ms,
+                last_reply_at_ms: e.last_reply_at_ms,
+            });
+        }
+        proto::ProxiesResponse {
+            revision: inner.state.revision,
+            proxies: out,
+        }
+    }
+}
+
+fn connected(inner: &Inner) -> usize {
+    inner
+        .proxies
+        .entries
+        .values()
+        .filter(|e| e.gone_since.is_none())
+        .count()
+}

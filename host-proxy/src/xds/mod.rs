@@ -1,0 +1,223 @@
+//! The control plane's client: one long-lived discovery stream. The proxy
+//! says who it is, receives the snapshot that concerns it, fetches the
+//! components it lacks (by sha256), builds the snapshot off the request path
+//! and swaps it in — then ACKs it, or NACKs it with the reason and keeps
+//! serving the previous one. When control is unreachable the proxy keeps
+//! serving and reconnects with jittered exponential backoff (100 ms, doubling
+//! to 5 s); with a compile cache it also keeps its last ACKed snapshot there,
+//! so a restart while control is away serves what it served before.
+//!
+//! Depends on [`crate::config`] (what it feeds) and the control API in
+//! `wasmesh-api`; nothing in the request path depends on it.
+
+mod document;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio_stream::StreamExt;
+use wasmesh_api::proto;
+use wasmesh_api::proto::discovery_client::DiscoveryClient;
+use wasmesh_api::proto::registry_client::RegistryClient;
+
+pub use self::document::document;
+use crate::config::{Live, Origin};
+
+/// The contract versions this proxy serves.
+pub const WIT_VERSIONS: &[&str] = &["wasmesh:plugin@0.1.1"];
+
+/// How to reach control, and who this proxy is.
+#[derive(Clone, Debug)]
+pub struct ControlOptions {
+    /// Control's gRPC address, `http://HOST:PORT`.
+    pub url: String,
+    /// The service this sidecar stands beside.
+    pub service: String,
+    /// Its subset.
+    pub subset: String,
+    /// Its instance id.
+    pub instance: String,
+    /// Its app's address, registered as an endpoint.
+    pub app: Option<SocketAddr>,
+    /// Where the last ACKed snapshot is kept (the compile cache).
+    pub cache: Option<PathBuf>,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// The proxy's own version.
+    pub proxy_version: String,
+}
+
+const SNAPSHOT_FILE: &str = "control-snapshot.pb";
+
+/// The last ACKed snapshot kept in the cache, if any.
+pub fn cached_snapshot(cache: Option<&PathBuf>) -> Option<proto::Snapshot> {
+    let bytes = std::fs::read(cache?.join(SNAPSHOT_FILE)).ok()?;
+    proto::Snapshot::decode(bytes.as_slice()).ok()
+}
+
+fn keep_snapshot(cache: Option<&PathBuf>, s: &proto::Snapshot) {
+    let Some(dir) = cache else {
+        return;
+    };
+    let tmp = dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
+    let written = std::fs::write(&tmp, s.encode_to_vec())
+        .and_then(|()| std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE)));
+    if let Err(e) = written {
+        tracing::warn!("could not keep the snapshot in the compile cache: {e}");
+    }
+}
+
+/// Hold the discovery stream for the life of the proxy.
+pub async fn run(live: Arc<Live>, options: ControlOptions) {
+    let mut delay = options.backoff_min;
+    loop {
+        match session(&live, &options, &mut delay).await {
+            Ok(()) => tracing::warn!(url = %options.url, "control closed the stream; reconnecting"),
+            Err(e) => {
+                tracing::warn!(url = %options.url, "control unreachable: {e:#}; serving the last snapshot")
+            }
+        }
+        // Full jitter: a fleet of proxies does not reconnect in step.
+        let wait = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
+        tokio::time::sleep(wait).await;
+        delay = (delay * 2).min(options.backoff_max);
+    }
+}
+
+/// One connection: Hello, then a snapshot at a time, each ACKed or NACKed.
+async fn session(
+    live: &Arc<Live>,
+    options: &ControlOptions,
+    delay: &mut Duration,
+) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(options.url.clone())?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let mut discovery = DiscoveryClient::new(channel.clone());
+    let mut registry = RegistryClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let applied = match &live.load().origin {
+        Origin::Control { version, .. } => version.clone(),
+        _ => String::new(),
+    };
+    tx.send(message(proto::proxy_message::Message::Hello(
+        proto::Hello {
+            service: options.service.clone(),
+            subset: options.subset.clone(),
+            instance: options.instance.clone(),
+            app_address: options.app.map(|a| a.to_string()).unwrap_or_default(),
+            proxy_version: options.proxy_version.clone(),
+            wit_versions: WIT_VERSIONS.iter().map(|s| s.to_string()).collect(),
+            applied_version: applied,
+        },
+    )))
+    .await?;
+    let mut inbound = discovery
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tracing::info!(url = %options.url, "connected to control");
+    *delay = options.backoff_min;
+    while let Some(m) = inbound.next().await {
+        let Some(snapshot) = m?.snapshot else {
+            continue;
+        };
+        let version = snapshot.version.clone();
+        let error = match apply(live, &mut registry, &snapshot, options).await {
+            Ok(()) => {
+                keep_snapshot(options.cache.as_ref(), &snapshot);
+                tracing::info!(
+                    version,
+                    revision = snapshot.revision,
+                    "control snapshot applied"
+                );
+                String::new()
+            }
+            Err(e) => {
+                tracing::error!(
+                    version,
+                    "control snapshot refused, the previous one keeps serving: {e}"
+                );
+                e
+            }
+        };
+        tx.send(message(proto::proxy_message::Message::Ack(proto::Ack {
+            version,
+            error,
+        })))
+        .await?;
+    }
+    Ok(())
+}
+
+fn message(m: proto::proxy_message::Message) -> proto::ProxyMessage {
+    proto::ProxyMessage { message: Some(m) }
+}
+
+/// Fetch what the snapshot needs, build it and swap it in.
+async fn apply(
+    live: &Arc<Live>,
+    registry: &mut RegistryClient<tonic::transport::Channel>,
+    snapshot: &proto::Snapshot,
+    options: &ControlOptions,
+) -> Result<(), String> {
+    // (sha256, origin) of every component the snapshot names and this
+    // proxy lacks.
+    let missing: Vec<(String, String)> = snapshot
+        .services
+        .iter()
+        .flat_map(|s| s.plugins.iter().chain(&s.inbound_plugins))
+        .filter_map(|e| {
+            let sha = e.source.strip_prefix("sha256:")?;
+            (!live.components().has(sha)).then(|| (sha.to_string(), e.origin.clone()))
+        })
+        .collect();
+    for (sha, origin) in missing {
+        if live.components().has(&sha) {
+            continue;
+        }
+        let bytes = fetch(registry, &sha)
+            .await
+            .map_err(|e| format!("fetching {origin} (sha256 {sha}): {e}"))?;
+        live.components().insert(&sha, bytes)?;
+    }
+    let doc = document(snapshot, &options.service).map_err(|e| e.to_string())?;
+    let origin = Origin::Control {
+        version: snapshot.version.clone(),
+        cached: false,
+    };
+    let live = live.clone();
+    tokio::task::spawn_blocking(move || live.apply(&doc, &origin))
+        .await
+        .map_err(|e| format!("building the snapshot failed: {e}"))?
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+async fn fetch(
+    registry: &mut RegistryClient<tonic::transport::Channel>,
+    sha256: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = registry
+        .fetch(proto::FetchRequest {
+            sha256: sha256.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk?.data);
+        if bytes.len() > crate::runtime::MAX_COMPONENT_BYTES {
+            return Err(tonic::Status::out_of_range("the component is over 16 MiB"));
+        }
+    }
+    Ok(bytes)
+}
