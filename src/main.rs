@@ -454,8 +454,10 @@ fn control(options: wasmesh_control::Options) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let cache = options.data_dir.join("compile-cache");
         let validator =
-            match validator::RuntimeValidator::new(compiler(), wasmesh_artifacts::BUILTINS) {
+            match validator::RuntimeValidator::new(compiler(), wasmesh_artifacts::BUILTINS, &cache)
+            {
                 Ok(v) => Arc::new(v),
                 Err(e) => {
                     eprintln!("error: {e:#}");

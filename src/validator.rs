@@ -21,13 +21,17 @@ pub struct RuntimeValidator {
 }
 
 impl RuntimeValidator {
-    /// A judge compiling with `compiler`.
+    /// A judge compiling with `compiler`, keeping what it compiled in
+    /// `cache` (control's data directory: a restarted control does not
+    /// compile again, and a new build of a plugin compiles only the
+    /// functions that changed).
     pub fn new(
         compiler: wasmesh_proxy::runtime::Compiler,
         builtins: &'static [(&'static str, &'static [u8])],
+        cache: &std::path::Path,
     ) -> anyhow::Result<Self> {
         Ok(Self {
-            runtime: Runtime::with_options(None, compiler)?,
+            runtime: Runtime::with_options(Some(cache), compiler)?,
             builtins,
             metrics: Arc::new(Metrics::new()),
         })

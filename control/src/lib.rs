@@ -125,7 +125,17 @@ impl Control {
         tokio::spawn(admin(self.admin, self.mesh.clone()));
         let addr = self.grpc.local_addr()?;
         tracing::info!(%addr, revision = self.mesh.revision(), "wasmesh control serving");
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.grpc);
+        // TCP_NODELAY: a snapshot or a chunk must not wait for Nagle's
+        // algorithm and a delayed ACK (40 ms a message on loopback).
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(self.grpc),
+            |s| {
+                if let Ok(s) = &s {
+                    let _ = s.set_nodelay(true);
+                }
+                s
+            },
+        );
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(health)

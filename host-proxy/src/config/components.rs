@@ -58,7 +58,9 @@ impl Components {
         }
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{sha256}.wasm"));
-            let tmp = dir.join(format!(".{sha256}.wasm.tmp"));
+            // Sidecars sharing the directory may write the same component
+            // at once: each through its own temporary file.
+            let tmp = dir.join(format!(".{sha256}.wasm.tmp{}", std::process::id()));
             let written = std::fs::create_dir_all(dir)
                 .and_then(|()| std::fs::write(&tmp, &bytes))
                 .and_then(|()| std::fs::rename(&tmp, &path));

@@ -85,6 +85,11 @@ impl ArtifactCache {
         })
     }
 
+    /// Where compiled functions are kept ([`super::compiler::FunctionCache`]).
+    pub fn functions_dir(&self) -> PathBuf {
+        self.dir.join("functions")
+    }
+
     fn path(&self, sha256: &str) -> PathBuf {
         self.dir
             .join(format!("{sha256}-{}.cwasm", self.fingerprint))
@@ -168,9 +173,11 @@ impl ArtifactCache {
                 to.extension().unwrap_or_default().to_string_lossy(),
                 std::process::id()
             ));
+            // No fsync: a cache entry a crash tore is caught by the digest
+            // check on its next read and compiled again, so durability is
+            // not worth the milliseconds on a rollout's path.
             let mut f = fs::File::create(&tmp).map_err(|e| e.to_string())?;
             f.write_all(bytes).map_err(|e| e.to_string())?;
-            f.sync_all().map_err(|e| e.to_string())?;
             Ok(tmp)
         };
         let store = || -> Result<(), String> {

@@ -400,6 +400,8 @@ impl Runtime {
         // engine without Cranelift never maps the compiler's code.
         if matches!(compiler, Compiler::Subprocess(_)) {
             config.enable_compiler(false);
+        } else if let Some(d) = dir {
+            compiler::FunctionCache::enable(&mut config, d.join("functions"))?;
         }
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let mut linker = Linker::new(&engine);
@@ -524,7 +526,8 @@ impl Runtime {
             return Err(LoadError::CompilerBusy);
         }
         if let Compiler::Subprocess(exe) = &self.compiler {
-            let r = compiler::compile_in_child(exe, bytes, timeout);
+            let functions = self.disk.as_ref().map(|d| d.functions_dir());
+            let r = compiler::compile_in_child(exe, bytes, timeout, functions.as_deref());
             self.compiling.fetch_sub(1, Ordering::AcqRel);
             return r.map(Compiled::Artifact);
         }
