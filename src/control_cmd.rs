@@ -1,5 +1,5 @@
 //! The CLI's side of the control API: `push`, `apply`, `get`, `delete`,
-//! `status`. Each talks to `--control` (default `$WASMESH_CONTROL`, else
+//! `status`, `token create`. Each talks to `--control` (default `$WASMESH_CONTROL`, else
 //! `http://127.0.0.1:15010`) with the admin credential from
 //! `--admin-token-file` (or `$WASMESH_ADMIN_TOKEN_FILE`).
 //!
@@ -18,6 +18,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use wasmesh_api::proto;
 use wasmesh_api::proto::config_client::ConfigClient;
+use wasmesh_api::proto::identity_client::IdentityClient;
 use wasmesh_api::proto::registry_client::RegistryClient;
 use wasmesh_api::proto::status_client::StatusClient;
 
@@ -78,7 +79,7 @@ impl From<tonic::Status> for Failure {
         };
         let what = match s.code() {
             Code::Unavailable => "control is unreachable",
-            Code::Unauthenticated => "not allowed",
+            Code::Unauthenticated | Code::PermissionDenied => "not allowed",
             Code::InvalidArgument => "refused",
             Code::NotFound => "not found",
             Code::AlreadyExists => "refused",
@@ -124,6 +125,7 @@ pub struct Clients {
     pub registry: RegistryClient<Authed>,
     pub config: ConfigClient<Authed>,
     pub status: StatusClient<Authed>,
+    pub identity: IdentityClient<Authed>,
 }
 
 impl Target {
@@ -158,7 +160,8 @@ impl Target {
             registry: RegistryClient::with_interceptor(channel.clone(), b.clone())
                 .max_decoding_message_size(2 << 20),
             config: ConfigClient::with_interceptor(channel.clone(), b.clone()),
-            status: StatusClient::with_interceptor(channel, b),
+            status: StatusClient::with_interceptor(channel.clone(), b.clone()),
+            identity: IdentityClient::with_interceptor(channel, b),
         })
     }
 }
@@ -333,7 +336,14 @@ fn print_table(kind: Kind, rows: &[serde_json::Value]) {
         Kind::Services => &["name", "namespace", "revision"],
         Kind::Plugins => &["name", "version", "sha256", "size", "used_by"],
         Kind::Proxies => &[
-            "service", "subset", "instance", "applied", "state", "reason",
+            "service",
+            "subset",
+            "instance",
+            "applied",
+            "state",
+            "identity",
+            "cert_expires_in",
+            "reason",
         ],
     };
     let cell = |v: &serde_json::Value| match v {
@@ -412,7 +422,60 @@ fn proxy_json(p: proto::ProxyStatus) -> serde_json::Value {
         "reason": if p.nack_reason.is_empty() { serde_json::Value::Null } else { p.nack_reason.clone().into() },
         "connected_at_ms": p.connected_at_ms,
         "proxy_version": p.proxy_version,
+        "endpoint": p.endpoint,
+        "identity": if p.spiffe_id.is_empty() { serde_json::Value::Null } else { p.spiffe_id.clone().into() },
+        "cert_expires_at_ms": p.certificate_expires_at_ms,
+        "cert_expires_in": if p.certificate_expires_at_ms == 0 {
+            serde_json::Value::Null
+        } else {
+            expires_in(p.certificate_expires_at_ms).into()
+        },
     })
+}
+
+/// Time left until `at_ms` (ms since the epoch), e.g. `23h59m`, or
+/// `expired`.
+fn expires_in(at_ms: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let left = (at_ms - now) / 1000;
+    match left {
+        ..=0 => "expired".into(),
+        1..60 => format!("{left}s"),
+        60..3600 => format!("{}m{}s", left / 60, left % 60),
+        _ => format!("{}h{}m", left / 3600, left % 3600 / 60),
+    }
+}
+
+/// `wasmesh token create --service S ...`: the token alone on stdout.
+pub async fn token_create(
+    target: &Target,
+    service: &str,
+    namespace: &str,
+    ttl: Duration,
+    uses: u32,
+) -> Result<(), Failure> {
+    let mut c = target.connect().await?;
+    let r = c
+        .identity
+        .create_token(proto::CreateTokenRequest {
+            service: service.to_string(),
+            namespace: namespace.to_string(),
+            ttl_ms: ttl.as_millis() as u64,
+            uses,
+        })
+        .await?
+        .into_inner();
+    println!("{}", r.token);
+    eprintln!(
+        "join token {} for {}: {} proxy(ies), expires in {}",
+        r.id,
+        r.spiffe_id,
+        r.uses,
+        expires_in(r.expires_at_ms)
+    );
+    Ok(())
 }
 
 /// `wasmesh status [--wait [--timeout D]]`.

@@ -79,6 +79,11 @@ enum Command {
         /// Its instance id (default: HOSTNAME-PID).
         #[arg(long)]
         instance: Option<String>,
+        /// A join token (`wasmesh token create`), in this file: the proxy
+        /// gets a mesh identity and serves mesh mTLS (with --control
+        /// https://…). Or set WASMESH_TOKEN; never on the command line.
+        #[arg(long, value_name = "FILE", requires = "control")]
+        token_file: Option<PathBuf>,
         #[command(flatten)]
         listeners: ListenerArgs,
         /// Reload when the file or a component it references changes.
@@ -117,6 +122,32 @@ enum Command {
         /// How long a disconnected proxy keeps its endpoints.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         endpoint_grace: Duration,
+        /// TLS listener: proxies with identities (join tokens) reach control
+        /// here.
+        #[arg(long, default_value = wasmesh_control::DEFAULT_LISTEN_TLS)]
+        listen_tls: SocketAddr,
+        /// The mesh's SPIFFE trust domain.
+        #[arg(long, default_value = wasmesh_api::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = parse_trust_domain)]
+        trust_domain: wasmesh_api::TrustDomain,
+        /// Use this CA certificate (an intermediate under your root, PEM)
+        /// instead of generating one; with --ca-key and --ca-root.
+        #[arg(long, value_name = "FILE", requires_all = ["ca_key", "ca_root"])]
+        ca_cert: Option<PathBuf>,
+        /// The private key of --ca-cert (PEM).
+        #[arg(long, value_name = "FILE", requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// The root --ca-cert chains to (PEM): what proxies trust.
+        #[arg(long, value_name = "FILE", requires = "ca_cert")]
+        ca_root: Option<PathBuf>,
+        /// Lifetime of the certificates proxies get (renewed at 50–70% of
+        /// it).
+        #[arg(long, default_value = "24h", value_parser = parse_cert_ttl)]
+        cert_ttl: Duration,
+    },
+    /// Join tokens: how a new proxy proves the service it stands beside.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Push a plugin component to control as NAME@VERSION.
     Push {
@@ -177,6 +208,28 @@ enum Command {
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a join token for a service's proxies; prints the token alone
+    /// on stdout (give it to the proxies as --token-file or WASMESH_TOKEN).
+    Create {
+        /// The service its proxies stand beside.
+        #[arg(long)]
+        service: String,
+        /// The service's namespace.
+        #[arg(long, default_value = wasmesh_api::resources::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// How long it can be used.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// How many proxies (replicas) may use it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: u32,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -250,6 +303,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     wasmesh_api::parse_duration(s)
 }
 
+fn parse_trust_domain(s: &str) -> Result<wasmesh_api::TrustDomain, String> {
+    s.parse()
+        .map_err(|e: wasmesh_api::spiffe::IdError| e.to_string())
+}
+
+fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(5) {
+        return Err(format!(
+            "{s:?} is too short for a certificate's life: at least 5s"
+        ));
+    }
+    Ok(d)
+}
+
 fn parse_memory(s: &str) -> Result<usize, String> {
     wasmesh_api::MemoryLimit::parse(s).map(|m| m.get() as usize)
 }
@@ -281,6 +349,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal; plain text for log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Proxy {
@@ -290,18 +360,39 @@ fn main() -> ExitCode {
             subset,
             app,
             instance,
+            token_file,
             listeners,
             watch,
             workers,
             drain,
             compile_cache,
         } => {
+            let token = match token_file {
+                Some(f) => match std::fs::read_to_string(&f) {
+                    Ok(t) => Some(t.trim().to_string()),
+                    Err(e) => {
+                        eprintln!("error: cannot read the join token {}: {e}", f.display());
+                        return ExitCode::from(2);
+                    }
+                },
+                None => std::env::var("WASMESH_TOKEN")
+                    .ok()
+                    .filter(|t| !t.trim().is_empty()),
+            };
+            let identity = control
+                .as_ref()
+                .filter(|url| token.is_some() || url.starts_with("https://"))
+                .map(|_| wasmesh_proxy::identity::IdentityOptions {
+                    token,
+                    cache: compile_cache.clone(),
+                });
             let control = control.map(|url| wasmesh_proxy::xds::ControlOptions {
                 url,
                 service: service.unwrap_or_default(),
                 subset,
                 instance: instance.unwrap_or_else(default_instance),
                 app,
+                inbound: None,
                 cache: compile_cache.clone(),
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(5),
@@ -310,6 +401,7 @@ fn main() -> ExitCode {
             let options = wasmesh_proxy::Options {
                 config,
                 control,
+                identity,
                 overrides: wasmesh_proxy::config::Overrides {
                     admin: listeners.admin,
                     listen: listeners.listen,
@@ -331,6 +423,12 @@ fn main() -> ExitCode {
             admin_token_file,
             insecure,
             endpoint_grace,
+            listen_tls,
+            trust_domain,
+            ca_cert,
+            ca_key,
+            ca_root,
+            cert_ttl,
         } => control(wasmesh_control::Options {
             listen,
             admin,
@@ -338,6 +436,31 @@ fn main() -> ExitCode {
             admin_token_file,
             insecure,
             endpoint_grace,
+            listen_tls,
+            identity: wasmesh_control::identity::IdentityOptions {
+                trust_domain,
+                ca_files: match (ca_cert, ca_key, ca_root) {
+                    (Some(cert), Some(key), Some(root)) => {
+                        Some(wasmesh_control::identity::CaFiles { cert, key, root })
+                    }
+                    _ => None,
+                },
+                cert_ttl,
+                server_names: vec!["localhost".into()],
+                server_ips: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+            },
+        }),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    service,
+                    namespace,
+                    ttl,
+                    uses,
+                    target,
+                },
+        } => client(async move {
+            control_cmd::token_create(&target, &service, &namespace, ttl, uses).await
         }),
         Command::Push {
             file,

@@ -74,6 +74,7 @@ impl Validator for RuntimeValidator {
                     address: address.as_str().into(),
                     socket,
                     subset: subset.as_str().into(),
+                    identity: None,
                 })
             })
             .collect();

@@ -15,8 +15,10 @@ use serde::Deserialize;
 
 pub mod proto;
 pub mod resources;
+pub mod spiffe;
 pub mod values;
 
+pub use spiffe::{SpiffeId, TrustDomain};
 pub use values::{
     Address, BoundedDuration, BoundedSize, Count, HostName, PluginName, ServiceName, Sha256,
     SubsetName,
@@ -182,15 +184,102 @@ pub struct ServiceSpec {
     /// Upstream protocol. Default: HTTP/1.1, and HTTP/2 (h2c) for gRPC
     /// requests.
     pub protocol: Option<Protocol>,
-    /// Endpoints by subset name (`v1: ["127.0.0.1:9081"]`).
+    /// Endpoints by subset name (`v1: ["127.0.0.1:9081"]`): plaintext
+    /// `ip:port`, or `{ address: ip:port, identity: spiffe://… }` for a
+    /// sidecar reached over mesh mTLS.
     #[serde(default)]
-    pub endpoints: BTreeMap<SubsetName, Vec<Address>>,
+    pub endpoints: BTreeMap<SubsetName, Vec<EndpointSpec>>,
     /// The outbound chain, run by callers' sidecars, in order.
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,
     /// The inbound chain, run by this service's own sidecar.
     #[serde(default)]
     pub inbound_plugins: Vec<PluginSpec>,
+    /// Mesh mTLS on this service's inbound listeners.
+    pub mtls: Option<MtlsSpec>,
+}
+
+/// One endpoint of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// `ip:port`.
+    pub address: Address,
+    /// The SPIFFE ID it must present: spoken to over mesh mTLS. `None`:
+    /// plaintext.
+    pub identity: Option<SpiffeId>,
+}
+
+/// The map form of an endpoint.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeshEndpointSpec {
+    address: Address,
+    identity: SpiffeId,
+}
+
+impl<'de> Deserialize<'de> for EndpointSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = EndpointSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("ip:port, or { address: ip:port, identity: spiffe://… }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EndpointSpec, E> {
+                Ok(EndpointSpec {
+                    address: Address::try_from(v.to_string()).map_err(E::custom)?,
+                    identity: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<EndpointSpec, A::Error> {
+                let m = MeshEndpointSpec::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(EndpointSpec {
+                    address: m.address,
+                    identity: Some(m.identity),
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A service's inbound mTLS, as Istio's PeerAuthentication.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MtlsSpec {
+    /// `STRICT` (mesh mTLS only) or `PERMISSIVE` (mTLS or plaintext on the
+    /// same port). Default: `STRICT` on sidecars with an identity.
+    pub mode: Option<MtlsMode>,
+    /// Hand the verified caller to the app in `x-forwarded-client-cert`
+    /// (Envoy's format: `By=…;Hash=…;URI=…`). Default `false`. Whatever the
+    /// setting, the header never passes in from a client.
+    #[serde(default)]
+    pub forward_client_cert: bool,
+}
+
+/// Inbound mTLS mode.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Mesh mTLS only.
+    Strict,
+    /// mTLS or plaintext, told apart by the first byte.
+    Permissive,
+}
+
+impl MtlsMode {
+    /// As written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+        }
+    }
 }
 
 /// One entry of a chain.
@@ -353,6 +442,33 @@ mod tests {
 
         let e = MeshFile::parse("apiVersion: wasmesh.io/v9\n").unwrap_err();
         assert_eq!(e.0, "apiVersion");
+    }
+
+    #[test]
+    fn endpoints_are_addresses_or_mesh_endpoints_with_an_identity() {
+        let doc = MeshFile::parse(
+            "services:\n  r:\n    endpoints: { v1: [\"127.0.0.1:1\", { address: \"127.0.0.1:2\", identity: \"spiffe://cluster.local/ns/default/sa/r\" }] }\n    mtls: { mode: PERMISSIVE, forward-client-cert: true }\n",
+        )
+        .unwrap();
+        let r = &doc.services[&ServiceName::try_from("r".to_string()).unwrap()];
+        let v1 = r.endpoints.values().next().unwrap();
+        assert_eq!(v1[0].identity, None);
+        assert_eq!(
+            v1[1].identity.as_ref().unwrap().to_string(),
+            "spiffe://cluster.local/ns/default/sa/r"
+        );
+        let mtls = r.mtls.as_ref().unwrap();
+        assert_eq!(mtls.mode, Some(MtlsMode::Permissive));
+        assert!(mtls.forward_client_cert);
+
+        let e = MeshFile::parse(
+            "services:\n  r:\n    endpoints: { v1: [{ address: \"127.0.0.1:2\", identity: \"http://x\" }] }\n",
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("services.r.endpoints.v1[0]"), "{e:?}");
+        assert!(e.1.contains("must start with spiffe://"), "{e:?}");
+        let e = MeshFile::parse("services:\n  r:\n    mtls: { mode: strict }\n").unwrap_err();
+        assert_eq!(e.0, "services.r.mtls.mode");
     }
 
     #[test]

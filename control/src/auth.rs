@@ -2,13 +2,16 @@
 //! (`admin.token` in its data directory, mode 0600, or the file given),
 //! which the CLI sends as `authorization: Bearer TOKEN`. Changing
 //! operations always need it; reads need it too when control listens
-//! beyond loopback.
+//! beyond loopback, and on the TLS listener from a client without a mesh
+//! certificate.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use tonic::{Request, Status};
+
+use crate::tls::Transport;
 
 /// What an operation does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,9 +36,10 @@ impl Auth {
         let token = match std::fs::read_to_string(file) {
             Ok(t) => t.trim().to_string(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let token: String = (0..4)
-                    .map(|_| format!("{:016x}", fastrand::u64(..)))
-                    .collect();
+                let mut bytes = [0u8; 32];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                    .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+                let token = hex::encode(bytes);
                 if let Some(dir) = file.parent() {
                     std::fs::create_dir_all(dir)
                         .with_context(|| format!("creating {}", dir.display()))?;
@@ -69,8 +73,13 @@ impl Auth {
 
     /// Check a request's credential for `access`.
     pub fn check<T>(&self, req: &Request<T>, access: Access) -> Result<(), Status> {
-        if access == Access::Read && !self.reads_need_token {
-            return Ok(());
+        if access == Access::Read {
+            match Transport::of(req) {
+                Transport::Plain if !self.reads_need_token => return Ok(()),
+                // A proxy of the mesh, verified by its certificate.
+                Transport::Tls(info) if info.peer.is_some() => return Ok(()),
+                _ => {}
+            }
         }
         let given = req
             .metadata()

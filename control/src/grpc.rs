@@ -18,6 +18,7 @@ use wasmesh_api::proto::{
 use crate::auth::{Access, Auth};
 use crate::mesh::{MAX_COMPONENT_BYTES, Mesh, ProxyHandle, Refusal};
 use crate::metrics::Metrics;
+use crate::tls::{PeerCert, Transport};
 
 /// Largest chunk of a push or a fetch.
 pub const CHUNK: usize = 1 << 20;
@@ -272,6 +273,14 @@ impl Discovery for Services {
         &self,
         req: Request<Streaming<proto::ProxyMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = match Transport::of(&req) {
+            Transport::Plain => None,
+            Transport::Tls(info) => Some(info.peer.ok_or_else(|| {
+                Status::unauthenticated(
+                    "discovery over TLS needs the proxy's mesh certificate: a proxy gets one with its join token first",
+                )
+            })?),
+        };
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
             Some(proto::ProxyMessage {
@@ -283,9 +292,17 @@ impl Discovery for Services {
                 ));
             }
         };
+        if let Some(p) = &peer
+            && p.id.service() != Some(hello.service.as_str())
+        {
+            return Err(Status::permission_denied(format!(
+                "this proxy's certificate is {}; it cannot stand beside service {}",
+                p.id, hello.service
+            )));
+        }
         let mesh = self.mesh.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(serve_proxy(mesh, hello, inbound, tx));
+        tokio::spawn(serve_proxy(mesh, hello, peer, inbound, tx));
         let out = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(out)))
     }
@@ -297,12 +314,13 @@ impl Discovery for Services {
 async fn serve_proxy(
     mesh: Arc<Mesh>,
     hello: proto::Hello,
+    peer: Option<PeerCert>,
     mut inbound: Streaming<proto::ProxyMessage>,
     tx: tokio::sync::mpsc::Sender<Result<proto::ControlMessage, Status>>,
 ) {
     let mut changes = mesh.subscribe();
     let mut sent = hello.applied_version.clone();
-    let handle: ProxyHandle = mesh.connect(hello);
+    let handle: ProxyHandle = mesh.connect(hello, peer.as_ref());
     loop {
         let snapshot = mesh.snapshot(&handle.service);
         if snapshot.version != sent {
@@ -318,6 +336,9 @@ async fn serve_proxy(
             m = inbound.next() => match m {
                 Some(Ok(proto::ProxyMessage { message: Some(proto::proxy_message::Message::Ack(a)) })) => {
                     mesh.reply(&handle, &a.version, &a.error);
+                }
+                Some(Ok(proto::ProxyMessage { message: Some(proto::proxy_message::Message::Certificate(c)) })) => {
+                    mesh.certificate(&handle, &c);
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => break,

@@ -1,8 +1,11 @@
 //! wasmesh's control plane: `wasmesh control`. A tonic gRPC server with the
 //! plugin registry, declarative config, the discovery stream each proxy
-//! holds (versioned snapshots, ACK/NACK, the xDS model) and proxy status;
-//! gRPC health and reflection; an admin HTTP listener with `/metrics` and
-//! `/ready`. State lives in a [`store::Store`] (embedded redb by default).
+//! holds (versioned snapshots, ACK/NACK, the xDS model), proxy status, and
+//! mesh identity (the CA, join tokens, certificates: [`identity`]); gRPC
+//! health and reflection; an admin HTTP listener with `/metrics` and
+//! `/ready`. It serves on a plaintext listener (loopback: the CLI, proxies
+//! without identity) and a TLS one ([`tls`]: proxies with identities).
+//! State lives in a [`store::Store`] (embedded redb by default).
 //!
 //! It depends on `wasmesh-api` (the resources and the gRPC API) and judges
 //! plugins through a [`validate::Validator`] the binary supplies (the
@@ -10,9 +13,11 @@
 
 pub mod auth;
 pub mod grpc;
+pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod store;
+pub mod tls;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -26,6 +31,7 @@ use wasmesh_api::proto;
 
 use crate::auth::Auth;
 use crate::grpc::Services;
+use crate::identity::{IdentityOptions, IdentityService, MeshCa};
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::validate::Validator;
@@ -34,6 +40,8 @@ use crate::validate::Validator;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15010";
 /// Default admin listener.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15011";
+/// Default TLS listener.
+pub const DEFAULT_LISTEN_TLS: &str = "127.0.0.1:15012";
 /// How long a disconnected proxy keeps its endpoints, by default.
 pub const DEFAULT_ENDPOINT_GRACE: Duration = Duration::from_secs(30);
 
@@ -52,13 +60,19 @@ pub struct Options {
     pub insecure: bool,
     /// How long a disconnected proxy keeps its endpoints.
     pub endpoint_grace: Duration,
+    /// The TLS listener.
+    pub listen_tls: SocketAddr,
+    /// The CA and certificates.
+    pub identity: IdentityOptions,
 }
 
 /// Control, bound and ready to serve.
 pub struct Control {
     mesh: Arc<Mesh>,
     auth: Arc<Auth>,
+    ca: Arc<MeshCa>,
     grpc: TcpListener,
+    grpc_tls: TcpListener,
     admin: TcpListener,
 }
 
@@ -68,13 +82,11 @@ impl Control {
         for (what, addr) in [("--listen", options.listen), ("--admin", options.admin)] {
             anyhow::ensure!(
                 addr.ip().is_loopback() || options.insecure,
-                "refusing to listen on {addr} ({what}): it is not a loopback address, and whoever can reach control can push code to every proxy. Until control serves TLS with authentication, listen on 127.0.0.1, or start with --insecure if this network is yours alone"
+                "refusing to listen on {addr} ({what}): it is not a loopback address, and whoever can reach this plaintext listener can read the mesh and, with a stolen admin token on the wire, push code to every proxy. Keep it on 127.0.0.1 and let remote proxies use the TLS listener (--listen-tls), or start with --insecure if this network is yours alone"
             );
         }
         raise_open_files();
-        std::fs::create_dir_all(&options.data_dir).with_context(|| {
-            format!("creating the data directory {}", options.data_dir.display())
-        })?;
+        create_private_dir(&options.data_dir)?;
         let token_file = options
             .admin_token_file
             .clone()
@@ -83,10 +95,17 @@ impl Control {
             &token_file,
             !options.listen.ip().is_loopback(),
         )?);
-        let store = store::embedded::Embedded::open(&options.data_dir)
-            .with_context(|| format!("opening the store in {}", options.data_dir.display()))?;
+        let store: Arc<dyn store::Store> = Arc::new(
+            store::embedded::Embedded::open(&options.data_dir)
+                .with_context(|| format!("opening the store in {}", options.data_dir.display()))?,
+        );
         let metrics = Arc::new(Metrics::new());
-        let mesh = Mesh::open(Arc::new(store), validator, metrics, options.endpoint_grace)?;
+        let mut identity = options.identity.clone();
+        if !options.listen_tls.ip().is_unspecified() {
+            identity.server_ips.push(options.listen_tls.ip());
+        }
+        let ca = MeshCa::open(store.clone(), identity, metrics.clone())?;
+        let mesh = Mesh::open(store, validator, metrics, options.endpoint_grace)?;
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -94,26 +113,29 @@ impl Control {
         };
         Ok(Self {
             grpc: bind(options.listen, "listen").await?,
+            grpc_tls: bind(options.listen_tls, "listen-tls").await?,
             admin: bind(options.admin, "admin").await?,
             mesh,
             auth,
+            ca,
         })
+    }
+
+    /// The sha256 of the mesh root's public key, which join tokens pin.
+    pub fn ca_pin(&self) -> [u8; 32] {
+        self.ca.pin()
     }
 
     /// Serve until SIGTERM or SIGINT.
     pub async fn run(self) -> anyhow::Result<()> {
         let services = Services {
             mesh: self.mesh.clone(),
+            auth: self.auth.clone(),
+        };
+        let identity = IdentityService {
+            ca: self.ca.clone(),
             auth: self.auth,
         };
-        let (health_reporter, health) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<proto::discovery_server::DiscoveryServer<Services>>()
-            .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("building gRPC reflection")?;
         tokio::spawn(self.mesh.clone().write_endpoints());
         let expiring = self.mesh.clone();
         tokio::spawn(async move {
@@ -122,9 +144,14 @@ impl Control {
                 expiring.expire();
             }
         });
+        tokio::spawn(self.ca.clone().renew_server());
         tokio::spawn(admin(self.admin, self.mesh.clone()));
-        let addr = self.grpc.local_addr()?;
-        tracing::info!(%addr, revision = self.mesh.revision(), "wasmesh control serving");
+        tracing::info!(
+            addr = %self.grpc.local_addr()?,
+            tls = %self.grpc_tls.local_addr()?,
+            revision = self.mesh.revision(),
+            "wasmesh control serving"
+        );
         // TCP_NODELAY: a snapshot or a chunk must not wait for Nagle's
         // algorithm and a delayed ACK (40 ms a message on loopback).
         let incoming = tokio_stream::StreamExt::map(
@@ -136,25 +163,75 @@ impl Control {
                 s
             },
         );
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(
-                proto::registry_server::RegistryServer::new(services.clone())
-                    .max_decoding_message_size(2 << 20),
-            )
-            .add_service(proto::config_server::ConfigServer::new(services.clone()))
-            .add_service(proto::discovery_server::DiscoveryServer::new(
-                services.clone(),
-            ))
-            .add_service(proto::status_server::StatusServer::new(services))
-            .serve_with_incoming_shutdown(incoming, shutdown())
-            .await
-            .context("serving gRPC")?;
+        let tls_incoming = tls::incoming(
+            self.grpc_tls,
+            identity::tls_config(&self.ca),
+            self.mesh.metrics.clone(),
+        );
+        let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+        let stopped = |rx: tokio::sync::broadcast::Receiver<()>| async move {
+            let mut rx = rx;
+            let _ = rx.recv().await;
+        };
+        let plain = router(&services, &identity)
+            .await?
+            .serve_with_incoming_shutdown(incoming, stopped(stop.subscribe()));
+        let secure = router(&services, &identity)
+            .await?
+            .serve_with_incoming_shutdown(tls_incoming, stopped(stop.subscribe()));
+        let serving = async { tokio::try_join!(plain, secure) };
+        tokio::pin!(serving);
+        tokio::select! {
+            r = &mut serving => { r.context("serving gRPC")?; }
+            () = shutdown() => {
+                let _ = stop.send(());
+                serving.await.context("serving gRPC")?;
+            }
+        }
         tracing::info!("control stopped");
         Ok(())
     }
+}
+
+/// The gRPC services, as each listener serves them.
+async fn router(
+    services: &Services,
+    identity: &IdentityService,
+) -> anyhow::Result<tonic::transport::server::Router> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<proto::discovery_server::DiscoveryServer<Services>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    Ok(tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            proto::registry_server::RegistryServer::new(services.clone())
+                .max_decoding_message_size(2 << 20),
+        )
+        .add_service(proto::config_server::ConfigServer::new(services.clone()))
+        .add_service(proto::discovery_server::DiscoveryServer::new(
+            services.clone(),
+        ))
+        .add_service(proto::status_server::StatusServer::new(services.clone()))
+        .add_service(proto::identity_server::IdentityServer::new(
+            identity.clone(),
+        )))
+}
+
+/// Create `dir` (and parents) for control alone: mode 700, as it holds the
+/// CA key.
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making the data directory {} private", dir.display()))
 }
 
 /// Each connected proxy holds a connection: raise the soft limit on open

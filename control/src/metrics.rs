@@ -29,6 +29,12 @@ pub struct Metrics {
     pub revision: Gauge,
     /// Seconds from a change to a proxy's ACK of the snapshot it made.
     pub fanout: Histogram,
+    /// Certificates issued, by kind (token, renewal).
+    pub certificates: Family<Labels, Counter>,
+    /// Certificate requests refused, by reason.
+    pub identity_refusals: Family<Labels, Counter>,
+    /// TLS clients refused at the handshake, by reason.
+    pub tls_refusals: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -85,6 +91,24 @@ impl Metrics {
             "Time from a change to a proxy's ACK of the snapshot it made",
             fanout.clone(),
         );
+        let certificates = Family::<Labels, Counter>::default();
+        registry.register(
+            "wasmesh_control_certificates_issued",
+            "Proxy certificates issued, by kind (token: a first one; renewal)",
+            certificates.clone(),
+        );
+        let identity_refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "wasmesh_control_certificate_refusals",
+            "Certificate requests refused, by reason",
+            identity_refusals.clone(),
+        );
+        let tls_refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "wasmesh_control_tls_refused_connections",
+            "Clients of the TLS listener refused at the handshake, by reason",
+            tls_refusals.clone(),
+        );
         Self {
             registry,
             connected,
@@ -94,7 +118,31 @@ impl Metrics {
             nacks,
             revision,
             fanout,
+            certificates,
+            identity_refusals,
+            tls_refusals,
         }
+    }
+
+    /// Count a certificate issued.
+    pub fn certificate_issued(&self, kind: &'static str) {
+        self.certificates
+            .get_or_create(&vec![("kind", kind.to_string())])
+            .inc();
+    }
+
+    /// Count a certificate request refused.
+    pub fn identity_refused(&self, reason: &'static str) {
+        self.identity_refusals
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
+    }
+
+    /// Count a TLS client refused.
+    pub fn tls_refused(&self, reason: wasmesh_identity::tls::Rejection) {
+        self.tls_refusals
+            .get_or_create(&vec![("reason", reason.label().to_string())])
+            .inc();
     }
 
     /// Count a push or an apply.

@@ -16,6 +16,7 @@
 //!
 //! ```text
 //! xds                               the control plane's client
+//! identity                          the proxy's certificate from control
 //! serve, admin                      the request handler; the admin listener
 //! config                            snapshots: building, swapping, watching
 //! listener  chain                   accepting; running a chain
@@ -36,6 +37,7 @@ pub mod flags;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod http;
+pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod runtime;
@@ -67,6 +69,9 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// The control plane (control mode).
     pub control: Option<xds::ControlOptions>,
+    /// A mesh identity from control (with `control`): mTLS on the inbound
+    /// listener and to mesh peers.
+    pub identity: Option<identity::IdentityOptions>,
     /// Settings from the command line (listeners, memory limit).
     pub overrides: Overrides,
     /// Reload when the file or a referenced component changes.
@@ -98,6 +103,7 @@ pub struct Proxy {
     endpoints: Arc<EndpointTable>,
     watch: bool,
     control: Option<xds::ControlOptions>,
+    identity: Option<Arc<identity::Identity>>,
     listeners: Vec<(TcpListener, Side)>,
     admin: TcpListener,
 }
@@ -109,6 +115,14 @@ impl Proxy {
             Runtime::with_options(options.compile_cache.as_deref(), options.compiler.clone())?;
         let metrics = Arc::new(Metrics::new());
         let endpoints = Arc::new(EndpointTable::default());
+        // An identity first: without it a proxy with a join token cannot
+        // reach control, nor serve its inbound listener.
+        let identity = match (&options.control, &options.identity) {
+            (Some(c), Some(i)) => {
+                Some(identity::Identity::obtain(i, &c.url, &c.service, metrics.clone()).await?)
+            }
+            _ => None,
+        };
         let cache = options.compile_cache.clone();
         let builder = Builder {
             runtime,
@@ -134,7 +148,13 @@ impl Proxy {
             .await
             .map_err(|e| anyhow::anyhow!("building the configuration panicked: {e}"))??;
         let first = live.load();
-        let clients = Arc::new(Clients::new(&first.upstream));
+        let mesh_tls = identity.as_ref().map(|i| {
+            Arc::new(upstream::tls::MeshTls::new(
+                i.credentials().clone(),
+                metrics.clone(),
+            ))
+        });
+        let clients = Arc::new(Clients::new(&first.upstream, mesh_tls, endpoints.clone()));
         let l = first.listeners.clone();
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
@@ -146,15 +166,28 @@ impl Proxy {
             listeners.push((bind(a, "inbound").await?, Side::Inbound));
         }
         let admin = bind(l.admin, "admin").await?;
+        let mut control = options.control;
+        if let Some(c) = &mut control {
+            c.inbound = match l.inbound {
+                Some(_) => Some(listeners[1].0.local_addr().map_err(anyhow::Error::from)?),
+                None => None,
+            };
+        }
+        let inbound_tls = identity.as_ref().map(|i| serve::InboundTls {
+            config: wasmesh_identity::tls::inbound_server(i.credentials()),
+            credentials: i.credentials().clone(),
+        });
         Ok(Self {
             shared: Arc::new(Shared {
                 live: Arc::new(live),
                 metrics,
                 clients,
+                inbound_tls,
             }),
             endpoints,
             watch: options.watch,
-            control: options.control,
+            control,
+            identity,
             listeners,
             admin,
         })
@@ -202,8 +235,15 @@ impl Proxy {
         if self.watch {
             config::watch::spawn(shared.live.clone());
         }
+        if let Some(identity) = &self.identity {
+            tokio::spawn(identity.clone().renew());
+        }
         if let Some(control) = self.control {
-            tokio::spawn(xds::run(shared.live.clone(), control));
+            tokio::spawn(xds::run(
+                shared.live.clone(),
+                control,
+                self.identity.clone(),
+            ));
         }
         let snap = shared.live.load();
         tracing::info!(

@@ -36,10 +36,12 @@ use crate::flags::ResponseFlag;
 use crate::http::body::{self, Broken, ReqBody};
 use crate::http::headers::{self, Remote, X_REQUEST_ID};
 use crate::http::{ProxyBody, full};
+use crate::listener::Security;
 use crate::metrics::Metrics;
 use crate::runtime::RequestView;
 use crate::runtime::types::{Attempt, Outcome, Protocol, ResponseView};
 use crate::upstream::{self, Clients, Outgoing, UpstreamFailure};
+use wasmesh_api::MtlsMode;
 
 /// Most attempts the host makes for one request, whatever plugins ask.
 pub const MAX_ATTEMPTS: u32 = 16;
@@ -63,6 +65,17 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Upstream clients.
     pub clients: Arc<Clients>,
+    /// The inbound listener's mesh mTLS, when this proxy has an identity.
+    pub inbound_tls: Option<InboundTls>,
+}
+
+/// What the inbound listener needs for mesh mTLS.
+pub struct InboundTls {
+    /// Its TLS configuration (client certificate required).
+    pub config: Arc<rustls::ServerConfig>,
+    /// The proxy's credentials (its own ID is `By=` in
+    /// `x-forwarded-client-cert`).
+    pub credentials: Arc<wasmesh_identity::tls::Credentials>,
 }
 
 /// The handler a listener serves with: [`handle`] for one side.
@@ -81,6 +94,33 @@ impl crate::listener::Handler for Handler {
         remote: Arc<Remote>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
         handle(self.shared.clone(), self.side, remote, req)
+    }
+
+    /// Plaintext outbound. Inbound: mesh mTLS when this proxy has an
+    /// identity (`STRICT` unless the service says `PERMISSIVE`);
+    /// plaintext without one — unless the service demands `STRICT`, which
+    /// this proxy then cannot serve.
+    fn security(&self) -> Security {
+        if self.side == Side::Outbound {
+            return Security::Plain;
+        }
+        let mode = self
+            .shared
+            .live
+            .load()
+            .local_service
+            .as_ref()
+            .and_then(|s| s.mtls.mode);
+        match (&self.shared.inbound_tls, mode) {
+            (Some(tls), mode) => Security::Mtls {
+                config: tls.config.clone(),
+                permissive: mode == Some(MtlsMode::Permissive),
+            },
+            (None, Some(MtlsMode::Strict)) => Security::Refuse(
+                "the service's mtls.mode is STRICT but this proxy has no identity: start it with a join token (--token-file)",
+            ),
+            (None, _) => Security::Plain,
+        }
     }
 }
 
@@ -137,12 +177,18 @@ pub async fn handle(
         Err(e) => return refuse(&shared.metrics, e),
     };
     let (
-        view,
+        mut view,
         Rest {
             incoming,
             request_id,
         },
     ) = prepare(req, &remote, &service, authority, started);
+    if side == Side::Inbound
+        && service.mtls.forward_client_cert
+        && let (Some(peer), Some(tls)) = (&remote.peer, &shared.inbound_tls)
+    {
+        forward_client_cert(&mut view.parts.headers, peer, tls);
+    }
     let chain = match side {
         Side::Outbound => service.outbound.clone(),
         Side::Inbound => service.inbound.clone(),
@@ -221,7 +267,11 @@ fn prepare(
     let host = authority.as_ref().map_or("", |a| a.as_str());
     let request_id = headers::add_forwarding(&mut parts.headers, remote, host);
     let view = RequestView {
-        scheme: "http",
+        scheme: if remote.peer.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         port: authority
             .as_ref()
             .and_then(Authority::port_u16)
@@ -229,7 +279,7 @@ fn prepare(
         authority,
         protocol,
         source_address: remote.address.clone(),
-        source_principal: None,
+        source_principal: remote.peer.as_ref().map(|p| p.principal.clone()),
         service: service.name.clone(),
         id: request_id.clone(),
         holds: Default::default(),
@@ -245,6 +295,16 @@ fn prepare(
         request_id,
     };
     (view, rest)
+}
+
+/// Hand the verified caller to the app, in Envoy's format:
+/// `By=<this proxy>;Hash=<sha256 of the caller's certificate>;URI=<caller>`.
+fn forward_client_cert(h: &mut http::HeaderMap, peer: &headers::Peer, tls: &InboundTls) {
+    let by = tls.credentials.current().id.to_string();
+    let value = format!("By={by};Hash={};URI={}", peer.cert_sha256, peer.principal);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(headers::X_FORWARDED_CLIENT_CERT, v);
+    }
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {

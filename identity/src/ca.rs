@@ -13,7 +13,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
 
 use crate::cert::{self, CertError, CertInfo};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -83,6 +83,19 @@ fn serial() -> SerialNumber {
         .expect("the system's random source works");
     bytes[0] &= 0x7f; // a positive INTEGER
     SerialNumber::from_slice(&bytes)
+}
+
+/// A CSR whose signature verified: proof that its sender holds the key.
+#[derive(Debug)]
+pub struct Csr(CertificateSigningRequestParams);
+
+impl Csr {
+    /// Parse a DER CSR and verify its signature.
+    pub fn parse(der: &[u8]) -> Result<Self, CaError> {
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
+            .map(Self)
+            .map_err(|e| CaError::Csr(e.to_string()))
+    }
 }
 
 /// A certificate issued by [`Authority::issue`].
@@ -218,13 +231,10 @@ impl Authority {
 
     /// Sign `csr` as `id`, valid `ttl` from now (never past the CA's own
     /// end of validity). Only the CSR's public key is used.
-    pub fn issue(&self, csr: &[u8], id: &SpiffeId, ttl: Duration) -> Result<Issued, CaError> {
-        let request =
-            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
-                .map_err(|e| CaError::Csr(e.to_string()))?;
+    pub fn issue(&self, csr: &Csr, id: &SpiffeId, ttl: Duration) -> Result<Issued, CaError> {
         let now = SystemTime::now();
         let not_after = (now + ttl).min(self.ca.not_after);
-        let leaf = self.sign(&request.public_key, |params| {
+        let leaf = self.sign(&csr.0.public_key, |params| {
             params.subject_alt_names = vec![SanType::URI(
                 id.to_string()
                     .try_into()
@@ -238,19 +248,21 @@ impl Authority {
         Ok(Issued { chain, not_after })
     }
 
-    /// Control's server certificate for a new key of its own: the control
-    /// SPIFFE ID, plus `dns` and `ips` for TLS clients that check names.
+    /// Control's server certificate, for a new key (returned with it): the
+    /// control SPIFFE ID, plus `dns` and `ips` for TLS clients that check
+    /// names. The chain ends with the root, so that a proxy holding only a
+    /// join token finds the key it pins.
     pub fn issue_server(
         &self,
-        key: &KeyPair,
         dns: &[String],
         ips: &[std::net::IpAddr],
         ttl: Duration,
-    ) -> Result<Issued, CaError> {
+    ) -> Result<(Issued, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
         let now = SystemTime::now();
         let not_after = (now + ttl).min(self.ca.not_after);
         let control = SpiffeId::control(&self.trust_domain);
-        let leaf = self.sign(key, |params| {
+        let leaf = self.sign(&key, |params| {
             let mut sans = vec![SanType::URI(
                 control
                     .to_string()
@@ -271,7 +283,9 @@ impl Authority {
         })?;
         let mut chain = vec![leaf];
         chain.extend(self.chain.iter().cloned());
-        Ok(Issued { chain, not_after })
+        chain.extend(self.roots.iter().cloned());
+        let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok((Issued { chain, not_after }, key))
     }
 
     /// A leaf for `public_key`, as `fill` describes it.

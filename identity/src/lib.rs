@@ -1,6 +1,6 @@
 //! wasmesh's mesh identity, shared by control and the proxies:
 //!
-//! - [`spiffe`]: SPIFFE IDs and trust domains;
+//! - [`spiffe`]: SPIFFE IDs and trust domains (data, from `wasmesh-api`);
 //! - [`ca`]: the mesh CA control runs, which signs proxies' CSRs;
 //! - [`token`]: join tokens, with which a new proxy proves the service it
 //!   may speak for and pins the mesh CA;
@@ -13,14 +13,14 @@
 
 pub mod ca;
 pub mod cert;
-pub mod spiffe;
 pub mod tls;
 pub mod token;
 
 #[cfg(test)]
 mod tests;
 
-pub use spiffe::{SpiffeId, TrustDomain};
+pub use wasmesh_api::spiffe;
+pub use wasmesh_api::spiffe::{SpiffeId, TrustDomain};
 
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 

@@ -20,7 +20,8 @@ type Issued = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 fn issue(ca: &Authority, ns: &str, svc: &str, ttl: Duration) -> Issued {
     let id = SpiffeId::workload(ca.trust_domain(), ns, svc).unwrap();
     let kc = KeyAndCsr::generate().unwrap();
-    let issued = ca.issue(&kc.csr, &id, ttl).unwrap();
+    let csr = crate::ca::Csr::parse(&kc.csr).unwrap();
+    let issued = ca.issue(&csr, &id, ttl).unwrap();
     (issued.chain, kc.key)
 }
 
@@ -179,15 +180,10 @@ fn bootstrap_trusts_only_the_pinned_root() {
 }
 
 fn control_creds(ca: &Authority) -> Arc<Credentials> {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let issued = ca
-        .issue_server(&key, &["localhost".into()], &[], Duration::from_secs(3600))
+    let (issued, key) = ca
+        .issue_server(&["localhost".into()], &[], Duration::from_secs(3600))
         .unwrap();
-    let mut chain = issued.chain;
-    // Control sends the root too, so a proxy can find the pinned key.
-    chain.extend(ca.roots().iter().cloned());
-    let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    Credentials::new(Current::new(chain, der, ca.roots()).unwrap())
+    Credentials::new(Current::new(issued.chain, key, ca.roots()).unwrap())
 }
 
 #[test]

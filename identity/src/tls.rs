@@ -16,6 +16,7 @@
 //!
 //! Every refusal carries a [`Rejection`] reason, for logs and metrics.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -226,6 +227,7 @@ impl Current {
 #[derive(Debug)]
 pub struct Credentials {
     current: ArcSwap<Current>,
+    generation: AtomicU64,
 }
 
 impl Credentials {
@@ -233,6 +235,7 @@ impl Credentials {
     pub fn new(current: Current) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(current),
+            generation: AtomicU64::new(1),
         })
     }
 
@@ -244,6 +247,13 @@ impl Credentials {
     /// Install renewed credentials.
     pub fn replace(&self, current: Current) {
         self.current.store(Arc::new(current));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// +1 per renewal: a pooled connection made under an older generation
+    /// presented a certificate that has since been replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Its trust domain.

@@ -8,6 +8,7 @@ mod grpc;
 mod hardening;
 mod http;
 mod layers;
+mod mtls;
 mod plugins;
 mod reload;
 mod request;

@@ -267,6 +267,10 @@ impl Got {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+    /// The body as text.
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
@@ -622,6 +626,8 @@ pub struct Control {
     child: Child,
     /// gRPC listener.
     pub listen: SocketAddr,
+    /// gRPC TLS listener.
+    pub tls: SocketAddr,
     /// Admin listener.
     pub admin: SocketAddr,
     /// Its data directory (kept across restarts).
@@ -645,8 +651,21 @@ impl Control {
         Self::start_on(data, listen, admin).await
     }
 
-    /// Start control on these ports.
+    /// Start control on these ports (a fresh one for TLS).
     pub async fn start_on(data: &Path, listen: SocketAddr, admin: SocketAddr) -> Control {
+        let tls = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_with(data, [listen, tls, admin], &[]).await
+    }
+
+    /// Start control on fresh ports with extra flags (`--cert-ttl` ...).
+    pub async fn start_args(data: &Path, args: &[&str]) -> Control {
+        let port = || format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_with(data, [port(), port(), port()], args).await
+    }
+
+    /// Start control on `[listen, tls, admin]` with extra flags.
+    pub async fn start_with(data: &Path, ports: [SocketAddr; 3], args: &[&str]) -> Control {
+        let [listen, tls, admin] = ports;
         let log = data.with_extension("log");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -658,6 +677,8 @@ impl Control {
             .args(["--admin", &admin.to_string(), "--data-dir"])
             .arg(data)
             .args(["--endpoint-grace", "60s"])
+            .args(["--listen-tls", &tls.to_string()])
+            .args(args)
             .env("RUST_LOG", "info,wasmesh=debug")
             .stdout(Stdio::null())
             .stderr(out)
@@ -666,6 +687,7 @@ impl Control {
         let mut c = Control {
             child,
             listen,
+            tls,
             admin,
             data: data.to_path_buf(),
             log,
@@ -693,6 +715,21 @@ impl Control {
     /// `http://LISTEN`.
     pub fn url(&self) -> String {
         format!("http://{}", self.listen)
+    }
+
+    /// `https://TLS`: where proxies with join tokens reach it.
+    pub fn tls_url(&self) -> String {
+        format!("https://{}", self.tls)
+    }
+
+    /// `wasmesh token create --service SERVICE ARGS...`: the token.
+    pub fn token(&self, service: &str, args: &[&str]) -> String {
+        let mut all = vec!["token", "create", "--service", service];
+        all.extend_from_slice(args);
+        let (code, out, err) = self.cli(&all);
+        assert_eq!(code, 0, "token create: {out}{err}");
+        assert_eq!(out.lines().count(), 1, "the token alone on stdout: {out:?}");
+        out.trim().to_string()
     }
 
     /// Its log so far.
@@ -809,6 +846,25 @@ impl Proxy {
     pub async fn start_control(control: &str, service: &str, subset: &str, args: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         Self::start_control_in(dir, control, service, subset, args).await
+    }
+
+    /// A sidecar with a mesh identity: `token` in a file of its directory,
+    /// control's TLS listener, its compile cache (and identity) in
+    /// `DIR/cache`.
+    pub async fn start_mesh(control: &Control, service: &str, token: &str, args: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, token).unwrap();
+        let cache = dir.path().join("cache");
+        let mut all = vec![
+            "--token-file".to_string(),
+            file.to_string_lossy().into_owned(),
+            "--compile-cache".to_string(),
+            cache.to_string_lossy().into_owned(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        Self::start_control_in(dir, &control.tls_url(), service, "v1", &all).await
     }
 
     /// [`Proxy::start_control`] in a prepared directory (its log goes there).

@@ -10,7 +10,7 @@ use wasmesh_api::resources::{ConfigDocument, DEFAULT_NAMESPACE, PluginSource, pa
 use wasmesh_api::{PluginSpec, ServiceSpec};
 
 use super::{Mesh, Refusal};
-use crate::store::ServiceRecord;
+use crate::store::{EndpointRecord, ServiceRecord};
 
 /// One service of an apply, where it came from.
 struct Applied {
@@ -189,7 +189,7 @@ impl Mesh {
 
 /// The endpoints a plugin of `a` sees while it is configured: the
 /// documents' own, and those proxies registered.
-fn endpoints_of(a: &Applied, registered: &[(String, String)]) -> Vec<(String, String)> {
+fn endpoints_of(a: &Applied, registered: &[EndpointRecord]) -> Vec<(String, String)> {
     let mut eps: Vec<(String, String)> = a
         .spec
         .endpoints
@@ -197,10 +197,14 @@ fn endpoints_of(a: &Applied, registered: &[(String, String)]) -> Vec<(String, St
         .flat_map(|(subset, addrs)| {
             addrs
                 .iter()
-                .map(move |addr| (subset.to_string(), addr.to_string()))
+                .map(move |ep| (subset.to_string(), ep.address.to_string()))
         })
         .collect();
-    eps.extend(registered.iter().cloned());
+    eps.extend(
+        registered
+            .iter()
+            .map(|r| (r.subset.clone(), r.address.clone())),
+    );
     eps
 }
 

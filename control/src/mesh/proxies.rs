@@ -12,6 +12,12 @@ use wasmesh_api::proto;
 
 use super::{Inner, Mesh, now_ms};
 use crate::store::EndpointRecord;
+use crate::tls::PeerCert;
+
+fn ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
 /// One proxy, connected or gone within the grace period.
 pub(super) struct Entry {
@@ -24,6 +30,12 @@ pub(super) struct Entry {
     nack: Option<(String, String)>,
     /// When its stream ended; `None` while connected.
     gone_since: Option<Instant>,
+    /// Its SPIFFE ID, verified by its TLS client certificate.
+    identity: Option<String>,
+    /// When its certificate expires, ms since the epoch (0: none known).
+    cert_expires_at_ms: i64,
+    /// The endpoint it registered.
+    endpoint: String,
 }
 
 /// Proxies by (service, instance), and endpoints registered.
@@ -50,12 +62,12 @@ impl Proxies {
         }
     }
 
-    /// Registered endpoints of `service`: (subset, address).
-    pub(super) fn registered(&self, service: &str) -> Vec<(String, String)> {
+    /// Registered endpoints of `service`.
+    pub(super) fn registered(&self, service: &str) -> Vec<EndpointRecord> {
         self.endpoints
             .values()
             .filter(|(r, _)| r.service == service)
-            .map(|(r, _)| (r.subset.clone(), r.address.clone()))
+            .map(|(r, _)| r.clone())
             .collect()
     }
 }
@@ -81,18 +93,32 @@ pub(super) struct PendingEndpoints {
 }
 
 impl Mesh {
-    /// A proxy connected and said who it is.
-    pub fn connect(&self, hello: proto::Hello) -> ProxyHandle {
+    /// A proxy connected and said who it is; `peer` is its verified
+    /// certificate, when it came over TLS with one. It registers its inbound
+    /// listener as its service's endpoint (over mesh mTLS when it has an
+    /// identity), or without one its app's address.
+    pub fn connect(&self, hello: proto::Hello, peer: Option<&PeerCert>) -> ProxyHandle {
         let mut inner = self.inner.lock().unwrap();
         inner.proxies.next_conn += 1;
         let conn = inner.proxies.next_conn;
         let key = (hello.service.clone(), hello.instance.clone());
-        let endpoint = (!hello.app_address.is_empty()).then(|| EndpointRecord {
+        let (address, identity) = if hello.inbound_address.is_empty() {
+            (hello.app_address.clone(), String::new())
+        } else {
+            let id = peer.map(|p| p.id.to_string()).unwrap_or_default();
+            (hello.inbound_address.clone(), id)
+        };
+        let endpoint = (!address.is_empty()).then(|| EndpointRecord {
             service: hello.service.clone(),
             subset: hello.subset.clone(),
             instance: hello.instance.clone(),
-            address: hello.app_address.clone(),
+            address: address.clone(),
+            identity,
         });
+        let cert_expires_at_ms = match peer {
+            Some(p) => ms(p.not_after),
+            None => hello.certificate.as_ref().map_or(0, |c| c.expires_at_ms),
+        };
         let handle = ProxyHandle {
             key: key.clone(),
             conn,
@@ -108,6 +134,9 @@ impl Mesh {
                 last_reply_at_ms: 0,
                 nack: None,
                 gone_since: None,
+                identity: peer.map(|p| p.id.to_string()),
+                cert_expires_at_ms,
+                endpoint: address,
             },
         );
         self.metrics.connected.set(connected(&inner) as i64);
@@ -151,6 +180,21 @@ impl Mesh {
                 version,
                 "proxy refused the snapshot: {error}"
             );
+        }
+    }
+
+    /// A proxy renewed its certificate. Over mutual TLS only a report for
+    /// the identity it connected with counts.
+    pub fn certificate(&self, h: &ProxyHandle, c: &proto::CertificateStatus) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(e) = inner
+            .proxies
+            .entries
+            .get_mut(&h.key)
+            .filter(|e| e.conn == h.conn)
+            && e.identity.as_ref().is_none_or(|id| *id == c.spiffe_id)
+        {
+            e.cert_expires_at_ms = c.expires_at_ms;
         }
     }
 
@@ -270,6 +314,9 @@ impl Mesh {
                 nack_reason,
                 connected_at_ms: e.connected_at_ms,
                 last_reply_at_ms: e.last_reply_at_ms,
+                spiffe_id: e.identity.clone().unwrap_or_default(),
+                certificate_expires_at_ms: e.cert_expires_at_ms,
+                endpoint: e.endpoint.clone(),
             });
         }
         proto::ProxiesResponse {

@@ -63,18 +63,34 @@ fn service(
     spec: &ServiceSpec,
     own: bool,
 ) -> proto::Service {
-    let mut subsets: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (subset, addrs) in &spec.endpoints {
-        subsets
-            .entry(subset.to_string())
-            .or_default()
-            .extend(addrs.iter().map(|a| a.to_string()));
-    }
-    for (subset, addr) in inner.proxies.registered(name) {
-        let list = subsets.entry(subset).or_default();
-        if !list.contains(&addr) {
-            list.push(addr);
+    // Per subset: plaintext addresses, and mesh endpoints (address, ID).
+    let mut subsets: BTreeMap<String, (Vec<String>, Vec<proto::MeshEndpoint>)> = BTreeMap::new();
+    let mut add = |subset: String, address: String, identity: String| {
+        let (plain, mesh) = subsets.entry(subset).or_default();
+        if plain.contains(&address) || mesh.iter().any(|m| m.address == address) {
+            return;
         }
+        if identity.is_empty() {
+            plain.push(address);
+        } else {
+            mesh.push(proto::MeshEndpoint {
+                address,
+                spiffe_id: identity,
+            });
+        }
+    };
+    for (subset, eps) in &spec.endpoints {
+        for ep in eps {
+            let id = ep
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default();
+            add(subset.to_string(), ep.address.to_string(), id);
+        }
+    }
+    for r in inner.proxies.registered(name) {
+        add(r.subset, r.address, r.identity);
     }
     let chain = |plugins: &[PluginSpec]| {
         plugins
@@ -94,7 +110,11 @@ fn service(
         },
         subsets: subsets
             .into_iter()
-            .map(|(name, addresses)| proto::Subset { name, addresses })
+            .map(|(name, (addresses, mesh_endpoints))| proto::Subset {
+                name,
+                addresses,
+                mesh_endpoints,
+            })
             .collect(),
         plugins: chain(&spec.plugins),
         inbound_plugins: if own {
@@ -102,6 +122,12 @@ fn service(
         } else {
             Vec::new()
         },
+        mtls_mode: spec
+            .mtls
+            .as_ref()
+            .and_then(|m| m.mode)
+            .map_or_else(String::new, |m| m.as_str().to_string()),
+        forward_client_cert: spec.mtls.as_ref().is_some_and(|m| m.forward_client_cert),
     }
 }
 

@@ -10,7 +10,10 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{EndpointRecord, PluginMeta, Pushed, ServiceRecord, State, Store, StoreError};
+use super::{
+    CaRecord, EndpointRecord, PluginMeta, Pushed, ServiceRecord, State, Store, StoreError,
+    TokenRecord, TokenRefusal,
+};
 
 /// `NAME@VERSION` → [`PluginMeta`] (JSON).
 const PLUGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("plugins");
@@ -20,6 +23,10 @@ const COMPONENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("component
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 /// `SERVICE/INSTANCE` → [`EndpointRecord`] (JSON).
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
+/// `ca` → [`CaRecord`] (JSON).
+const CA: TableDefinition<&str, &[u8]> = TableDefinition::new("ca");
+/// Token id → [`TokenRecord`] (JSON).
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// `revision` → the config revision.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -47,6 +54,8 @@ impl Embedded {
         tx.open_table(SERVICES).map_err(backend)?;
         tx.open_table(ENDPOINTS).map_err(backend)?;
         tx.open_table(META).map_err(backend)?;
+        tx.open_table(CA).map_err(backend)?;
+        tx.open_table(TOKENS).map_err(backend)?;
         tx.commit().map_err(backend)?;
         Ok(Self { db })
     }
@@ -224,6 +233,78 @@ impl Store for Embedded {
         }
         tx.commit().map_err(backend)
     }
+
+    fn ca(&self) -> Result<Option<CaRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let table = tx.open_table(CA).map_err(backend)?;
+        table
+            .get("ca")
+            .map_err(backend)?
+            .map(|v| serde_json::from_slice(v.value()).map_err(backend))
+            .transpose()
+    }
+
+    fn init_ca(&self, ca: &CaRecord) -> Result<CaRecord, StoreError> {
+        let tx = self.db.begin_write().map_err(backend)?;
+        let stored = {
+            let mut table = tx.open_table(CA).map_err(backend)?;
+            let existing = table
+                .get("ca")
+                .map_err(backend)?
+                .map(|v| serde_json::from_slice::<CaRecord>(v.value()).map_err(backend))
+                .transpose()?;
+            match existing {
+                Some(e) => e,
+                None => {
+                    table.insert("ca", json(ca).as_slice()).map_err(backend)?;
+                    ca.clone()
+                }
+            }
+        };
+        tx.commit().map_err(backend)?;
+        Ok(stored)
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(backend)?;
+        tx.open_table(TOKENS)
+            .map_err(backend)?
+            .insert(token.id.as_str(), json(token).as_slice())
+            .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn redeem_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        service: &str,
+        namespace: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        let tx = self.db.begin_write().map_err(backend)?;
+        let granted = {
+            let mut table = tx.open_table(TOKENS).map_err(backend)?;
+            let record = table
+                .get(id)
+                .map_err(backend)?
+                .map(|v| serde_json::from_slice::<TokenRecord>(v.value()).map_err(backend))
+                .transpose()?;
+            let Some(mut record) = record else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            if let Err(refusal) = record.admit(secret_sha256, service, namespace, now_ms) {
+                return Ok(Err(refusal));
+            }
+            record.uses_left -= 1;
+            table
+                .insert(id, json(&record).as_slice())
+                .map_err(backend)?;
+            record
+        };
+        tx.commit().map_err(backend)?;
+        Ok(Ok(granted))
+    }
 }
 
 #[cfg(test)]
@@ -263,6 +344,65 @@ mod tests {
         assert!(s.delete_plugin("router@2").unwrap());
         assert_eq!(s.component("aa").unwrap(), None);
         assert!(!s.delete_plugin("router@2").unwrap());
+    }
+
+    #[test]
+    fn tokens_are_used_up_atomically_and_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Embedded::open(dir.path()).unwrap();
+        let t = TokenRecord {
+            id: "abc".into(),
+            secret_sha256: "11".repeat(32),
+            service: "reviews".into(),
+            namespace: "default".into(),
+            expires_at_ms: 10_000,
+            uses: 2,
+            uses_left: 2,
+            created_at_ms: 0,
+        };
+        s.put_token(&t).unwrap();
+        let redeem = |secret: &str, service: &str, now: i64| {
+            s.redeem_token("abc", secret, service, None, now).unwrap()
+        };
+        let good = "11".repeat(32);
+        assert_eq!(
+            redeem(&"22".repeat(32), "reviews", 1),
+            Err(TokenRefusal::Unknown)
+        );
+        assert!(matches!(
+            redeem(&good, "ratings", 1),
+            Err(TokenRefusal::WrongService { .. })
+        ));
+        assert!(matches!(
+            redeem(&good, "reviews", 10_000),
+            Err(TokenRefusal::Expired { .. })
+        ));
+        assert_eq!(redeem(&good, "reviews", 1).unwrap().uses_left, 1);
+        assert_eq!(redeem(&good, "reviews", 2).unwrap().uses_left, 0);
+        assert!(matches!(
+            redeem(&good, "reviews", 3),
+            Err(TokenRefusal::UsedUp { .. })
+        ));
+        assert_eq!(
+            s.redeem_token("nope", &good, "reviews", None, 1).unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+    }
+
+    #[test]
+    fn the_first_ca_stored_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Embedded::open(dir.path()).unwrap();
+        assert_eq!(s.ca().unwrap(), None);
+        let ca = |k: &str| CaRecord {
+            trust_domain: "cluster.local".into(),
+            chain_pem: "c".into(),
+            key_pem: k.into(),
+            roots_pem: "r".into(),
+        };
+        assert_eq!(s.init_ca(&ca("first")).unwrap().key_pem, "first");
+        assert_eq!(s.init_ca(&ca("second")).unwrap().key_pem, "first");
+        assert_eq!(s.ca().unwrap().unwrap().key_pem, "first");
     }
 
     #[test]

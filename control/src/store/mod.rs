@@ -64,6 +64,10 @@ pub struct EndpointRecord {
     pub instance: String,
     /// `ip:port`.
     pub address: String,
+    /// The SPIFFE ID its proxy presents (reached over mesh mTLS); empty:
+    /// plaintext.
+    #[serde(default)]
+    pub identity: String,
 }
 
 impl EndpointRecord {
@@ -71,6 +75,135 @@ impl EndpointRecord {
     pub fn key(&self) -> String {
         format!("{}/{}", self.service, self.instance)
     }
+}
+
+/// The mesh CA as stored: its trust domain and PEM material. (The key is
+/// as secret as the store: control's data directory is its own, mode 700.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRecord {
+    /// The trust domain it issues for.
+    pub trust_domain: String,
+    /// The CA certificate and any intermediates, PEM.
+    pub chain_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+    /// The trust anchors, PEM.
+    pub roots_pem: String,
+}
+
+/// A join token as control keeps it: never the secret, only its hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Its public id.
+    pub id: String,
+    /// Hex sha256 of its secret.
+    pub secret_sha256: String,
+    /// The service it lets a proxy speak for.
+    pub service: String,
+    /// The service's namespace.
+    pub namespace: String,
+    /// Unusable from then, ms since the Unix epoch.
+    pub expires_at_ms: i64,
+    /// Proxies it was made for.
+    pub uses: u32,
+    /// Proxies that may still use it.
+    pub uses_left: u32,
+    /// When it was made, ms since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+/// Why a join token was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    /// No such token (or its secret is wrong: the two look the same).
+    #[error("the join token is not known to this control (wrong, deleted, or of another mesh)")]
+    Unknown,
+    /// Past its expiry.
+    #[error("the join token {id} expired at {at}; create a new one with `wasmesh token create`")]
+    Expired {
+        /// The token's id.
+        id: String,
+        /// When, RFC 3339.
+        at: String,
+    },
+    /// Every use taken.
+    #[error(
+        "the join token {id} is used up (it allowed {uses} proxies); create a new one, with --uses for several replicas"
+    )]
+    UsedUp {
+        /// The token's id.
+        id: String,
+        /// The uses it had.
+        uses: u32,
+    },
+    /// A proxy asked for another service than the token's.
+    #[error(
+        "the join token {id} is for service {service} in namespace {namespace}; this proxy asks to be {asked}"
+    )]
+    WrongService {
+        /// The token's id.
+        id: String,
+        /// The token's service.
+        service: String,
+        /// The token's namespace.
+        namespace: String,
+        /// What the proxy asked for, `NAMESPACE/SERVICE`.
+        asked: String,
+    },
+}
+
+impl TokenRecord {
+    /// Whether a proxy holding a token with secret hash `secret_sha256` may
+    /// be `service` in `namespace` (None: the token's) at `now_ms`.
+    pub fn admit(
+        &self,
+        secret_sha256: &str,
+        service: &str,
+        namespace: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(), TokenRefusal> {
+        let same = secret_sha256.len() == self.secret_sha256.len()
+            && secret_sha256
+                .bytes()
+                .zip(self.secret_sha256.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Err(TokenRefusal::Unknown);
+        }
+        if now_ms >= self.expires_at_ms {
+            return Err(TokenRefusal::Expired {
+                id: self.id.clone(),
+                at: rfc3339(self.expires_at_ms),
+            });
+        }
+        if self.uses_left == 0 {
+            return Err(TokenRefusal::UsedUp {
+                id: self.id.clone(),
+                uses: self.uses,
+            });
+        }
+        if service != self.service || namespace.is_some_and(|n| n != self.namespace) {
+            return Err(TokenRefusal::WrongService {
+                id: self.id.clone(),
+                service: self.service.clone(),
+                namespace: self.namespace.clone(),
+                asked: format!("{}/{service}", namespace.unwrap_or(&self.namespace)),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A time in ms since the epoch, as RFC 3339 (UTC, seconds).
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms since the epoch"))
 }
 
 /// Everything the store holds but component bytes.
@@ -155,4 +288,25 @@ pub trait Store: Send + Sync + 'static {
         upserts: &[EndpointRecord],
         deletes: &[String],
     ) -> Result<(), StoreError>;
+
+    /// The mesh CA, if one was stored.
+    fn ca(&self) -> Result<Option<CaRecord>, StoreError>;
+
+    /// Store `ca` unless one is stored already; returns the stored one
+    /// (so that of two controls starting at once, both use the first).
+    fn init_ca(&self, ca: &CaRecord) -> Result<CaRecord, StoreError>;
+
+    /// Keep a new join token.
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+
+    /// Use a join token once, atomically: it must [`TokenRecord::admit`]
+    /// the proxy; then one use is taken.
+    fn redeem_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        service: &str,
+        namespace: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
 }

@@ -64,7 +64,7 @@ pub fn build(
     }
     let upstream = upstream(origin, doc, previous)?;
     // Endpoints first: plugins see the whole cluster through their scope.
-    let cluster = Arc::new(cluster(doc, builder));
+    let cluster = Arc::new(cluster(origin, doc, builder)?);
     let mut ctx = ChainCtx {
         origin,
         builder,
@@ -201,8 +201,10 @@ fn upstream(
     Ok(upstream)
 }
 
-/// Every service's endpoints, with their live state from the table.
-fn cluster(doc: &MeshFile, builder: &Builder) -> ClusterView {
+/// Every service's endpoints, with their live state from the table. An
+/// endpoint reached over mesh mTLS must present an identity of its own
+/// service: that is what the caller checks it against.
+fn cluster(origin: &Origin, doc: &MeshFile, builder: &Builder) -> Result<ClusterView, BuildError> {
     let mut view = ClusterView {
         services: HashMap::default(),
         table: builder.endpoints.clone(),
@@ -211,20 +213,35 @@ fn cluster(doc: &MeshFile, builder: &Builder) -> ClusterView {
         let mut eps = Vec::new();
         for (subset, addrs) in &svc.endpoints {
             let subset: Arc<str> = subset.as_str().into();
-            for a in addrs {
-                let address = a.to_string();
+            for (i, a) in addrs.iter().enumerate() {
+                let address = a.address.to_string();
+                if let Some(id) = &a.identity
+                    && id.service() != Some(name.as_str())
+                {
+                    return Err(field_err(
+                        origin,
+                        format!("services.{name}.endpoints.{subset}[{i}].identity"),
+                        format!(
+                            "{id} is not an identity of service {name} (spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/{name}): a caller checks the endpoint against the service it routed to"
+                        ),
+                    ));
+                }
+                if let Some(id) = &a.identity {
+                    builder.endpoints.note_identity(&address, id);
+                }
                 eps.push(Endpoint {
                     state: builder.endpoints.get(name, &address),
                     authority: address.parse().expect("a socket address is an authority"),
                     address: address.into(),
-                    socket: a.0,
+                    socket: a.address.0,
                     subset: subset.clone(),
+                    identity: a.identity.clone().map(Arc::new),
                 });
             }
         }
         view.services.insert(name.to_string(), eps.into());
     }
-    view
+    Ok(view)
 }
 
 fn service(
@@ -252,6 +269,7 @@ fn service(
         cluster: Cluster::new(cluster.services[name].clone()),
         outbound: Arc::new(outbound),
         inbound: Arc::new(inbound),
+        mtls: spec.mtls.clone().unwrap_or_default(),
     })
 }
 
@@ -346,6 +364,7 @@ fn local_app(
                 address: address.into(),
                 socket: *a,
                 subset: local.subset.as_str().into(),
+                identity: None,
             }
         })
         .collect();
@@ -355,6 +374,7 @@ fn local_app(
         cluster: Cluster::new(endpoints.into()),
         outbound: Arc::default(),
         inbound: known.map_or_else(Arc::default, |s| s.inbound.clone()),
+        mtls: known.map_or_else(Default::default, |s| s.mtls.clone()),
     }
 }
 

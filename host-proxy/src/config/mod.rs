@@ -152,6 +152,8 @@ pub struct Service {
     pub outbound: Arc<Chain>,
     /// Run by this service's own sidecar.
     pub inbound: Arc<Chain>,
+    /// Mesh mTLS on its inbound listeners.
+    pub mtls: wasmesh_api::MtlsSpec,
 }
 
 /// The configuration serving now.

@@ -106,6 +106,8 @@ pub struct Remote {
     pub ip: HeaderValue,
     /// `ip:port`, as plugins see it.
     pub address: Arc<str>,
+    /// The mesh peer, verified by mutual TLS; `None` on plaintext.
+    pub peer: Option<Peer>,
 }
 
 impl Remote {
@@ -114,14 +116,49 @@ impl Remote {
         Self {
             ip: HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is a header value"),
             address: addr.to_string().into(),
+            peer: None,
+        }
+    }
+
+    /// A client that proved its identity with a mesh certificate.
+    pub fn with_peer(addr: SocketAddr, peer: Peer) -> Self {
+        Self {
+            peer: Some(peer),
+            ..Self::new(addr)
         }
     }
 }
 
+/// A verified mesh client: its SPIFFE ID and certificate.
+pub struct Peer {
+    /// Its SPIFFE ID, as plugins see it (`principal`).
+    pub principal: Arc<str>,
+    /// The hex sha256 of its certificate (`Hash=` in
+    /// `x-forwarded-client-cert`).
+    pub cert_sha256: String,
+}
+
+impl Peer {
+    /// The peer of a verified leaf certificate, if it has a SPIFFE ID.
+    pub fn from_leaf(leaf: &rustls::pki_types::CertificateDer<'_>) -> Option<Self> {
+        let id = wasmesh_identity::cert::spiffe_id(leaf).ok()?;
+        Some(Self {
+            principal: id.to_string().into(),
+            cert_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(leaf.as_ref())),
+        })
+    }
+}
+
+/// Envoy's header for the verified client certificate; never taken from a
+/// client, set by the inbound sidecar when the service asks for it.
+pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
 /// Add the headers a proxy adds on the way in: `x-forwarded-for` (the
-/// client appended), `x-forwarded-proto`, `x-request-id` (when absent) and
-/// `host` (when an HTTP/2 request named its authority only). Returns the
-/// request id (text, so it is a `str` too).
+/// client appended), `x-forwarded-proto` (`https` on mesh mTLS),
+/// `x-request-id` (when absent) and `host` (when an HTTP/2 request named
+/// its authority only); and remove `x-forwarded-client-cert`, which only
+/// the proxy itself may set. Returns the request id (text, so it is a
+/// `str` too).
 pub fn add_forwarding(h: &mut HeaderMap, remote: &Remote, host: &str) -> HeaderValue {
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => HeaderValue::from_str(&format!(
@@ -134,7 +171,14 @@ pub fn add_forwarding(h: &mut HeaderMap, remote: &Remote, host: &str) -> HeaderV
     if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if remote.peer.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    // Identity comes from the connection, never from a header.
+    h.remove(X_FORWARDED_CLIENT_CERT);
     let id = match h.get(&X_REQUEST_ID) {
         Some(id) if !id.is_empty() && id.to_str().is_ok() => id.clone(),
         _ => {

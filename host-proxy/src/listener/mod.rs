@@ -5,9 +5,15 @@
 //! against request smuggling ([`h1scan`]), and an idle timeout that closes a
 //! connection which moved no bytes for `downstream.idle-timeout`.
 //!
+//! On the inbound listener of a proxy with a mesh identity it terminates
+//! mutual TLS ([`Security`]): `STRICT` takes mesh mTLS only (a plaintext
+//! client or one without a mesh certificate is refused at the handshake and
+//! never reaches the app); `PERMISSIVE` takes plaintext too, told apart by
+//! the first byte. Each refusal is logged with its reason and counted.
+//!
 //! It hands each request to a [`Handler`] and knows nothing of what the
 //! handler does; it depends on [`crate::http`], [`crate::error`] and
-//! [`crate::metrics`]. TLS termination for the inbound listener lands here.
+//! [`crate::metrics`].
 
 pub mod h1scan;
 
@@ -32,8 +38,10 @@ use hyper::body::Incoming;
 use self::h1scan::{Scanner, Violation};
 use crate::error::ProxyError;
 use crate::http::ProxyBody;
-use crate::http::headers::Remote;
+use crate::http::headers::{Peer, Remote};
 use crate::metrics::Metrics;
+use std::net::SocketAddr;
+use wasmesh_identity::tls::{self, Rejection};
 
 /// Limits on client connections (the mesh file's `downstream` block).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +73,22 @@ impl Default for Limits {
     }
 }
 
+/// How a listener's next connection is secured.
+#[derive(Clone)]
+pub enum Security {
+    /// Plaintext HTTP.
+    Plain,
+    /// Mesh mutual TLS; `permissive`: plaintext too.
+    Mtls {
+        /// The TLS configuration (client certificate required).
+        config: Arc<rustls::ServerConfig>,
+        /// Accept plaintext as well (`PERMISSIVE`).
+        permissive: bool,
+    },
+    /// Refuse every connection, for this reason.
+    Refuse(&'static str),
+}
+
 /// What serves the requests a listener accepts.
 pub trait Handler: Clone + Send + Sync + 'static {
     /// Answer one request from `remote`.
@@ -73,6 +97,11 @@ pub trait Handler: Clone + Send + Sync + 'static {
         req: Request<Incoming>,
         remote: Arc<Remote>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
+
+    /// How the next connection is secured.
+    fn security(&self) -> Security {
+        Security::Plain
+    }
 }
 
 /// Connections being turned away at once, at most; past it an overflowing
@@ -134,19 +163,129 @@ pub async fn accept_loop<H: Handler>(
             turn_away(stream, &refusing, &metrics);
             continue;
         }
-        let slot = Slot::take(&open, &metrics);
+        let conn = Conn {
+            slot: Slot::take(&open, &metrics),
+            remote,
+            limits,
+            metrics: metrics.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+        };
         let _ = stream.set_nodelay(true);
+        match handler.security() {
+            Security::Plain => conn.serve(stream, Remote::new(remote), handler.clone()),
+            security => {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    if let Some((io, peer)) = secure(stream, security, &conn).await {
+                        match io {
+                            Secured::Plain(s) => conn.serve(s, peer, handler),
+                            Secured::Tls(s) => conn.serve(*s, peer, handler),
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A connection accepted, and what serving it takes.
+struct Conn {
+    slot: Slot,
+    remote: SocketAddr,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+/// A connection after the security check.
+enum Secured {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Apply `security` to a new connection: the stream to serve and who the
+/// client is, or `None` when it was refused (logged and counted).
+async fn secure(stream: TcpStream, security: Security, conn: &Conn) -> Option<(Secured, Remote)> {
+    let remote = conn.remote;
+    let refuse = |reason: &'static str, why: &dyn std::fmt::Display| {
+        conn.metrics.tls_refused("inbound", reason);
+        tracing::info!(%remote, reason, "refused a connection: {why}");
+        None
+    };
+    let (config, permissive) = match security {
+        Security::Plain => return Some((Secured::Plain(stream), Remote::new(remote))),
+        Security::Refuse(why) => return refuse("no_identity", &why),
+        Security::Mtls { config, permissive } => (config, permissive),
+    };
+    let timeout = conn.limits.header_read_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        // Closed, failed or silent before a byte: nothing to refuse.
+        _ => return None,
+    }
+    if first[0] != TLS_HANDSHAKE {
+        if permissive {
+            return Some((Secured::Plain(stream), Remote::new(remote)));
+        }
+        return refuse(
+            Rejection::Plaintext.label(),
+            &"plaintext on a STRICT mTLS port (mesh mTLS only)",
+        );
+    }
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let tls = match tokio::time::timeout(timeout, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = tls::tls_error(&e).map_or(Rejection::Handshake, tls::rejection);
+            return refuse(reason.label(), &e);
+        }
+        Err(_) => return refuse(Rejection::Handshake.label(), &"no TLS handshake in time"),
+    };
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let Some(peer) = leaf.and_then(Peer::from_leaf) else {
+        // The verifier requires a mesh certificate; a handshake cannot end
+        // without one.
+        return refuse(
+            Rejection::NoSpiffeId.label(),
+            &"no SPIFFE ID in the certificate",
+        );
+    };
+    Some((Secured::Tls(Box::new(tls)), Remote::with_peer(remote, peer)))
+}
+
+impl Conn {
+    /// Serve HTTP on `io` from `remote`, with the downstream limits and
+    /// the raw head check, until it ends, idles out or drains.
+    fn serve<S, H>(self, io: S, remote: Remote, handler: H)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        H: Handler,
+    {
+        let Conn {
+            slot,
+            remote: addr,
+            limits,
+            metrics,
+            builder,
+            watcher,
+        } = self;
         let activity = Arc::new(Activity::new());
         let heads = Arc::new(h1scan::Shared::new());
         let io = Tracked {
-            inner: stream,
+            inner: io,
             activity: activity.clone(),
             scanner: Some(Scanner::default()),
             heads: heads.clone(),
         };
         let svc = {
-            let (handler, metrics) = (handler.clone(), metrics.clone());
-            let peer = Arc::new(Remote::new(remote));
+            let metrics = metrics.clone();
+            let peer = Arc::new(remote);
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 let bad = if req.version() < Version::HTTP_2 {
                     heads.next_request()
@@ -163,23 +302,22 @@ pub async fn accept_loop<H: Handler>(
             })
         };
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        let conn = graceful.watch(conn.into_owned());
+        let conn = watcher.watch(conn.into_owned());
         let idle = limits.idle_timeout;
-        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _slot = slot;
             tokio::pin!(conn);
             loop {
                 let wait = idle.saturating_sub(activity.idle_for());
                 if wait.is_zero() {
-                    tracing::debug!(%remote, "closing a connection idle for {idle:?}");
+                    tracing::debug!(remote = %addr, "closing a connection idle for {idle:?}");
                     metrics.downstream_closed("idle");
                     return;
                 }
                 tokio::select! {
                     r = &mut conn => {
                         if let Err(e) = r {
-                            tracing::debug!(%remote, "connection ended: {e}");
+                            tracing::debug!(remote = %addr, "connection ended: {e}");
                         }
                         return;
                     }
@@ -290,17 +428,17 @@ impl Activity {
     }
 }
 
-/// A client socket that notes when it last moved bytes, and shows what it
-/// reads to the raw HTTP/1 head check.
-struct Tracked {
-    inner: TcpStream,
+/// A client connection that notes when it last moved bytes, and shows what
+/// it reads (after TLS) to the raw HTTP/1 head check.
+struct Tracked<S> {
+    inner: S,
     activity: Arc<Activity>,
     /// None once the scanner has given up or flagged a head.
     scanner: Option<Scanner>,
     heads: Arc<h1scan::Shared>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -325,7 +463,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -9,6 +9,7 @@
 // ≈ 1.5k instructions a request across them.
 use foldhash::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -45,10 +46,33 @@ pub struct Metrics {
     pub downstream_connections: Gauge,
     /// Client connections the proxy closed, by reason.
     pub downstream_closed: Family<Labels, Counter>,
+    /// Mesh TLS handshakes refused, by direction and reason.
+    pub tls_refused: Family<Labels, Counter>,
+    /// Certificate renewals, by result.
+    pub identity_renewals: Family<Labels, Counter>,
+    /// When the proxy's certificate expires, seconds since the epoch.
+    pub identity_expiry: Gauge<f64, AtomicU64>,
+    /// Seconds until it expires (negative once expired), as of the scrape.
+    identity_ttl: Gauge<f64, AtomicU64>,
     custom_names: Mutex<HashMap<(String, String), usize>>,
     /// `requests` counters already looked up, by service, then (code,
     /// flags): counting a request then builds no label strings.
     request_counters: RequestCounters,
+}
+
+/// Registers metrics and hands them back.
+struct Registrar<'a>(&'a mut Registry);
+
+impl Registrar<'_> {
+    fn add<M: prometheus_client::registry::Metric + Clone + Default>(
+        &mut self,
+        name: &str,
+        help: &str,
+    ) -> M {
+        let m = M::default();
+        self.0.register(name, help, m.clone());
+        m
+    }
 }
 
 type RequestCounters =
@@ -64,71 +88,61 @@ impl Metrics {
     /// A registry with every metric registered.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<Labels, Counter>::default();
-        registry.register(
-            "wasmesh_requests",
-            "Requests handled, by destination service, response code and response flags",
-            requests.clone(),
-        );
-        let plugin_calls = Family::<Labels, Counter>::default();
-        registry.register(
-            "wasmesh_plugin_calls",
-            "Plugin hook calls, by service, plugin, version and hook",
-            plugin_calls.clone(),
-        );
-        let plugin_failures = Family::<Labels, Counter>::default();
-        registry.register(
-            "wasmesh_plugin_failures",
-            "Plugin failures (trap, timeout, memory, error), by service, plugin and version",
-            plugin_failures.clone(),
-        );
-        let reloads = Family::<Labels, Counter>::default();
-        registry.register(
-            "wasmesh_config_reloads",
-            "Configuration reloads, by result (accepted, refused)",
-            reloads.clone(),
-        );
-        let config_version = Gauge::default();
-        registry.register(
-            "wasmesh_config_version",
-            "Version of the configuration snapshot serving",
-            config_version.clone(),
-        );
-        let plugin_quarantined = Family::<Labels, Gauge>::default();
-        registry.register(
-            "wasmesh_plugin_quarantined",
-            "1 while a plugin version is quarantined (runtime.quarantine), by service, plugin and version",
-            plugin_quarantined.clone(),
-        );
-        let downstream_connections = Gauge::default();
-        registry.register(
-            "wasmesh_downstream_connections",
-            "Open client connections, all listeners",
-            downstream_connections.clone(),
-        );
-        let downstream_closed = Family::<Labels, Counter>::default();
-        registry.register(
-            "wasmesh_downstream_closed",
-            "Client connections closed by the proxy, by reason (overflow: past downstream.max-connections; idle: downstream.idle-timeout)",
-            downstream_closed.clone(),
-        );
-        let plugin_custom = Family::<Labels, Counter>::default();
-        registry.register(
-            "wasmesh_plugin_custom",
-            "Counters defined by plugins, by service, plugin and name",
-            plugin_custom.clone(),
-        );
+        let mut reg = Registrar(&mut registry);
         Self {
+            requests: reg.add(
+                "wasmesh_requests",
+                "Requests handled, by destination service, response code and response flags",
+            ),
+            plugin_calls: reg.add(
+                "wasmesh_plugin_calls",
+                "Plugin hook calls, by service, plugin, version and hook",
+            ),
+            plugin_failures: reg.add(
+                "wasmesh_plugin_failures",
+                "Plugin failures (trap, timeout, memory, error), by service, plugin and version",
+            ),
+            reloads: reg.add(
+                "wasmesh_config_reloads",
+                "Configuration reloads, by result (accepted, refused)",
+            ),
+            config_version: reg.add(
+                "wasmesh_config_version",
+                "Version of the configuration snapshot serving",
+            ),
+            plugin_quarantined: reg.add(
+                "wasmesh_plugin_quarantined",
+                "1 while a plugin version is quarantined (runtime.quarantine), by service, plugin and version",
+            ),
+            downstream_connections: reg.add(
+                "wasmesh_downstream_connections",
+                "Open client connections, all listeners",
+            ),
+            downstream_closed: reg.add(
+                "wasmesh_downstream_closed",
+                "Client connections closed by the proxy, by reason (overflow: past downstream.max-connections; idle: downstream.idle-timeout)",
+            ),
+            plugin_custom: reg.add(
+                "wasmesh_plugin_custom",
+                "Counters defined by plugins, by service, plugin and name",
+            ),
+            tls_refused: reg.add(
+                "wasmesh_tls_refused_connections",
+                "Mesh TLS connections refused, by direction (inbound: a client of this sidecar; outbound: a peer it called) and reason",
+            ),
+            identity_renewals: reg.add(
+                "wasmesh_identity_certificate_renewals",
+                "Certificate renewals, by result (renewed, failed)",
+            ),
+            identity_expiry: reg.add(
+                "wasmesh_identity_certificate_expiration_timestamp_seconds",
+                "When this proxy's mesh certificate expires, seconds since the Unix epoch",
+            ),
+            identity_ttl: reg.add(
+                "wasmesh_identity_certificate_expiry_seconds",
+                "Seconds until this proxy's mesh certificate expires (negative once it has)",
+            ),
             registry,
-            requests,
-            plugin_calls,
-            plugin_failures,
-            reloads,
-            config_version,
-            plugin_custom,
-            plugin_quarantined,
-            downstream_connections,
-            downstream_closed,
             custom_names: Mutex::default(),
             request_counters: RequestCounters::default(),
         }
@@ -136,6 +150,13 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        let expiry = self.identity_expiry.get();
+        if expiry > 0.0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.identity_ttl.set(expiry - now);
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -145,6 +166,16 @@ impl Metrics {
     pub fn downstream_closed(&self, reason: &'static str) {
         self.downstream_closed
             .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
+    }
+
+    /// Count a mesh TLS connection refused.
+    pub fn tls_refused(&self, direction: &'static str, reason: &'static str) {
+        self.tls_refused
+            .get_or_create(&vec![
+                ("direction", direction.to_string()),
+                ("reason", reason.to_string()),
+            ])
             .inc();
     }
 

@@ -40,7 +40,7 @@ pub struct RequestView {
     /// The caller's address.
     pub source_address: Arc<str>,
     /// The caller's verified identity, when known.
-    pub source_principal: Option<String>,
+    pub source_principal: Option<Arc<str>>,
     /// The destination service.
     pub service: Arc<str>,
     /// The request id (`x-request-id`, text).
@@ -202,7 +202,7 @@ impl wit::HostRequest for HostState {
             .and_then(|rest| rest.split('/').next())
             .map(str::to_string);
         wit::Peer {
-            principal: r.source_principal.clone(),
+            principal: r.source_principal.as_deref().map(str::to_string),
             namespace,
             address: r.source_address.to_string(),
         }

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use wasmesh_api::SpiffeId;
+
 /// Live state of one endpoint of one service.
 #[derive(Debug)]
 pub struct EndpointState {
@@ -21,11 +23,14 @@ pub struct EndpointState {
     pub h1: super::pool::H1Conns,
 }
 
-/// Every endpoint's live state, keyed by (service, address).
+/// Every endpoint's live state, keyed by (service, address); and the
+/// identity each mesh endpoint must present, by address, for the HTTP/2
+/// connector (which sees only the address).
 #[derive(Debug)]
 pub struct EndpointTable {
     epoch: Instant,
     map: Mutex<HashMap<(String, String), Arc<EndpointState>>>,
+    identities: Mutex<HashMap<String, SpiffeId>>,
 }
 
 impl Default for EndpointTable {
@@ -33,6 +38,7 @@ impl Default for EndpointTable {
         Self {
             epoch: Instant::now(),
             map: Mutex::default(),
+            identities: Mutex::default(),
         }
     }
 }
@@ -50,6 +56,20 @@ impl EndpointTable {
                 })
             })
             .clone()
+    }
+
+    /// Remember the identity the endpoint at `address` must present.
+    pub fn note_identity(&self, address: &str, id: &SpiffeId) {
+        let mut ids = self.identities.lock().unwrap();
+        if ids.get(address) != Some(id) {
+            ids.insert(address.to_string(), id.clone());
+        }
+    }
+
+    /// The identity the endpoint at `address` must present, if it is a
+    /// mesh endpoint.
+    pub fn identity_of(&self, address: &str) -> Option<SpiffeId> {
+        self.identities.lock().unwrap().get(address).cloned()
     }
 
     /// Every endpoint's state (a copy of the list, taken under the lock).
@@ -87,6 +107,9 @@ pub struct Endpoint {
     pub subset: Arc<str>,
     /// Live state, shared across snapshots.
     pub state: Arc<EndpointState>,
+    /// The SPIFFE ID it must present: reached over mesh mTLS (when this
+    /// proxy has an identity). `None`: plaintext.
+    pub identity: Option<Arc<SpiffeId>>,
 }
 
 /// The endpoints of every service of a snapshot, for load balancing and for

@@ -1,7 +1,9 @@
 //! The upstream connector: hyper-util's `HttpConnector` with a cap on open
-//! connections per endpoint (`upstream.max-connections-per-endpoint`).
-//! Past the cap a connect fails at once with [`ConnectionLimit`], which the
-//! proxy answers `503 UO`, as Envoy's circuit breaker does — never a queue.
+//! connections per endpoint (`upstream.max-connections-per-endpoint`), and
+//! mesh mTLS for `https` URIs (mesh endpoints, whose identity the endpoint
+//! table knows). Past the cap a connect fails at once with
+//! [`ConnectionLimit`], which the proxy answers `503 UO`, as Envoy's
+//! circuit breaker does — never a queue.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,7 +17,9 @@ use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+
+use super::cluster::EndpointTable;
+use super::tls::{MaybeTls, MeshTls};
 
 /// A connect refused because the endpoint has its maximum of open
 /// connections.
@@ -28,21 +32,32 @@ pub struct ConnectionLimit {
     limit: usize,
 }
 
-/// `HttpConnector` with a per-endpoint connection cap.
+/// `HttpConnector` with a per-endpoint connection cap, and mesh mTLS.
 #[derive(Clone)]
 pub struct LimitedConnector {
     inner: HttpConnector,
     limit: usize,
     open: Arc<Mutex<HashMap<String, Arc<AtomicUsize>>>>,
+    tls: Option<Arc<MeshTls>>,
+    table: Arc<EndpointTable>,
 }
 
 impl LimitedConnector {
-    /// Wrap `inner`, allowing `limit` open connections per endpoint.
-    pub fn new(inner: HttpConnector, limit: usize) -> Self {
+    /// Wrap `inner`, allowing `limit` open connections per endpoint; mesh
+    /// endpoints (`https`, identities from `table`) over `tls`.
+    pub fn new(
+        mut inner: HttpConnector,
+        limit: usize,
+        tls: Option<Arc<MeshTls>>,
+        table: Arc<EndpointTable>,
+    ) -> Self {
+        inner.enforce_http(false);
         Self {
             inner,
             limit,
             open: Arc::default(),
+            tls,
+            table,
         }
     }
 }
@@ -74,10 +89,27 @@ impl tower_service::Service<Uri> for LimitedConnector {
             Ok(slot) => slot,
             Err(e) => return Box::pin(async move { Err(e.into()) }),
         };
+        let mesh = match (uri.scheme_str(), &self.tls) {
+            (Some("https"), Some(tls)) => match self.table.identity_of(&endpoint) {
+                Some(id) => Some((tls.clone(), id)),
+                None => {
+                    let e = format!("{endpoint} has no known mesh identity");
+                    return Box::pin(async move { Err(e.into()) });
+                }
+            },
+            _ => None,
+        };
         let connecting = self.inner.call(uri);
         Box::pin(async move {
-            let io = connecting.await?;
-            Ok(Counted { io, _slot: slot })
+            let tcp = connecting.await?.into_inner();
+            let io = match mesh {
+                Some((tls, id)) => tls.connect(tcp, &id, true).await?,
+                None => MaybeTls::Plain(tcp),
+            };
+            Ok(Counted {
+                io: TokioIo::new(io),
+                _slot: slot,
+            })
         })
     }
 }
@@ -110,20 +142,33 @@ impl Drop for Slot {
 
 /// An upstream connection, counted until it closes.
 pub struct Counted {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<MaybeTls>,
     _slot: Slot,
 }
 
 impl Counted {
     /// `io`, holding `slot` until it closes.
-    pub(crate) fn new(io: TokioIo<TcpStream>, slot: Slot) -> Self {
-        Self { io, _slot: slot }
+    pub(crate) fn new(io: MaybeTls, slot: Slot) -> Self {
+        Self {
+            io: TokioIo::new(io),
+            _slot: slot,
+        }
     }
 }
 
 impl Connection for Counted {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match self.io.inner() {
+            MaybeTls::Plain(s) => s.connected(),
+            MaybeTls::Tls(s) => {
+                let c = s.get_ref().0.connected();
+                if s.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    c.negotiated_h2()
+                } else {
+                    c
+                }
+            }
+        }
     }
 }
 

@@ -3,14 +3,19 @@
 //! endpoint's own pool, HTTP/2 through hyper-util's client), and one attempt
 //! at an endpoint with its limits and timeout.
 //!
-//! Depends on [`crate::http`] and [`crate::flags`]; it knows nothing of
-//! plugins or configuration files: the request handler decides where a
-//! request goes and this module sends it there.
+//! Mesh endpoints (with identities) are reached over mutual TLS
+//! ([`tls`]) when this proxy has an identity.
+//!
+//! Depends on [`crate::http`], [`crate::flags`] and [`crate::metrics`]; it
+//! knows nothing of plugins or configuration files: the request handler
+//! decides where a request goes and this module sends it there.
 
 pub mod cluster;
 pub mod connector;
 pub mod pool;
+pub mod tls;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -77,11 +82,18 @@ pub struct Clients {
     pub http1: pool::H1Pool,
     /// HTTP/2 with prior knowledge (hyper-util's pool, keyed by endpoint).
     h2c: Client<LimitedConnector, ProxyBody>,
+    /// Mesh mTLS, when this proxy has an identity.
+    mesh: bool,
 }
 
 impl Clients {
-    /// Clients with the proxy's `upstream` settings.
-    pub fn new(s: &UpstreamSettings) -> Self {
+    /// Clients with the proxy's `upstream` settings; mesh endpoints over
+    /// `tls` (their identities from `table`).
+    pub fn new(
+        s: &UpstreamSettings,
+        tls: Option<Arc<tls::MeshTls>>,
+        table: Arc<cluster::EndpointTable>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(s.connect_timeout));
         connector.set_nodelay(true);
@@ -96,9 +108,12 @@ impl Clients {
         let h2c = b.build(LimitedConnector::new(
             connector,
             s.max_connections_per_endpoint,
+            tls.clone(),
+            table,
         ));
         Self {
-            http1: pool::H1Pool::new(s),
+            mesh: tls.is_some(),
+            http1: pool::H1Pool::new(s, tls),
             h2c,
         }
     }
@@ -184,7 +199,11 @@ pub async fn send(
     // hyper-util's HTTP/2 client, which picks its connection by authority.
     let uri = if out.h2 {
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.scheme = Some(if clients.mesh && ep.identity.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
         parts.authority = Some(ep.authority.clone());
         parts.path_and_query = Some(path);
         Uri::from_parts(parts).map_err(|_| UpstreamFailure::Reset)?

@@ -14,28 +14,33 @@
 //! connection closed before sending is sent again on another one. (One it
 //! wrote just as the upstream closed that connection is reported as
 //! `reused`; the proxy sends it again when its method is idempotent.)
+//!
+//! A mesh (mTLS) connection is not reused once this proxy's certificate
+//! has been renewed: the next request opens a connection that presents the
+//! new one, and the old connection closes when its response is done.
 
 use std::fmt;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-
 use super::UpstreamSettings;
 use super::cluster::Endpoint;
 use super::connector::{ConnectionLimit, Counted, take_slot};
+use super::tls::{MaybeTls, MeshTls};
 use crate::http::ProxyBody;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
 
 /// One endpoint's HTTP/1.1 connections.
 #[derive(Default)]
 pub struct H1Conns {
     /// Connections handed back after a response head, each with the time it
-    /// was; a connection still streaming that response is not ready yet.
-    idle: Mutex<Vec<(SendRequest<ProxyBody>, Instant)>>,
+    /// was and the credentials' generation it was made under (0:
+    /// plaintext); a connection still streaming that response is not ready
+    /// yet.
+    idle: Mutex<Vec<Pooled>>,
     /// Open connections, idle or not.
     open: Arc<AtomicUsize>,
 }
@@ -48,6 +53,10 @@ impl fmt::Debug for H1Conns {
             .finish()
     }
 }
+
+/// A pooled connection: its sender, since when it is idle, the credentials'
+/// generation it was made under.
+type Pooled = (SendRequest<ProxyBody>, Instant, u64);
 
 /// Why an upstream request got no response.
 #[derive(Debug)]
@@ -72,16 +81,20 @@ pub struct H1Pool {
     idle_timeout: Duration,
     max_idle: usize,
     max_open: usize,
+    /// Mesh mTLS to endpoints with identities.
+    tls: Option<Arc<MeshTls>>,
 }
 
 impl H1Pool {
-    /// A pool with the proxy's `upstream` settings.
-    pub fn new(s: &UpstreamSettings) -> Self {
+    /// A pool with the proxy's `upstream` settings; mesh endpoints over
+    /// `tls`.
+    pub fn new(s: &UpstreamSettings, tls: Option<Arc<MeshTls>>) -> Self {
         Self {
             connect_timeout: s.connect_timeout,
             idle_timeout: s.idle_timeout,
             max_idle: s.max_idle_per_endpoint,
             max_open: s.max_connections_per_endpoint,
+            tls,
         }
     }
 
@@ -93,15 +106,19 @@ impl H1Pool {
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let conns = &ep.state.h1;
+        let generation = match (&ep.identity, &self.tls) {
+            (Some(_), Some(tls)) => tls.generation(),
+            _ => 0,
+        };
         let mut resent = 0;
         loop {
-            let (mut tx, pooled) = match self.take(conns) {
+            let (mut tx, pooled) = match self.take(conns, generation) {
                 Some(tx) => (tx, true),
                 None => (self.connect(ep).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
-                    self.put(conns, tx);
+                    self.put(conns, tx, generation);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -127,7 +144,7 @@ impl H1Pool {
     /// more requests does not keep upstream sockets open).
     pub fn sweep(&self, conns: &H1Conns) {
         let now = Instant::now();
-        conns.idle.lock().unwrap().retain(|(tx, since)| {
+        conns.idle.lock().unwrap().retain(|(tx, since, _)| {
             !(tx.is_closed() || tx.is_ready() && now.duration_since(*since) > self.idle_timeout)
         });
     }
@@ -137,16 +154,20 @@ impl H1Pool {
         (self.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
     }
 
-    /// A pooled connection ready for a request, if any; closed and expired
+    /// A pooled connection ready for a request, if any; closed, expired
+    /// and superseded (made under an older `generation` of credentials)
     /// ones are dropped on the way.
-    fn take(&self, conns: &H1Conns) -> Option<SendRequest<ProxyBody>> {
+    fn take(&self, conns: &H1Conns, generation: u64) -> Option<SendRequest<ProxyBody>> {
         let mut idle = conns.idle.lock().unwrap();
         let now = Instant::now();
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
-            let (tx, since) = &idle[i];
-            if tx.is_closed() || now.duration_since(*since) > self.idle_timeout {
+            let (tx, since, made) = &idle[i];
+            if tx.is_closed()
+                || now.duration_since(*since) > self.idle_timeout
+                || *made != generation
+            {
                 idle.swap_remove(i);
             } else if tx.is_ready() {
                 return Some(idle.swap_remove(i).0);
@@ -158,33 +179,37 @@ impl H1Pool {
     /// Keep a connection for later requests (it becomes ready once the
     /// response it carries has been read); past `max_idle`, it closes once
     /// that response is done.
-    fn put(&self, conns: &H1Conns, tx: SendRequest<ProxyBody>) {
+    fn put(&self, conns: &H1Conns, tx: SendRequest<ProxyBody>, generation: u64) {
         if tx.is_closed() {
             return;
         }
         let mut idle = conns.idle.lock().unwrap();
         if idle.len() < self.max_idle {
-            idle.push((tx, Instant::now()));
+            idle.push((tx, Instant::now(), generation));
         }
     }
 
     async fn connect(&self, ep: &Endpoint) -> Result<SendRequest<ProxyBody>, UpstreamError> {
         let slot = take_slot(&ep.state.h1.open, self.max_open, &ep.address)
             .map_err(UpstreamError::Limit)?;
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(ep.socket),
-        )
-        .await
-        .map_err(|_| {
-            UpstreamError::Connect(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no connection within {:?}", self.connect_timeout),
-            ))
-        })?
-        .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        let (tx, conn) = http1::handshake(Counted::new(TokioIo::new(stream), slot))
+        let connect = async {
+            let stream = tokio::net::TcpStream::connect(ep.socket).await?;
+            let _ = stream.set_nodelay(true);
+            match (&ep.identity, &self.tls) {
+                (Some(id), Some(tls)) => tls.connect(stream, id, false).await,
+                _ => Ok(MaybeTls::Plain(stream)),
+            }
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| {
+                UpstreamError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", self.connect_timeout),
+                ))
+            })?
+            .map_err(UpstreamError::Connect)?;
+        let (tx, conn) = http1::handshake(Counted::new(stream, slot))
             .await
             .map_err(|error| UpstreamError::Http {
                 error,

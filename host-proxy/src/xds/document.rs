@@ -18,9 +18,24 @@ pub fn document(snapshot: &proto::Snapshot, own: &str) -> Result<MeshFile, Strin
         let endpoints: Map<String, Value> = s
             .subsets
             .iter()
-            .map(|sub| (sub.name.clone(), json!(sub.addresses)))
+            .map(|sub| {
+                let plain = sub.addresses.iter().map(|a| json!(a));
+                let mesh = sub
+                    .mesh_endpoints
+                    .iter()
+                    .map(|m| json!({ "address": m.address, "identity": m.spiffe_id }));
+                (sub.name.clone(), Value::Array(plain.chain(mesh).collect()))
+            })
             .collect();
         spec.insert("endpoints".into(), Value::Object(endpoints));
+        if s.name == own && (!s.mtls_mode.is_empty() || s.forward_client_cert) {
+            let mut mtls = Map::new();
+            if !s.mtls_mode.is_empty() {
+                mtls.insert("mode".into(), json!(s.mtls_mode));
+            }
+            mtls.insert("forward-client-cert".into(), json!(s.forward_client_cert));
+            spec.insert("mtls".into(), Value::Object(mtls));
+        }
         spec.insert("plugins".into(), chain(&s.plugins)?);
         if s.name == own {
             spec.insert("inbound-plugins".into(), chain(&s.inbound_plugins)?);

@@ -7,8 +7,12 @@
 //! to 5 s); with a compile cache it also keeps its last ACKed snapshot there,
 //! so a restart while control is away serves what it served before.
 //!
-//! Depends on [`crate::config`] (what it feeds) and the control API in
-//! `wasmesh-api`; nothing in the request path depends on it.
+//! A proxy with a mesh identity holds the stream over mutual TLS with its
+//! certificate ([`crate::identity`]), and reports each renewal on it.
+//!
+//! Depends on [`crate::config`] (what it feeds), [`crate::identity`] and
+//! the control API in `wasmesh-api`; nothing in the request path depends
+//! on it.
 
 mod document;
 
@@ -25,6 +29,7 @@ use wasmesh_api::proto::registry_client::RegistryClient;
 
 pub use self::document::document;
 use crate::config::{Live, Origin};
+use crate::identity::Identity;
 
 /// The contract versions this proxy serves.
 pub const WIT_VERSIONS: &[&str] = &["wasmesh:plugin@0.1.1"];
@@ -40,8 +45,12 @@ pub struct ControlOptions {
     pub subset: String,
     /// Its instance id.
     pub instance: String,
-    /// Its app's address, registered as an endpoint.
+    /// Its app's address, registered as an endpoint when it has no
+    /// inbound listener.
     pub app: Option<SocketAddr>,
+    /// Its inbound listener, registered as its service's endpoint (set from
+    /// the listeners at start).
+    pub inbound: Option<SocketAddr>,
     /// Where the last ACKed snapshot is kept (the compile cache).
     pub cache: Option<PathBuf>,
     /// First reconnect delay.
@@ -73,10 +82,10 @@ fn keep_snapshot(cache: Option<&PathBuf>, s: &proto::Snapshot) {
 }
 
 /// Hold the discovery stream for the life of the proxy.
-pub async fn run(live: Arc<Live>, options: ControlOptions) {
+pub async fn run(live: Arc<Live>, options: ControlOptions, identity: Option<Arc<Identity>>) {
     let mut delay = options.backoff_min;
     loop {
-        match session(&live, &options, &mut delay).await {
+        match session(&live, &options, identity.as_ref(), &mut delay).await {
             Ok(()) => tracing::warn!(url = %options.url, "control closed the stream; reconnecting"),
             Err(e) => {
                 tracing::warn!(url = %options.url, "control unreachable: {e:#}; serving the last snapshot")
@@ -93,14 +102,12 @@ pub async fn run(live: Arc<Live>, options: ControlOptions) {
 async fn session(
     live: &Arc<Live>,
     options: &ControlOptions,
+    identity: Option<&Arc<Identity>>,
     delay: &mut Duration,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(options.url.clone())?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await?;
+    let tls = identity.map(|i| wasmesh_identity::tls::control_client(i.credentials()));
+    let channel = crate::identity::connect(&options.url, tls).await?;
+    let mut renewals = identity.map(|i| i.subscribe());
     let mut discovery = DiscoveryClient::new(channel.clone());
     let mut registry = RegistryClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -117,6 +124,8 @@ async fn session(
             proxy_version: options.proxy_version.clone(),
             wit_versions: WIT_VERSIONS.iter().map(|s| s.to_string()).collect(),
             applied_version: applied,
+            inbound_address: options.inbound.map(|a| a.to_string()).unwrap_or_default(),
+            certificate: identity.map(|i| i.status()),
         },
     )))
     .await?;
@@ -126,7 +135,21 @@ async fn session(
         .into_inner();
     tracing::info!(url = %options.url, "connected to control");
     *delay = options.backoff_min;
-    while let Some(m) = inbound.next().await {
+    loop {
+        let m = tokio::select! {
+            m = inbound.next() => m,
+            Ok(()) = async { match renewals.as_mut() {
+                Some(r) => r.changed().await,
+                None => std::future::pending().await,
+            } } => {
+                let c = renewals.as_mut().map(|r| r.borrow_and_update().clone());
+                if let Some(c) = c {
+                    tx.send(message(proto::proxy_message::Message::Certificate(c))).await?;
+                }
+                continue;
+            }
+        };
+        let Some(m) = m else { break };
         let Some(snapshot) = m?.snapshot else {
             continue;
         };

@@ -88,7 +88,8 @@ fn segment_ok(s: &str) -> bool {
 }
 
 /// A SPIFFE ID.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct SpiffeId {
     trust_domain: TrustDomain,
     /// The path, with its leading `/` ("" for the trust domain itself).
@@ -176,6 +177,13 @@ impl FromStr for SpiffeId {
             trust_domain,
             path: path.into(),
         })
+    }
+}
+
+impl TryFrom<String> for SpiffeId {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<Self, IdError> {
+        s.parse()
     }
 }
 
