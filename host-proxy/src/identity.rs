@@ -88,6 +88,8 @@ pub struct IdentityOptions {
 /// The proxy's certificate, kept current.
 pub struct Identity {
     creds: Arc<Credentials>,
+    /// The join token, for a new certificate should this one expire.
+    token: Option<JoinToken>,
     url: String,
     service: String,
     cache: Option<PathBuf>,
@@ -123,14 +125,14 @@ impl Identity {
             "--control {url}: a proxy with a join token reaches control over TLS: give its TLS listener, https://HOST:PORT (default port 15012)"
         );
         let cache = options.cache.as_ref().map(|d| d.join("identity"));
+        let token: Option<JoinToken> = options.token.as_deref().map(str::parse).transpose()?;
         let current = match cache.as_deref().and_then(|d| cached(d, service)) {
             Some(c) => c,
             None => {
-                let token = options.token.as_deref().context(
+                let token = token.as_ref().context(
                     "this proxy has no certificate yet: give it a join token with --token-file FILE or WASMESH_TOKEN (`wasmesh token create --service SERVICE` prints one)",
                 )?;
-                let token: JoinToken = token.parse()?;
-                let c = first_certificate(url, service, &token).await?;
+                let c = first_certificate(url, service, token).await?;
                 let (chain, key, roots) = c;
                 if let Some(d) = &cache {
                     keep(d, &chain, &key, &roots);
@@ -146,6 +148,7 @@ impl Identity {
         let (changed, _) = tokio::sync::watch::channel(status(&current));
         let me = Arc::new(Self {
             creds: Credentials::new(current),
+            token,
             url: url.to_string(),
             service: service.to_string(),
             cache,
@@ -234,25 +237,84 @@ impl Identity {
         }
     }
 
+    /// One renewal: over mutual TLS with the current certificate; once
+    /// that has expired (control no longer accepts it), with the join
+    /// token again, if the proxy has one.
     async fn renew_once(&self) -> anyhow::Result<Material> {
-        let config = tls::control_client(&self.creds);
-        let channel = connect(&self.url, Some(config))
+        let expired = self
+            .creds
+            .current()
+            .leaf
+            .expires_in(SystemTime::now())
+            .is_zero();
+        if !expired {
+            let config = tls::control_client(&self.creds);
+            return sign_once(&self.url, config, None, &self.service)
+                .await
+                .map_err(Into::into);
+        }
+        let Some(token) = &self.token else {
+            anyhow::bail!(
+                "the certificate has expired, so control no longer renews it: restart the proxy with a new join token"
+            );
+        };
+        let config = tls::bootstrap_client(token.pin);
+        sign_once(&self.url, config, Some(token), &self.service)
             .await
-            .with_context(|| format!("control is unreachable at {}", self.url))?;
-        let kc = KeyAndCsr::generate().context("generating a key")?;
-        let reply = IdentityClient::new(channel)
-            .sign(proto::SignRequest {
-                token: String::new(),
-                csr_der: kc.csr.clone(),
-                service: self.service.clone(),
-                namespace: String::new(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("control refused: {}", s.message()))?
-            .into_inner();
-        let (chain, roots) = parse_reply(&reply)?;
-        Ok((chain, kc.key, roots))
+            .map_err(Into::into)
     }
+}
+
+/// Why a signing request failed.
+#[derive(Debug, thiserror::Error)]
+enum SignError {
+    /// Control could not be reached (or went away): worth retrying.
+    #[error("control is unreachable: {0}")]
+    Unreachable(String),
+    /// The TLS handshake refused control's certificate.
+    #[error("refusing control ({reason}): {why}; check that the join token comes from this control", reason = .0.label(), why = .1)]
+    NotControl(Rejection, String),
+    /// Control refused.
+    #[error("control refused a certificate: {0}")]
+    Refused(String),
+    /// Control's answer is unusable.
+    #[error("{0}")]
+    Bad(String),
+}
+
+/// Ask control at `url` (TLS per `config`) to sign a fresh key's CSR: with
+/// `token` for a first certificate, or as a renewal for the client
+/// certificate `config` presents.
+async fn sign_once(
+    url: &str,
+    config: Arc<rustls::ClientConfig>,
+    token: Option<&JoinToken>,
+    service: &str,
+) -> Result<Material, SignError> {
+    let channel = connect(url, Some(config))
+        .await
+        .map_err(|e| match rejection(&e) {
+            Some(
+                r @ (Rejection::PinMismatch | Rejection::WrongIdentity | Rejection::UnknownCa),
+            ) => SignError::NotControl(r, format!("{e:#}")),
+            _ => SignError::Unreachable(format!("{e:#}")),
+        })?;
+    let kc = KeyAndCsr::generate().map_err(|e| SignError::Bad(format!("generating a key: {e}")))?;
+    let reply = IdentityClient::new(channel)
+        .sign(proto::SignRequest {
+            token: token.map(JoinToken::reveal).unwrap_or_default(),
+            csr_der: kc.csr.clone(),
+            service: service.to_string(),
+            namespace: String::new(),
+        })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unavailable => SignError::Unreachable(s.message().to_string()),
+            _ => SignError::Refused(s.message().to_string()),
+        })?
+        .into_inner();
+    let (chain, roots) = parse_reply(&reply).map_err(|e| SignError::Bad(format!("{e:#}")))?;
+    Ok((chain, kc.key, roots))
 }
 
 type Material = (
@@ -282,39 +344,12 @@ async fn first_certificate(
 ) -> anyhow::Result<Material> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match connect(url, Some(tls::bootstrap_client(token.pin))).await {
-            Ok(channel) => {
-                let kc = KeyAndCsr::generate().context("generating a key")?;
-                let reply = IdentityClient::new(channel)
-                    .sign(proto::SignRequest {
-                        token: token.reveal(),
-                        csr_der: kc.csr.clone(),
-                        service: service.to_string(),
-                        namespace: String::new(),
-                    })
-                    .await;
-                match reply {
-                    Ok(r) => {
-                        let (chain, roots) = parse_reply(r.get_ref())?;
-                        return Ok((chain, kc.key, roots));
-                    }
-                    Err(s) if s.code() == tonic::Code::Unavailable => {
-                        tracing::warn!(%url, "control is unavailable: {}; trying again", s.message());
-                    }
-                    Err(s) => anyhow::bail!("control refused a certificate: {}", s.message()),
-                }
+        match sign_once(url, tls::bootstrap_client(token.pin), Some(token), service).await {
+            Ok(m) => return Ok(m),
+            Err(SignError::Unreachable(e)) => {
+                tracing::warn!(%url, "control is unreachable: {e}; trying again");
             }
-            Err(e) => match rejection(&e) {
-                Some(
-                    r @ (Rejection::PinMismatch | Rejection::WrongIdentity | Rejection::UnknownCa),
-                ) => {
-                    anyhow::bail!(
-                        "refusing control at {url} ({}): {e:#}; check that the join token comes from this control",
-                        r.label()
-                    )
-                }
-                _ => tracing::warn!(%url, "control is unreachable: {e:#}; trying again"),
-            },
+            Err(e) => anyhow::bail!("{url}: {e}"),
         }
         tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() * 0.5)).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

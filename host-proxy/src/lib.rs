@@ -97,6 +97,46 @@ pub enum StartError {
     Runtime(#[from] anyhow::Error),
 }
 
+/// Bind the listeners; in control mode, note the inbound address peers
+/// reach this sidecar at (control registers it as the service's endpoint).
+async fn bind_listeners(
+    l: &config::Listeners,
+    mut control: Option<xds::ControlOptions>,
+) -> Result<
+    (
+        Vec<(TcpListener, Side)>,
+        TcpListener,
+        Option<xds::ControlOptions>,
+    ),
+    StartError,
+> {
+    if let (Some(_), Some(a)) = (&control, l.inbound)
+        && a.ip().is_unspecified()
+    {
+        return Err(StartError::Runtime(anyhow::anyhow!(
+            "--inbound {a}: give the address peers reach this sidecar at (it is registered with control as its service's endpoint), not {}",
+            a.ip()
+        )));
+    }
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+    };
+    let mut listeners = vec![(bind(l.listen, "listen").await?, Side::Outbound)];
+    if let Some(a) = l.inbound {
+        listeners.push((bind(a, "inbound").await?, Side::Inbound));
+    }
+    let admin = bind(l.admin, "admin").await?;
+    if let Some(c) = &mut control {
+        c.inbound = match l.inbound {
+            Some(_) => Some(listeners[1].0.local_addr().map_err(anyhow::Error::from)?),
+            None => None,
+        };
+    }
+    Ok((listeners, admin, control))
+}
+
 /// A proxy whose configuration was accepted and whose listeners are bound.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -155,24 +195,7 @@ impl Proxy {
             ))
         });
         let clients = Arc::new(Clients::new(&first.upstream, mesh_tls, endpoints.clone()));
-        let l = first.listeners.clone();
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
-        };
-        let mut listeners = vec![(bind(l.listen, "listen").await?, Side::Outbound)];
-        if let Some(a) = l.inbound {
-            listeners.push((bind(a, "inbound").await?, Side::Inbound));
-        }
-        let admin = bind(l.admin, "admin").await?;
-        let mut control = options.control;
-        if let Some(c) = &mut control {
-            c.inbound = match l.inbound {
-                Some(_) => Some(listeners[1].0.local_addr().map_err(anyhow::Error::from)?),
-                None => None,
-            };
-        }
+        let (listeners, admin, control) = bind_listeners(&first.listeners, options.control).await?;
         let inbound_tls = identity.as_ref().map(|i| serve::InboundTls {
             config: wasmesh_identity::tls::inbound_server(i.credentials()),
             credentials: i.credentials().clone(),

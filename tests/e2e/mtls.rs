@@ -695,6 +695,30 @@ async fn permissive_takes_plaintext_and_mtls_on_one_port() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_between_sidecars_goes_over_mtls_too() {
+    let data = tempfile::tempdir().unwrap();
+    let control = Control::start(&data.path().join("control")).await;
+    let app = Upstream::echo("backend").await;
+    control.apply(
+        "services:\n  frontend: {}\n  backend:\n    protocol: h2c\n    mtls: { forward-client-cert: true }\n",
+    );
+    let (_backend, _) = sidecar(&control, "backend", Some(app.addr)).await;
+    let (frontend, _) = sidecar(&control, "frontend", None).await;
+    control.wait_rollout();
+    for _ in 0..3 {
+        let r = via(&frontend, "backend", "/h2").await;
+        assert_eq!(r.status, 200, "{}\n{}", r.body_text(), frontend.log_text());
+        let seen = r.json();
+        assert_eq!(seen["version"], "HTTP/2.0");
+        let xfcc = seen["headers"]["x-forwarded-client-cert"].as_str().unwrap();
+        assert!(
+            xfcc.ends_with(&format!("URI={}", spiffe("frontend"))),
+            "{xfcc}"
+        );
+    }
+}
+
 /// Requests through `proxy` to `host` from `tasks` loops until `stop`:
 /// (ok, failures).
 fn load(
@@ -834,4 +858,131 @@ async fn with_control_away_a_proxy_serves_on_its_certificate_until_it_expires() 
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("certificate has expired"), "{text}");
+}
+
+/// A mesh client of control at `url`, with the certificate a sidecar kept
+/// in its cache (`None`: TLS without a client certificate, control pinned).
+async fn control_channel(
+    url: &str,
+    identity: Option<&Path>,
+    pin: [u8; 32],
+) -> tonic::transport::Channel {
+    use wasmesh_identity::cert;
+    use wasmesh_identity::tls::{self, Credentials, Current};
+    let config = match identity {
+        Some(dir) => {
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+            let chain = cert::certs_from_pem(&read("chain.pem"), "chain").unwrap();
+            let key = cert::key_from_pem(&read("key.pem"), "key").unwrap();
+            let roots = cert::certs_from_pem(&read("bundle.pem"), "bundle").unwrap();
+            tls::control_client(&Credentials::new(Current::new(chain, key, &roots).unwrap()))
+        }
+        None => tls::bootstrap_client(pin),
+    };
+    wasmesh_proxy::identity::connect(url, Some(config))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_takes_a_proxys_service_from_its_certificate_not_from_what_it_says() {
+    use wasmesh_api::proto;
+    use wasmesh_api::proto::discovery_client::DiscoveryClient;
+    use wasmesh_api::proto::identity_client::IdentityClient;
+    use wasmesh_api::proto::status_client::StatusClient;
+    let data = tempfile::tempdir().unwrap();
+    let control = Control::start(&data.path().join("control")).await;
+    control.apply("services:\n  frontend: {}\n  backend: {}\n");
+    let token = control.token("frontend", &[]);
+    let pin: [u8; 32] = {
+        let hex = token.rsplit('.').next().unwrap();
+        let mut p = [0u8; 32];
+        for (i, b) in p.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+        }
+        p
+    };
+    let frontend = Proxy::start_mesh(&control, "frontend", &token, &[]).await;
+    let identity = frontend.dir.path().join("cache/identity");
+
+    // With frontend's certificate, a Hello that says backend is refused.
+    let channel = control_channel(&control.tls_url(), Some(&identity), pin).await;
+    let hello = proto::ProxyMessage {
+        message: Some(proto::proxy_message::Message::Hello(proto::Hello {
+            service: "backend".into(),
+            instance: "liar".into(),
+            ..Default::default()
+        })),
+    };
+    let refused = DiscoveryClient::new(channel.clone())
+        .stream(tokio_stream::iter([hello]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains(&format!(
+            "this proxy's certificate is {}",
+            spiffe("frontend")
+        )),
+        "{refused:?}"
+    );
+    // A renewal asking for another service is refused too.
+    let renewal = IdentityClient::new(channel.clone())
+        .sign(proto::SignRequest {
+            csr_der: wasmesh_identity::KeyAndCsr::generate().unwrap().csr,
+            service: "backend".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(renewal.code(), tonic::Code::PermissionDenied, "{renewal:?}");
+    // A mesh member may read status over TLS.
+    assert!(
+        StatusClient::new(channel)
+            .proxies(proto::ProxiesRequest {})
+            .await
+            .is_ok()
+    );
+
+    // Over TLS without a certificate: no discovery, no reads without the
+    // admin token.
+    let anonymous = control_channel(&control.tls_url(), None, pin).await;
+    let hello = proto::ProxyMessage {
+        message: Some(proto::proxy_message::Message::Hello(proto::Hello {
+            service: "frontend".into(),
+            instance: "anon".into(),
+            ..Default::default()
+        })),
+    };
+    let e = DiscoveryClient::new(anonymous.clone())
+        .stream(tokio_stream::iter([hello]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = StatusClient::new(anonymous)
+        .proxies(proto::ProxiesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+    // And certificates are never signed on the plaintext listener.
+    let plain = tonic::transport::Endpoint::from_shared(control.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let e = IdentityClient::new(plain)
+        .sign(proto::SignRequest {
+            token: control.token("frontend", &[]),
+            csr_der: wasmesh_identity::KeyAndCsr::generate().unwrap().csr,
+            service: "frontend".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("only on control's TLS listener"),
+        "{e:?}"
+    );
 }
