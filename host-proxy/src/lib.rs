@@ -163,6 +163,17 @@ impl Proxy {
             }
             _ => None,
         };
+        metrics.istio.set_workload(metrics::istio::Workload {
+            service: options.control.as_ref().map(|c| c.service.clone()),
+            subset: options
+                .control
+                .as_ref()
+                .map(|c| c.subset.clone())
+                .filter(|s| !s.is_empty()),
+            principal: identity
+                .as_ref()
+                .map(|i| i.credentials().current().id.clone()),
+        });
         let cache = options.compile_cache.clone();
         let builder = Builder {
             runtime,

@@ -33,11 +33,12 @@ use crate::chain::{CompletionGuard, Plan, Reply};
 use crate::config::{Live, Service, Snapshot};
 use crate::error::ProxyError;
 use crate::flags::ResponseFlag;
-use crate::http::body::{self, Broken, ReqBody};
+use crate::http::body::{self, BodyWatch, ReqBody};
 use crate::http::headers::{self, Remote, X_REQUEST_ID};
 use crate::http::{ProxyBody, full};
 use crate::listener::Security;
 use crate::metrics::Metrics;
+use crate::metrics::istio::{Exchange, Reporter};
 use crate::runtime::RequestView;
 use crate::runtime::types::{Attempt, Outcome, Protocol, ResponseView};
 use crate::upstream::{self, Clients, Outgoing, UpstreamFailure};
@@ -174,7 +175,7 @@ pub async fn handle(
     let snapshot = shared.live.load();
     let (service, authority) = match admit(&snapshot, side, &req) {
         Ok(admitted) => admitted,
-        Err(e) => return refuse(&shared.metrics, e),
+        Err(e) => return refuse(&shared.metrics, side, &snapshot, &remote, started, e),
     };
     let (
         mut view,
@@ -202,6 +203,17 @@ pub async fn handle(
         view,
         started,
     );
+    guard.exchange = Exchange {
+        reporter: match side {
+            Side::Outbound => Reporter::Source,
+            Side::Inbound => Reporter::Destination,
+        },
+        local: snapshot.local_service.as_ref().map(|s| s.name.clone()),
+        peer: remote.peer.as_ref().map(|p| p.principal.clone()),
+        destination: Some(service.name.clone()),
+        grpc: guard.request().protocol == Protocol::Grpc,
+        ..Exchange::default()
+    };
     let mut plan = Plan::default();
     let answer = match guard.run_on_request(&mut plan) {
         Some(reply) => reply_locally(&mut guard, &plan, &service, reply).await,
@@ -211,8 +223,27 @@ pub async fn handle(
 }
 
 /// Refuse a request before any plugin sees it.
-fn refuse(metrics: &Metrics, e: ProxyError) -> Response<ProxyBody> {
-    metrics.request("-", e.status().as_u16(), e.flag());
+fn refuse(
+    metrics: &Metrics,
+    side: Side,
+    snapshot: &Snapshot,
+    remote: &Remote,
+    started: Instant,
+    e: ProxyError,
+) -> Response<ProxyBody> {
+    let code = e.status().as_u16();
+    metrics.request("-", code, e.flag());
+    let exchange = Exchange {
+        reporter: match side {
+            Side::Outbound => Reporter::Source,
+            Side::Inbound => Reporter::Destination,
+        },
+        local: snapshot.local_service.as_ref().map(|s| s.name.clone()),
+        peer: remote.peer.as_ref().map(|p| p.principal.clone()),
+        ..Exchange::default()
+    };
+    let millis = started.elapsed().as_secs_f64() * 1000.0;
+    metrics.istio.record(&exchange, code, e.flag(), millis);
     e.into_response()
 }
 
@@ -368,7 +399,8 @@ async fn forward(
             None => return ProxyError::UnknownService { service: s.clone() }.into(),
         },
     };
-    let broken = Broken::default();
+    guard.exchange.destination = Some(target.name.clone());
+    let broken = BodyWatch::default();
     guard.watch_body(broken.clone());
     let replay = guard.chain().any_on_response;
     let body = match body::read(incoming.body, replay, &broken).await {
@@ -429,7 +461,11 @@ impl Attempts<'_> {
             );
             let result = match ep {
                 None => Err(UpstreamFailure::NoHealthyEndpoint),
-                Some(ep) => self.send(guard.request(), ep, t0).await,
+                Some(ep) => {
+                    guard.exchange.subset = Some(ep.subset.clone());
+                    guard.exchange.upstream = ep.identity.clone();
+                    self.send(guard.request(), ep, t0).await
+                }
             };
             if !guard.chain().any_on_response {
                 return result.map_or_else(Last::Failed, Last::Response);
@@ -504,7 +540,7 @@ impl Attempts<'_> {
         &self,
         last: Last,
         on_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        broken: &Broken,
+        broken: &BodyWatch,
     ) -> Answer {
         match last {
             Last::Reply(reply) => reply.into(),
@@ -527,7 +563,7 @@ impl Attempts<'_> {
             }
             // The client's body broke after forwarding began: the upstream
             // request was aborted; the fault is the client's.
-            Last::Failed(_) if broken.is_set() => ProxyError::BodyBrokeAfterForwarding.into(),
+            Last::Failed(_) if broken.is_broken() => ProxyError::BodyBrokeAfterForwarding.into(),
             Last::Failed(failure) => ProxyError::Upstream {
                 failure,
                 service: self.target.name.clone(),
@@ -562,5 +598,6 @@ fn respond(
     resp.headers_mut().insert(X_REQUEST_ID, request_id);
     let status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, guard.respond(status, answer.flag, body).boxed())
+    let body = guard.respond(status, &parts.headers, answer.flag, body);
+    Response::from_parts(parts, body.boxed())
 }

@@ -14,3 +14,4 @@ mod reload;
 mod request;
 mod stock;
 mod support;
+mod telemetry;

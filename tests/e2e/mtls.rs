@@ -378,6 +378,35 @@ async fn two_services_talk_over_mtls_and_authz_decides_on_the_callers_spiffe_id(
         );
     }
     assert!(callers.proto.lock().unwrap().iter().all(|p| p == "https"));
+    // Istio's metrics on both sides name both principals: the caller's
+    // sidecar reports the endpoint's verified identity, the callee's the
+    // caller's certificate and mutual TLS.
+    let (front_id, back_id) = (spiffe("frontend"), spiffe("backend"));
+    let edge = [
+        ("source_principal", front_id.as_str()),
+        ("source_workload", "frontend"),
+        ("source_workload_namespace", "default"),
+        ("destination_principal", back_id.as_str()),
+        ("destination_workload", "backend"),
+        ("destination_service", "backend"),
+        ("response_code", "200"),
+    ];
+    // (Two endpoints: the tap, and backend's own registration, subset v1.)
+    let source = [&edge[..], &[("reporter", "source")]].concat();
+    let dest = [
+        &edge[..],
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    ]
+    .concat();
+    frontend
+        .wait_sum("istio_requests_total", &source, 11.0)
+        .await;
+    backend
+        .wait_sample("istio_requests_total", &dest, 11.0)
+        .await;
 
     // The intruder is a member of the mesh, but not one authz allows.
     let before = app.hits();

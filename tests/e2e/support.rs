@@ -204,6 +204,40 @@ impl Proxy {
         }
     }
 
+    /// Wait (up to 5 s) until the sample of `name` with `labels` is
+    /// `value`, and return the scrape; panics with what it last was.
+    pub async fn wait_sample(&self, name: &str, labels: &[(&str, &str)], value: f64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = self.metrics().await;
+            let got = sample(&m, name, labels);
+            if got == Some(value) {
+                return m;
+            }
+            if Instant::now() > deadline {
+                panic!("{name}{labels:?} is {got:?}, not {value}:\n{m}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait (up to 5 s) until the samples of `name` with `labels` add up
+    /// to `value` (several series may match).
+    pub async fn wait_sum(&self, name: &str, labels: &[(&str, &str)], value: f64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = self.metrics().await;
+            let got = samples(&m, name, labels).iter().sum::<f64>();
+            if got == value {
+                return m;
+            }
+            if Instant::now() > deadline {
+                panic!("{name}{labels:?} adds up to {got}, not {value}:\n{m}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Resident set size of the proxy process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -909,4 +943,33 @@ impl Proxy {
         p.wait_ready().await;
         p
     }
+}
+
+/// The value of the one sample of `name` whose labels include every one of
+/// `labels` in a Prometheus text scrape; `None` when there is none, a panic
+/// when several match (the test must name the series exactly).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let found = samples(text, name, labels);
+    assert!(
+        found.len() <= 1,
+        "{name}{labels:?} matches {} series:\n{text}",
+        found.len()
+    );
+    found.first().copied()
+}
+
+/// The values of every sample of `name` whose labels include `labels`.
+pub fn samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels.iter().all(|(k, v)| {
+                ["{", ","]
+                    .iter()
+                    .any(|b| l.contains(&format!("{b}{k}=\"{v}\"")))
+            })
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
 }

@@ -85,10 +85,15 @@ fn route(shared: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 serde_json::to_vec_pretty(&body).unwrap_or_default(),
             )
         }
-        "/metrics" => text(
+        "/metrics" if wants_openmetrics(&req) => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             shared.metrics.encode(),
+        ),
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.encode_prometheus(),
         ),
         _ => text(
             StatusCode::NOT_FOUND,
@@ -158,4 +163,14 @@ fn config_json(snap: &Snapshot, last_error: Value) -> Value {
         "last_error": last_error,
         "services": services,
     })
+}
+
+/// Whether the scraper asks for OpenMetrics (Prometheus does, first); else
+/// the Prometheus text format 0.0.4.
+fn wants_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
 }

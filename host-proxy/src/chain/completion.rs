@@ -15,10 +15,11 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::Chain;
 use crate::flags::ResponseFlag;
-use crate::http::body::Broken;
+use crate::http::body::BodyWatch;
 use crate::http::headers::HeaderEdit;
 use crate::http::{BoxError, ProxyBody};
 use crate::metrics::Metrics;
+use crate::metrics::istio::Exchange;
 use crate::runtime::RequestView;
 use crate::runtime::types::Completion;
 
@@ -41,8 +42,10 @@ pub struct CompletionGuard {
     flag: Option<ResponseFlag>,
     attempts: u32,
     started: Instant,
-    /// Set when the client's body broke after forwarding began.
-    body_broken: Option<Broken>,
+    /// The client's body, once forwarding began.
+    body_broken: Option<BodyWatch>,
+    /// What the request showed, for Istio's metrics.
+    pub exchange: Exchange,
 }
 
 impl CompletionGuard {
@@ -67,6 +70,7 @@ impl CompletionGuard {
             attempts: 0,
             started,
             body_broken: None,
+            exchange: Exchange::default(),
         }
     }
 
@@ -95,23 +99,27 @@ impl CompletionGuard {
 
     /// Watch the client's body: if it breaks after forwarding began, the
     /// request is the client's fault (`DPE`).
-    pub fn watch_body(&mut self, broken: Broken) {
+    pub fn watch_body(&mut self, broken: BodyWatch) {
         self.body_broken = Some(broken);
     }
 
     fn client_body_broke(&self) -> bool {
-        self.body_broken.as_ref().is_some_and(Broken::is_set)
+        self.body_broken.as_ref().is_some_and(BodyWatch::is_broken)
     }
 
-    /// The response head is going out with `status`, flagged `flag`; the
-    /// guard now travels with its body.
+    /// The response head is going out with `status` and `headers`, flagged
+    /// `flag`; the guard now travels with its body.
     pub fn respond(
         mut self,
         status: u16,
+        headers: &http::HeaderMap,
         flag: Option<ResponseFlag>,
         body: ProxyBody,
     ) -> GuardedBody {
         self.status = Some(status);
+        if self.exchange.grpc {
+            self.exchange.grpc_status = grpc_status(headers);
+        }
         self.flag = flag;
         GuardedBody {
             inner: body,
@@ -143,8 +151,15 @@ impl Drop for CompletionGuard {
         }
         // Counters the request held are released after every on-complete.
         drop(self.req.take());
+        let code = self.status.unwrap_or(0);
+        self.metrics.request(&self.service, code, self.flag);
+        if let Some(body) = &self.body_broken {
+            self.exchange.request_bytes = body.bytes();
+        }
+        let millis = done.duration.as_secs_f64() * 1000.0;
         self.metrics
-            .request(&self.service, self.status.unwrap_or(0), self.flag);
+            .istio
+            .record(&self.exchange, code, self.flag, millis);
     }
 }
 
@@ -162,6 +177,14 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r {
+            let x = &mut self.guard.exchange;
+            if let Some(d) = frame.data_ref() {
+                x.response_bytes += d.len() as u64;
+            } else if let Some(t) = frame.trailers_ref() {
+                x.grpc_status = grpc_status(t).or(x.grpc_status);
+            }
+        }
         if let Poll::Ready(Some(Err(e))) = &r {
             // The upstream failed after the response head went out: the
             // client's stream is cut (hyper closes the HTTP/1 connection or
@@ -185,4 +208,10 @@ impl Body for GuardedBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A `grpc-status` (response headers of a trailers-only response, or
+/// trailers).
+fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
 }

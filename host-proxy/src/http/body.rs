@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -49,15 +49,33 @@ impl ReqBody {
     }
 }
 
-/// Set when the client's body fails (bad framing, a reset) after
-/// forwarding began, so the failure is answered as the client's.
+/// What became of the client's body: whether it failed (bad framing, a
+/// reset) after forwarding began, so the failure is answered as the
+/// client's; and how many bytes of it were read (`istio_request_bytes`).
 #[derive(Clone, Default)]
-pub struct Broken(Arc<AtomicBool>);
+pub struct BodyWatch(Arc<Watched>);
 
-impl Broken {
+#[derive(Default)]
+struct Watched {
+    broken: AtomicBool,
+    bytes: AtomicU64,
+}
+
+impl BodyWatch {
     /// Whether it broke.
-    pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+    pub fn is_broken(&self) -> bool {
+        self.0.broken.load(Ordering::Acquire)
+    }
+
+    /// Bytes of it read from the client so far.
+    pub fn bytes(&self) -> u64 {
+        self.0.bytes.load(Ordering::Relaxed)
+    }
+
+    fn read(&self, frame: &Frame<Bytes>) {
+        if let Some(d) = frame.data_ref() {
+            self.0.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -66,7 +84,7 @@ impl Broken {
 struct PrefixedBody {
     prefix: VecDeque<Frame<Bytes>>,
     rest: Incoming,
-    broken: Broken,
+    broken: BodyWatch,
 }
 
 impl Body for PrefixedBody {
@@ -82,14 +100,16 @@ impl Body for PrefixedBody {
         let r = Pin::new(&mut self.rest)
             .poll_frame(cx)
             .map_err(BoxError::from);
-        if let Poll::Ready(Some(Err(_))) = &r {
-            self.broken.0.store(true, Ordering::Release);
+        match &r {
+            Poll::Ready(Some(Err(_))) => self.broken.0.broken.store(true, Ordering::Release),
+            Poll::Ready(Some(Ok(f))) => self.broken.read(f),
+            _ => {}
         }
         r
     }
 }
 
-fn streamed(prefix: VecDeque<Frame<Bytes>>, rest: Incoming, broken: &Broken) -> ReqBody {
+fn streamed(prefix: VecDeque<Frame<Bytes>>, rest: Incoming, broken: &BodyWatch) -> ReqBody {
     ReqBody::Once(Some(
         PrefixedBody {
             prefix,
@@ -104,7 +124,11 @@ fn streamed(prefix: VecDeque<Frame<Bytes>>, rest: Incoming, broken: &Broken) -> 
 /// again (`replay`); otherwise only its first frame, so that a body broken
 /// from its first bytes is refused before anything is forwarded. The rest
 /// streams.
-pub async fn read(body: Incoming, replay: bool, broken: &Broken) -> Result<ReqBody, hyper::Error> {
+pub async fn read(
+    body: Incoming,
+    replay: bool,
+    broken: &BodyWatch,
+) -> Result<ReqBody, hyper::Error> {
     if replay {
         buffer(body, broken).await
     } else {
@@ -112,7 +136,7 @@ pub async fn read(body: Incoming, replay: bool, broken: &Broken) -> Result<ReqBo
     }
 }
 
-async fn first_frame(mut body: Incoming, broken: &Broken) -> Result<ReqBody, hyper::Error> {
+async fn first_frame(mut body: Incoming, broken: &BodyWatch) -> Result<ReqBody, hyper::Error> {
     if body.is_end_stream() {
         return Ok(ReqBody::Replayable(Bytes::new()));
     }
@@ -120,12 +144,15 @@ async fn first_frame(mut body: Incoming, broken: &Broken) -> Result<ReqBody, hyp
         Err(_) => VecDeque::new(),
         Ok(None) => return Ok(ReqBody::Replayable(Bytes::new())),
         Ok(Some(Err(e))) => return Err(e),
-        Ok(Some(Ok(frame))) => [frame].into(),
+        Ok(Some(Ok(frame))) => {
+            broken.read(&frame);
+            [frame].into()
+        }
     };
     Ok(streamed(prefix, body, broken))
 }
 
-async fn buffer(mut body: Incoming, broken: &Broken) -> Result<ReqBody, hyper::Error> {
+async fn buffer(mut body: Incoming, broken: &BodyWatch) -> Result<ReqBody, hyper::Error> {
     let mut data = bytes::BytesMut::new();
     let mut size = 0usize;
     loop {
@@ -133,6 +160,7 @@ async fn buffer(mut body: Incoming, broken: &Broken) -> Result<ReqBody, hyper::E
             None => return Ok(ReqBody::Replayable(data.freeze())),
             Some(Err(e)) => return Err(e),
             Some(Ok(frame)) => {
+                broken.read(&frame);
                 if let Some(d) = frame.data_ref() {
                     size += d.len();
                     if size <= RETRY_BUFFER {

@@ -5,6 +5,8 @@
 //!
 //! Depends only on [`crate::flags`]; every other module records into it.
 
+pub mod istio;
+
 // foldhash: these maps are looked up on every request; SipHash cost
 // ≈ 1.5k instructions a request across them.
 use foldhash::HashMap;
@@ -58,6 +60,8 @@ pub struct Metrics {
     /// `requests` counters already looked up, by service, then (code,
     /// flags): counting a request then builds no label strings.
     request_counters: RequestCounters,
+    /// Istio's standard request metrics.
+    pub istio: istio::Istio,
 }
 
 /// Registers metrics and hands them back.
@@ -142,13 +146,29 @@ impl Metrics {
                 "wasmesh_identity_certificate_expiry_seconds",
                 "Seconds until this proxy's mesh certificate expires (negative once it has)",
             ),
+            istio: istio::Istio::default(),
             registry,
             custom_names: Mutex::default(),
             request_counters: RequestCounters::default(),
         }
+        .with_istio()
     }
 
-    /// The Prometheus text exposition.
+    fn with_istio(mut self) -> Self {
+        self.istio.register(&mut self.registry);
+        self
+    }
+
+    /// The Prometheus text format 0.0.4 (what `promtool check metrics`
+    /// and a plain `curl` read): the OpenMetrics exposition with each
+    /// counter's `# HELP` and `# TYPE` naming its `_total` samples, no
+    /// `# UNIT` and no `# EOF`. (prometheus-client writes OpenMetrics
+    /// only.)
+    pub fn encode_prometheus(&self) -> String {
+        to_prometheus_text(&self.encode())
+    }
+
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let expiry = self.identity_expiry.get();
         if expiry > 0.0 {
@@ -246,5 +266,56 @@ impl Metrics {
             *count += 1;
         }
         self.plugin_custom.get_or_create(&labels).inc_by(delta);
+    }
+}
+
+/// OpenMetrics text → Prometheus text 0.0.4. A family is `# HELP`, `# TYPE`
+/// (and `# UNIT`), then its samples: a counter family's comments are
+/// renamed to its samples' `_total` name, an info family's to `_info` and
+/// typed `gauge`, `unknown` becomes `untyped`.
+fn to_prometheus_text(open: &str) -> String {
+    let mut out = String::with_capacity(open.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in open.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (suffix, kind) = match kind {
+                "counter" => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                "unknown" => ("", "untyped"),
+                k => ("", k),
+            };
+            if let Some((_, text)) = help.take() {
+                out.push_str(&format!("# HELP {name}{suffix} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples() {
+        let m = Metrics::new();
+        m.request("reviews", 200, None);
+        m.istio.record(&istio::Exchange::default(), 200, None, 3.0);
+        let text = m.encode_prometheus();
+        assert!(text.contains("# HELP wasmesh_requests_total Requests handled"));
+        assert!(text.contains("# TYPE wasmesh_requests_total counter\n"));
+        assert!(text.contains("# TYPE istio_requests_total counter\n"));
+        assert!(text.contains("# TYPE istio_request_duration_milliseconds histogram\n"));
+        assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
+        assert!(!text.contains("# EOF"));
+        assert!(!text.contains("# TYPE wasmesh_requests counter"));
     }
 }
