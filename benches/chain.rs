@@ -90,6 +90,7 @@ fn wasm_chain(runtime: &Arc<Runtime>) -> Vec<Arc<ConfiguredPlugin>> {
                 state: state.scope("reviews", name),
                 cluster: cluster.clone(),
                 metrics: metrics.clone(),
+                log_budget: Default::default(),
             });
             Arc::new(
                 ConfiguredPlugin::new(
@@ -249,6 +250,7 @@ fn fixture(runtime: &Arc<Runtime>, path: &str, name: &str) -> ConfiguredPlugin {
         state: Arc::default(),
         cluster: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
         metrics: Arc::new(Metrics::new()),
+        log_budget: Default::default(),
     });
     ConfiguredPlugin::new(
         runtime,

@@ -90,6 +90,7 @@ impl Validator for RuntimeValidator {
             state: Arc::new(Scope::default()),
             cluster: Arc::new(ArcSwap::from_pointee(view)),
             metrics: self.metrics.clone(),
+            log_budget: Default::default(),
         });
         ConfiguredPlugin::new(
             &self.runtime,

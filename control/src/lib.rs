@@ -265,6 +265,7 @@ async fn shutdown() {
 async fn admin(listener: TcpListener, mesh: Arc<Mesh>) {
     use http_body_util::Full;
     use hyper::{Response, StatusCode};
+    use wasmesh_api::exposition;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -275,11 +276,22 @@ async fn admin(listener: TcpListener, mesh: Arc<Mesh>) {
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let mesh = mesh.clone();
                     async move {
+                        let openmetrics = exposition::wants_openmetrics(
+                            req.headers()
+                                .get_all(http::header::ACCEPT)
+                                .iter()
+                                .filter_map(|v| v.to_str().ok()),
+                        );
                         let (status, ctype, body) = match req.uri().path() {
+                            "/metrics" if openmetrics => (
+                                StatusCode::OK,
+                                exposition::OPENMETRICS_TEXT,
+                                mesh.metrics.encode(),
+                            ),
                             "/metrics" => (
                                 StatusCode::OK,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                mesh.metrics.encode(),
+                                exposition::PROMETHEUS_TEXT,
+                                exposition::to_prometheus_text(&mesh.metrics.encode()),
                             ),
                             "/ready" => (StatusCode::OK, "text/plain", "ready\n".to_string()),
                             _ => (

@@ -676,6 +676,7 @@ async fn join_tokens_expired_used_up_for_another_service_or_mesh_are_refused() {
         .await
         .unwrap()
         .body_text();
+    assert_eq!(promtool_complaints(&m), Vec::<String>::new(), "{m}");
     for reason in ["token_used_up", "wrong_service", "token_expired"] {
         assert_eq!(
             metric(

@@ -108,6 +108,26 @@ async fn a_looping_plugin_is_cut_at_its_deadline_and_others_see_no_failure() {
         )
         .await;
     assert!(m.contains(r#"kind="timeout"} 5"#), "{m}");
+    // Each of those calls was timed, and ran at least to its 10 ms deadline.
+    let closed = [
+        ("service", "closed"),
+        ("plugin", "fixture-looper"),
+        ("hook", "on_request"),
+    ];
+    let count = sample(&m, "wasmesh_plugin_call_duration_seconds_count", &closed);
+    let sum = sample(&m, "wasmesh_plugin_call_duration_seconds_sum", &closed).unwrap();
+    assert_eq!(count, Some(5.0), "{m}");
+    assert!(sum >= 0.05, "5 calls cut at 10 ms took {sum} s in all");
+    let open = [
+        ("service", "open"),
+        ("plugin", "fixture-looper"),
+        ("hook", "on_request"),
+    ];
+    assert_eq!(
+        sample(&m, "wasmesh_plugin_fail_open_total", &open),
+        Some(1.0),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -186,6 +206,38 @@ async fn a_trap_after_header_edits_leaves_no_partial_edit() {
     );
     // And the next request gets a fresh, working instance.
     assert_eq!(via(&proxy, "closed", "/fine").await.status, 200);
+
+    // Per-plugin metrics moved: one trap each, one of them skipped fail-open;
+    // every call timed; the successful calls' decisions counted.
+    let plugin = |service| {
+        [
+            ("service", service),
+            ("plugin", "fixture-trapper"),
+            ("hook", "on_request"),
+        ]
+    };
+    let m = proxy.metrics().await;
+    let trap = [("service", "closed"), ("kind", "trap")];
+    assert_eq!(
+        sample(&m, "wasmesh_plugin_failures_total", &trap),
+        Some(1.0)
+    );
+    let trap = [("service", "open"), ("kind", "trap")];
+    assert_eq!(
+        sample(&m, "wasmesh_plugin_failures_total", &trap),
+        Some(1.0)
+    );
+    let skipped = "wasmesh_plugin_fail_open_total";
+    assert_eq!(sample(&m, skipped, &plugin("open")), Some(1.0));
+    assert_eq!(sample(&m, skipped, &plugin("closed")), Some(0.0));
+    let timed = "wasmesh_plugin_call_duration_seconds_count";
+    assert_eq!(sample(&m, timed, &plugin("open")), Some(2.0));
+    assert_eq!(sample(&m, timed, &plugin("closed")), Some(2.0));
+    let proceed = [&plugin("closed")[..], &[("decision", "proceed")]].concat();
+    assert_eq!(
+        sample(&m, "wasmesh_plugin_decisions_total", &proceed),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

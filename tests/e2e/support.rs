@@ -973,3 +973,42 @@ pub fn samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
         .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
         .collect()
 }
+
+/// What `promtool check metrics` (Debian's prometheus package; `.ci/run`
+/// installs it) says of a scrape, but for its base-unit advice on Istio's
+/// `istio_request_duration_milliseconds`, which Istio's dashboards need as
+/// it is.
+pub fn promtool_complaints(text: &str) -> Vec<String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let complaints: Vec<String> = said
+        .lines()
+        .filter(|l| {
+            !(l.starts_with("istio_request_duration_milliseconds")
+                && l.contains("use base unit \"seconds\""))
+        })
+        .map(str::to_string)
+        .collect();
+    assert!(
+        out.status.success() || !complaints.is_empty() || said.contains("base unit"),
+        "promtool failed with nothing to say: {said}"
+    );
+    complaints
+}

@@ -2,37 +2,10 @@
 //! of a real proxy after mixed traffic, checked by Prometheus's own
 //! `promtool` and against the traffic sent, sample by sample.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use bytes::Bytes;
 use http_body_util::Full;
 
 use crate::support::*;
-
-/// `promtool check metrics` on `text`: its exit status and what it said.
-fn promtool(text: &str) -> (i32, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), said)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn istio_metrics_pass_promtool_and_count_mixed_traffic_exactly() {
@@ -146,19 +119,29 @@ async fn istio_metrics_pass_promtool_and_count_mixed_traffic_exactly() {
         Some(9.0)
     );
 
+    // The router decided a route for each of the 12 requests it saw (the 2
+    // with no route never reached the chain), and each call was timed.
+    let router = [
+        ("service", "reviews"),
+        ("plugin", "router"),
+        ("hook", "on_request"),
+    ];
+    let route = [&router[..], &[("decision", "route")]].concat();
+    assert_eq!(
+        sample(&text, "wasmesh_plugin_decisions_total", &route),
+        Some(12.0)
+    );
+    assert_eq!(
+        sample(&text, "wasmesh_plugin_call_duration_seconds_count", &router),
+        Some(12.0)
+    );
+
     // Prometheus's own linter: nothing but its base-unit advice on Istio's
     // `_milliseconds` name, which Istio's dashboards need as it is.
-    let (code, said) = promtool(&text);
-    let complaints: Vec<&str> = said
-        .lines()
-        .filter(|l| {
-            !l.starts_with("istio_request_duration_milliseconds")
-                || !l.contains("use base unit \"seconds\"")
-        })
-        .collect();
+    let complaints = promtool_complaints(&text);
     assert!(
         complaints.is_empty(),
-        "promtool (exit {code}) says:\n{said}\non:\n{text}"
+        "promtool says:\n{complaints:#?}\non:\n{text}"
     );
 
     // A scraper that asks for OpenMetrics gets it.
@@ -176,4 +159,77 @@ async fn istio_metrics_pass_promtool_and_count_mixed_traffic_exactly() {
     );
     assert!(om.body_text().ends_with("# EOF\n"));
     assert!(om.body_text().contains("# TYPE istio_requests counter\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_denied_requests_moves_counters_not_the_log() {
+    let up = Upstream::echo("up").await;
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  reviews:
+    endpoints: {{ v1: ["{}"] }}
+    plugins:
+      - source: builtin:authz
+        config:
+          policies:
+            - name: audit-all
+              action: AUDIT
+              rules: [{{ to: [{{ operation: {{ paths: ["/*"] }} }}] }}]
+            - name: deny-admin
+              action: DENY
+              rules: [{{ to: [{{ operation: {{ paths: ["/admin*"] }} }}] }}]
+"#,
+        up.addr
+    ))
+    .await;
+    const N: usize = 200;
+    let started = std::time::Instant::now();
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let listen = proxy.listen;
+            tokio::spawn(async move {
+                for _ in 0..N / 8 {
+                    let req = http::Request::get(format!("http://{listen}/admin/x"))
+                        .header("host", "reviews")
+                        .body(Full::default())
+                        .unwrap();
+                    assert_eq!(send(http1(), req).await.unwrap().status, 403);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let denied = [("plugin", "authz"), ("name", "denied")];
+    let m = proxy
+        .wait_sample("wasmesh_plugin_custom_total", &denied, N as f64)
+        .await;
+
+    // Every denial is counted; none is an info line (they are debug lines).
+    let log = proxy.log_text();
+    let lines = |level: &str, text: &str| {
+        log.lines()
+            .filter(|l| l.contains(level) && l.contains(text))
+            .count()
+    };
+    assert_eq!(lines(" INFO ", "authz: denied"), 0, "{log}");
+    assert_eq!(lines(" DEBUG ", "authz: denied GET /admin/x"), N);
+    // AUDIT logs at info, capped at 50 lines a second per plugin; the rest
+    // are counted, and nothing is lost between the two.
+    let audited = lines(" INFO ", "authz: AUDIT audit-all");
+    let dropped = sample(
+        &m,
+        "wasmesh_plugin_log_dropped_total",
+        &[("service", "reviews"), ("plugin", "authz")],
+    )
+    .unwrap_or(0.0) as usize;
+    assert_eq!(audited + dropped, N, "{audited} logged, {dropped} dropped");
+    eprintln!("{N} requests in {elapsed:?}: {audited} AUDIT lines logged, {dropped} dropped");
+    let windows = elapsed.as_secs() as usize + 2;
+    assert!(
+        audited <= 50 * windows,
+        "{audited} info lines in {elapsed:?}"
+    );
 }

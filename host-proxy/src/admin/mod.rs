@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use crate::chain::Chain;
 use crate::config::{Live, Snapshot};
 use crate::metrics::Metrics;
+use wasmesh_api::exposition;
 
 /// What the admin listener reads.
 pub struct Admin {
@@ -87,12 +88,12 @@ fn route(shared: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/metrics" if wants_openmetrics(&req) => text(
             StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            exposition::OPENMETRICS_TEXT,
             shared.metrics.encode(),
         ),
         "/metrics" => text(
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
+            exposition::PROMETHEUS_TEXT,
             shared.metrics.encode_prometheus(),
         ),
         _ => text(
@@ -168,9 +169,10 @@ fn config_json(snap: &Snapshot, last_error: Value) -> Value {
 /// Whether the scraper asks for OpenMetrics (Prometheus does, first); else
 /// the Prometheus text format 0.0.4.
 fn wants_openmetrics(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get_all(http::header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("application/openmetrics-text"))
+    exposition::wants_openmetrics(
+        req.headers()
+            .get_all(http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
 }

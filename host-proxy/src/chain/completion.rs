@@ -20,8 +20,8 @@ use crate::http::headers::HeaderEdit;
 use crate::http::{BoxError, ProxyBody};
 use crate::metrics::Metrics;
 use crate::metrics::istio::Exchange;
-use crate::runtime::RequestView;
 use crate::runtime::types::Completion;
+use crate::runtime::{OnFailure, RequestView};
 
 /// One request's passage through a chain, and how it ended.
 pub struct CompletionGuard {
@@ -145,8 +145,12 @@ impl Drop for CompletionGuard {
         }
         let chain = self.chain.clone();
         for (i, p) in chain.plugins.iter().enumerate().take(self.reached) {
-            if p.hooks.on_complete && self.failed & (1 << i) == 0 {
-                let _ = p.on_complete(&mut self.req, done);
+            if p.hooks.on_complete
+                && self.failed & (1 << i) == 0
+                && p.on_complete(&mut self.req, done).is_err()
+                && p.on_failure == OnFailure::Open
+            {
+                p.metrics.fail_open[2].inc();
             }
         }
         // Counters the request held are released after every on-complete.

@@ -25,7 +25,8 @@ use crate::error::ProxyError;
 use crate::flags::{FLAGS_HEADER, ResponseFlag};
 use crate::http::headers::HeaderEdit;
 use crate::http::{ProxyBody, full};
-use crate::runtime::types::{Attempt, LocalReply, ReplyFlag, ResponseView};
+use crate::metrics::{Decision, PluginMetrics};
+use crate::runtime::types::{Attempt, LocalReply, ReplyFlag, RequestDecision, ResponseView};
 use crate::runtime::{ConfiguredPlugin, LoweredAttempt, OnFailure, PluginFailure};
 
 /// An ordered list of configured plugins.
@@ -112,6 +113,7 @@ impl CompletionGuard {
             }
             match p.on_request(&mut self.req) {
                 Ok(d) => {
+                    count_request_decision(&p.metrics, &d);
                     let req = self.req.as_mut().expect("the request is back after a call");
                     if let Some(r) = plan.merge(req, &mut self.response_edits, d) {
                         return Some(Reply::local(r));
@@ -122,6 +124,7 @@ impl CompletionGuard {
                     if p.on_failure == OnFailure::Closed {
                         return Some(Reply::failed(p, f));
                     }
+                    p.metrics.fail_open[0].inc();
                 }
             }
         }
@@ -149,6 +152,14 @@ impl CompletionGuard {
             }
             match p.on_response(&mut self.req, &mut resp, &lowered) {
                 Ok(d) => {
+                    p.metrics.decided(
+                        1,
+                        match (&d.reply, d.retry) {
+                            (Some(_), _) => Decision::Reply,
+                            (None, Some(_)) => Decision::Retry,
+                            (None, None) => Decision::Proceed,
+                        },
+                    );
                     self.response_edits.extend(d.response_headers);
                     if verdict.reply.is_none() {
                         verdict.reply = d.reply.map(Reply::local);
@@ -159,7 +170,9 @@ impl CompletionGuard {
                 }
                 Err(f) => {
                     self.failed |= 1 << i;
-                    if p.on_failure == OnFailure::Closed && verdict.reply.is_none() {
+                    if p.on_failure == OnFailure::Open {
+                        p.metrics.fail_open[1].inc();
+                    } else if verdict.reply.is_none() {
                         verdict.reply = Some(Reply::failed(p, f));
                     }
                 }
@@ -177,5 +190,22 @@ impl CompletionGuard {
     /// The response edits the chain asked for so far.
     pub fn take_response_edits(&mut self) -> Vec<HeaderEdit> {
         std::mem::take(&mut self.response_edits)
+    }
+}
+
+/// Count what a plugin decided in `on-request`: a reply; else its route
+/// and its delay; else proceed.
+fn count_request_decision(m: &PluginMetrics, d: &RequestDecision) {
+    if d.reply.is_some() {
+        return m.decided(0, Decision::Reply);
+    }
+    if d.route.is_some() {
+        m.decided(0, Decision::Route);
+    }
+    if d.delay.is_some() {
+        m.decided(0, Decision::Delay);
+    }
+    if d.route.is_none() && d.delay.is_none() {
+        m.decided(0, Decision::Proceed);
     }
 }

@@ -568,6 +568,7 @@ impl ChainCtx<'_> {
             state: self.builder.state.scope(service, name),
             cluster: self.builder.cluster.clone(),
             metrics: self.builder.metrics.clone(),
+            log_budget: Default::default(),
         });
         let configured = ConfiguredPlugin::new(
             &self.builder.runtime,

@@ -17,6 +17,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::flags::ResponseFlag;
@@ -36,6 +37,14 @@ pub struct Metrics {
     pub plugin_calls: Family<Labels, Counter>,
     /// Plugin failures by kind (trap, timeout, memory, error).
     pub plugin_failures: Family<Labels, Counter>,
+    /// Plugin hook call durations.
+    plugin_durations: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Plugin decisions, by kind.
+    plugin_decisions: Family<Labels, Counter>,
+    /// Plugin failures skipped (`on-failure: open`).
+    plugin_fail_open: Family<Labels, Counter>,
+    /// Plugin log lines dropped past their rate.
+    plugin_log_dropped: Family<Labels, Counter>,
     /// Config reloads by result.
     pub reloads: Family<Labels, Counter>,
     /// Current config version.
@@ -106,6 +115,19 @@ impl Metrics {
                 "wasmesh_plugin_failures",
                 "Plugin failures (trap, timeout, memory, error), by service, plugin and version",
             ),
+            plugin_durations: Family::new_with_constructor(plugin_buckets),
+            plugin_decisions: reg.add(
+                "wasmesh_plugin_decisions",
+                "Plugin decisions, by service, plugin, version, hook and decision (proceed, reply, route, delay, retry)",
+            ),
+            plugin_fail_open: reg.add(
+                "wasmesh_plugin_fail_open",
+                "Plugin failures skipped because the plugin is on-failure: open, by service, plugin, version and hook",
+            ),
+            plugin_log_dropped: reg.add(
+                "wasmesh_plugin_log_dropped",
+                "Plugin log lines at info and above dropped past 50 a second, by service and plugin",
+            ),
             reloads: reg.add(
                 "wasmesh_config_reloads",
                 "Configuration reloads, by result (accepted, refused)",
@@ -155,8 +177,47 @@ impl Metrics {
     }
 
     fn with_istio(mut self) -> Self {
+        self.registry.register(
+            "wasmesh_plugin_call_duration_seconds",
+            "Plugin hook call durations (failed calls included), by service, plugin, version and hook",
+            self.plugin_durations.clone(),
+        );
         self.istio.register(&mut self.registry);
         self
+    }
+
+    /// The metrics of one plugin version in one service's chain, looked
+    /// up once when it is configured.
+    pub fn plugin(&self, service: &str, plugin: &str, version: &str) -> PluginMetrics {
+        let labels = |hook: &str, more: Option<(&'static str, &str)>| {
+            let mut l = vec![
+                ("service", service.to_string()),
+                ("plugin", plugin.to_string()),
+                ("version", version.to_string()),
+                ("hook", hook.to_string()),
+            ];
+            l.extend(more.map(|(k, v)| (k, v.to_string())));
+            l
+        };
+        let per_hook = HOOKS.map(|h| labels(h, None));
+        PluginMetrics {
+            calls: per_hook
+                .clone()
+                .map(|l| self.plugin_calls.get_or_create(&l).clone()),
+            durations: per_hook
+                .clone()
+                .map(|l| self.plugin_durations.get_or_create(&l).clone()),
+            fail_open: per_hook.map(|l| self.plugin_fail_open.get_or_create(&l).clone()),
+            decisions: HOOKS.map(|h| {
+                Decision::ALL.map(|d| {
+                    d.possible_in(h).then(|| {
+                        self.plugin_decisions
+                            .get_or_create(&labels(h, Some(("decision", d.label()))))
+                            .clone()
+                    })
+                })
+            }),
+        }
     }
 
     /// The Prometheus text format 0.0.4 (what `promtool check metrics`
@@ -165,7 +226,7 @@ impl Metrics {
     /// `# UNIT` and no `# EOF`. (prometheus-client writes OpenMetrics
     /// only.)
     pub fn encode_prometheus(&self) -> String {
-        to_prometheus_text(&self.encode())
+        wasmesh_api::exposition::to_prometheus_text(&self.encode())
     }
 
     /// The OpenMetrics text exposition.
@@ -230,6 +291,16 @@ impl Metrics {
         counter.inc();
     }
 
+    /// Count a plugin log line dropped past its rate.
+    pub fn plugin_log_dropped(&self, service: &str, plugin: &str) {
+        self.plugin_log_dropped
+            .get_or_create(&vec![
+                ("service", service.to_string()),
+                ("plugin", plugin.to_string()),
+            ])
+            .inc();
+    }
+
     /// Count a reload.
     pub fn reload(&self, accepted: bool) {
         let result = if accepted { "accepted" } else { "refused" };
@@ -269,35 +340,74 @@ impl Metrics {
     }
 }
 
-/// OpenMetrics text → Prometheus text 0.0.4. A family is `# HELP`, `# TYPE`
-/// (and `# UNIT`), then its samples: a counter family's comments are
-/// renamed to its samples' `_total` name, an info family's to `_info` and
-/// typed `gauge`, `unknown` becomes `untyped`.
-fn to_prometheus_text(open: &str) -> String {
-    let mut out = String::with_capacity(open.len());
-    let mut help: Option<(&str, &str)> = None;
-    for line in open.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
-        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
-            let (suffix, kind) = match kind {
-                "counter" => ("_total", "counter"),
-                "info" => ("_info", "gauge"),
-                "unknown" => ("", "untyped"),
-                k => ("", k),
-            };
-            if let Some((_, text)) = help.take() {
-                out.push_str(&format!("# HELP {name}{suffix} {text}\n"));
-            }
-            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
-        } else if line.starts_with("# UNIT ") || line == "# EOF" {
-        } else {
-            out.push_str(line);
-            out.push('\n');
+/// The hooks, in the order of [`PluginMetrics`]' arrays.
+pub const HOOKS: [&str; 3] = ["on_request", "on_response", "on_complete"];
+
+/// Plugin call durations: 1 µs to ≈ 1 s.
+fn plugin_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(1e-6, 4.0, 11))
+}
+
+/// What a plugin decided in one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing but header edits: go on.
+    Proceed = 0,
+    /// A local reply.
+    Reply = 1,
+    /// A route (service, subset, rewrites).
+    Route = 2,
+    /// A delay.
+    Delay = 3,
+    /// A retry.
+    Retry = 4,
+}
+
+impl Decision {
+    const ALL: [Decision; 5] = [
+        Decision::Proceed,
+        Decision::Reply,
+        Decision::Route,
+        Decision::Delay,
+        Decision::Retry,
+    ];
+
+    /// Its label value.
+    pub fn label(self) -> &'static str {
+        ["proceed", "reply", "route", "delay", "retry"][self as usize]
+    }
+
+    /// Whether a plugin can decide it in `hook`.
+    fn possible_in(self, hook: &str) -> bool {
+        match hook {
+            "on_request" => self != Decision::Retry,
+            "on_response" => matches!(self, Decision::Proceed | Decision::Reply | Decision::Retry),
+            _ => false,
         }
     }
-    out
+}
+
+/// One plugin version's metrics in one chain, per hook (indexed as
+/// [`HOOKS`]).
+#[derive(Clone, Debug)]
+pub struct PluginMetrics {
+    /// Calls.
+    pub calls: [Counter; 3],
+    /// Call durations, in seconds.
+    pub durations: [Histogram; 3],
+    /// Failures skipped (`on-failure: open`).
+    pub fail_open: [Counter; 3],
+    /// Decisions, by [`Decision`] (`None` where a hook cannot make one).
+    pub decisions: [[Option<Counter>; 5]; 3],
+}
+
+impl PluginMetrics {
+    /// Count `d`, decided in `hook`.
+    pub fn decided(&self, hook: usize, d: Decision) {
+        if let Some(c) = &self.decisions[hook][d as usize] {
+            c.inc();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use wasmtime::component::{Resource, ResourceTable};
@@ -70,10 +70,53 @@ pub struct PluginScope {
     pub cluster: Arc<arc_swap::ArcSwap<ClusterView>>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Its log lines at info and above, this second.
+    pub log_budget: LogBudget,
 }
 
 /// Largest log message kept from a plugin, in bytes.
 const LOG_CAP: usize = 4096;
+
+/// Log lines at info and above a plugin may write per second (in one
+/// chain); past it they are dropped and counted
+/// (`wasmesh_plugin_log_dropped_total`), so that a plugin logging what
+/// clients send cannot flood the proxy's log.
+pub const LOG_LINES_PER_SECOND: u32 = 50;
+
+/// A plugin's log lines this second.
+#[derive(Debug, Default)]
+pub struct LogBudget(Mutex<LogWindow>);
+
+#[derive(Debug, Default)]
+struct LogWindow {
+    started: Option<Instant>,
+    used: u32,
+    dropped: u64,
+}
+
+impl LogBudget {
+    /// Whether a line may be written now, and how many were dropped in
+    /// the window that just ended (reported once).
+    fn take(&self) -> (bool, u64) {
+        let mut w = self.0.lock().unwrap();
+        let now = Instant::now();
+        let mut ended = 0;
+        if w.started
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            ended = std::mem::take(&mut w.dropped);
+            w.started = Some(now);
+            w.used = 0;
+        }
+        if w.used < LOG_LINES_PER_SECOND {
+            w.used += 1;
+            (true, ended)
+        } else {
+            w.dropped += 1;
+            (false, ended)
+        }
+    }
+}
 
 /// The data of one plugin instance's store.
 pub struct HostState {
@@ -271,6 +314,19 @@ impl wit_host::Host for HostState {
         }
         let s = &self.scope;
         let (service, plugin, version) = (&*s.service, &*s.plugin, &*s.version);
+        if !matches!(level, wit_host::LogLevel::Trace | wit_host::LogLevel::Debug) {
+            let (write, dropped) = s.log_budget.take();
+            if dropped > 0 {
+                tracing::warn!(
+                    target: "wasmesh::plugin", service, plugin, version,
+                    "{dropped} log lines dropped in a second (more than {LOG_LINES_PER_SECOND} a second at info and above)"
+                );
+            }
+            if !write {
+                s.metrics.plugin_log_dropped(service, plugin);
+                return;
+            }
+        }
         match level {
             wit_host::LogLevel::Trace => {
                 tracing::trace!(target: "wasmesh::plugin", service, plugin, version, "{message}")

@@ -38,7 +38,6 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, Resource};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
@@ -51,6 +50,7 @@ pub use self::host::{PluginScope, RequestView};
 use self::types::{
     Attempt, Completion, ReplyFlag, RequestDecision, ResponseDecision, ResponseView,
 };
+use crate::metrics::PluginMetrics;
 pub use wasmesh_api::OnFailure;
 
 /// How often the epoch advances while plugins run: the granularity of hook
@@ -491,6 +491,7 @@ impl Runtime {
             state: Arc::default(),
             cluster: Arc::default(),
             metrics: Arc::default(),
+            log_budget: Default::default(),
         });
         // Probe under the largest cap any configuration may set: whether
         // this plugin fits its configured cap is judged when it is configured.
@@ -602,7 +603,8 @@ pub struct ConfiguredPlugin {
     scope: Arc<PluginScope>,
     runtime: Arc<Runtime>,
     pool: Mutex<Vec<Instance>>,
-    calls: [Counter; 3],
+    /// Its metrics (calls, durations, decisions, fail-open skips).
+    pub metrics: PluginMetrics,
     /// Recent failures (trap, deadline, memory), when quarantine is on.
     failures: Mutex<std::collections::VecDeque<std::time::Instant>>,
     quarantined: AtomicBool,
@@ -657,23 +659,9 @@ impl ConfiguredPlugin {
         config_json: String,
         limits: Limits,
     ) -> Result<Self, PluginFailure> {
-        let label = |hook: &str| {
-            scope
-                .metrics
-                .plugin_calls
-                .get_or_create(&vec![
-                    ("service", scope.service.to_string()),
-                    ("plugin", scope.plugin.to_string()),
-                    ("version", scope.version.to_string()),
-                    ("hook", hook.to_string()),
-                ])
-                .clone()
-        };
-        let calls = [
-            label("on_request"),
-            label("on_response"),
-            label("on_complete"),
-        ];
+        let metrics = scope
+            .metrics
+            .plugin(&scope.service, &scope.plugin, &scope.version);
         let plugin = Self {
             name: scope.plugin.clone(),
             source,
@@ -685,7 +673,7 @@ impl ConfiguredPlugin {
             scope,
             runtime: runtime.clone(),
             pool: Mutex::default(),
-            calls,
+            metrics,
             failures: Mutex::default(),
             quarantined: AtomicBool::new(false),
             fallback: arc_swap::ArcSwapOption::empty(),
@@ -876,7 +864,7 @@ impl ConfiguredPlugin {
                 }
             };
         }
-        self.calls[hook as usize].inc();
+        self.metrics.calls[hook as usize].inc();
         let pooled = self.pool.lock().unwrap().pop();
         let mut inst = match pooled {
             Some(i) => i,
@@ -891,7 +879,9 @@ impl ConfiguredPlugin {
         }
         arm(&mut inst.store, &self.limits);
         self.runtime.ticker.call_started();
+        let started = std::time::Instant::now();
         let result = f(&inst.plugin, &mut inst.store);
+        self.metrics.durations[hook as usize].observe(started.elapsed().as_secs_f64());
         let data = inst.store.data_mut();
         *req = data.req.take();
         let flag = data.reply_flag;
@@ -924,7 +914,7 @@ impl ConfiguredPlugin {
     ) -> Result<RequestDecision, PluginFailure> {
         #[cfg(feature = "native-chain")]
         if let Some(n) = &self.native {
-            self.calls[Hook::Request as usize].inc();
+            self.metrics.calls[Hook::Request as usize].inc();
             let (d, flag) = n
                 .on_request(req)
                 .map_err(|e| self.fail(PluginFailure::Error(e), Hook::Request))?;
@@ -947,7 +937,7 @@ impl ConfiguredPlugin {
         let attempt = &attempt.0;
         #[cfg(feature = "native-chain")]
         if let Some(n) = &self.native {
-            self.calls[Hook::Response as usize].inc();
+            self.metrics.calls[Hook::Response as usize].inc();
             let (d, flag) = n
                 .on_response(req, resp, attempt)
                 .map_err(|e| self.fail(PluginFailure::Error(e), Hook::Response))?;
@@ -973,7 +963,7 @@ impl ConfiguredPlugin {
         let done = convert::completion(done);
         #[cfg(feature = "native-chain")]
         if let Some(n) = &self.native {
-            self.calls[Hook::Complete as usize].inc();
+            self.metrics.calls[Hook::Complete as usize].inc();
             n.on_complete(req, done);
             return Ok(());
         }

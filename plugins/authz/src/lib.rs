@@ -544,7 +544,12 @@ impl Plugin for Authz {
             source: OnceCell::new(),
         };
         let matching = |p: &CPolicy| p.rules.iter().position(|r| r.matches(&v));
-        // AUDIT and dry-run policies only log and count.
+        // AUDIT and dry-run policies only log and count. What a client can
+        // make happen on every request (a denial, a dry-run denial) is
+        // counted and logged at debug level, so a flood of bad requests is
+        // not a flood of log lines; AUDIT logs at info, because logging is
+        // what an operator asks of it (the host caps a plugin's info lines
+        // per second).
         for p in &self.policies {
             if p.action == Action::Audit
                 && let Some(i) = matching(p)
@@ -566,14 +571,14 @@ impl Plugin for Authz {
                 let what = format!("{} {} from {}", v.method(), v.path(), v.source().address);
                 if p.dry_run {
                     host::log(
-                        Level::Info,
+                        Level::Debug,
                         &format!("authz: dry run: would deny {what} by {} rules[{i}]", p.name),
                     );
                     host::metric_add("dry_run_denied", 1);
                     continue;
                 }
                 host::log(
-                    Level::Info,
+                    Level::Debug,
                     &format!("authz: denied {what} by DENY {} rules[{i}]", p.name),
                 );
                 host::metric_add("denied", 1);
@@ -592,7 +597,7 @@ impl Plugin for Authz {
         for p in allows.iter().filter(|p| p.dry_run) {
             if matching(p).is_none() {
                 host::log(
-                    Level::Info,
+                    Level::Debug,
                     &format!(
                         "authz: dry run: {} would deny {} {} (no ALLOW rule matched)",
                         p.name,
@@ -605,7 +610,7 @@ impl Plugin for Authz {
         }
         if self.has_allow && !enforced_match {
             host::log(
-                Level::Info,
+                Level::Debug,
                 &format!(
                     "authz: denied {} {} from {}: no ALLOW policy matched",
                     v.method(),
