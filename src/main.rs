@@ -100,6 +100,15 @@ enum Command {
         /// 700), so a restart does not compile them again.
         #[arg(long, value_name = "DIR")]
         compile_cache: Option<PathBuf>,
+        /// Export trace spans over OTLP/gRPC to this collector, e.g.
+        /// http://127.0.0.1:4317 (W3C and B3 trace headers are carried
+        /// upstream either way).
+        #[arg(long, value_name = "URL")]
+        otlp_endpoint: Option<String>,
+        /// The share of new traces sampled, 0 to 1 (a request that arrives
+        /// with a sampling decision keeps it).
+        #[arg(long, default_value_t = 0.01, value_name = "RATIO")]
+        trace_sampling: f64,
     },
     /// Run the control plane: plugin registry, config and discovery.
     Control {
@@ -366,7 +375,14 @@ fn main() -> ExitCode {
             workers,
             drain,
             compile_cache,
+            otlp_endpoint,
+            trace_sampling,
         } => {
+            let trace = otlp_endpoint.map(|endpoint| wasmesh_proxy::trace::TraceOptions {
+                endpoint,
+                sampling: trace_sampling,
+                service: service.clone().unwrap_or_else(|| "wasmesh".to_string()),
+            });
             let token = match token_file {
                 Some(f) => match std::fs::read_to_string(&f) {
                     Ok(t) => Some(t.trim().to_string()),
@@ -413,6 +429,7 @@ fn main() -> ExitCode {
                 builtins: wasmesh_artifacts::BUILTINS,
                 compile_cache,
                 compiler: compiler(),
+                trace,
             };
             proxy(options, workers, drain)
         }

@@ -42,6 +42,7 @@ pub mod listener;
 pub mod metrics;
 pub mod runtime;
 pub mod serve;
+pub mod trace;
 pub mod upstream;
 pub mod xds;
 
@@ -84,6 +85,8 @@ pub struct Options {
     pub compile_cache: Option<PathBuf>,
     /// Where components are compiled.
     pub compiler: runtime::Compiler,
+    /// Distributed tracing over OTLP (`--otlp-endpoint`).
+    pub trace: Option<trace::TraceOptions>,
 }
 
 /// Why the proxy could not start.
@@ -207,6 +210,10 @@ impl Proxy {
         });
         let clients = Arc::new(Clients::new(&first.upstream, mesh_tls, endpoints.clone()));
         let (listeners, admin, control) = bind_listeners(&first.listeners, options.control).await?;
+        let tracing = match &options.trace {
+            Some(t) => Some(trace::Tracing::start(t, metrics.clone())?),
+            None => None,
+        };
         let inbound_tls = identity.as_ref().map(|i| serve::InboundTls {
             config: wasmesh_identity::tls::inbound_server(i.credentials()),
             credentials: i.credentials().clone(),
@@ -217,6 +224,7 @@ impl Proxy {
                 metrics,
                 clients,
                 inbound_tls,
+                tracing,
             }),
             endpoints,
             watch: options.watch,
@@ -302,6 +310,11 @@ impl Proxy {
             .is_err()
         {
             tracing::warn!("drain deadline passed with requests still in flight");
+        }
+        if let Some(t) = &shared.tracing {
+            let t = t.clone();
+            // Flushing blocks on the export: off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
         }
         Ok(())
     }

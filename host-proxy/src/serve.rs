@@ -41,7 +41,9 @@ use crate::metrics::Metrics;
 use crate::metrics::istio::{Exchange, Reporter};
 use crate::runtime::RequestView;
 use crate::runtime::types::{Attempt, Outcome, Protocol, ResponseView};
+use crate::trace::{RequestTrace, Tracing};
 use crate::upstream::{self, Clients, Outgoing, UpstreamFailure};
+use opentelemetry::KeyValue;
 use wasmesh_api::MtlsMode;
 
 /// Most attempts the host makes for one request, whatever plugins ask.
@@ -68,6 +70,8 @@ pub struct Shared {
     pub clients: Arc<Clients>,
     /// The inbound listener's mesh mTLS, when this proxy has an identity.
     pub inbound_tls: Option<InboundTls>,
+    /// Distributed tracing, with `--otlp-endpoint`.
+    pub tracing: Option<Arc<Tracing>>,
 }
 
 /// What the inbound listener needs for mesh mTLS.
@@ -177,6 +181,10 @@ pub async fn handle(
         Ok(admitted) => admitted,
         Err(e) => return refuse(&shared.metrics, side, &snapshot, &remote, started, e),
     };
+    let trace = shared
+        .tracing
+        .as_ref()
+        .map(|t| start_trace(t, &req, side, &service, &remote));
     let (
         mut view,
         Rest {
@@ -203,6 +211,7 @@ pub async fn handle(
         view,
         started,
     );
+    guard.trace = trace;
     guard.exchange = Exchange {
         reporter: match side {
             Side::Outbound => Reporter::Source,
@@ -220,6 +229,31 @@ pub async fn handle(
         None => forward(&shared, &snapshot, &service, &mut guard, &plan, incoming).await,
     };
     respond(guard, answer, request_id)
+}
+
+/// The request's server span, a child of the caller's (from its headers).
+fn start_trace(
+    t: &Arc<Tracing>,
+    req: &Request<Incoming>,
+    side: Side,
+    service: &Service,
+    remote: &Remote,
+) -> RequestTrace {
+    let attributes = vec![
+        KeyValue::new("http.request.method", req.method().to_string()),
+        KeyValue::new("url.path", req.uri().path().to_string()),
+        KeyValue::new("wasmesh.service", service.name.to_string()),
+        KeyValue::new(
+            "wasmesh.listener",
+            match side {
+                Side::Outbound => "outbound",
+                Side::Inbound => "inbound",
+            },
+        ),
+        KeyValue::new("client.address", remote.address.to_string()),
+    ];
+    let name = format!("{} {}", req.method(), service.name);
+    t.request(req.headers(), name, attributes)
 }
 
 /// Refuse a request before any plugin sees it.
@@ -464,7 +498,27 @@ impl Attempts<'_> {
                 Some(ep) => {
                     guard.exchange.subset = Some(ep.subset.clone());
                     guard.exchange.upstream = ep.identity.clone();
-                    self.send(guard.request(), ep, t0).await
+                    let span = guard.trace.as_ref().map(|t| {
+                        let span = t.attempt(
+                            format!("{} {}", guard.request().parts.method, target.name),
+                            vec![
+                                KeyValue::new("server.address", ep.address.to_string()),
+                                KeyValue::new("wasmesh.subset", ep.subset.to_string()),
+                                KeyValue::new("wasmesh.attempt", i64::from(number)),
+                            ],
+                        );
+                        let headers = t.headers(&span);
+                        (span, headers)
+                    });
+                    let trace_headers = span.as_ref().map_or(&[][..], |(_, h)| &h[..]);
+                    let result = self.send(guard.request(), ep, t0, trace_headers).await;
+                    if let Some((span, _)) = span {
+                        span.end(match &result {
+                            Ok(r) => Ok(r.status().as_u16()),
+                            Err(f) => Err(ResponseFlag::label(Some(f.flag()))),
+                        });
+                    }
+                    result
                 }
             };
             if !guard.chain().any_on_response {
@@ -519,6 +573,7 @@ impl Attempts<'_> {
         req: &RequestView,
         ep: &upstream::cluster::Endpoint,
         now: Instant,
+        trace: &[(http::HeaderName, HeaderValue)],
     ) -> Result<Response<Incoming>, UpstreamFailure> {
         let remaining = self.deadline.map(|d| d.saturating_duration_since(now));
         let limit = match (self.plan.per_try_timeout, remaining) {
@@ -530,6 +585,7 @@ impl Attempts<'_> {
             path: self.plan.path.as_ref(),
             authority: self.plan.authority.as_ref(),
             h2: self.h2,
+            trace,
         };
         let max = self.snapshot.upstream.max_requests_per_endpoint;
         upstream::send(&self.shared.clients, ep, max, &out, &mut self.body, limit).await

@@ -363,7 +363,16 @@ async fn a_nack_shows_in_status_and_that_proxy_keeps_its_snapshot() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("refused the latest version"), "{err}");
     assert!(err.contains("runtime.memory-limit"), "{err}");
-    let rows = control.proxies();
+    // `status --wait` stops at the first NACK; the other proxy may still be
+    // applying the new version (compiling the plugin): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let rows = control.proxies();
+        if rows.iter().all(|r| r["state"] != "pending") || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let states: Vec<&str> = rows.iter().map(|r| r["state"].as_str().unwrap()).collect();
     assert_eq!(
         {

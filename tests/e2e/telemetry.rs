@@ -233,3 +233,331 @@ async fn a_flood_of_denied_requests_moves_counters_not_the_log() {
         "{audited} info lines in {elapsed:?}"
     );
 }
+
+/// A real OTLP trace receiver: the collector's gRPC service (from
+/// opentelemetry-proto), keeping every span it is sent.
+mod otlp {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    pub use opentelemetry_proto::tonic::trace::v1::Span;
+    use tokio::sync::Notify;
+
+    #[derive(Clone, Default)]
+    pub struct Receiver {
+        pub spans: Arc<Mutex<Vec<Span>>>,
+        arrived: Arc<Notify>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut spans = self.spans.lock().unwrap();
+            for r in request.into_inner().resource_spans {
+                for s in r.scope_spans {
+                    spans.extend(s.spans);
+                }
+            }
+            self.arrived.notify_waiters();
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    impl Receiver {
+        /// Serve on a free port: the receiver and its URL.
+        pub async fn start() -> (Receiver, String) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr: SocketAddr = listener.local_addr().unwrap();
+            let me = Receiver::default();
+            let service = TraceServiceServer::new(me.clone());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            (me, format!("http://{addr}"))
+        }
+
+        /// Wait (up to 10 s) until `done` holds for the spans received.
+        pub async fn wait_for(&self, done: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let arrived = self.arrived.notified();
+                {
+                    let spans = self.spans.lock().unwrap();
+                    if done(&spans) {
+                        return spans.clone();
+                    }
+                }
+                if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                    let spans = self.spans.lock().unwrap();
+                    panic!("spans never complete; got {} : {spans:#?}", spans.len());
+                }
+            }
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn attr(s: &otlp::Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    s.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+        .map(|v| match v {
+            Value::StringValue(s) => s.clone(),
+            Value::IntValue(i) => i.to_string(),
+            other => format!("{other:?}"),
+        })
+}
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+const INTERNAL: i32 = 1;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_request_through_two_sidecars_is_one_trace_with_a_span_per_hook() {
+    let (receiver, url) = otlp::Receiver::start().await;
+    let app = Upstream::echo("app").await;
+    let inbound = free_port();
+    let tracing = ["--otlp-endpoint", &url, "--trace-sampling", "1"];
+    let back = Proxy::start_with(
+        &format!(
+            r#"inbound: 127.0.0.1:{inbound}
+local-service: reviews
+services:
+  reviews:
+    endpoints: {{ v1: ["{}"] }}
+    inbound-plugins:
+      - source: builtin:authz
+        config: {{ action: ALLOW, rules: [{{ to: [{{ operation: {{ methods: [GET] }} }}] }}] }}
+"#,
+            app.addr
+        ),
+        &tracing,
+    )
+    .await;
+    let front = Proxy::start_with(
+        &format!(
+            r#"services:
+  reviews:
+    endpoints: {{ v1: ["127.0.0.1:{inbound}"] }}
+    plugins:
+      - source: builtin:router
+        config:
+          http:
+            - route: [{{ destination: {{ subset: v1 }} }}]
+"#
+        ),
+        &tracing,
+    )
+    .await;
+
+    // A request with no trace context starts a trace.
+    let r = via(&front, "reviews", "/one").await;
+    assert_eq!(r.status, 200);
+    let seen = r.json()["headers"]["traceparent"]
+        .as_str()
+        .expect("the app sees a traceparent")
+        .to_string();
+    let spans = receiver
+        .wait_for(|s| {
+            s.iter().filter(|x| x.kind == SERVER).count() == 2
+                && s.iter().filter(|x| x.kind == CLIENT).count() == 2
+        })
+        .await;
+    let trace = hex(&spans[0].trace_id);
+    assert!(
+        spans.iter().all(|s| hex(&s.trace_id) == trace),
+        "{spans:#?}"
+    );
+    assert!(seen.contains(&trace), "{seen} is not of trace {trace}");
+    let server = |listener: &str| {
+        spans
+            .iter()
+            .find(|s| s.kind == SERVER && attr(s, "wasmesh.listener").as_deref() == Some(listener))
+            .unwrap_or_else(|| panic!("no {listener} server span: {spans:#?}"))
+    };
+    let (front_server, back_server) = (server("outbound"), server("inbound"));
+    let child_of = |parent: &otlp::Span, kind: i32| -> Vec<&otlp::Span> {
+        spans
+            .iter()
+            .filter(|s| s.kind == kind && s.parent_span_id == parent.span_id)
+            .collect()
+    };
+    assert!(front_server.parent_span_id.is_empty(), "a root span");
+    let front_client = child_of(front_server, CLIENT);
+    assert_eq!(front_client.len(), 1, "{spans:#?}");
+    // The next sidecar's server span is the child of this one's client span.
+    assert_eq!(back_server.parent_span_id, front_client[0].span_id);
+    let back_client = child_of(back_server, CLIENT);
+    assert_eq!(back_client.len(), 1, "{spans:#?}");
+    // The app's traceparent names the back sidecar's client span.
+    assert!(seen.contains(&hex(&back_client[0].span_id)), "{seen}");
+    assert_eq!(
+        attr(front_server, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+
+    // One span per plugin hook call, under its proxy's server span, naming
+    // the plugin, its version, the hook and the decision.
+    let front_m = front.metrics().await;
+    let back_m = back.metrics().await;
+    let calls = |m: &str| {
+        samples(m, "wasmesh_plugin_calls_total", &[])
+            .iter()
+            .sum::<f64>()
+    };
+    let hooks: Vec<&otlp::Span> = spans.iter().filter(|s| s.kind == INTERNAL).collect();
+    assert_eq!(
+        hooks.len() as f64,
+        calls(&front_m) + calls(&back_m),
+        "{hooks:#?}"
+    );
+    let router = child_of(front_server, INTERNAL);
+    assert!(!router.is_empty());
+    for h in &router {
+        assert_eq!(attr(h, "wasmesh.plugin.name").as_deref(), Some("router"));
+        assert!(attr(h, "wasmesh.plugin.version").is_some_and(|v| v.len() == 12));
+    }
+    let on_request = router
+        .iter()
+        .find(|h| attr(h, "wasmesh.plugin.hook").as_deref() == Some("on_request"))
+        .unwrap();
+    assert_eq!(
+        attr(on_request, "wasmesh.plugin.decision").as_deref(),
+        Some("route")
+    );
+    let authz = child_of(back_server, INTERNAL);
+    assert!(
+        authz.iter().any(
+            |h| attr(h, "wasmesh.plugin.name").as_deref() == Some("authz")
+                && attr(h, "wasmesh.plugin.decision").as_deref() == Some("proceed")
+        ),
+        "{authz:#?}"
+    );
+
+    // A request that arrives with W3C trace context keeps its trace id and
+    // its sampling decision upstream.
+    let tid = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let req = http::Request::get(format!("http://{}/w3c", front.listen))
+        .header("host", "reviews")
+        .header("traceparent", format!("00-{tid}-00f067aa0ba902b7-01"))
+        .body(Full::default())
+        .unwrap();
+    let r = send(http1(), req).await.unwrap();
+    let tp = r.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        tp.starts_with(&format!("00-{tid}-")) && tp.ends_with("-01"),
+        "{tp}"
+    );
+    let spans = receiver
+        .wait_for(|s| {
+            s.iter()
+                .any(|x| hex(&x.parent_span_id) == "00f067aa0ba902b7")
+        })
+        .await;
+    let root = spans
+        .iter()
+        .find(|x| hex(&x.parent_span_id) == "00f067aa0ba902b7")
+        .unwrap();
+    assert_eq!(hex(&root.trace_id), tid);
+
+    // B3, single header and multi header, the same; the app gets it back in
+    // the format it came in.
+    let b3_tid = "80f198ee56343ba864fe8b2a57d3eff7";
+    let req = http::Request::get(format!("http://{}/b3", front.listen))
+        .header("host", "reviews")
+        .header("b3", format!("{b3_tid}-e457b5a2e4d86bd1-1"))
+        .body(Full::default())
+        .unwrap();
+    let h = send(http1(), req).await.unwrap().json()["headers"].clone();
+    let b3 = h["b3"].as_str().unwrap_or_default();
+    assert!(b3.starts_with(&format!("{b3_tid}-")), "{h}");
+    assert!(
+        !b3.contains("e457b5a2e4d86bd1"),
+        "the parent is the proxy's span: {h}"
+    );
+    assert!(h["traceparent"].as_str().unwrap().contains(b3_tid), "{h}");
+    let multi_tid = "463ac35c9f6413ad48485a3953bb6124";
+    let req = http::Request::get(format!("http://{}/b3multi", front.listen))
+        .header("host", "reviews")
+        .header("x-b3-traceid", multi_tid)
+        .header("x-b3-spanid", "a2fb4a1d1a96d312")
+        .header("x-b3-sampled", "1")
+        .body(Full::default())
+        .unwrap();
+    let h = send(http1(), req).await.unwrap().json()["headers"].clone();
+    assert_eq!(h["x-b3-traceid"].as_str(), Some(multi_tid), "{h}");
+    assert_ne!(h["x-b3-spanid"].as_str(), Some("a2fb4a1d1a96d312"), "{h}");
+    receiver
+        .wait_for(|s| {
+            [b3_tid, multi_tid]
+                .iter()
+                .all(|t| s.iter().filter(|x| hex(&x.trace_id) == *t).count() >= 4)
+        })
+        .await;
+    let m = front.metrics().await;
+    assert!(sample(&m, "wasmesh_trace_spans_exported_total", &[]).unwrap() >= 4.0);
+    assert_eq!(
+        sample(&m, "wasmesh_trace_spans_dropped_total", &[]),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_collector_costs_dropped_spans_never_requests() {
+    let app = Upstream::echo("app").await;
+    // Nothing listens there.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let proxy = Proxy::start_with(
+        &format!(
+            "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n",
+            app.addr
+        ),
+        &["--otlp-endpoint", &dead, "--trace-sampling", "1"],
+    )
+    .await;
+    for i in 0..50 {
+        let r = via(&proxy, "reviews", &format!("/{i}")).await;
+        assert_eq!(r.status, 200);
+        assert!(r.json()["headers"]["traceparent"].is_string());
+    }
+    // Each request made a server and a client span; the batches that could
+    // not be exported are counted as dropped.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = proxy.metrics().await;
+        let dropped = sample(&m, "wasmesh_trace_spans_dropped_total", &[]).unwrap();
+        if dropped >= 1.0 {
+            assert_eq!(
+                sample(&m, "wasmesh_trace_spans_exported_total", &[]),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no drop counted:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(via(&proxy, "reviews", "/after").await.status, 200);
+}

@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::metrics::istio::Exchange;
 use crate::runtime::types::Completion;
 use crate::runtime::{OnFailure, RequestView};
+use crate::trace::RequestTrace;
 
 /// One request's passage through a chain, and how it ended.
 pub struct CompletionGuard {
@@ -46,6 +47,8 @@ pub struct CompletionGuard {
     body_broken: Option<BodyWatch>,
     /// What the request showed, for Istio's metrics.
     pub exchange: Exchange,
+    /// Its trace, when the proxy traces.
+    pub trace: Option<RequestTrace>,
 }
 
 impl CompletionGuard {
@@ -71,6 +74,7 @@ impl CompletionGuard {
             started,
             body_broken: None,
             exchange: Exchange::default(),
+            trace: None,
         }
     }
 
@@ -145,11 +149,15 @@ impl Drop for CompletionGuard {
         }
         let chain = self.chain.clone();
         for (i, p) in chain.plugins.iter().enumerate().take(self.reached) {
-            if p.hooks.on_complete
-                && self.failed & (1 << i) == 0
-                && p.on_complete(&mut self.req, done).is_err()
-                && p.on_failure == OnFailure::Open
-            {
+            if !p.hooks.on_complete || self.failed & (1 << i) != 0 {
+                continue;
+            }
+            let span = super::hook_span(self.trace.as_ref(), p, "on_complete");
+            let result = p.on_complete(&mut self.req, done);
+            if let Some(span) = span {
+                span.end(result.as_ref().map(|()| "proceed").map_err(|f| f.kind()));
+            }
+            if result.is_err() && p.on_failure == OnFailure::Open {
                 p.metrics.fail_open[2].inc();
             }
         }
@@ -159,6 +167,9 @@ impl Drop for CompletionGuard {
         self.metrics.request(&self.service, code, self.flag);
         if let Some(body) = &self.body_broken {
             self.exchange.request_bytes = body.bytes();
+        }
+        if let Some(t) = &self.trace {
+            t.end(code, ResponseFlag::label(self.flag), Vec::new());
         }
         let millis = done.duration.as_secs_f64() * 1000.0;
         self.metrics

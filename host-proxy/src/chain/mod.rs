@@ -28,6 +28,7 @@ use crate::http::{ProxyBody, full};
 use crate::metrics::{Decision, PluginMetrics};
 use crate::runtime::types::{Attempt, LocalReply, ReplyFlag, RequestDecision, ResponseView};
 use crate::runtime::{ConfiguredPlugin, LoweredAttempt, OnFailure, PluginFailure};
+use crate::trace::{HookSpan, RequestTrace};
 
 /// An ordered list of configured plugins.
 #[derive(Default)]
@@ -111,7 +112,12 @@ impl CompletionGuard {
             if !p.hooks.on_request {
                 continue;
             }
-            match p.on_request(&mut self.req) {
+            let span = hook_span(self.trace.as_ref(), p, "on_request");
+            let result = p.on_request(&mut self.req);
+            if let Some(span) = span {
+                span.end(result.as_ref().map(request_decision).map_err(|f| f.kind()));
+            }
+            match result {
                 Ok(d) => {
                     count_request_decision(&p.metrics, &d);
                     let req = self.req.as_mut().expect("the request is back after a call");
@@ -150,16 +156,24 @@ impl CompletionGuard {
             if !p.hooks.on_response || self.failed & (1 << i) != 0 {
                 continue;
             }
-            match p.on_response(&mut self.req, &mut resp, &lowered) {
+            let span = hook_span(self.trace.as_ref(), p, "on_response");
+            let result = p.on_response(&mut self.req, &mut resp, &lowered);
+            let decided = result.as_ref().ok().map(|d| match (&d.reply, d.retry) {
+                (Some(_), _) => Decision::Reply,
+                (None, Some(_)) => Decision::Retry,
+                (None, None) => Decision::Proceed,
+            });
+            if let Some(span) = span {
+                span.end(match (&result, decided) {
+                    (Err(f), _) => Err(f.kind()),
+                    (Ok(_), d) => Ok(d.unwrap_or(Decision::Proceed).label()),
+                });
+            }
+            match result {
                 Ok(d) => {
-                    p.metrics.decided(
-                        1,
-                        match (&d.reply, d.retry) {
-                            (Some(_), _) => Decision::Reply,
-                            (None, Some(_)) => Decision::Retry,
-                            (None, None) => Decision::Proceed,
-                        },
-                    );
+                    if let Some(decision) = decided {
+                        p.metrics.decided(1, decision);
+                    }
                     self.response_edits.extend(d.response_headers);
                     if verdict.reply.is_none() {
                         verdict.reply = d.reply.map(Reply::local);
@@ -208,4 +222,26 @@ fn count_request_decision(m: &PluginMetrics, d: &RequestDecision) {
     if d.route.is_none() && d.delay.is_none() {
         m.decided(0, Decision::Proceed);
     }
+}
+
+/// What a plugin decided in `on-request`, in one word (for its span): a
+/// reply, else a route, else a delay, else proceed.
+fn request_decision(d: &RequestDecision) -> &'static str {
+    match (&d.reply, &d.route, &d.delay) {
+        (Some(_), _, _) => Decision::Reply.label(),
+        (None, Some(_), _) => Decision::Route.label(),
+        (None, None, Some(_)) => Decision::Delay.label(),
+        (None, None, None) => Decision::Proceed.label(),
+    }
+}
+
+/// A span for `p`'s `hook` call, when the request is traced and sampled.
+pub(crate) fn hook_span(
+    trace: Option<&RequestTrace>,
+    p: &ConfiguredPlugin,
+    hook: &'static str,
+) -> Option<HookSpan> {
+    trace
+        .filter(|t| t.sampled())
+        .map(|t| t.hook(&p.name, p.version(), hook))
 }

@@ -71,6 +71,17 @@ pub struct Metrics {
     request_counters: RequestCounters,
     /// Istio's standard request metrics.
     pub istio: istio::Istio,
+    /// Spans exported, and dropped.
+    pub trace_spans: TraceSpans,
+}
+
+/// What became of trace spans.
+#[derive(Debug, Default)]
+pub struct TraceSpans {
+    /// Exported to the collector.
+    pub exported: Counter,
+    /// Dropped: the collector failed them (or was not there).
+    pub dropped: Counter,
 }
 
 /// Registers metrics and hands them back.
@@ -169,6 +180,7 @@ impl Metrics {
                 "Seconds until this proxy's mesh certificate expires (negative once it has)",
             ),
             istio: istio::Istio::default(),
+            trace_spans: TraceSpans::default(),
             registry,
             custom_names: Mutex::default(),
             request_counters: RequestCounters::default(),
@@ -183,6 +195,16 @@ impl Metrics {
             self.plugin_durations.clone(),
         );
         self.istio.register(&mut self.registry);
+        self.registry.register(
+            "wasmesh_trace_spans_exported",
+            "Trace spans the OTLP collector accepted",
+            self.trace_spans.exported.clone(),
+        );
+        self.registry.register(
+            "wasmesh_trace_spans_dropped",
+            "Trace spans dropped because the OTLP collector failed them or could not be reached",
+            self.trace_spans.dropped.clone(),
+        );
         self
     }
 

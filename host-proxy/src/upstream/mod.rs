@@ -169,6 +169,8 @@ pub struct Outgoing<'a> {
     pub authority: Option<&'a HeaderValue>,
     /// HTTP/2 with prior knowledge, else HTTP/1.1.
     pub h2: bool,
+    /// Trace context headers for this attempt (they replace the client's).
+    pub trace: &'a [(http::HeaderName, HeaderValue)],
 }
 
 /// One attempt: send to `ep` within `limit`, counted against the
@@ -251,6 +253,9 @@ fn request(out: &Outgoing<'_>, uri: Uri, body: ProxyBody) -> Request<ProxyBody> 
     *up.headers_mut() = out.parts.headers.clone();
     if let Some(a) = out.authority {
         up.headers_mut().insert(header::HOST, a.clone());
+    }
+    for (name, value) in out.trace {
+        up.headers_mut().insert(name, value.clone());
     }
     if out.h2 {
         *up.version_mut() = Version::HTTP_2;

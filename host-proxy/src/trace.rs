@@ -1,0 +1,345 @@
+//! Distributed tracing: W3C `traceparent`/`tracestate` and B3 (single and
+//! multi header) taken from each request and carried upstream; spans
+//! exported over OTLP (gRPC) to `--otlp-endpoint` with the OpenTelemetry
+//! SDK.
+//!
+//! Per request, on each proxy: a server span for the request as received
+//! (its parent: the caller's span, from the headers), a client span per
+//! upstream attempt (its context is what goes upstream, so the next
+//! sidecar's server span is its child), and an internal span per plugin
+//! hook call carrying the plugin's name, version, hook and decision.
+//! Sampling is parent-based: a request that arrives sampled (or not) stays
+//! so; a new trace is sampled at `--trace-sampling` (a ratio). Spans are
+//! exported in batches from a bounded queue: a dead or slow collector
+//! costs dropped spans, counted in `wasmesh_trace_spans_dropped_total`,
+//! never requests or memory.
+//!
+//! Without `--otlp-endpoint` nothing here runs: trace headers pass through
+//! untouched.
+//!
+//! Reads [`crate::metrics`]; [`crate::serve`], [`crate::chain`] and
+//! [`crate::upstream`] call it.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_propagator_b3::{B3Encoding, Propagator as B3};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanExporter,
+};
+
+use crate::metrics::Metrics;
+
+/// Spans held for export at most; past it new spans are dropped.
+pub const MAX_QUEUE: usize = 4096;
+
+/// What tracing needs from the command line.
+#[derive(Clone, Debug)]
+pub struct TraceOptions {
+    /// The OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
+    pub endpoint: String,
+    /// The share of new traces sampled (0.0 to 1.0).
+    pub sampling: f64,
+    /// The service name spans are reported under.
+    pub service: String,
+}
+
+/// The proxy's tracer.
+pub struct Tracing {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    w3c: TraceContextPropagator,
+    b3_in: B3,
+    b3_single: B3,
+    b3_multi: B3,
+}
+
+/// Which formats a request's trace context came in, so that the context
+/// goes upstream in the same ones (W3C always).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum B3Format {
+    #[default]
+    None,
+    Single,
+    Multi,
+}
+
+/// One request's trace: its server span, and what goes upstream.
+pub struct RequestTrace {
+    tracing: Arc<Tracing>,
+    cx: Context,
+    b3: B3Format,
+}
+
+/// An upstream attempt's client span.
+pub struct AttemptSpan {
+    cx: Context,
+}
+
+/// A hook call's span, started when the call starts.
+pub struct HookSpan {
+    cx: Context,
+}
+
+impl Tracing {
+    /// A tracer exporting to `opts.endpoint`. Must run inside the proxy's
+    /// tokio runtime (the gRPC channel's task is spawned on it).
+    pub fn start(opts: &TraceOptions, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+        if !(0.0..=1.0).contains(&opts.sampling) {
+            anyhow::bail!(
+                "--trace-sampling {}: give a ratio from 0 to 1 (0.01 samples 1% of new traces)",
+                opts.sampling
+            );
+        }
+        let otlp = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(opts.endpoint.clone())
+            .with_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| anyhow::anyhow!("--otlp-endpoint {}: {e}", opts.endpoint))?;
+        let exporter = Counted {
+            inner: otlp,
+            metrics,
+        };
+        let batch = BatchConfigBuilder::default()
+            .with_max_queue_size(MAX_QUEUE)
+            .with_scheduled_delay(Duration::from_millis(500))
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(
+                BatchSpanProcessor::builder(exporter)
+                    .with_batch_config(batch)
+                    .build(),
+            )
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                opts.sampling,
+            ))))
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(opts.service.clone())
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer("wasmesh");
+        Ok(Arc::new(Self {
+            provider,
+            tracer,
+            w3c: TraceContextPropagator::new(),
+            b3_in: B3::with_encoding(B3Encoding::SingleAndMultiHeader),
+            b3_single: B3::with_encoding(B3Encoding::SingleHeader),
+            b3_multi: B3::with_encoding(B3Encoding::MultipleHeader),
+        }))
+    }
+
+    /// Export what is queued and stop (at shutdown).
+    pub fn shutdown(&self) {
+        let _ = self.provider.force_flush();
+        let _ = self.provider.shutdown();
+    }
+
+    /// Start the server span of a request with `headers` (its parent: the
+    /// caller's context, W3C first, then B3).
+    pub fn request(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        name: String,
+        attributes: Vec<KeyValue>,
+    ) -> RequestTrace {
+        let (parent, b3) = if headers.contains_key("traceparent") {
+            (self.w3c.extract(&HeaderExtractor(headers)), B3Format::None)
+        } else if headers.contains_key("b3") {
+            (
+                self.b3_in.extract(&HeaderExtractor(headers)),
+                B3Format::Single,
+            )
+        } else if headers.contains_key("x-b3-traceid") {
+            (
+                self.b3_in.extract(&HeaderExtractor(headers)),
+                B3Format::Multi,
+            )
+        } else {
+            (Context::new(), B3Format::None)
+        };
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &parent);
+        RequestTrace {
+            tracing: self.clone(),
+            cx: parent.with_span(span),
+            b3,
+        }
+    }
+}
+
+impl RequestTrace {
+    /// Whether this request is sampled (its spans are recorded).
+    pub fn sampled(&self) -> bool {
+        self.cx.span().span_context().is_sampled()
+    }
+
+    /// The trace id, as 32 hex digits.
+    pub fn trace_id(&self) -> String {
+        self.cx.span().span_context().trace_id().to_string()
+    }
+
+    /// Start an upstream attempt's client span.
+    pub fn attempt(&self, name: String, attributes: Vec<KeyValue>) -> AttemptSpan {
+        let t = &self.tracing.tracer;
+        let span = t
+            .span_builder(name)
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(t, &self.cx);
+        AttemptSpan {
+            cx: self.cx.with_span(span),
+        }
+    }
+
+    /// The headers that carry `attempt`'s context upstream: W3C, and B3 in
+    /// the format the request came with.
+    pub fn headers(&self, attempt: &AttemptSpan) -> Vec<(HeaderName, HeaderValue)> {
+        let mut h = HeaderMap::new();
+        let t = &self.tracing;
+        t.w3c
+            .inject_context(&attempt.cx, &mut HeaderInjector(&mut h));
+        match self.b3 {
+            B3Format::None => {}
+            B3Format::Single => t
+                .b3_single
+                .inject_context(&attempt.cx, &mut HeaderInjector(&mut h)),
+            B3Format::Multi => t
+                .b3_multi
+                .inject_context(&attempt.cx, &mut HeaderInjector(&mut h)),
+        }
+        h.into_iter().filter_map(|(k, v)| Some((k?, v))).collect()
+    }
+
+    /// Start a plugin hook call's span.
+    pub fn hook(&self, plugin: &str, version: &str, hook: &'static str) -> HookSpan {
+        let t = &self.tracing.tracer;
+        let span = t
+            .span_builder(format!("{plugin} {hook}"))
+            .with_kind(SpanKind::Internal)
+            .with_attributes([
+                KeyValue::new("wasmesh.plugin.name", plugin.to_string()),
+                KeyValue::new("wasmesh.plugin.version", version.to_string()),
+                KeyValue::new("wasmesh.plugin.hook", hook),
+            ])
+            .start_with_context(t, &self.cx);
+        HookSpan {
+            cx: self.cx.with_span(span),
+        }
+    }
+
+    /// End the server span with the response's status and flag.
+    pub fn end(&self, status: u16, flag: &'static str, attributes: Vec<KeyValue>) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        span.set_attribute(KeyValue::new("wasmesh.response_flags", flag));
+        for a in attributes {
+            span.set_attribute(a);
+        }
+        if status >= 500 || status == 0 {
+            span.set_status(Status::error(Cow::Borrowed(flag)));
+        }
+        span.end();
+    }
+}
+
+impl AttemptSpan {
+    /// End it with what the attempt got: a status, or a failure.
+    pub fn end(self, outcome: Result<u16, &'static str>) {
+        let span = self.cx.span();
+        match outcome {
+            Ok(status) => {
+                span.set_attribute(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                ));
+                if status >= 500 {
+                    span.set_status(Status::error(""));
+                }
+            }
+            Err(why) => {
+                span.set_attribute(KeyValue::new("error.type", why));
+                span.set_status(Status::error(why));
+            }
+        }
+        span.end();
+    }
+}
+
+impl HookSpan {
+    /// End it with the plugin's decision (or its failure).
+    pub fn end(self, decision: Result<&'static str, &'static str>) {
+        let span = self.cx.span();
+        match decision {
+            Ok(d) => span.set_attribute(KeyValue::new("wasmesh.plugin.decision", d)),
+            Err(kind) => {
+                span.set_attribute(KeyValue::new("wasmesh.plugin.failure", kind));
+                span.set_status(Status::error(kind));
+            }
+        }
+        span.end_with_timestamp(SystemTime::now());
+    }
+}
+
+/// The OTLP exporter, with its outcomes counted: spans exported, and spans
+/// dropped because the collector failed them.
+struct Counted {
+    inner: opentelemetry_otlp::SpanExporter,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counted")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl SpanExporter for Counted {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        let r = self.inner.export(batch).await;
+        match &r {
+            Ok(()) => {
+                self.metrics.trace_spans.exported.inc_by(n);
+            }
+            Err(e) => {
+                tracing::debug!("OTLP export of {n} spans failed: {e}");
+                self.metrics.trace_spans.dropped.inc_by(n);
+            }
+        }
+        r
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
