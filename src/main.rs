@@ -109,6 +109,10 @@ enum Command {
         /// with a sampling decision keeps it).
         #[arg(long, default_value_t = 0.01, value_name = "RATIO")]
         trace_sampling: f64,
+        /// Write a JSON line per request to this file (appended), or `-`
+        /// for stdout.
+        #[arg(long, value_name = "FILE")]
+        access_log: Option<String>,
     },
     /// Run the control plane: plugin registry, config and discovery.
     Control {
@@ -377,6 +381,7 @@ fn main() -> ExitCode {
             compile_cache,
             otlp_endpoint,
             trace_sampling,
+            access_log,
         } => {
             let trace = otlp_endpoint.map(|endpoint| wasmesh_proxy::trace::TraceOptions {
                 endpoint,
@@ -430,6 +435,7 @@ fn main() -> ExitCode {
                 compile_cache,
                 compiler: compiler(),
                 trace,
+                access_log,
             };
             proxy(options, workers, drain)
         }

@@ -29,6 +29,7 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod access_log;
 pub mod admin;
 pub mod chain;
 pub mod config;
@@ -87,6 +88,8 @@ pub struct Options {
     pub compiler: runtime::Compiler,
     /// Distributed tracing over OTLP (`--otlp-endpoint`).
     pub trace: Option<trace::TraceOptions>,
+    /// The JSON access log's file, or `-` for stdout.
+    pub access_log: Option<String>,
 }
 
 /// Why the proxy could not start.
@@ -98,6 +101,35 @@ pub enum StartError {
     /// Anything else: a port in use, ... (exit code 1).
     #[error(transparent)]
     Runtime(#[from] anyhow::Error),
+}
+
+/// Telemetry: who this proxy is in Istio's metrics, its tracer and its
+/// access log.
+type Telemetry = (
+    Option<Arc<trace::Tracing>>,
+    Option<Arc<access_log::AccessLog>>,
+);
+
+fn telemetry(
+    options: &Options,
+    identity: Option<&identity::Identity>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Telemetry> {
+    let control = options.control.as_ref();
+    metrics.istio.set_workload(metrics::istio::Workload {
+        service: control.map(|c| c.service.clone()),
+        subset: control.map(|c| c.subset.clone()).filter(|s| !s.is_empty()),
+        principal: identity.map(|i| i.credentials().current().id.clone()),
+    });
+    let tracing = match &options.trace {
+        Some(t) => Some(trace::Tracing::start(t, metrics.clone())?),
+        None => None,
+    };
+    let access_log = match &options.access_log {
+        Some(target) => Some(access_log::AccessLog::open(target, metrics.clone())?),
+        None => None,
+    };
+    Ok((tracing, access_log))
 }
 
 /// Bind the listeners; in control mode, note the inbound address peers
@@ -166,17 +198,7 @@ impl Proxy {
             }
             _ => None,
         };
-        metrics.istio.set_workload(metrics::istio::Workload {
-            service: options.control.as_ref().map(|c| c.service.clone()),
-            subset: options
-                .control
-                .as_ref()
-                .map(|c| c.subset.clone())
-                .filter(|s| !s.is_empty()),
-            principal: identity
-                .as_ref()
-                .map(|i| i.credentials().current().id.clone()),
-        });
+        let (tracing, access_log) = telemetry(&options, identity.as_deref(), &metrics)?;
         let cache = options.compile_cache.clone();
         let builder = Builder {
             runtime,
@@ -210,10 +232,6 @@ impl Proxy {
         });
         let clients = Arc::new(Clients::new(&first.upstream, mesh_tls, endpoints.clone()));
         let (listeners, admin, control) = bind_listeners(&first.listeners, options.control).await?;
-        let tracing = match &options.trace {
-            Some(t) => Some(trace::Tracing::start(t, metrics.clone())?),
-            None => None,
-        };
         let inbound_tls = identity.as_ref().map(|i| serve::InboundTls {
             config: wasmesh_identity::tls::inbound_server(i.credentials()),
             credentials: i.credentials().clone(),
@@ -225,6 +243,7 @@ impl Proxy {
                 clients,
                 inbound_tls,
                 tracing,
+                access_log,
             }),
             endpoints,
             watch: options.watch,

@@ -29,6 +29,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::access_log::AccessLog;
 use crate::chain::{CompletionGuard, Plan, Reply};
 use crate::config::{Live, Service, Snapshot};
 use crate::error::ProxyError;
@@ -72,6 +73,8 @@ pub struct Shared {
     pub inbound_tls: Option<InboundTls>,
     /// Distributed tracing, with `--otlp-endpoint`.
     pub tracing: Option<Arc<Tracing>>,
+    /// The JSON access log, with `--access-log`.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// What the inbound listener needs for mesh mTLS.
@@ -179,7 +182,7 @@ pub async fn handle(
     let snapshot = shared.live.load();
     let (service, authority) = match admit(&snapshot, side, &req) {
         Ok(admitted) => admitted,
-        Err(e) => return refuse(&shared.metrics, side, &snapshot, &remote, started, e),
+        Err(e) => return refuse(&shared, side, &snapshot, (&remote, &req), started, e),
     };
     let trace = shared
         .tracing
@@ -212,6 +215,7 @@ pub async fn handle(
         started,
     );
     guard.trace = trace;
+    guard.access_log = shared.access_log.clone();
     guard.exchange = Exchange {
         reporter: match side {
             Side::Outbound => Reporter::Source,
@@ -258,13 +262,14 @@ fn start_trace(
 
 /// Refuse a request before any plugin sees it.
 fn refuse(
-    metrics: &Metrics,
+    shared: &Shared,
     side: Side,
     snapshot: &Snapshot,
-    remote: &Remote,
+    (remote, req): (&Remote, &Request<Incoming>),
     started: Instant,
     e: ProxyError,
 ) -> Response<ProxyBody> {
+    let metrics = &shared.metrics;
     let code = e.status().as_u16();
     metrics.request("-", code, e.flag());
     let exchange = Exchange {
@@ -278,6 +283,24 @@ fn refuse(
     };
     let millis = started.elapsed().as_secs_f64() * 1000.0;
     metrics.istio.record(&exchange, code, e.flag(), millis);
+    if let Some(log) = &shared.access_log {
+        log.write(serde_json::json!({
+            "method": req.method().as_str(),
+            "authority": req.uri().authority().map(|a| a.as_str())
+                .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok())),
+            "path": req.uri().path_and_query().map(|p| p.as_str()),
+            "protocol": format!("{:?}", req.version()),
+            "client": &*remote.address,
+            "listener": match side {
+                Side::Outbound => "outbound",
+                Side::Inbound => "inbound",
+            },
+            "status": code,
+            "flags": ResponseFlag::label(e.flag()),
+            "duration_ms": (millis * 1000.0).round() / 1000.0,
+            "attempts": 0,
+        }));
+    }
     e.into_response()
 }
 
@@ -496,6 +519,7 @@ impl Attempts<'_> {
             let result = match ep {
                 None => Err(UpstreamFailure::NoHealthyEndpoint),
                 Some(ep) => {
+                    guard.exchange.endpoint = Some(ep.address.clone());
                     guard.exchange.subset = Some(ep.subset.clone());
                     guard.exchange.upstream = ep.identity.clone();
                     let span = guard.trace.as_ref().map(|t| {

@@ -11,8 +11,11 @@ use crate::support::*;
 async fn istio_metrics_pass_promtool_and_count_mixed_traffic_exactly() {
     let v1 = Upstream::answering("v1", 200).await;
     let v2 = Upstream::answering("v2", 503).await;
-    let proxy = Proxy::start(&format!(
-        r#"services:
+    let logs = tempfile::tempdir().unwrap();
+    let access = logs.path().join("access.log");
+    let proxy = Proxy::start_with(
+        &format!(
+            r#"services:
   reviews:
     endpoints:
       v1: ["{}"]
@@ -25,8 +28,10 @@ async fn istio_metrics_pass_promtool_and_count_mixed_traffic_exactly() {
               route: [{{ destination: {{ subset: v2 }} }}]
             - route: [{{ destination: {{ subset: v1 }} }}]
 "#,
-        v1.addr, v2.addr
-    ))
+            v1.addr, v2.addr
+        ),
+        &["--access-log", access.to_str().unwrap()],
+    )
     .await;
 
     // 7 GETs to v1 (200), 2 POSTs of 5 bytes to v1 (200), 3 to v2 (503),
@@ -142,6 +147,69 @@ async fn istio_metrics_pass_promtool_and_count_mixed_traffic_exactly() {
     assert!(
         complaints.is_empty(),
         "promtool says:\n{complaints:#?}\non:\n{text}"
+    );
+
+    // The access log: a JSON line per request, 14 in all.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&access).unwrap_or_default();
+        if text.lines().count() >= 14 || std::time::Instant::now() > deadline {
+            break text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines.len(), 14, "{lines:#?}");
+    let with = |status: u64| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["status"] == status).collect()
+    };
+    let ok = with(200);
+    assert_eq!(ok.len(), 9);
+    for l in &ok {
+        assert_eq!(l["subset"], "v1", "{l}");
+        assert_eq!(l["upstream"], v1.addr.to_string(), "{l}");
+        assert_eq!(l["service"], "reviews");
+        assert_eq!(l["authority"], "reviews");
+        assert_eq!(l["path"], "/r");
+        assert_eq!(l["flags"], "-");
+        assert_eq!(l["attempts"], 1);
+        assert_eq!(l["listener"], "outbound");
+        assert_eq!(
+            l["plugins"],
+            serde_json::json!([{ "plugin": "router", "hook": "on_request", "decision": "route" }])
+        );
+        assert!(l["duration_ms"].as_f64().unwrap() >= 0.0);
+        assert!(l["time"].as_str().unwrap().ends_with('Z'), "{l}");
+        assert!(l["request_id"].is_string());
+        assert!(l["trace_id"].is_null(), "no tracing here: {l}");
+    }
+    assert_eq!(
+        ok.iter()
+            .filter(|l| l["method"] == "POST" && l["bytes_in"] == 5)
+            .count(),
+        2
+    );
+    assert!(ok.iter().all(|l| l["bytes_out"] == 2));
+    let failed = with(503);
+    assert_eq!(failed.len(), 3);
+    assert!(
+        failed
+            .iter()
+            .all(|l| l["subset"] == "v2" && l["upstream"] == v2.addr.to_string())
+    );
+    let no_route = with(404);
+    assert_eq!(no_route.len(), 2);
+    assert!(
+        no_route
+            .iter()
+            .all(|l| l["flags"] == "NR" && l["authority"] == "nowhere" && l["attempts"] == 0)
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        sample(&m, "wasmesh_access_log_dropped_total", &[]),
+        Some(0.0)
     );
 
     // A scraper that asks for OpenMetrics gets it.
@@ -334,6 +402,8 @@ async fn one_request_through_two_sidecars_is_one_trace_with_a_span_per_hook() {
     let (receiver, url) = otlp::Receiver::start().await;
     let app = Upstream::echo("app").await;
     let inbound = free_port();
+    let logs = tempfile::tempdir().unwrap();
+    let access = logs.path().join("front.log");
     let tracing = ["--otlp-endpoint", &url, "--trace-sampling", "1"];
     let back = Proxy::start_with(
         &format!(
@@ -363,7 +433,7 @@ services:
             - route: [{{ destination: {{ subset: v1 }} }}]
 "#
         ),
-        &tracing,
+        &[&tracing[..], &["--access-log", access.to_str().unwrap()]].concat(),
     )
     .await;
 
@@ -412,6 +482,17 @@ services:
         attr(front_server, "http.response.status_code").as_deref(),
         Some("200")
     );
+    // The access log line names the trace.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let line = loop {
+        let text = std::fs::read_to_string(&access).unwrap_or_default();
+        if let Some(l) = text.lines().next() {
+            break serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no access log line");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(line["trace_id"], trace, "{line}");
 
     // One span per plugin hook call, under its proxy's server span, naming
     // the plugin, its version, the hook and the decision.

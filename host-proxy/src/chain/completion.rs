@@ -14,12 +14,13 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::Chain;
+use crate::access_log::AccessLog;
 use crate::flags::ResponseFlag;
 use crate::http::body::BodyWatch;
 use crate::http::headers::HeaderEdit;
 use crate::http::{BoxError, ProxyBody};
 use crate::metrics::Metrics;
-use crate::metrics::istio::Exchange;
+use crate::metrics::istio::{Exchange, Reporter};
 use crate::runtime::types::Completion;
 use crate::runtime::{OnFailure, RequestView};
 use crate::trace::RequestTrace;
@@ -49,6 +50,11 @@ pub struct CompletionGuard {
     pub exchange: Exchange,
     /// Its trace, when the proxy traces.
     pub trace: Option<RequestTrace>,
+    /// The access log, when the proxy keeps one.
+    pub access_log: Option<Arc<AccessLog>>,
+    /// What each plugin decided (plugin, hook, decision), for the access
+    /// log (kept only when there is one).
+    pub decisions: Vec<(Arc<str>, &'static str, &'static str)>,
 }
 
 impl CompletionGuard {
@@ -75,6 +81,8 @@ impl CompletionGuard {
             body_broken: None,
             exchange: Exchange::default(),
             trace: None,
+            access_log: None,
+            decisions: Vec::new(),
         }
     }
 
@@ -161,6 +169,17 @@ impl Drop for CompletionGuard {
                 p.metrics.fail_open[2].inc();
             }
         }
+        let entry = self.access_log.as_ref().and(self.req.as_ref()).map(|req| {
+            serde_json::json!({
+                "method": req.parts.method.as_str(),
+                "authority": req.authority.as_ref().map(|a| a.as_str()),
+                "path": req.parts.uri.path_and_query().map(|p| p.as_str()),
+                "protocol": format!("{:?}", req.parts.version),
+                "client": &*req.source_address,
+                "principal": req.source_principal.as_deref(),
+                "request_id": req.id.to_str().ok(),
+            })
+        });
         // Counters the request held are released after every on-complete.
         drop(self.req.take());
         let code = self.status.unwrap_or(0);
@@ -170,6 +189,32 @@ impl Drop for CompletionGuard {
         }
         if let Some(t) = &self.trace {
             t.end(code, ResponseFlag::label(self.flag), Vec::new());
+        }
+        if let (Some(log), Some(mut entry)) = (&self.access_log, entry) {
+            let x = &self.exchange;
+            let more = serde_json::json!({
+                "listener": match x.reporter {
+                    Reporter::Source => "outbound",
+                    Reporter::Destination => "inbound",
+                },
+                "service": x.destination.as_deref(),
+                "status": code,
+                "flags": ResponseFlag::label(self.flag),
+                "duration_ms": (done.duration.as_secs_f64() * 1e6).round() / 1e3,
+                "upstream": x.endpoint.as_deref(),
+                "subset": x.subset.as_deref(),
+                "attempts": self.attempts,
+                "bytes_in": x.request_bytes,
+                "bytes_out": x.response_bytes,
+                "plugins": self.decisions.iter().map(|(p, hook, d)| {
+                    serde_json::json!({ "plugin": &**p, "hook": hook, "decision": d })
+                }).collect::<Vec<_>>(),
+                "trace_id": self.trace.as_ref().map(RequestTrace::trace_id),
+            });
+            if let (Some(e), serde_json::Value::Object(m)) = (entry.as_object_mut(), more) {
+                e.extend(m);
+            }
+            log.write(entry);
         }
         let millis = done.duration.as_secs_f64() * 1000.0;
         self.metrics

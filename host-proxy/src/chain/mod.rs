@@ -114,8 +114,13 @@ impl CompletionGuard {
             }
             let span = hook_span(self.trace.as_ref(), p, "on_request");
             let result = p.on_request(&mut self.req);
+            let decided = result.as_ref().map(request_decision).map_err(|f| f.kind());
             if let Some(span) = span {
-                span.end(result.as_ref().map(request_decision).map_err(|f| f.kind()));
+                span.end(decided);
+            }
+            if self.access_log.is_some() {
+                let d = decided.unwrap_or_else(|kind| kind);
+                self.decisions.push((p.name.clone(), "on_request", d));
             }
             match result {
                 Ok(d) => {
@@ -163,11 +168,16 @@ impl CompletionGuard {
                 (None, Some(_)) => Decision::Retry,
                 (None, None) => Decision::Proceed,
             });
+            let label = match (&result, decided) {
+                (Err(f), _) => Err(f.kind()),
+                (Ok(_), d) => Ok(d.unwrap_or(Decision::Proceed).label()),
+            };
             if let Some(span) = span {
-                span.end(match (&result, decided) {
-                    (Err(f), _) => Err(f.kind()),
-                    (Ok(_), d) => Ok(d.unwrap_or(Decision::Proceed).label()),
-                });
+                span.end(label);
+            }
+            if self.access_log.is_some() {
+                let d = label.unwrap_or_else(|kind| kind);
+                self.decisions.push((p.name.clone(), "on_response", d));
             }
             match result {
                 Ok(d) => {

@@ -73,6 +73,9 @@ pub struct Exchange {
     pub destination: Option<Arc<str>>,
     /// Outbound: the subset of the endpoint that answered last.
     pub subset: Option<Arc<str>>,
+    /// The endpoint tried last (`ip:port`; not a label: for the access
+    /// log).
+    pub endpoint: Option<Arc<str>>,
     /// Outbound: that endpoint's SPIFFE ID (mesh mTLS), else none.
     pub upstream: Option<Arc<SpiffeId>>,
     /// A gRPC request.

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub istio: istio::Istio,
     /// Spans exported, and dropped.
     pub trace_spans: TraceSpans,
+    /// Access log lines dropped (the writer could not keep up).
+    pub access_log_dropped: Counter,
 }
 
 /// What became of trace spans.
@@ -181,6 +183,7 @@ impl Metrics {
             ),
             istio: istio::Istio::default(),
             trace_spans: TraceSpans::default(),
+            access_log_dropped: Counter::default(),
             registry,
             custom_names: Mutex::default(),
             request_counters: RequestCounters::default(),
@@ -199,6 +202,11 @@ impl Metrics {
             "wasmesh_trace_spans_exported",
             "Trace spans the OTLP collector accepted",
             self.trace_spans.exported.clone(),
+        );
+        self.registry.register(
+            "wasmesh_access_log_dropped",
+            "Access log lines dropped because the writer could not keep up",
+            self.access_log_dropped.clone(),
         );
         self.registry.register(
             "wasmesh_trace_spans_dropped",
