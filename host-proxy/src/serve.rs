@@ -477,7 +477,7 @@ async fn forward(
         deadline: plan.timeout.map(|t| incoming.started + t),
     };
     let last = attempts.run(guard).await;
-    attempts.finish(last, incoming.on_upgrade, &broken)
+    attempts.finish(last, incoming.on_upgrade, &broken, &guard.exchange)
 }
 
 /// The attempts at one request's target.
@@ -621,13 +621,15 @@ impl Attempts<'_> {
         last: Last,
         on_upgrade: Option<hyper::upgrade::OnUpgrade>,
         broken: &BodyWatch,
+        exchange: &Exchange,
     ) -> Answer {
         match last {
             Last::Reply(reply) => reply.into(),
             Last::Response(mut resp) => {
                 if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, resp.status()) {
                     let up = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(upstream::tunnel(down, up));
+                    let counters = self.shared.metrics.istio.tunnel(exchange);
+                    tokio::spawn(upstream::tunnel(down, up, counters));
                     let (parts, _) = resp.into_parts();
                     return Answer {
                         response: Response::from_parts(parts, full(Bytes::new())),

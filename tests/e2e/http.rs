@@ -382,6 +382,27 @@ async fn websocket_upgrades_are_tunnelled_after_on_request() {
     let mut buf = [0u8; 23];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"ping through the tunnel");
+    s.write_all(b"and back").unwrap();
+    let mut buf = [0u8; 8];
+    s.read_exact(&mut buf).unwrap();
+    drop(s);
+
+    // Istio's TCP metrics count the tunnel: opened, closed, and its bytes
+    // each way (31 echoed back).
+    let ws = [("destination_service", "ws"), ("reporter", "source")];
+    proxy
+        .wait_sample("istio_tcp_connections_closed_total", &ws, 1.0)
+        .await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        sample(&m, "istio_tcp_connections_opened_total", &ws),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "istio_tcp_received_bytes_total", &ws),
+        Some(31.0)
+    );
+    assert_eq!(sample(&m, "istio_tcp_sent_bytes_total", &ws), Some(31.0));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -190,36 +190,49 @@ impl Drop for CompletionGuard {
         if let Some(t) = &self.trace {
             t.end(code, ResponseFlag::label(self.flag), Vec::new());
         }
-        if let (Some(log), Some(mut entry)) = (&self.access_log, entry) {
-            let x = &self.exchange;
-            let more = serde_json::json!({
-                "listener": match x.reporter {
-                    Reporter::Source => "outbound",
-                    Reporter::Destination => "inbound",
-                },
-                "service": x.destination.as_deref(),
-                "status": code,
-                "flags": ResponseFlag::label(self.flag),
-                "duration_ms": (done.duration.as_secs_f64() * 1e6).round() / 1e3,
-                "upstream": x.endpoint.as_deref(),
-                "subset": x.subset.as_deref(),
-                "attempts": self.attempts,
-                "bytes_in": x.request_bytes,
-                "bytes_out": x.response_bytes,
-                "plugins": self.decisions.iter().map(|(p, hook, d)| {
-                    serde_json::json!({ "plugin": &**p, "hook": hook, "decision": d })
-                }).collect::<Vec<_>>(),
-                "trace_id": self.trace.as_ref().map(RequestTrace::trace_id),
-            });
-            if let (Some(e), serde_json::Value::Object(m)) = (entry.as_object_mut(), more) {
-                e.extend(m);
-            }
-            log.write(entry);
+        if let (Some(log), Some(head)) = (&self.access_log, entry) {
+            log.write(self.access_log_entry(head, code, done));
         }
         let millis = done.duration.as_secs_f64() * 1000.0;
         self.metrics
             .istio
             .record(&self.exchange, code, self.flag, millis);
+    }
+}
+
+impl CompletionGuard {
+    /// The access log line of a finished request: `head` (what was read of
+    /// the request before it was released) and how it ended.
+    fn access_log_entry(
+        &self,
+        mut head: serde_json::Value,
+        code: u16,
+        done: Completion,
+    ) -> serde_json::Value {
+        let x = &self.exchange;
+        let more = serde_json::json!({
+            "listener": match x.reporter {
+                Reporter::Source => "outbound",
+                Reporter::Destination => "inbound",
+            },
+            "service": x.destination.as_deref(),
+            "status": code,
+            "flags": ResponseFlag::label(self.flag),
+            "duration_ms": (done.duration.as_secs_f64() * 1e6).round() / 1e3,
+            "upstream": x.endpoint.as_deref(),
+            "subset": x.subset.as_deref(),
+            "attempts": self.attempts,
+            "bytes_in": x.request_bytes,
+            "bytes_out": x.response_bytes,
+            "plugins": self.decisions.iter().map(|(p, hook, d)| {
+                serde_json::json!({ "plugin": &**p, "hook": hook, "decision": d })
+            }).collect::<Vec<_>>(),
+            "trace_id": self.trace.as_ref().map(RequestTrace::trace_id),
+        });
+        if let (Some(e), serde_json::Value::Object(m)) = (head.as_object_mut(), more) {
+            e.extend(m);
+        }
+        head
     }
 }
 

@@ -132,6 +132,69 @@ pub struct Labels {
     connection_security_policy: &'static str,
 }
 
+/// Istio's label set for TCP metrics: the request's, less what only an
+/// HTTP request has.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_service: String,
+    destination_service_name: String,
+    destination_service_namespace: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+impl From<Labels> for TcpLabels {
+    fn from(l: Labels) -> Self {
+        Self {
+            reporter: l.reporter,
+            source_workload: l.source_workload,
+            source_workload_namespace: l.source_workload_namespace,
+            source_principal: l.source_principal,
+            source_app: l.source_app,
+            source_version: l.source_version,
+            source_canonical_service: l.source_canonical_service,
+            source_canonical_revision: l.source_canonical_revision,
+            destination_workload: l.destination_workload,
+            destination_workload_namespace: l.destination_workload_namespace,
+            destination_principal: l.destination_principal,
+            destination_app: l.destination_app,
+            destination_version: l.destination_version,
+            destination_service: l.destination_service,
+            destination_service_name: l.destination_service_name,
+            destination_service_namespace: l.destination_service_namespace,
+            destination_canonical_service: l.destination_canonical_service,
+            destination_canonical_revision: l.destination_canonical_revision,
+            response_flags: l.response_flags,
+            connection_security_policy: l.connection_security_policy,
+        }
+    }
+}
+
+/// One tunnel's TCP counters (a connection upgraded through the proxy).
+pub struct Tunnel {
+    /// Bytes from the upstream to the client.
+    pub sent: Counter,
+    /// Bytes from the client to the upstream.
+    pub received: Counter,
+    /// Counted when the tunnel closes.
+    pub closed: Counter,
+}
+
 /// One side of a request, as labels: workload, namespace, principal,
 /// version.
 struct Party {
@@ -180,6 +243,10 @@ pub struct Istio {
     request_bytes: Family<Labels, Histogram, Buckets>,
     response_bytes: Family<Labels, Histogram, Buckets>,
     overflow: Counter,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
     workload: RwLock<Workload>,
     series: RwLock<HashMap<Key, Arc<Series>>>,
 }
@@ -192,6 +259,10 @@ impl Default for Istio {
             request_bytes: Family::new_with_constructor(Buckets(&BYTES)),
             response_bytes: Family::new_with_constructor(Buckets(&BYTES)),
             overflow: Counter::default(),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
             workload: RwLock::default(),
             series: RwLock::default(),
         }
@@ -223,10 +294,54 @@ impl Istio {
             i.response_bytes.clone(),
         );
         r.register(
+            "istio_tcp_connections_opened",
+            "Tunnels opened (connections upgraded through the proxy)",
+            i.tcp_opened.clone(),
+        );
+        r.register(
+            "istio_tcp_connections_closed",
+            "Tunnels closed",
+            i.tcp_closed.clone(),
+        );
+        r.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client through tunnels (the response direction)",
+            i.tcp_sent.clone(),
+        );
+        r.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client through tunnels (the request direction)",
+            i.tcp_received.clone(),
+        );
+        r.register(
             "wasmesh_metric_series_overflow",
             "Requests not recorded in istio_* metrics because their label sets passed the cap (10,000)",
             i.overflow.clone(),
         );
+    }
+
+    /// A tunnel opened for a request that upgraded (`101`): counted
+    /// opened now; its bytes and its close go to the counters returned.
+    pub fn tunnel(&self, x: &Exchange) -> Tunnel {
+        let key = Key {
+            reporter: x.reporter,
+            local: x.local.clone(),
+            peer: x.peer.clone(),
+            destination: x.destination.clone(),
+            subset: x.subset.clone(),
+            upstream: x.upstream.clone(),
+            grpc: false,
+            grpc_status: None,
+            code: 101,
+            flag: None,
+        };
+        let labels = TcpLabels::from(self.labels(&key));
+        self.tcp_opened.get_or_create(&labels).inc();
+        Tunnel {
+            sent: self.tcp_sent.get_or_create(&labels).clone(),
+            received: self.tcp_received.get_or_create(&labels).clone(),
+            closed: self.tcp_closed.get_or_create(&labels).clone(),
+        }
     }
 
     /// Say who this proxy is (its labels change from then on).

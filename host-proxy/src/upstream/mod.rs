@@ -348,13 +348,22 @@ async fn within<T>(
 
 /// Copy bytes both ways between an upgraded client connection and an
 /// upgraded upstream connection (WebSocket and other `Upgrade`s).
-pub async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+pub async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    counters: crate::metrics::istio::Tunnel,
+) {
     let (Ok(down), Ok(up)) = (down.await, up.await) else {
+        counters.closed.inc();
         return;
     };
     let mut down = hyper_util::rt::TokioIo::new(down);
     let mut up = hyper_util::rt::TokioIo::new(up);
-    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    if let Ok((received, sent)) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        counters.received.inc_by(received);
+        counters.sent.inc_by(sent);
+    }
+    counters.closed.inc();
 }
 
 /// Close HTTP/1.1 upstream connections idle past `upstream.idle-timeout`;
