@@ -10,6 +10,8 @@ use std::io::Write;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
+use serde::Serialize;
+
 use crate::metrics::Metrics;
 
 /// Lines waiting to be written at most.
@@ -17,7 +19,7 @@ pub const QUEUE: usize = 8192;
 
 /// The access log.
 pub struct AccessLog {
-    tx: SyncSender<String>,
+    tx: SyncSender<Vec<u8>>,
     metrics: Arc<Metrics>,
 }
 
@@ -43,18 +45,14 @@ impl AccessLog {
         Ok(Arc::new(Self { tx, metrics }))
     }
 
-    /// Queue one line (a JSON object, stamped with the time here), or drop
-    /// and count it when the queue is full.
-    pub fn write(&self, mut entry: serde_json::Value) {
-        if let Some(e) = entry.as_object_mut() {
-            let now = time::OffsetDateTime::now_utc()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default();
-            e.insert("time".into(), now.into());
+    /// Queue one line, or drop and count it when the queue is full.
+    pub fn write(&self, line: &Line<'_>) {
+        let mut buf = Vec::with_capacity(512);
+        if serde_json::to_writer(&mut buf, line).is_err() {
+            return;
         }
-        let mut line = entry.to_string();
-        line.push('\n');
-        match self.tx.try_send(line) {
+        buf.push(b'\n');
+        match self.tx.try_send(buf) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.metrics.access_log_dropped.inc();
@@ -63,16 +61,101 @@ impl AccessLog {
     }
 }
 
+/// One request's line, borrowed from the request as it ends.
+#[derive(Debug, Default, Serialize)]
+pub struct Line<'a> {
+    /// When it ended (RFC 3339, UTC).
+    pub time: String,
+    /// `outbound` or `inbound`.
+    pub listener: &'static str,
+    /// Its method.
+    pub method: &'a str,
+    /// Its authority (host).
+    pub authority: Option<&'a str>,
+    /// Its path and query.
+    pub path: Option<&'a str>,
+    /// `HTTP/1.1`, `HTTP/2`...
+    pub protocol: &'static str,
+    /// The client's `ip:port`.
+    pub client: &'a str,
+    /// The client's SPIFFE ID (mesh mTLS).
+    pub principal: Option<&'a str>,
+    /// Its `x-request-id`.
+    pub request_id: Option<&'a str>,
+    /// The service it was routed to.
+    pub service: Option<&'a str>,
+    /// The status sent (0: none).
+    pub status: u16,
+    /// Response flags (`-`: none).
+    pub flags: &'static str,
+    /// Until the response's last byte, in milliseconds (µs precision).
+    pub duration_ms: f64,
+    /// The endpoint tried last.
+    pub upstream: Option<&'a str>,
+    /// Its subset.
+    pub subset: Option<&'a str>,
+    /// Upstream attempts.
+    pub attempts: u32,
+    /// Request body bytes.
+    pub bytes_in: u64,
+    /// Response body bytes.
+    pub bytes_out: u64,
+    /// Each plugin's decision, per hook.
+    pub plugins: Decisions<'a>,
+    /// The trace, when tracing.
+    pub trace_id: Option<String>,
+}
+
+/// (plugin, hook, decision) as JSON objects.
+#[derive(Debug, Default)]
+pub struct Decisions<'a>(pub &'a [(Arc<str>, &'static str, &'static str)]);
+
+impl Serialize for Decisions<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(plugin, hook, decision)| Decided {
+            plugin,
+            hook,
+            decision,
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct Decided<'a> {
+    plugin: &'a str,
+    hook: &'a str,
+    decision: &'a str,
+}
+
+/// Now, as RFC 3339 UTC.
+pub fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// An HTTP version as the log writes it.
+pub fn protocol(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP",
+    }
+}
+
 /// The writer thread: lines as they come, flushed whenever the queue is
 /// empty (it sleeps, with no timer, while no request ends).
-fn write_lines(rx: &Receiver<String>, out: Box<dyn Write + Send>) {
+fn write_lines(rx: &Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::new(out);
     while let Ok(line) = rx.recv() {
-        if out.write_all(line.as_bytes()).is_err() {
+        if out.write_all(&line).is_err() {
             return;
         }
         while let Ok(line) = rx.try_recv() {
-            if out.write_all(line.as_bytes()).is_err() {
+            if out.write_all(&line).is_err() {
                 return;
             }
         }

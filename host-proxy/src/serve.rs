@@ -243,21 +243,22 @@ fn start_trace(
     service: &Service,
     remote: &Remote,
 ) -> RequestTrace {
-    let attributes = vec![
-        KeyValue::new("http.request.method", req.method().to_string()),
-        KeyValue::new("url.path", req.uri().path().to_string()),
-        KeyValue::new("wasmesh.service", service.name.to_string()),
-        KeyValue::new(
-            "wasmesh.listener",
-            match side {
-                Side::Outbound => "outbound",
-                Side::Inbound => "inbound",
-            },
-        ),
-        KeyValue::new("client.address", remote.address.to_string()),
-    ];
-    let name = format!("{} {}", req.method(), service.name);
-    t.request(req.headers(), name, attributes)
+    t.request(req.headers(), || {
+        let attributes = vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
+            KeyValue::new("wasmesh.service", service.name.to_string()),
+            KeyValue::new(
+                "wasmesh.listener",
+                match side {
+                    Side::Outbound => "outbound",
+                    Side::Inbound => "inbound",
+                },
+            ),
+            KeyValue::new("client.address", remote.address.to_string()),
+        ];
+        (format!("{} {}", req.method(), service.name), attributes)
+    })
 }
 
 /// Refuse a request before any plugin sees it.
@@ -284,22 +285,26 @@ fn refuse(
     let millis = started.elapsed().as_secs_f64() * 1000.0;
     metrics.istio.record(&exchange, code, e.flag(), millis);
     if let Some(log) = &shared.access_log {
-        log.write(serde_json::json!({
-            "method": req.method().as_str(),
-            "authority": req.uri().authority().map(|a| a.as_str())
-                .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok())),
-            "path": req.uri().path_and_query().map(|p| p.as_str()),
-            "protocol": format!("{:?}", req.version()),
-            "client": &*remote.address,
-            "listener": match side {
+        log.write(&crate::access_log::Line {
+            time: crate::access_log::now(),
+            listener: match side {
                 Side::Outbound => "outbound",
                 Side::Inbound => "inbound",
             },
-            "status": code,
-            "flags": ResponseFlag::label(e.flag()),
-            "duration_ms": (millis * 1000.0).round() / 1000.0,
-            "attempts": 0,
-        }));
+            method: req.method().as_str(),
+            authority: req.uri().authority().map(|a| a.as_str()).or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            }),
+            path: req.uri().path_and_query().map(|p| p.as_str()),
+            protocol: crate::access_log::protocol(req.version()),
+            client: &remote.address,
+            status: code,
+            flags: ResponseFlag::label(e.flag()),
+            duration_ms: (millis * 1000.0).round() / 1000.0,
+            ..Default::default()
+        });
     }
     e.into_response()
 }
@@ -523,14 +528,15 @@ impl Attempts<'_> {
                     guard.exchange.subset = Some(ep.subset.clone());
                     guard.exchange.upstream = ep.identity.clone();
                     let span = guard.trace.as_ref().map(|t| {
-                        let span = t.attempt(
-                            format!("{} {}", guard.request().parts.method, target.name),
-                            vec![
+                        let span = t.attempt(|| {
+                            let attributes = vec![
                                 KeyValue::new("server.address", ep.address.to_string()),
                                 KeyValue::new("wasmesh.subset", ep.subset.to_string()),
                                 KeyValue::new("wasmesh.attempt", i64::from(number)),
-                            ],
-                        );
+                            ];
+                            let method = &guard.request().parts.method;
+                            (format!("{method} {}", target.name), attributes)
+                        });
                         let headers = t.headers(&span);
                         (span, headers)
                     });

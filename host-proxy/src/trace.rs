@@ -26,9 +26,11 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_propagator_b3::{B3Encoding, Propagator as B3};
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -149,11 +151,12 @@ impl Tracing {
 
     /// Start the server span of a request with `headers` (its parent: the
     /// caller's context, W3C first, then B3).
+    /// `describe` gives the span's name and attributes; it is called only
+    /// when the span is sampled (most are not: they cost no strings).
     pub fn request(
         self: &Arc<Self>,
         headers: &HeaderMap,
-        name: String,
-        attributes: Vec<KeyValue>,
+        describe: impl FnOnce() -> (String, Vec<KeyValue>),
     ) -> RequestTrace {
         let (parent, b3) = if headers.contains_key("traceparent") {
             (self.w3c.extract(&HeaderExtractor(headers)), B3Format::None)
@@ -170,12 +173,16 @@ impl Tracing {
         } else {
             (Context::new(), B3Format::None)
         };
-        let span = self
+        let mut span = self
             .tracer
-            .span_builder(name)
+            .span_builder("request")
             .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
             .start_with_context(&self.tracer, &parent);
+        if span.is_recording() {
+            let (name, attributes) = describe();
+            span.update_name(name);
+            span.set_attributes(attributes);
+        }
         RequestTrace {
             tracing: self.clone(),
             cx: parent.with_span(span),
@@ -195,14 +202,19 @@ impl RequestTrace {
         self.cx.span().span_context().trace_id().to_string()
     }
 
-    /// Start an upstream attempt's client span.
-    pub fn attempt(&self, name: String, attributes: Vec<KeyValue>) -> AttemptSpan {
+    /// Start an upstream attempt's client span; `describe` (its name and
+    /// attributes) is called only when it is sampled.
+    pub fn attempt(&self, describe: impl FnOnce() -> (String, Vec<KeyValue>)) -> AttemptSpan {
         let t = &self.tracing.tracer;
-        let span = t
-            .span_builder(name)
+        let mut span = t
+            .span_builder("attempt")
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
             .start_with_context(t, &self.cx);
+        if span.is_recording() {
+            let (name, attributes) = describe();
+            span.update_name(name);
+            span.set_attributes(attributes);
+        }
         AttemptSpan {
             cx: self.cx.with_span(span),
         }
@@ -211,20 +223,15 @@ impl RequestTrace {
     /// The headers that carry `attempt`'s context upstream: W3C, and B3 in
     /// the format the request came with.
     pub fn headers(&self, attempt: &AttemptSpan) -> Vec<(HeaderName, HeaderValue)> {
-        let mut h = HeaderMap::new();
+        let mut h = Headers(Vec::with_capacity(1));
         let t = &self.tracing;
-        t.w3c
-            .inject_context(&attempt.cx, &mut HeaderInjector(&mut h));
+        t.w3c.inject_context(&attempt.cx, &mut h);
         match self.b3 {
             B3Format::None => {}
-            B3Format::Single => t
-                .b3_single
-                .inject_context(&attempt.cx, &mut HeaderInjector(&mut h)),
-            B3Format::Multi => t
-                .b3_multi
-                .inject_context(&attempt.cx, &mut HeaderInjector(&mut h)),
+            B3Format::Single => t.b3_single.inject_context(&attempt.cx, &mut h),
+            B3Format::Multi => t.b3_multi.inject_context(&attempt.cx, &mut h),
         }
-        h.into_iter().filter_map(|(k, v)| Some((k?, v))).collect()
+        h.0
     }
 
     /// Start a plugin hook call's span.
@@ -297,6 +304,21 @@ impl HookSpan {
             }
         }
         span.end_with_timestamp(SystemTime::now());
+    }
+}
+
+/// Trace headers for the upstream request, collected as they are
+/// injected (no map on the way).
+struct Headers(Vec<(HeaderName, HeaderValue)>);
+
+impl opentelemetry::propagation::Injector for Headers {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::try_from(value),
+        ) {
+            self.0.push((k, v));
+        }
     }
 }
 

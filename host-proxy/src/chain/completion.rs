@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::Chain;
-use crate::access_log::AccessLog;
+use crate::access_log::{self, AccessLog, Decisions, Line};
 use crate::flags::ResponseFlag;
 use crate::http::body::BodyWatch;
 use crate::http::headers::HeaderEdit;
@@ -169,29 +169,18 @@ impl Drop for CompletionGuard {
                 p.metrics.fail_open[2].inc();
             }
         }
-        let entry = self.access_log.as_ref().and(self.req.as_ref()).map(|req| {
-            serde_json::json!({
-                "method": req.parts.method.as_str(),
-                "authority": req.authority.as_ref().map(|a| a.as_str()),
-                "path": req.parts.uri.path_and_query().map(|p| p.as_str()),
-                "protocol": format!("{:?}", req.parts.version),
-                "client": &*req.source_address,
-                "principal": req.source_principal.as_deref(),
-                "request_id": req.id.to_str().ok(),
-            })
-        });
-        // Counters the request held are released after every on-complete.
-        drop(self.req.take());
         let code = self.status.unwrap_or(0);
-        self.metrics.request(&self.service, code, self.flag);
         if let Some(body) = &self.body_broken {
             self.exchange.request_bytes = body.bytes();
         }
+        if let (Some(log), Some(req)) = (&self.access_log, &self.req) {
+            log.write(&self.access_log_line(req, code, done));
+        }
+        // Counters the request held are released after every on-complete.
+        drop(self.req.take());
+        self.metrics.request(&self.service, code, self.flag);
         if let Some(t) = &self.trace {
             t.end(code, ResponseFlag::label(self.flag), Vec::new());
-        }
-        if let (Some(log), Some(head)) = (&self.access_log, entry) {
-            log.write(self.access_log_entry(head, code, done));
         }
         let millis = done.duration.as_secs_f64() * 1000.0;
         self.metrics
@@ -201,38 +190,39 @@ impl Drop for CompletionGuard {
 }
 
 impl CompletionGuard {
-    /// The access log line of a finished request: `head` (what was read of
-    /// the request before it was released) and how it ended.
-    fn access_log_entry(
-        &self,
-        mut head: serde_json::Value,
+    /// The access log line of a finished request.
+    fn access_log_line<'a>(
+        &'a self,
+        req: &'a RequestView,
         code: u16,
         done: Completion,
-    ) -> serde_json::Value {
+    ) -> Line<'a> {
         let x = &self.exchange;
-        let more = serde_json::json!({
-            "listener": match x.reporter {
+        Line {
+            time: access_log::now(),
+            listener: match x.reporter {
                 Reporter::Source => "outbound",
                 Reporter::Destination => "inbound",
             },
-            "service": x.destination.as_deref(),
-            "status": code,
-            "flags": ResponseFlag::label(self.flag),
-            "duration_ms": (done.duration.as_secs_f64() * 1e6).round() / 1e3,
-            "upstream": x.endpoint.as_deref(),
-            "subset": x.subset.as_deref(),
-            "attempts": self.attempts,
-            "bytes_in": x.request_bytes,
-            "bytes_out": x.response_bytes,
-            "plugins": self.decisions.iter().map(|(p, hook, d)| {
-                serde_json::json!({ "plugin": &**p, "hook": hook, "decision": d })
-            }).collect::<Vec<_>>(),
-            "trace_id": self.trace.as_ref().map(RequestTrace::trace_id),
-        });
-        if let (Some(e), serde_json::Value::Object(m)) = (head.as_object_mut(), more) {
-            e.extend(m);
+            method: req.parts.method.as_str(),
+            authority: req.authority.as_ref().map(|a| a.as_str()),
+            path: req.parts.uri.path_and_query().map(|p| p.as_str()),
+            protocol: access_log::protocol(req.parts.version),
+            client: &req.source_address,
+            principal: req.source_principal.as_deref(),
+            request_id: req.id.to_str().ok(),
+            service: x.destination.as_deref(),
+            status: code,
+            flags: ResponseFlag::label(self.flag),
+            duration_ms: (done.duration.as_secs_f64() * 1e6).round() / 1e3,
+            upstream: x.endpoint.as_deref(),
+            subset: x.subset.as_deref(),
+            attempts: self.attempts,
+            bytes_in: x.request_bytes,
+            bytes_out: x.response_bytes,
+            plugins: Decisions(&self.decisions),
+            trace_id: self.trace.as_ref().map(RequestTrace::trace_id),
         }
-        head
     }
 }
 

@@ -205,6 +205,10 @@ enum Secured {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+/// The second (since the epoch) a refused connection was last logged at
+/// info level.
+static LAST_REFUSAL_LOGGED: AtomicU64 = AtomicU64::new(0);
+
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -214,7 +218,16 @@ async fn secure(stream: TcpStream, security: Security, conn: &Conn) -> Option<(S
     let remote = conn.remote;
     let refuse = |reason: &'static str, why: &dyn std::fmt::Display| {
         conn.metrics.tls_refused("inbound", reason);
-        tracing::info!(%remote, reason, "refused a connection: {why}");
+        // A client opens as many connections as it likes: every refusal is
+        // counted, at most one a second is an info line, the rest debug.
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if LAST_REFUSAL_LOGGED.swap(second, Ordering::Relaxed) != second {
+            tracing::info!(%remote, reason, "refused a connection: {why} (more refusals are counted in wasmesh_tls_refused_connections_total)");
+        } else {
+            tracing::debug!(%remote, reason, "refused a connection: {why}");
+        }
         None
     };
     let (config, permissive) = match security {
