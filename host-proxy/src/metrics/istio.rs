@@ -104,36 +104,19 @@ struct Key {
     flag: Option<ResponseFlag>,
 }
 
-/// Istio's standard label set.
+/// Istio's standard label set: the TCP one, and what an HTTP request
+/// adds.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Labels {
-    reporter: &'static str,
-    source_workload: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_app: String,
-    source_version: String,
-    source_canonical_service: String,
-    source_canonical_revision: String,
-    destination_workload: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_app: String,
-    destination_version: String,
-    destination_service: String,
-    destination_service_name: String,
-    destination_service_namespace: String,
-    destination_canonical_service: String,
-    destination_canonical_revision: String,
+    #[prometheus(flatten)]
+    common: TcpLabels,
     request_protocol: &'static str,
     response_code: String,
     grpc_response_status: String,
-    response_flags: &'static str,
-    connection_security_policy: &'static str,
 }
 
-/// Istio's label set for TCP metrics: the request's, less what only an
-/// HTTP request has.
+/// Istio's label set for TCP metrics (and the part of the request
+/// metrics' set they share).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     reporter: &'static str,
@@ -156,33 +139,6 @@ pub struct TcpLabels {
     destination_canonical_revision: String,
     response_flags: &'static str,
     connection_security_policy: &'static str,
-}
-
-impl From<Labels> for TcpLabels {
-    fn from(l: Labels) -> Self {
-        Self {
-            reporter: l.reporter,
-            source_workload: l.source_workload,
-            source_workload_namespace: l.source_workload_namespace,
-            source_principal: l.source_principal,
-            source_app: l.source_app,
-            source_version: l.source_version,
-            source_canonical_service: l.source_canonical_service,
-            source_canonical_revision: l.source_canonical_revision,
-            destination_workload: l.destination_workload,
-            destination_workload_namespace: l.destination_workload_namespace,
-            destination_principal: l.destination_principal,
-            destination_app: l.destination_app,
-            destination_version: l.destination_version,
-            destination_service: l.destination_service,
-            destination_service_name: l.destination_service_name,
-            destination_service_namespace: l.destination_service_namespace,
-            destination_canonical_service: l.destination_canonical_service,
-            destination_canonical_revision: l.destination_canonical_revision,
-            response_flags: l.response_flags,
-            connection_security_policy: l.connection_security_policy,
-        }
-    }
 }
 
 /// One tunnel's TCP counters (a connection upgraded through the proxy).
@@ -335,7 +291,7 @@ impl Istio {
             code: 101,
             flag: None,
         };
-        let labels = TcpLabels::from(self.labels(&key));
+        let labels = self.labels(&key).common;
         self.tcp_opened.get_or_create(&labels).inc();
         Tunnel {
             sent: self.tcp_sent.get_or_create(&labels).clone(),
@@ -412,35 +368,39 @@ impl Istio {
         };
         let service = service.unwrap_or(UNKNOWN).to_string();
         Labels {
-            reporter: match k.reporter {
-                Reporter::Source => "source",
-                Reporter::Destination => "destination",
+            common: TcpLabels {
+                reporter: match k.reporter {
+                    Reporter::Source => "source",
+                    Reporter::Destination => "destination",
+                },
+                source_app: source.workload.clone(),
+                source_canonical_service: source.workload.clone(),
+                source_version: source.version.clone().unwrap_or_else(|| UNKNOWN.into()),
+                source_canonical_revision: source.version.unwrap_or_else(|| "latest".into()),
+                source_workload: source.workload,
+                source_workload_namespace: source.namespace,
+                source_principal: source.principal,
+                destination_app: destination.workload.clone(),
+                destination_canonical_service: destination.workload.clone(),
+                destination_version: destination
+                    .version
+                    .clone()
+                    .unwrap_or_else(|| UNKNOWN.into()),
+                destination_canonical_revision: destination
+                    .version
+                    .unwrap_or_else(|| "latest".into()),
+                destination_workload: destination.workload,
+                destination_service_namespace: destination.namespace.clone(),
+                destination_workload_namespace: destination.namespace,
+                destination_principal: destination.principal,
+                destination_service_name: service.clone(),
+                destination_service: service,
+                response_flags: ResponseFlag::label(k.flag),
+                connection_security_policy: mtls,
             },
-            source_app: source.workload.clone(),
-            source_canonical_service: source.workload.clone(),
-            source_version: source.version.clone().unwrap_or_else(|| UNKNOWN.into()),
-            source_canonical_revision: source.version.unwrap_or_else(|| "latest".into()),
-            source_workload: source.workload,
-            source_workload_namespace: source.namespace,
-            source_principal: source.principal,
-            destination_app: destination.workload.clone(),
-            destination_canonical_service: destination.workload.clone(),
-            destination_version: destination
-                .version
-                .clone()
-                .unwrap_or_else(|| UNKNOWN.into()),
-            destination_canonical_revision: destination.version.unwrap_or_else(|| "latest".into()),
-            destination_workload: destination.workload,
-            destination_service_namespace: destination.namespace.clone(),
-            destination_workload_namespace: destination.namespace,
-            destination_principal: destination.principal,
-            destination_service_name: service.clone(),
-            destination_service: service,
             request_protocol: if k.grpc { "grpc" } else { "http" },
             response_code: k.code.to_string(),
             grpc_response_status: k.grpc_status.map_or_else(String::new, |s| s.to_string()),
-            response_flags: ResponseFlag::label(k.flag),
-            connection_security_policy: mtls,
         }
     }
 }
