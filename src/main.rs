@@ -9,6 +9,7 @@
 
 mod control_cmd;
 mod plugin_cmd;
+mod top_cmd;
 mod validator;
 
 use std::net::SocketAddr;
@@ -212,6 +213,25 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Service edges, live: who calls whom, requests a second, errors,
+    /// p50/p99 and the split by subset, from the proxies' reports to
+    /// control.
+    Top {
+        /// A table refreshed in place, or one snapshot as JSON.
+        #[arg(short, long, default_value = "table")]
+        output: top_cmd::TopFormat,
+        /// The window rates and percentiles are taken over (at most 60s).
+        #[arg(long, default_value = "10s", value_parser = parse_window)]
+        window: Duration,
+        /// How often the table refreshes.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Print the table once and exit.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -314,6 +334,14 @@ fn compiler() -> compiler::Compiler {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     wasmesh_api::parse_duration(s)
+}
+
+fn parse_window(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(60) {
+        return Err(format!("{s:?}: give a window from 1s to 60s"));
+    }
+    Ok(d)
 }
 
 fn parse_trust_domain(s: &str) -> Result<wasmesh_api::TrustDomain, String> {
@@ -507,6 +535,13 @@ fn main() -> ExitCode {
             timeout,
             target,
         } => client(async move { control_cmd::status(&target, wait, timeout).await }),
+        Command::Top {
+            output,
+            window,
+            interval,
+            once,
+            target,
+        } => client(async move { top_cmd::top(&target, output, window, interval, once).await }),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

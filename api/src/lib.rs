@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod edges;
 pub mod exposition;
 pub mod proto;
 pub mod resources;

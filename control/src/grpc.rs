@@ -340,6 +340,9 @@ async fn serve_proxy(
                 Some(Ok(proto::ProxyMessage { message: Some(proto::proxy_message::Message::Certificate(c)) })) => {
                     mesh.certificate(&handle, &c);
                 }
+                Some(Ok(proto::ProxyMessage { message: Some(proto::proxy_message::Message::Edges(r)) })) => {
+                    mesh.edges(&handle, r);
+                }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => break,
             },
@@ -357,5 +360,14 @@ impl StatusService for Services {
     ) -> Result<Response<proto::ProxiesResponse>, Status> {
         self.auth.check(&req, Access::Read)?;
         Ok(Response::new(self.mesh.status()))
+    }
+
+    async fn top(
+        &self,
+        req: Request<proto::TopRequest>,
+    ) -> Result<Response<proto::TopResponse>, Status> {
+        self.auth.check(&req, Access::Read)?;
+        let window = Duration::from_millis(req.get_ref().window_ms);
+        Ok(Response::new(self.mesh.top(window)))
     }
 }

@@ -304,6 +304,7 @@ impl Proxy {
                 shared.live.clone(),
                 control,
                 self.identity.clone(),
+                shared.metrics.clone(),
             ));
         }
         let snap = shared.live.load();

@@ -886,6 +886,17 @@ impl Proxy {
     /// control's TLS listener, its compile cache (and identity) in
     /// `DIR/cache`.
     pub async fn start_mesh(control: &Control, service: &str, token: &str, args: &[&str]) -> Proxy {
+        Self::start_mesh_as(control, service, "v1", token, args).await
+    }
+
+    /// [`Proxy::start_mesh`] for the subset `subset`.
+    pub async fn start_mesh_as(
+        control: &Control,
+        service: &str,
+        subset: &str,
+        token: &str,
+        args: &[&str],
+    ) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
         std::fs::write(&file, token).unwrap();
@@ -898,7 +909,7 @@ impl Proxy {
         ];
         all.extend(args.iter().map(|a| a.to_string()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        Self::start_control_in(dir, &control.tls_url(), service, "v1", &all).await
+        Self::start_control_in(dir, &control.tls_url(), service, subset, &all).await
     }
 
     /// [`Proxy::start_control`] in a prepared directory (its log goes there).

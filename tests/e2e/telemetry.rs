@@ -642,3 +642,163 @@ async fn a_dead_collector_costs_dropped_spans_never_requests() {
     }
     assert_eq!(via(&proxy, "reviews", "/after").await.status, 200);
 }
+
+/// A sidecar of `service`'s `subset` with a mesh identity, its inbound
+/// listener on a fresh port in front of `app` (if any).
+async fn mesh_sidecar(
+    control: &Control,
+    service: &str,
+    subset: &str,
+    app: Option<std::net::SocketAddr>,
+) -> (Proxy, std::net::SocketAddr) {
+    let token = control.token(service, &[]);
+    let inbound: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut args = vec!["--inbound".to_string(), inbound.to_string()];
+    if let Some(a) = app {
+        args.extend(["--app".to_string(), a.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proxy = Proxy::start_mesh_as(control, service, subset, &token, &args).await;
+    (proxy, inbound)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn top_shows_who_calls_whom_with_the_split_by_subset() {
+    let data = tempfile::tempdir().unwrap();
+    let control = Control::start(&data.path().join("control")).await;
+    control.apply(
+        r#"services:
+  productpage: {}
+  reviews:
+    mtls: { mode: PERMISSIVE }
+    plugins:
+      - source: builtin:router
+        config:
+          http:
+            - match: [{ headers: { end-user: { exact: jason } } }]
+              route: [{ destination: { subset: v2 } }]
+            - route: [{ destination: { subset: v1 } }]
+"#,
+    );
+    let v1 = Upstream::answering("v1", 200).await;
+    let v2 = Upstream::answering("v2", 503).await;
+    let (_r1, r1_inbound) = mesh_sidecar(&control, "reviews", "v1", Some(v1.addr)).await;
+    let (_r2, _) = mesh_sidecar(&control, "reviews", "v2", Some(v2.addr)).await;
+    let (page, _) = mesh_sidecar(&control, "productpage", "v1", None).await;
+    control.wait_proxies(3).await;
+    control.wait_rollout();
+
+    // productpage → reviews over mTLS: 6 to v1 (200), 2 as jason to v2
+    // (503).
+    for _ in 0..6 {
+        let r = via(&page, "reviews", "/r").await;
+        assert_eq!(r.status, 200, "{}\n{}", r.body_text(), page.log_text());
+    }
+    for _ in 0..2 {
+        let req = http::Request::get(format!("http://{}/r", page.listen))
+            .header("host", "reviews")
+            .header("end-user", "jason")
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(http1(), req).await.unwrap().status, 503);
+    }
+    // A caller outside the mesh, in plaintext to reviews v1's sidecar: 3.
+    for _ in 0..3 {
+        let r = get(&format!("http://{r1_inbound}/outside")).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+
+    // The proxies report every 2 s: wait for both edges to add up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let edge = |top: &serde_json::Value, source: &str, destination: &str| {
+        top["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["source"] == source && e["destination"] == destination)
+            .cloned()
+    };
+    let top = loop {
+        let (code, out, err) = control.cli(&["top", "-o", "json", "--window", "60s"]);
+        assert_eq!(code, 0, "{err}");
+        let top: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let requests = |s, d| edge(&top, s, d).map(|e| e["requests"].clone());
+        if requests("productpage", "reviews") == Some(8.into())
+            && requests("unknown", "reviews") == Some(3.into())
+        {
+            break top;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edges never added up:\n{top:#}\n{}",
+            control.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(top["window_s"], 60.0);
+    assert_eq!(top["edges"].as_array().unwrap().len(), 2, "{top:#}");
+
+    // Counted once, by the caller's sidecar (reviews' sidecars saw the
+    // same 8), split by the subset that answered.
+    let e = edge(&top, "productpage", "reviews").unwrap();
+    assert_eq!(e["reporter"], "source", "{e:#}");
+    assert_eq!(e["errors"], 2, "{e:#}");
+    let w = &e["window"];
+    assert_eq!(
+        (w["requests"].clone(), w["errors"].clone()),
+        (8.into(), 2.into())
+    );
+    assert_eq!(w["error_ratio"], 0.25);
+    assert!(w["rps"].as_f64().unwrap() > 0.0, "{e:#}");
+    let (p50, p99) = (w["p50_ms"].as_f64().unwrap(), w["p99_ms"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99 && p99 < 10_000.0, "{e:#}");
+    let subsets = e["subsets"].as_array().unwrap();
+    assert_eq!(subsets.len(), 2, "{e:#}");
+    let (s1, s2) = (&subsets[0], &subsets[1]);
+    assert_eq!(
+        (
+            s1["subset"].clone(),
+            s1["requests"].clone(),
+            s1["errors"].clone(),
+            s1["share"].clone()
+        ),
+        ("v1".into(), 6.into(), 0.into(), 0.75.into())
+    );
+    assert_eq!(
+        (
+            s2["subset"].clone(),
+            s2["requests"].clone(),
+            s2["errors"].clone(),
+            s2["share"].clone()
+        ),
+        ("v2".into(), 2.into(), 2.into(), 0.25.into())
+    );
+    assert_eq!(s2["window"]["error_ratio"], 1.0);
+
+    // No caller's sidecar counts the outside caller: the callee's does.
+    let outside = edge(&top, "unknown", "reviews").unwrap();
+    assert_eq!(outside["reporter"], "destination", "{outside:#}");
+    assert_eq!(outside["errors"], 0);
+    assert_eq!(outside["subsets"][0]["subset"], "v1");
+
+    // The table, once.
+    let (code, out, err) = control.cli(&["top", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("productpage  reviews")
+            && l.contains("25.0%")
+            && l.ends_with(" 8")),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().take(2).eq(["v2", "25.0%"])),
+        "{out}"
+    );
+    // A window past what control keeps is refused, naming the flag.
+    let (code, _, err) = control.cli(&["top", "--window", "5m"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--window") && err.contains("60s"), "{err}");
+}

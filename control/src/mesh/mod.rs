@@ -10,6 +10,7 @@
 mod apply;
 mod proxies;
 mod snapshot;
+mod top;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

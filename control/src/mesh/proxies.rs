@@ -22,26 +22,28 @@ fn ms(t: std::time::SystemTime) -> i64 {
 /// One proxy, connected or gone within the grace period.
 pub(super) struct Entry {
     /// The connection that owns the entry now.
-    conn: u64,
+    pub(super) conn: u64,
     pub(super) hello: proto::Hello,
     connected_at_ms: i64,
     last_reply_at_ms: i64,
     applied: String,
     nack: Option<(String, String)>,
     /// When its stream ended; `None` while connected.
-    gone_since: Option<Instant>,
+    pub(super) gone_since: Option<Instant>,
     /// Its SPIFFE ID, verified by its TLS client certificate.
     identity: Option<String>,
     /// When its certificate expires, ms since the epoch (0: none known).
     cert_expires_at_ms: i64,
     /// The endpoint it registered.
     endpoint: String,
+    /// Its recent edge counters.
+    pub(super) reports: super::top::Reports,
 }
 
 /// Proxies by (service, instance), and endpoints registered.
 #[derive(Default)]
 pub(super) struct Proxies {
-    entries: BTreeMap<(String, String), Entry>,
+    pub(super) entries: BTreeMap<(String, String), Entry>,
     /// Registered endpoints by `SERVICE/INSTANCE`, with when their proxy
     /// went away (`None`: connected). Records loaded from the store start as
     /// gone since control started.
@@ -76,8 +78,8 @@ impl Proxies {
 /// when the stream ends.
 #[derive(Clone, Debug)]
 pub struct ProxyHandle {
-    key: (String, String),
-    conn: u64,
+    pub(super) key: (String, String),
+    pub(super) conn: u64,
     /// Its own service.
     pub service: String,
 }
@@ -137,6 +139,7 @@ impl Mesh {
                 identity: peer.map(|p| p.id.to_string()),
                 cert_expires_at_ms,
                 endpoint: address,
+                reports: Default::default(),
             },
         );
         self.metrics.connected.set(connected(&inner) as i64);

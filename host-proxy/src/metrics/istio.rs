@@ -13,7 +13,9 @@
 //! endpoint routed to (its service, subset and identity) outbound. A label
 //! with no value is `unknown`, as Istio writes it.
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use foldhash::HashMap;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -115,6 +117,24 @@ pub struct Labels {
     grpc_response_status: String,
 }
 
+impl Labels {
+    /// The edge this label set counts on: the reporter, the two workloads
+    /// and the subset that answered (the callee's version).
+    fn edge(&self) -> EdgeKey {
+        let c = &self.common;
+        let subset = match c.destination_version.as_str() {
+            UNKNOWN => String::new(),
+            v => v.to_string(),
+        };
+        EdgeKey {
+            reporter: c.reporter,
+            source: c.source_workload.clone(),
+            destination: c.destination_service.clone(),
+            subset,
+        }
+    }
+}
+
 /// Istio's label set for TCP metrics (and the part of the request
 /// metrics' set they share).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -190,6 +210,64 @@ struct Series {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+    /// The edge it belongs to (many label sets share one).
+    edge: Arc<EdgeCounters>,
+}
+
+/// A service edge as this proxy sees it: who called whom, and the subset
+/// that answered.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EdgeKey {
+    /// `source` or `destination`: the side reporting.
+    pub reporter: &'static str,
+    /// The calling service.
+    pub source: String,
+    /// The service called.
+    pub destination: String,
+    /// The subset that answered (`""` when unknown).
+    pub subset: String,
+}
+
+/// One edge's counters, cumulative since the proxy started, for `wasmesh
+/// top` (reported to control over the discovery stream).
+pub struct EdgeCounters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    /// Per bucket of [`wasmesh_api::edges::bounds_ms`], then +Inf.
+    buckets: Box<[AtomicU64]>,
+}
+
+impl EdgeCounters {
+    fn new() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            buckets: (0..=wasmesh_api::edges::bounds_ms().len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn observe(&self, code: u16, millis: f64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if code >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.buckets[wasmesh_api::edges::bucket(millis)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One edge's counters as read at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeSample {
+    /// Which edge.
+    pub key: EdgeKey,
+    /// Requests.
+    pub requests: u64,
+    /// Requests answered 5xx.
+    pub errors: u64,
+    /// Requests per duration bucket.
+    pub buckets: Vec<u64>,
 }
 
 /// Istio's four request metrics.
@@ -205,6 +283,10 @@ pub struct Istio {
     tcp_received: Family<TcpLabels, Counter>,
     workload: RwLock<Workload>,
     series: RwLock<HashMap<Key, Arc<Series>>>,
+    /// Edges, bounded by the series (each series has one).
+    edges: Mutex<HashMap<EdgeKey, Arc<EdgeCounters>>>,
+    /// When the counters started.
+    started: Instant,
 }
 
 impl Default for Istio {
@@ -221,6 +303,8 @@ impl Default for Istio {
             tcp_received: Family::default(),
             workload: RwLock::default(),
             series: RwLock::default(),
+            edges: Mutex::default(),
+            started: Instant::now(),
         }
     }
 }
@@ -304,6 +388,7 @@ impl Istio {
     pub fn set_workload(&self, w: Workload) {
         *self.workload.write().unwrap() = w;
         self.series.write().unwrap().clear();
+        self.edges.lock().unwrap().clear();
     }
 
     /// Record one finished request.
@@ -330,11 +415,19 @@ impl Istio {
                     return;
                 }
                 let labels = self.labels(&key);
+                let edge = self
+                    .edges
+                    .lock()
+                    .unwrap()
+                    .entry(labels.edge())
+                    .or_insert_with(|| Arc::new(EdgeCounters::new()))
+                    .clone();
                 let s = Arc::new(Series {
                     requests: self.requests.get_or_create(&labels).clone(),
                     duration: self.duration.get_or_create(&labels).clone(),
                     request_bytes: self.request_bytes.get_or_create(&labels).clone(),
                     response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+                    edge,
                 });
                 all.entry(key).or_insert(s).clone()
             }
@@ -343,6 +436,34 @@ impl Istio {
         series.duration.observe(millis);
         series.request_bytes.observe(x.request_bytes as f64);
         series.response_bytes.observe(x.response_bytes as f64);
+        series.edge.observe(code, millis);
+    }
+
+    /// How long the counters have been counting.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Every edge's counters now, by edge.
+    pub fn edges(&self) -> Vec<EdgeSample> {
+        let mut out: Vec<EdgeSample> = self
+            .edges
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, c)| EdgeSample {
+                key: k.clone(),
+                requests: c.requests.load(Ordering::Relaxed),
+                errors: c.errors.load(Ordering::Relaxed),
+                buckets: c
+                    .buckets
+                    .iter()
+                    .map(|b| b.load(Ordering::Relaxed))
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
     }
 
     fn labels(&self, k: &Key) -> Labels {

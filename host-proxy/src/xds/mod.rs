@@ -7,6 +7,9 @@
 //! to 5 s); with a compile cache it also keeps its last ACKed snapshot there,
 //! so a restart while control is away serves what it served before.
 //!
+//! Every [`EDGE_REPORT_INTERVAL`] while they change, the proxy sends its
+//! per-edge request counters on the stream (what `wasmesh top` shows).
+//!
 //! A proxy with a mesh identity holds the stream over mutual TLS with its
 //! certificate ([`crate::identity`]), and reports each renewal on it.
 //!
@@ -30,6 +33,8 @@ use wasmesh_api::proto::registry_client::RegistryClient;
 pub use self::document::document;
 use crate::config::{Live, Origin};
 use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::metrics::istio::EdgeSample;
 
 /// The contract versions this proxy serves.
 pub const WIT_VERSIONS: &[&str] = &["wasmesh:plugin@0.1.1"];
@@ -61,6 +66,9 @@ pub struct ControlOptions {
     pub proxy_version: String,
 }
 
+/// How often the proxy reports its edge counters while they change.
+pub const EDGE_REPORT_INTERVAL: Duration = Duration::from_secs(2);
+
 const SNAPSHOT_FILE: &str = "control-snapshot.pb";
 
 /// The last ACKed snapshot kept in the cache, if any.
@@ -82,10 +90,15 @@ fn keep_snapshot(cache: Option<&PathBuf>, s: &proto::Snapshot) {
 }
 
 /// Hold the discovery stream for the life of the proxy.
-pub async fn run(live: Arc<Live>, options: ControlOptions, identity: Option<Arc<Identity>>) {
+pub async fn run(
+    live: Arc<Live>,
+    options: ControlOptions,
+    identity: Option<Arc<Identity>>,
+    metrics: Arc<Metrics>,
+) {
     let mut delay = options.backoff_min;
     loop {
-        match session(&live, &options, identity.as_ref(), &mut delay).await {
+        match session(&live, &options, identity.as_ref(), &metrics, &mut delay).await {
             Ok(()) => tracing::warn!(url = %options.url, "control closed the stream; reconnecting"),
             Err(e) => {
                 tracing::warn!(url = %options.url, "control unreachable: {e:#}; serving the last snapshot")
@@ -103,6 +116,7 @@ async fn session(
     live: &Arc<Live>,
     options: &ControlOptions,
     identity: Option<&Arc<Identity>>,
+    metrics: &Metrics,
     delay: &mut Duration,
 ) -> anyhow::Result<()> {
     let tls = identity.map(|i| wasmesh_identity::tls::control_client(i.credentials()));
@@ -115,19 +129,9 @@ async fn session(
         Origin::Control { version, .. } => version.clone(),
         _ => String::new(),
     };
-    tx.send(message(proto::proxy_message::Message::Hello(
-        proto::Hello {
-            service: options.service.clone(),
-            subset: options.subset.clone(),
-            instance: options.instance.clone(),
-            app_address: options.app.map(|a| a.to_string()).unwrap_or_default(),
-            proxy_version: options.proxy_version.clone(),
-            wit_versions: WIT_VERSIONS.iter().map(|s| s.to_string()).collect(),
-            applied_version: applied,
-            inbound_address: options.inbound.map(|a| a.to_string()).unwrap_or_default(),
-            certificate: identity.map(|i| i.status()),
-        },
-    )))
+    tx.send(message(proto::proxy_message::Message::Hello(hello(
+        options, identity, applied,
+    ))))
     .await?;
     let mut inbound = discovery
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -135,9 +139,22 @@ async fn session(
         .into_inner();
     tracing::info!(url = %options.url, "connected to control");
     *delay = options.backoff_min;
+    let mut report = tokio::time::interval(EDGE_REPORT_INTERVAL);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // What control has of the counters on this connection.
+    let mut reported = None;
     loop {
         let m = tokio::select! {
             m = inbound.next() => m,
+            _ = report.tick() => {
+                let edges = metrics.istio.edges();
+                if reported.as_ref() != Some(&edges) {
+                    let r = edge_report(metrics.istio.uptime(), &edges);
+                    tx.send(message(proto::proxy_message::Message::Edges(r))).await?;
+                    reported = Some(edges);
+                }
+                continue;
+            }
             Ok(()) = async { match renewals.as_mut() {
                 Some(r) => r.changed().await,
                 None => std::future::pending().await,
@@ -179,6 +196,45 @@ async fn session(
         .await?;
     }
     Ok(())
+}
+
+/// Who this proxy is, and what it serves now.
+fn hello(
+    options: &ControlOptions,
+    identity: Option<&Arc<Identity>>,
+    applied: String,
+) -> proto::Hello {
+    proto::Hello {
+        service: options.service.clone(),
+        subset: options.subset.clone(),
+        instance: options.instance.clone(),
+        app_address: options.app.map(|a| a.to_string()).unwrap_or_default(),
+        proxy_version: options.proxy_version.clone(),
+        wit_versions: WIT_VERSIONS.iter().map(|s| s.to_string()).collect(),
+        applied_version: applied,
+        inbound_address: options.inbound.map(|a| a.to_string()).unwrap_or_default(),
+        certificate: identity.map(|i| i.status()),
+    }
+}
+
+/// The counters as control takes them.
+fn edge_report(uptime: Duration, edges: &[EdgeSample]) -> proto::EdgeReport {
+    proto::EdgeReport {
+        uptime_ms: uptime.as_millis() as u64,
+        bounds_ms: wasmesh_api::edges::bounds_ms().to_vec(),
+        edges: edges
+            .iter()
+            .map(|e| proto::EdgeCounters {
+                reporter: e.key.reporter.to_string(),
+                source: e.key.source.clone(),
+                destination: e.key.destination.clone(),
+                subset: e.key.subset.clone(),
+                requests: e.requests,
+                errors: e.errors,
+                buckets: e.buckets.clone(),
+            })
+            .collect(),
+    }
 }
 
 fn message(m: proto::proxy_message::Message) -> proto::ProxyMessage {
