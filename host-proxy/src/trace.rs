@@ -83,14 +83,16 @@ pub struct RequestTrace {
     b3: B3Format,
 }
 
-/// An upstream attempt's client span.
+/// An upstream attempt's client span (none when the request is not
+/// sampled: its context goes upstream as the request's own).
 pub struct AttemptSpan {
-    cx: Context,
+    cx: Option<Context>,
 }
 
-/// A hook call's span, started when the call starts.
+/// A hook call's span, started when the call starts (none when the
+/// request is not sampled).
 pub struct HookSpan {
-    cx: Context,
+    cx: Option<Context>,
 }
 
 impl Tracing {
@@ -205,6 +207,10 @@ impl RequestTrace {
     /// Start an upstream attempt's client span; `describe` (its name and
     /// attributes) is called only when it is sampled.
     pub fn attempt(&self, describe: impl FnOnce() -> (String, Vec<KeyValue>)) -> AttemptSpan {
+        if !self.sampled() {
+            // Nothing records it: no span, no ids, no strings.
+            return AttemptSpan { cx: None };
+        }
         let t = &self.tracing.tracer;
         let mut span = t
             .span_builder("attempt")
@@ -216,7 +222,7 @@ impl RequestTrace {
             span.set_attributes(attributes);
         }
         AttemptSpan {
-            cx: self.cx.with_span(span),
+            cx: Some(self.cx.with_span(span)),
         }
     }
 
@@ -225,17 +231,21 @@ impl RequestTrace {
     pub fn headers(&self, attempt: &AttemptSpan) -> Vec<(HeaderName, HeaderValue)> {
         let mut h = Headers(Vec::with_capacity(1));
         let t = &self.tracing;
-        t.w3c.inject_context(&attempt.cx, &mut h);
+        let cx = attempt.cx.as_ref().unwrap_or(&self.cx);
+        t.w3c.inject_context(cx, &mut h);
         match self.b3 {
             B3Format::None => {}
-            B3Format::Single => t.b3_single.inject_context(&attempt.cx, &mut h),
-            B3Format::Multi => t.b3_multi.inject_context(&attempt.cx, &mut h),
+            B3Format::Single => t.b3_single.inject_context(cx, &mut h),
+            B3Format::Multi => t.b3_multi.inject_context(cx, &mut h),
         }
         h.0
     }
 
     /// Start a plugin hook call's span.
     pub fn hook(&self, plugin: &str, version: &str, hook: &'static str) -> HookSpan {
+        if !self.sampled() {
+            return HookSpan { cx: None };
+        }
         let t = &self.tracing.tracer;
         let span = t
             .span_builder(format!("{plugin} {hook}"))
@@ -247,13 +257,16 @@ impl RequestTrace {
             ])
             .start_with_context(t, &self.cx);
         HookSpan {
-            cx: self.cx.with_span(span),
+            cx: Some(self.cx.with_span(span)),
         }
     }
 
     /// End the server span with the response's status and flag.
     pub fn end(&self, status: u16, flag: &'static str, attributes: Vec<KeyValue>) {
         let span = self.cx.span();
+        if !span.is_recording() {
+            return;
+        }
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
@@ -272,7 +285,8 @@ impl RequestTrace {
 impl AttemptSpan {
     /// End it with what the attempt got: a status, or a failure.
     pub fn end(self, outcome: Result<u16, &'static str>) {
-        let span = self.cx.span();
+        let Some(cx) = self.cx else { return };
+        let span = cx.span();
         match outcome {
             Ok(status) => {
                 span.set_attribute(KeyValue::new(
@@ -295,7 +309,8 @@ impl AttemptSpan {
 impl HookSpan {
     /// End it with the plugin's decision (or its failure).
     pub fn end(self, decision: Result<&'static str, &'static str>) {
-        let span = self.cx.span();
+        let Some(cx) = self.cx else { return };
+        let span = cx.span();
         match decision {
             Ok(d) => span.set_attribute(KeyValue::new("wasmesh.plugin.decision", d)),
             Err(kind) => {
