@@ -682,6 +682,11 @@ fn respond(
     request_id: HeaderValue,
 ) -> Response<ProxyBody> {
     let mut resp = answer.response;
+    // The client's protocol, not the upstream's: an HTTP/1.0 upstream's
+    // answer goes to an HTTP/1.1 client as HTTP/1.1, keeping its
+    // connection alive (hyper itself answers an HTTP/1.0 client in 1.0,
+    // and HTTP/2 ignores the field).
+    *resp.version_mut() = Version::HTTP_11;
     headers::apply(resp.headers_mut(), &guard.take_response_edits());
     resp.headers_mut().insert(X_REQUEST_ID, request_id);
     let status = resp.status().as_u16();

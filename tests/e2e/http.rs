@@ -531,3 +531,102 @@ async fn an_idle_upstream_connection_is_closed_after_the_idle_timeout() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// `python3 -m http.server`: a real HTTP/1.0 server, killed on drop.
+struct PythonHttp {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PythonHttp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PythonHttp {
+    async fn serving(file: &str, text: &str) -> PythonHttp {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(file), text).unwrap();
+        let port = free_port();
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "http.server never listened"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        PythonHttp {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+/// One response from `s`: its head, and its body of `content-length`.
+async fn read_response(s: &mut tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&got[end + 4..end + 4 + len]).into_owned();
+                return (head, body);
+            }
+        }
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("a response within 10 s")
+            .unwrap();
+        assert!(n > 0, "the proxy closed the connection after: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http10_upstream_answers_an_http11_client_in_http11_on_one_kept_connection() {
+    use tokio::io::AsyncWriteExt;
+    let files = PythonHttp::serving("hello.txt", "hi\n").await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  files:\n    endpoints: {{ v1: [\"{}\"] }}\n",
+        files.addr
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(b"GET /hello.txt HTTP/1.1\r\nHost: files\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        assert_eq!(body, "hi\n");
+    }
+    // An HTTP/1.0 client still gets HTTP/1.0.
+    let r = raw(&proxy, b"GET /hello.txt HTTP/1.0\r\nHost: files\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.0 200"), "{r}");
+}
