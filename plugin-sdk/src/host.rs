@@ -5,7 +5,7 @@
 //! [`crate::native::NativeHost`] when one is set, else on the
 //! [`crate::testing::TestHost`] of the current thread. None of them panics.
 
-use crate::types::{Endpoint, Level, StateEntry, StateError};
+use crate::types::{Endpoint, Level, StateEntry, StateError, WriteOptions};
 
 #[cfg(target_arch = "wasm32")]
 mod imp {
@@ -49,11 +49,39 @@ mod imp {
     pub fn state_set(key: &str, value: &[u8], expected: Option<u64>) -> Result<u64, StateError> {
         h::state_set(key, value, expected).map_err(state_error)
     }
+    fn write_options(o: WriteOptions) -> h::WriteOptions {
+        h::WriteOptions {
+            ttl_ms: o.ttl_ms,
+            when_full: if o.evict_least_recently_used {
+                h::WhenFull::EvictLeastRecentlyUsed
+            } else {
+                h::WhenFull::Refuse
+            },
+        }
+    }
+    pub fn state_set_with(
+        key: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        options: WriteOptions,
+    ) -> Result<u64, StateError> {
+        h::state_set_with(key, value, expected, write_options(options)).map_err(state_error)
+    }
     pub fn state_delete(key: &str) -> bool {
         h::state_delete(key)
     }
+    pub fn state_delete_if(key: &str, version: u64) -> Result<(), StateError> {
+        h::state_delete_if(key, version).map_err(state_error)
+    }
     pub fn counter_add(key: &str, delta: i64) -> Result<i64, StateError> {
         h::counter_add(key, delta).map_err(state_error)
+    }
+    pub fn counter_add_with(
+        key: &str,
+        delta: i64,
+        options: WriteOptions,
+    ) -> Result<i64, StateError> {
+        h::counter_add_with(key, delta, write_options(options)).map_err(state_error)
     }
     pub fn counter_get(key: &str) -> i64 {
         h::counter_get(key)
@@ -126,17 +154,41 @@ mod imp {
             |h| h.state_set(key, value, expected),
         )
     }
+    pub fn state_set_with(
+        key: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        options: WriteOptions,
+    ) -> Result<u64, StateError> {
+        dispatch(
+            |n| n.state_set_with(key, value, expected, options),
+            |h| h.state_set_with(key, value, expected, options),
+        )
+    }
     pub fn state_delete(key: &str) -> bool {
         dispatch(|n| n.state_delete(key), |h| h.state_delete(key))
+    }
+    pub fn state_delete_if(key: &str, version: u64) -> Result<(), StateError> {
+        dispatch(
+            |n| n.state_delete_if(key, version),
+            |h| h.state_delete_if(key, version),
+        )
     }
     pub fn counter_add(key: &str, delta: i64) -> Result<i64, StateError> {
         dispatch(|n| n.counter_add(key, delta), |h| h.counter_add(key, delta))
     }
-    pub fn counter_get(key: &str) -> i64 {
+    pub fn counter_add_with(
+        key: &str,
+        delta: i64,
+        options: WriteOptions,
+    ) -> Result<i64, StateError> {
         dispatch(
-            |n| n.counter_get(key),
-            |h| h.counters.get(key).copied().unwrap_or(0),
+            |n| n.counter_add_with(key, delta, options),
+            |h| h.counter_add_with(key, delta, options),
         )
+    }
+    pub fn counter_get(key: &str) -> i64 {
+        dispatch(|n| n.counter_get(key), |h| h.counter(key))
     }
     pub fn counter_hold(key: &str, delta: i64) -> Result<i64, StateError> {
         dispatch(
@@ -196,9 +248,158 @@ pub fn random_f64() -> f64 {
     (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Shared state, scoped to (service, plugin name) and surviving upgrades.
+/// Shared state, scoped to (service, plugin name) and surviving upgrades:
+/// every instance of the plugin in a proxy (each worker's, the next
+/// version's) sees the same keys. At most 10,000 keys (entries and counters
+/// together) and 64 KiB a value. Keys that pile up (one per client) want a
+/// time to live ([`set_with`], [`update`]); there is no key listing.
+///
+/// Versions never repeat for a key, even across a delete or an expiry: a
+/// compare-and-set holding a version read before either always loses.
 pub mod state {
     use super::*;
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    /// Most reads and compare-and-sets [`update`] makes before it gives up
+    /// to contention.
+    pub const UPDATE_TRIES: u32 = 8;
+
+    /// Why [`update`] did not write.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum UpdateError {
+        /// Other instances wrote the key between each of `tries` reads and
+        /// compare-and-sets: give up (or decide as if the key were hot).
+        Contention {
+            /// The key.
+            key: String,
+            /// Tries made.
+            tries: u32,
+        },
+        /// The host refused the write (the key cap, a bad key, a value too
+        /// large).
+        State(StateError),
+        /// The stored bytes are not a `T` (JSON): what serde said. Nothing
+        /// was written.
+        Decode(String),
+        /// The new value does not serialize as JSON: what serde said.
+        Encode(String),
+    }
+
+    impl std::fmt::Display for UpdateError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                UpdateError::Contention { key, tries } => write!(
+                    f,
+                    "state key {key:?}: other instances won {tries} compare-and-sets in a row"
+                ),
+                UpdateError::State(e) => write!(f, "{e}"),
+                UpdateError::Decode(e) => write!(f, "the stored value does not decode: {e}"),
+                UpdateError::Encode(e) => write!(f, "the new value does not encode: {e}"),
+            }
+        }
+    }
+
+    impl std::error::Error for UpdateError {}
+
+    /// Read `key` as a `T` (JSON), let `f` compute the new value from it
+    /// (`None` when absent or expired), write it back with `options` if
+    /// nobody wrote in between — else read and call `f` again, at most
+    /// [`UPDATE_TRIES`] times. Returns what `f` returned with the value
+    /// that was written. `f` may run several times: keep it free of side
+    /// effects.
+    ///
+    /// ```no_run
+    /// use wasmesh_plugin_sdk::{WriteOptions, host::state};
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Seen { count: u64 }
+    /// let (seen, first) = state::update("client-1", WriteOptions::ttl_ms(60_000), |old: Option<Seen>| {
+    ///     let count = old.map_or(0, |s| s.count) + 1;
+    ///     (Seen { count }, count == 1)
+    /// })?;
+    /// # Ok::<(), state::UpdateError>(())
+    /// ```
+    pub fn update<T, R>(
+        key: &str,
+        options: WriteOptions,
+        mut f: impl FnMut(Option<T>) -> (T, R),
+    ) -> Result<(T, R), UpdateError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        for _ in 0..UPDATE_TRIES {
+            let (old, version) = match imp::state_get(key) {
+                Some(e) => {
+                    let old = serde_json::from_slice::<T>(&e.value)
+                        .map_err(|e| UpdateError::Decode(e.to_string()))?;
+                    (Some(old), e.version)
+                }
+                None => (None, 0),
+            };
+            let (new, out) = f(old);
+            let bytes = serde_json::to_vec(&new).map_err(|e| UpdateError::Encode(e.to_string()))?;
+            match imp::state_set_with(key, &bytes, Some(version), options) {
+                Ok(_) => return Ok((new, out)),
+                Err(StateError::Conflict(_)) => continue,
+                Err(e) => return Err(UpdateError::State(e)),
+            }
+        }
+        Err(UpdateError::Contention {
+            key: key.to_string(),
+            tries: UPDATE_TRIES,
+        })
+    }
+
+    /// [`update`] on raw bytes: `f` gets the stored bytes (`None` when
+    /// absent) and returns the new ones; returns what was written.
+    pub fn update_bytes(
+        key: &str,
+        options: WriteOptions,
+        mut f: impl FnMut(Option<&[u8]>) -> Vec<u8>,
+    ) -> Result<Vec<u8>, UpdateError> {
+        for _ in 0..UPDATE_TRIES {
+            let (old, version) = match imp::state_get(key) {
+                Some(e) => (Some(e.value), e.version),
+                None => (None, 0),
+            };
+            let new = f(old.as_deref());
+            match imp::state_set_with(key, &new, Some(version), options) {
+                Ok(_) => return Ok(new),
+                Err(StateError::Conflict(_)) => continue,
+                Err(e) => return Err(UpdateError::State(e)),
+            }
+        }
+        Err(UpdateError::Contention {
+            key: key.to_string(),
+            tries: UPDATE_TRIES,
+        })
+    }
+
+    /// Write an entry with a time to live and a policy for a full scope,
+    /// only if its version is `expected` when given (0: must not exist).
+    pub fn set_with(
+        key: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        options: WriteOptions,
+    ) -> Result<u64, StateError> {
+        imp::state_set_with(key, value, expected, options)
+    }
+
+    /// Remove an entry only if its version is still `version`
+    /// ([`StateError::Conflict`] with the current one otherwise).
+    pub fn delete_if(key: &str, version: u64) -> Result<(), StateError> {
+        imp::state_delete_if(key, version)
+    }
+
+    /// Add to a counter with a time to live and a policy for a full scope.
+    pub fn counter_add_with(
+        key: &str,
+        delta: i64,
+        options: WriteOptions,
+    ) -> Result<i64, StateError> {
+        imp::counter_add_with(key, delta, options)
+    }
 
     /// Read an entry.
     pub fn get(key: &str) -> Option<StateEntry> {

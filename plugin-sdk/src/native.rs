@@ -28,8 +28,22 @@ pub trait NativeHost {
     fn random_u64(&self) -> u64;
     fn state_get(&self, key: &str) -> Option<StateEntry>;
     fn state_set(&self, key: &str, value: &[u8], expected: Option<u64>) -> Result<u64, StateError>;
+    fn state_set_with(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        options: WriteOptions,
+    ) -> Result<u64, StateError>;
     fn state_delete(&self, key: &str) -> bool;
+    fn state_delete_if(&self, key: &str, version: u64) -> Result<(), StateError>;
     fn counter_add(&self, key: &str, delta: i64) -> Result<i64, StateError>;
+    fn counter_add_with(
+        &self,
+        key: &str,
+        delta: i64,
+        options: WriteOptions,
+    ) -> Result<i64, StateError>;
     fn counter_get(&self, key: &str) -> i64;
     fn counter_hold(&self, key: &str, delta: i64) -> Result<i64, StateError>;
     fn counter_hold_within(
@@ -151,10 +165,30 @@ mod tests {
         ) -> Result<u64, StateError> {
             Err(StateError::BadKey)
         }
+        fn state_set_with(
+            &self,
+            key: &str,
+            value: &[u8],
+            expected: Option<u64>,
+            options: WriteOptions,
+        ) -> Result<u64, StateError> {
+            Err(StateError::BadKey)
+        }
         fn state_delete(&self, key: &str) -> bool {
             false
         }
+        fn state_delete_if(&self, key: &str, version: u64) -> Result<(), StateError> {
+            Err(StateError::Conflict(0))
+        }
         fn counter_add(&self, key: &str, delta: i64) -> Result<i64, StateError> {
+            Ok(delta)
+        }
+        fn counter_add_with(
+            &self,
+            key: &str,
+            delta: i64,
+            options: WriteOptions,
+        ) -> Result<i64, StateError> {
             Ok(delta)
         }
         fn counter_get(&self, key: &str) -> i64 {

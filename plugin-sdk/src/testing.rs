@@ -1,7 +1,17 @@
 //! A native test harness for plugin logic: a fake host (a clock you advance,
-//! seeded random numbers, in-memory shared state, recorded logs, metrics and
+//! seeded random numbers, shared state, recorded logs, metrics and
 //! ejections) and a [`Harness`] that configures a plugin from JSON and calls
 //! its declared hooks the way the proxy would.
+//!
+//! Shared state is the proxy's own implementation (the `wasmesh-state`
+//! crate): versions that never repeat, expiry on the fake monotonic clock,
+//! the 10,000-key cap and least-recently-used eviction behave as they do in
+//! the proxy.
+//!
+//! **One fake host per thread.** Every [`Harness`] on a test's thread calls
+//! the same [`TestHost`]: two harnesses of one plugin are two instances of
+//! it in one proxy (two workers) sharing its state, clock and metrics. Rust
+//! runs each test on its own thread, so tests never share a host.
 //!
 //! For plugin unit tests only: what crosses the real boundary is tested end to
 //! end against the proxy.
@@ -13,11 +23,10 @@ use crate::types::*;
 use crate::view::{Request, RequestSource, Response, ResponseSource};
 use crate::{Declared, Plugin, parse_config};
 
-/// Per-entry cap on shared-state values in the fake host, as in the proxy's
-/// default.
-pub const STATE_VALUE_CAP: usize = 64 * 1024;
-/// Key cap per scope in the fake host, as in the proxy's default.
-pub const STATE_KEY_CAP: usize = 10_000;
+/// Per-entry cap on shared-state values, as in the proxy.
+pub const STATE_VALUE_CAP: usize = wasmesh_state::VALUE_CAP;
+/// Key cap per scope, as in the proxy.
+pub const STATE_KEY_CAP: usize = wasmesh_state::KEY_CAP;
 
 /// The fake host a test's plugin calls go to.
 #[derive(Default)]
@@ -28,10 +37,10 @@ pub struct TestHost {
     pub mono_ns: u64,
     /// The random generator's state (splitmix64).
     pub seed: u64,
-    /// Shared state entries.
-    pub state: HashMap<String, StateEntry>,
-    /// Shared counters.
-    pub counters: HashMap<String, i64>,
+    /// Shared state: entries and counters (read and write them as another
+    /// instance would with [`TestHost::set`], [`TestHost::add`],
+    /// [`TestHost::entry`], [`TestHost::counter`]).
+    pub state: wasmesh_state::Scope,
     /// Endpoints by service; `""` is the plugin's own service.
     pub endpoints: HashMap<String, Vec<Endpoint>>,
     /// Ejections made: (endpoint, until-ms).
@@ -57,7 +66,6 @@ impl std::fmt::Debug for TestHost {
         f.debug_struct("TestHost")
             .field("clock_ms", &self.clock_ms)
             .field("state", &self.state)
-            .field("counters", &self.counters)
             .field("holds", &self.holds)
             .finish_non_exhaustive()
     }
@@ -109,18 +117,56 @@ impl TestHost {
         z ^ (z >> 31)
     }
 
-    fn check_key(&self, key: &str, exists: bool) -> Result<(), StateError> {
-        if key.is_empty() || key.len() > 256 {
-            return Err(StateError::BadKey);
-        }
-        if !exists && self.state.len() + self.counters.len() >= STATE_KEY_CAP {
-            return Err(StateError::TooManyKeys(STATE_KEY_CAP as u32));
-        }
-        Ok(())
+    /// Shared state's clock: the fake monotonic one, in ms.
+    fn now(&self) -> u64 {
+        self.mono_ns / 1_000_000
+    }
+
+    /// An entry, as another instance reads it.
+    pub fn entry(&self, key: &str) -> Option<StateEntry> {
+        self.state
+            .get(key, self.now())
+            .map(|(value, version)| StateEntry {
+                value: value.to_vec(),
+                version,
+            })
+    }
+
+    /// Write an entry as another instance of the plugin would (no
+    /// [`TestHost::before_next_write`] runs); its new version.
+    pub fn set(&mut self, key: &str, value: &[u8]) -> Result<u64, StateError> {
+        let options = wasmesh_state::WriteOptions::default();
+        written(self.state.set(key, value, None, options, self.now()))
+    }
+
+    /// Remove an entry as another instance would.
+    pub fn delete(&mut self, key: &str) -> bool {
+        self.state.delete(key, self.now())
+    }
+
+    /// A counter (0 when missing).
+    pub fn counter(&self, key: &str) -> i64 {
+        self.state.counter_get(key, self.now())
+    }
+
+    /// Add to a counter as another instance would.
+    pub fn add(&mut self, key: &str, delta: i64) -> Result<i64, StateError> {
+        let options = wasmesh_state::WriteOptions::default();
+        written(self.state.counter_add(key, delta, options, self.now()))
+    }
+
+    /// Keys held now (entries and counters), expired ones gone.
+    pub fn keys(&self) -> usize {
+        self.state.len(self.now())
+    }
+
+    /// Forget all shared state.
+    pub fn clear_state(&mut self) {
+        self.state = wasmesh_state::Scope::default();
     }
 
     pub(crate) fn state_get(&self, key: &str) -> Option<StateEntry> {
-        self.state.get(key).cloned()
+        self.entry(key)
     }
 
     pub(crate) fn state_set(
@@ -130,38 +176,48 @@ impl TestHost {
         expected: Option<u64>,
     ) -> Result<u64, StateError> {
         self.writing();
-        let current = self.state.get(key).map_or(0, |e| e.version);
-        self.check_key(key, current != 0)?;
-        if value.len() > STATE_VALUE_CAP {
-            return Err(StateError::TooLarge(STATE_VALUE_CAP as u32));
-        }
-        if let Some(v) = expected
-            && v != current
-        {
-            return Err(StateError::Conflict(current));
-        }
-        let version = current + 1;
-        self.state.insert(
-            key.to_string(),
-            StateEntry {
-                value: value.to_vec(),
-                version,
-            },
-        );
-        Ok(version)
+        let options = wasmesh_state::WriteOptions::default();
+        written(self.state.set(key, value, expected, options, self.now()))
+    }
+
+    pub(crate) fn state_set_with(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        options: WriteOptions,
+    ) -> Result<u64, StateError> {
+        self.writing();
+        let options = write_options(options);
+        written(self.state.set(key, value, expected, options, self.now()))
     }
 
     pub(crate) fn state_delete(&mut self, key: &str) -> bool {
         self.writing();
-        self.state.remove(key).is_some()
+        self.state.delete(key, self.now())
+    }
+
+    pub(crate) fn state_delete_if(&mut self, key: &str, version: u64) -> Result<(), StateError> {
+        self.writing();
+        self.state
+            .delete_if(key, version, self.now())
+            .map_err(state_error)
     }
 
     pub(crate) fn counter_add(&mut self, key: &str, delta: i64) -> Result<i64, StateError> {
         self.writing();
-        self.check_key(key, self.counters.contains_key(key))?;
-        let c = self.counters.entry(key.to_string()).or_insert(0);
-        *c = c.saturating_add(delta);
-        Ok(*c)
+        self.add(key, delta)
+    }
+
+    pub(crate) fn counter_add_with(
+        &mut self,
+        key: &str,
+        delta: i64,
+        options: WriteOptions,
+    ) -> Result<i64, StateError> {
+        self.writing();
+        let options = write_options(options);
+        written(self.state.counter_add(key, delta, options, self.now()))
     }
 
     pub(crate) fn counter_hold(&mut self, key: &str, delta: i64) -> Result<i64, StateError> {
@@ -183,15 +239,14 @@ impl TestHost {
             return Err(StateError::NoRequest);
         };
         self.writing();
-        self.check_key(key, self.counters.contains_key(key))?;
-        let current = self.counters.get(key).copied().unwrap_or(0);
-        let new = current.saturating_add(delta);
-        if new > limit {
-            return Ok(None);
+        let n = self
+            .state
+            .counter_add_within(key, delta, limit, self.now())
+            .map_err(state_error)?;
+        if n.is_some() {
+            self.holds.push((id, key.to_string(), delta));
         }
-        self.counters.insert(key.to_string(), new);
-        self.holds.push((id, key.to_string(), delta));
-        Ok(Some(new))
+        Ok(n)
     }
 
     /// Undo the holds of request `id`, as the proxy does when it ends.
@@ -200,8 +255,9 @@ impl TestHost {
             .into_iter()
             .partition(|(r, _, _)| r == id);
         self.holds = rest;
+        let now = self.now();
         for (_, key, delta) in mine {
-            *self.counters.entry(key).or_insert(0) -= delta;
+            self.state.counter_release(&key, delta, now);
         }
     }
 
@@ -226,6 +282,36 @@ impl TestHost {
         }
         found
     }
+}
+
+fn write_options(o: WriteOptions) -> wasmesh_state::WriteOptions {
+    wasmesh_state::WriteOptions {
+        ttl_ms: Some(o.ttl_ms),
+        when_full: if o.evict_least_recently_used {
+            wasmesh_state::WhenFull::EvictLeastRecentlyUsed
+        } else {
+            wasmesh_state::WhenFull::Refuse
+        },
+    }
+}
+
+fn state_error(e: wasmesh_state::StateError) -> StateError {
+    match e {
+        wasmesh_state::StateError::Conflict(v) => StateError::Conflict(v),
+        wasmesh_state::StateError::TooLarge => {
+            StateError::TooLarge(wasmesh_state::VALUE_CAP as u32)
+        }
+        wasmesh_state::StateError::TooManyKeys => {
+            StateError::TooManyKeys(wasmesh_state::KEY_CAP as u32)
+        }
+        wasmesh_state::StateError::BadKey => StateError::BadKey,
+    }
+}
+
+fn written<T>(
+    r: Result<wasmesh_state::Written<T>, wasmesh_state::StateError>,
+) -> Result<T, StateError> {
+    r.map(|w| w.value).map_err(state_error)
 }
 
 thread_local! {
@@ -409,6 +495,26 @@ impl<P: Plugin + Declared> Harness<P> {
         &self.plugin
     }
 
+    /// Advance the fake clocks (wall and monotonic) by `ms`: shared state
+    /// expires, ejections end.
+    pub fn advance(&self, ms: u64) {
+        with_host(|h| h.advance(ms));
+    }
+
+    /// Run `f` — what another instance of the plugin does — just before
+    /// this plugin's next shared-state write, between its read and its
+    /// write: a compare-and-set after a read then loses, as it would in
+    /// the proxy. See [`TestHost::before_next_write`].
+    pub fn before_next_write(&self, f: impl FnOnce(&mut TestHost) + 'static) {
+        with_host(|h| h.before_next_write(f));
+    }
+
+    /// Run `f` on the fake host: read or write shared state as another
+    /// instance would, read metrics and logs.
+    pub fn host<R>(&self, f: impl FnOnce(&mut TestHost) -> R) -> R {
+        with_host(f)
+    }
+
     /// Call `on_request`.
     pub fn on_request(&self, req: &TestRequest) -> Result<RequestDecision, String> {
         if !P::HOOKS.on_request {
@@ -462,5 +568,136 @@ pub fn attempt(number: u32, outcome: Outcome, endpoint: &str) -> Attempt {
         subset: None,
         endpoint: Some(endpoint.into()),
         duration_us: 1000,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::state::{self, UPDATE_TRIES, UpdateError};
+
+    fn json(n: u64) -> Vec<u8> {
+        serde_json::to_vec(&n).unwrap()
+    }
+
+    #[test]
+    fn update_reads_again_after_a_lost_compare_and_set() {
+        with_host(|h| {
+            h.set("hits", &json(5)).unwrap();
+            h.before_next_write(|other| {
+                other.set("hits", &json(10)).unwrap();
+            });
+        });
+        let mut calls = 0;
+        let (new, seen) = state::update("hits", WriteOptions::default(), |old: Option<u64>| {
+            calls += 1;
+            (old.unwrap_or(0) + 1, old)
+        })
+        .unwrap();
+        assert_eq!((new, seen, calls), (11, Some(10), 2));
+        assert_eq!(with_host(|h| h.entry("hits")).unwrap().value, json(11));
+    }
+
+    #[test]
+    fn contention_that_always_wins_is_an_error_after_the_tries() {
+        fn another_instance(h: &mut TestHost) {
+            h.add("writes", 1).unwrap();
+            h.set("hot", b"1").unwrap();
+            h.before_next_write(another_instance);
+        }
+        with_host(|h| h.before_next_write(another_instance));
+        let r = state::update_bytes("hot", WriteOptions::default(), |_| b"mine".to_vec());
+        assert_eq!(
+            r,
+            Err(UpdateError::Contention {
+                key: "hot".into(),
+                tries: UPDATE_TRIES
+            })
+        );
+        with_host(|h| {
+            assert_eq!(h.counter("writes"), i64::from(UPDATE_TRIES));
+            assert_eq!(h.entry("hot").unwrap().value, b"1");
+        });
+    }
+
+    #[test]
+    fn entries_expire_on_the_fake_clock() {
+        let ttl = WriteOptions::ttl_ms(1_000);
+        state::update("bucket", ttl, |_: Option<u64>| (1, ())).unwrap();
+        with_host(|h| h.advance(999));
+        assert!(state::get("bucket").is_some());
+        // A write with a time to live sets it again.
+        state::update("bucket", ttl, |old: Option<u64>| (old.unwrap() + 1, ())).unwrap();
+        with_host(|h| h.advance(999));
+        assert_eq!(state::get("bucket").unwrap().value, json(2));
+        with_host(|h| h.advance(1));
+        assert_eq!(state::get("bucket"), None);
+        assert_eq!(with_host(|h| h.keys()), 0);
+    }
+
+    #[test]
+    fn a_stored_value_that_does_not_decode_is_left_as_it_is() {
+        with_host(|h| h.set("k", b"not json").unwrap());
+        let r = state::update("k", WriteOptions::default(), |_: Option<u64>| (1, ()));
+        assert!(matches!(r, Err(UpdateError::Decode(_))), "{r:?}");
+        assert_eq!(state::get("k").unwrap().value, b"not json");
+    }
+
+    #[test]
+    fn a_full_scope_refuses_a_new_key_unless_the_write_evicts() {
+        with_host(|h| {
+            for i in 0..STATE_KEY_CAP {
+                h.add(&format!("client-{i}"), 1).unwrap();
+            }
+        });
+        let new = |options| state::update("newcomer", options, |_: Option<u64>| (1, ()));
+        assert_eq!(
+            new(WriteOptions::ttl_ms(10)),
+            Err(UpdateError::State(StateError::TooManyKeys(
+                STATE_KEY_CAP as u32
+            )))
+        );
+        assert!(new(WriteOptions::ttl_ms(10).evicting()).is_ok());
+        with_host(|h| {
+            assert_eq!(h.keys(), STATE_KEY_CAP);
+            assert_eq!(h.counter("client-0"), 0, "the least recently used went");
+        });
+    }
+
+    #[test]
+    fn a_version_read_before_a_delete_never_wins() {
+        let stale = state::set("k", b"old").unwrap();
+        assert!(state::delete("k"));
+        let fresh = state::set("k", b"new").unwrap();
+        assert_eq!(
+            state::compare_and_set("k", b"lost", stale),
+            Err(StateError::Conflict(fresh))
+        );
+        assert_eq!(
+            state::delete_if("k", stale),
+            Err(StateError::Conflict(fresh))
+        );
+        assert_eq!(state::delete_if("k", fresh), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use crate::Peer;
+
+    #[test]
+    fn a_peer_gives_its_ip_apart_from_its_port() {
+        let v6 = Peer {
+            address: "[2001:db8::7]:443".into(),
+            ..Peer::default()
+        };
+        assert_eq!(v6.ip(), Some("2001:db8::7".parse().unwrap()));
+        assert_eq!(v6.port(), Some(443));
+        let v4 = Peer {
+            address: "10.0.0.1:5000".into(),
+            ..Peer::default()
+        };
+        assert_eq!(v4.ip().unwrap().to_string(), "10.0.0.1");
+        assert_eq!(Peer::default().ip(), None);
     }
 }

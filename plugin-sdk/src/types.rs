@@ -46,6 +46,22 @@ pub struct Peer {
     pub address: String,
 }
 
+impl Peer {
+    /// The caller's IP address (v4 or v6), without its port.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        self.socket().map(|a| a.ip())
+    }
+
+    /// The caller's port.
+    pub fn port(&self) -> Option<u16> {
+        self.socket().map(|a| a.port())
+    }
+
+    fn socket(&self) -> Option<std::net::SocketAddr> {
+        self.address.parse().ok()
+    }
+}
+
 /// A change to a header set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HeaderOp {
@@ -292,6 +308,35 @@ pub struct StateEntry {
     pub value: Vec<u8>,
     /// Its version, for compare-and-swap.
     pub version: u64,
+}
+
+/// How a shared-state write treats expiry and a full scope
+/// ([`crate::host::state::set_with`], [`crate::host::state::counter_add_with`]).
+/// The default: never expire, refuse a new key in a full scope.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Remove the key this many ms after the write (each write with options
+    /// sets it again); `None`: never.
+    pub ttl_ms: Option<u64>,
+    /// In a full scope (10,000 keys), evict the least recently used key to
+    /// make room for a new one, instead of refusing the write.
+    pub evict_least_recently_used: bool,
+}
+
+impl WriteOptions {
+    /// Expire `ms` after this write.
+    pub fn ttl_ms(ms: u64) -> Self {
+        Self {
+            ttl_ms: Some(ms),
+            evict_least_recently_used: false,
+        }
+    }
+
+    /// And, in a full scope, evict the least recently used key.
+    pub fn evicting(mut self) -> Self {
+        self.evict_least_recently_used = true;
+        self
+    }
 }
 
 /// A refused shared-state write.

@@ -45,6 +45,8 @@ pub struct Metrics {
     plugin_fail_open: Family<Labels, Counter>,
     /// Plugin log lines dropped past their rate.
     plugin_log_dropped: Family<Labels, Counter>,
+    /// Shared-state writes that met a full scope, by outcome.
+    plugin_state_full: Family<Labels, Counter>,
     /// Config reloads by result.
     pub reloads: Family<Labels, Counter>,
     /// Current config version.
@@ -140,6 +142,10 @@ impl Metrics {
             plugin_log_dropped: reg.add(
                 "wasmesh_plugin_log_dropped",
                 "Plugin log lines at info and above dropped past 50 a second, by service and plugin",
+            ),
+            plugin_state_full: reg.add(
+                "wasmesh_plugin_state_full",
+                "Shared-state writes of a new key into a full scope (10,000 keys), by service, plugin and outcome (refused, or evicted: the least recently used key made room)",
             ),
             reloads: reg.add(
                 "wasmesh_config_reloads",
@@ -327,6 +333,21 @@ impl Metrics {
             .get_or_create(&vec![
                 ("service", service.to_string()),
                 ("plugin", plugin.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Count a shared-state write that met a full scope: `evicted` a key
+    /// to make room, or was refused.
+    pub fn plugin_state_full(&self, service: &str, plugin: &str, evicted: bool) {
+        self.plugin_state_full
+            .get_or_create(&vec![
+                ("service", service.to_string()),
+                ("plugin", plugin.to_string()),
+                (
+                    "outcome",
+                    if evicted { "evicted" } else { "refused" }.to_string(),
+                ),
             ])
             .inc();
     }

@@ -289,6 +289,41 @@ impl wit::HostResponse for HostState {
     }
 }
 
+fn write_options(o: wit_host::WriteOptions) -> state::WriteOptions {
+    state::WriteOptions {
+        ttl_ms: Some(o.ttl_ms),
+        when_full: match o.when_full {
+            wit_host::WhenFull::Refuse => state::WhenFull::Refuse,
+            wit_host::WhenFull::EvictLeastRecentlyUsed => state::WhenFull::EvictLeastRecentlyUsed,
+        },
+    }
+}
+
+impl PluginScope {
+    /// A write's result for the plugin; a full scope counted.
+    fn written<T>(
+        &self,
+        r: Result<state::Written<T>, state::StateError>,
+    ) -> Result<T, wit_host::StateError> {
+        match r {
+            Ok(w) => {
+                if w.evicted {
+                    self.metrics
+                        .plugin_state_full(&self.service, &self.plugin, true);
+                }
+                Ok(w.value)
+            }
+            Err(e) => {
+                if e == state::StateError::TooManyKeys {
+                    self.metrics
+                        .plugin_state_full(&self.service, &self.plugin, false);
+                }
+                Err(state_error(e))
+            }
+        }
+    }
+}
+
 fn state_error(e: state::StateError) -> wit_host::StateError {
     match e {
         state::StateError::Conflict(v) => wit_host::StateError::Conflict(v),
@@ -298,7 +333,9 @@ fn state_error(e: state::StateError) -> wit_host::StateError {
     }
 }
 
-fn process_start() -> Instant {
+/// The start of the proxy's monotonic clock (`monotonic-ns`, and shared
+/// state's expiry).
+pub(crate) fn process_start() -> Instant {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *START.get_or_init(Instant::now)
 }
@@ -363,7 +400,7 @@ impl wit_host::Host for HostState {
     fn state_get(&mut self, key: String) -> Option<wit_host::StateEntry> {
         self.scope
             .state
-            .get(&key)
+            .get(&key, state::now())
             .map(|(value, version)| wit_host::StateEntry {
                 value: value.to_vec(),
                 version,
@@ -376,34 +413,77 @@ impl wit_host::Host for HostState {
         value: Vec<u8>,
         expected_version: Option<u64>,
     ) -> Result<u64, wit_host::StateError> {
-        self.scope
+        let options = state::WriteOptions::default();
+        let r = self
+            .scope
             .state
-            .set(&key, &value, expected_version)
-            .map_err(state_error)
+            .set(&key, &value, expected_version, options, state::now());
+        self.scope.written(r)
+    }
+
+    fn state_set_with(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        expected_version: Option<u64>,
+        options: wit_host::WriteOptions,
+    ) -> Result<u64, wit_host::StateError> {
+        let r = self.scope.state.set(
+            &key,
+            &value,
+            expected_version,
+            write_options(options),
+            state::now(),
+        );
+        self.scope.written(r)
     }
 
     fn state_delete(&mut self, key: String) -> bool {
-        self.scope.state.delete(&key)
+        self.scope.state.delete(&key, state::now())
     }
 
-    fn counter_add(&mut self, key: String, delta: i64) -> Result<i64, wit_host::StateError> {
+    fn state_delete_if(&mut self, key: String, version: u64) -> Result<(), wit_host::StateError> {
         self.scope
             .state
-            .counter_add(&key, delta)
+            .delete_if(&key, version, state::now())
             .map_err(state_error)
     }
 
+    fn counter_add(&mut self, key: String, delta: i64) -> Result<i64, wit_host::StateError> {
+        let options = state::WriteOptions::default();
+        let r = self
+            .scope
+            .state
+            .counter_add(&key, delta, options, state::now());
+        self.scope.written(r)
+    }
+
+    fn counter_add_with(
+        &mut self,
+        key: String,
+        delta: i64,
+        options: wit_host::WriteOptions,
+    ) -> Result<i64, wit_host::StateError> {
+        let r = self
+            .scope
+            .state
+            .counter_add(&key, delta, write_options(options), state::now());
+        self.scope.written(r)
+    }
+
     fn counter_get(&mut self, key: String) -> i64 {
-        self.scope.state.counter_get(&key)
+        self.scope.state.counter_get(&key, state::now())
     }
 
     fn counter_hold(&mut self, key: String, delta: i64) -> Result<i64, wit_host::StateError> {
         let Some(req) = self.req.as_mut() else {
             return Err(wit_host::StateError::NoRequest);
         };
-        req.holds
-            .hold(&self.scope.state, &key, delta)
-            .map_err(state_error)
+        let r = req.holds.hold(&self.scope.state, &key, delta);
+        self.scope.written(r.map(|value| state::Written {
+            value,
+            evicted: false,
+        }))
     }
 
     fn counter_hold_within(
@@ -415,9 +495,11 @@ impl wit_host::Host for HostState {
         let Some(req) = self.req.as_mut() else {
             return Err(wit_host::StateError::NoRequest);
         };
-        req.holds
-            .hold_within(&self.scope.state, &key, delta, limit)
-            .map_err(state_error)
+        let r = req.holds.hold_within(&self.scope.state, &key, delta, limit);
+        self.scope.written(r.map(|value| state::Written {
+            value,
+            evicted: false,
+        }))
     }
 
     fn set_reply_flag(&mut self, flag: wit_host::ReplyFlag) {

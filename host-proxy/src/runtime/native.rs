@@ -249,6 +249,17 @@ impl ResponseSource for Host {
     }
 }
 
+fn write_options(o: sdk::WriteOptions) -> wit_host::WriteOptions {
+    wit_host::WriteOptions {
+        ttl_ms: o.ttl_ms,
+        when_full: if o.evict_least_recently_used {
+            wit_host::WhenFull::EvictLeastRecentlyUsed
+        } else {
+            wit_host::WhenFull::Refuse
+        },
+    }
+}
+
 fn state_error(e: wit_host::StateError) -> sdk::StateError {
     match e {
         wit_host::StateError::Conflict(v) => sdk::StateError::Conflict(v),
@@ -295,12 +306,45 @@ impl NativeHost for Host {
         self.with(|s| wit_host::Host::state_set(s, key.to_string(), value.to_vec(), expected))
             .map_err(state_error)
     }
+    fn state_set_with(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        options: sdk::WriteOptions,
+    ) -> Result<u64, sdk::StateError> {
+        self.with(|s| {
+            wit_host::Host::state_set_with(
+                s,
+                key.to_string(),
+                value.to_vec(),
+                expected,
+                write_options(options),
+            )
+        })
+        .map_err(state_error)
+    }
     fn state_delete(&self, key: &str) -> bool {
         self.with(|s| wit_host::Host::state_delete(s, key.to_string()))
+    }
+    fn state_delete_if(&self, key: &str, version: u64) -> Result<(), sdk::StateError> {
+        self.with(|s| wit_host::Host::state_delete_if(s, key.to_string(), version))
+            .map_err(state_error)
     }
     fn counter_add(&self, key: &str, delta: i64) -> Result<i64, sdk::StateError> {
         self.with(|s| wit_host::Host::counter_add(s, key.to_string(), delta))
             .map_err(state_error)
+    }
+    fn counter_add_with(
+        &self,
+        key: &str,
+        delta: i64,
+        options: sdk::WriteOptions,
+    ) -> Result<i64, sdk::StateError> {
+        self.with(|s| {
+            wit_host::Host::counter_add_with(s, key.to_string(), delta, write_options(options))
+        })
+        .map_err(state_error)
     }
     fn counter_get(&self, key: &str) -> i64 {
         self.with(|s| wit_host::Host::counter_get(s, key.to_string()))

@@ -6,8 +6,7 @@ use wasmesh_plugin_sdk::testing::{Harness, TestRequest, TestResponse, attempt, w
 fn setup(endpoints: &[&str]) {
     with_host(|h| {
         h.ejections.clear();
-        h.state.clear();
-        h.counters.clear();
+        h.clear_state();
         h.endpoints.insert(
             String::new(),
             endpoints

@@ -133,15 +133,12 @@ fn a_concurrent_request_taking_the_last_retry_slot_is_not_overshot() {
     h.on_request(&req).unwrap();
     wasmesh_plugin_sdk::testing::with_host(|host| {
         host.before_next_write(|other| {
-            *other.counters.entry(RETRIES.to_string()).or_insert(0) += 1;
+            other.add(RETRIES, 1).unwrap();
         })
     });
     assert_eq!(decide(&h, &req, 1, Outcome::Response(503)), None);
     wasmesh_plugin_sdk::testing::with_host(|host| {
-        assert_eq!(
-            host.counters[RETRIES], 1,
-            "one retry in flight, the other's"
-        );
+        assert_eq!(host.counter(RETRIES), 1, "one retry in flight, the other's");
         assert_eq!(host.metrics["retry_budget_exhausted"], 1);
     });
 }
