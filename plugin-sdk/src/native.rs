@@ -235,7 +235,7 @@ mod tests {
             let n = host::state::counter_hold("in-flight", 1).map_err(|e| e.to_string())?;
             host::log(Level::Info, &format!("now {}", host::now_ms()));
             let v = req.header(&self.0.header).unwrap_or_default();
-            Ok(RequestDecision::proceed().set_request_header("x-echo", &format!("{v}/{n}")))
+            Ok(RequestDecision::proceed().set_request_header("x-echo", format!("{v}/{n}")))
         }
     }
 

@@ -172,14 +172,18 @@ impl RequestDecision {
     }
 
     /// Set a request header.
-    pub fn set_request_header(mut self, name: &str, value: &str) -> Self {
+    pub fn set_request_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.request_headers
             .push(HeaderOp::Set(Header::new(name, value)));
         self
     }
 
     /// Set a response header.
-    pub fn set_response_header(mut self, name: &str, value: &str) -> Self {
+    pub fn set_response_header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Self {
         self.response_headers
             .push(HeaderOp::Set(Header::new(name, value)));
         self

@@ -19,6 +19,7 @@ const PLUGINS: &[(&str, &str, bool)] = &[
     ("retry", "RETRY", true),
     ("circuit-breaker", "CIRCUIT_BREAKER", true),
     ("authz", "AUTHZ", true),
+    ("ratelimit", "RATELIMIT", true),
     ("fixture-looper", "LOOPER", false),
     ("fixture-membomb", "MEMBOMB", false),
     ("fixture-trapper", "TRAPPER", false),

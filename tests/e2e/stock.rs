@@ -633,3 +633,129 @@ async fn the_stock_chain_is_compiled_out_of_process_and_the_proxy_stays_small() 
         "proxy RSS {rss} KiB: is the compiler running in the proxy again?"
     );
 }
+
+fn ratelimited(upstream: &Upstream, config: &str) -> String {
+    format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - source: builtin:ratelimit\n        config: {config}\n",
+        upstream.addr
+    )
+}
+
+/// `n` requests from 4 concurrent clients, each with `x-user: user(i)`:
+/// (status counts, the 429s' `retry-after` values, seconds from the first
+/// send to the last answer).
+async fn burst(
+    proxy: &Proxy,
+    n: usize,
+    user: impl Fn(usize) -> String + Clone + Send + 'static,
+) -> (HashMap<u16, usize>, Vec<String>, f64) {
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let listen = proxy.listen;
+        let user = user.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut codes: HashMap<u16, usize> = HashMap::new();
+            let mut retry_after = Vec::new();
+            for i in (w..n).step_by(4) {
+                let req = http::Request::get(format!("http://{listen}/r"))
+                    .header("host", "reviews")
+                    .header("x-user", user(i))
+                    .body(http_body_util::Full::default())
+                    .unwrap();
+                let r = send(http1(), req).await.unwrap();
+                if r.status == 429 {
+                    retry_after.push(r.header("retry-after").unwrap_or("").to_string());
+                    assert_eq!(r.header("x-wasmesh-flags"), Some("RL"));
+                }
+                *codes.entry(r.status).or_default() += 1;
+            }
+            (codes, retry_after)
+        }));
+    }
+    let mut codes: HashMap<u16, usize> = HashMap::new();
+    let mut retry_after = Vec::new();
+    for t in tasks {
+        let (c, r) = t.await.unwrap();
+        for (k, v) in c {
+            *codes.entry(k).or_default() += v;
+        }
+        retry_after.extend(r);
+    }
+    (codes, retry_after, started.elapsed().as_secs_f64())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ratelimit_lets_a_burst_and_the_rate_through_on_one_worker_or_two() {
+    let up = Upstream::echo("v1").await;
+    let config = r#"{ requestsPerSecond: 10, burst: 20, key: { header: x-user } }"#;
+    for workers in ["1", "2"] {
+        let proxy = Proxy::start_with(&ratelimited(&up, config), &["--workers", workers]).await;
+        // 400 requests, 4 clients, one key: 20 at once, then 10 a second.
+        let (codes, retry_after, elapsed) = burst(&proxy, 400, |_| "shared".into()).await;
+        let ok = codes.get(&200).copied().unwrap_or(0);
+        let most = 20 + (10.0 * elapsed).ceil() as usize + 1;
+        assert!(
+            (20..=most).contains(&ok),
+            "{workers} worker(s): {ok} let through in {elapsed:.2}s (20 to {most}): {codes:?}"
+        );
+        assert_eq!(ok + codes.get(&429).copied().unwrap_or(0), 400, "{codes:?}");
+        assert!(
+            retry_after.iter().all(|r| r == "1"),
+            "every 429 says when to come back: {retry_after:?}"
+        );
+        // Counted: the plugin's own metric, and Istio's RL flag.
+        let limited = 400 - ok;
+        let m = proxy
+            .wait_sample(
+                "wasmesh_plugin_custom_total",
+                &[("plugin", "ratelimit"), ("name", "limited")],
+                limited as f64,
+            )
+            .await;
+        assert_eq!(
+            sample(
+                &m,
+                "istio_requests_total",
+                &[("response_code", "429"), ("response_flags", "RL")]
+            ),
+            Some(limited as f64)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ratelimit_gives_each_of_20000_new_clients_its_burst_and_never_fills_the_scope() {
+    let up = Upstream::echo("v1").await;
+    // A bucket refills in 10 ms and lives that long: keys come and go.
+    let config = r#"{ requestsPerSecond: 100, burst: 1, key: { header: x-user } }"#;
+    let proxy = Proxy::start(&ratelimited(&up, config)).await;
+    let (codes, _, _) = burst(&proxy, 20_000, |i| format!("client-{i}")).await;
+    assert_eq!(codes.get(&200), Some(&20_000), "{codes:?}");
+    let m = proxy.metrics().await;
+    assert!(
+        samples(&m, "wasmesh_plugin_state_full_total", &[]).is_empty(),
+        "the scope never filled:\n{m}"
+    );
+    // The same client again at once: limited.
+    let (codes, _, _) = burst(&proxy, 4, |_| "client-7".into()).await;
+    assert!(codes.get(&429).copied().unwrap_or(0) >= 3, "{codes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ratelimit_keeps_its_buckets_across_a_reload_that_changes_the_rate() {
+    let up = Upstream::echo("v1").await;
+    let proxy = Proxy::start_with(
+        &ratelimited(&up, r#"{ requestsPerSecond: 0.1, burst: 5 }"#),
+        &["--watch"],
+    )
+    .await;
+    let (codes, _, _) = burst(&proxy, 8, |_| String::new()).await;
+    assert_eq!(codes.get(&200), Some(&5), "{codes:?}");
+    let version = proxy.config().await["version"].as_u64().unwrap();
+    proxy.rewrite(&ratelimited(&up, r#"{ requestsPerSecond: 0.2, burst: 5 }"#));
+    proxy.wait_version(version + 1).await;
+    // The bucket is still empty: a new rate is not a new burst.
+    let (codes, _, _) = burst(&proxy, 4, |_| String::new()).await;
+    assert_eq!(codes.get(&429), Some(&4), "{codes:?}");
+}
