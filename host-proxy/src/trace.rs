@@ -328,6 +328,11 @@ struct Headers(Vec<(HeaderName, HeaderValue)>);
 
 impl opentelemetry::propagation::Injector for Headers {
     fn set(&mut self, key: &str, value: String) {
+        // The W3C propagator sets `tracestate` even when it is empty: an
+        // empty list is sent as no header.
+        if value.is_empty() {
+            return;
+        }
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(key.as_bytes()),
             HeaderValue::try_from(value),

@@ -112,10 +112,18 @@ pub fn parse_config<C: DeserializeOwned>(json: &str) -> Result<C, String> {
         let de = &mut serde_json::Deserializer::from_str(json);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
+            // The JSON is the host's rendering of the operator's YAML: its
+            // line and column mean nothing to them. The field path does.
+            let inner = e.inner();
+            let what = inner.to_string();
+            let what = match what.rfind(" at line ") {
+                Some(i) if inner.line() > 0 => what[..i].to_string(),
+                _ => what,
+            };
             if path == "." {
-                format!("config: {}", e.inner())
+                format!("config: {what}")
             } else {
-                format!("config.{path}: {}", e.inner())
+                format!("config.{path}: {what}")
             }
         })
     }

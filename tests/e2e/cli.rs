@@ -68,6 +68,22 @@ fn bad_configuration_exits_2_naming_file_field_and_plugin() {
             "config.mode",
         ],
     );
+    // A plugin's refusal names the operator's file and field first, then
+    // the plugin, then its field in the plugin's terms — with no line and
+    // column of the JSON the proxy made from the YAML.
+    let (out, _dir) = proxy_with(
+        "services:\n  reviews:\n    plugins:\n      - source: builtin:ratelimit\n        config: { requestsPerSecond: fast }\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "mesh.yaml: services.reviews.plugins[0].config: the plugin ratelimit ("
+        ) && err.contains(
+            ", builtin:ratelimit) refused its configuration: config.requestsPerSecond: invalid type: string \"fast\", expected f64\n"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("line 1"), "{err}");
     refused(
         "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        config: { prefixes: [] }\n      - source: builtin:deny-path\n        config: { prefixes: [] }\n",
         &["services.reviews.plugins[1].name", "already in this chain"],

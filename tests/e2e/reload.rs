@@ -219,18 +219,17 @@ async fn a_refused_reload_keeps_serving_and_shows_in_config() {
     let cfg = wait_error().await;
     let err = &cfg["last_error"];
     assert_eq!(err["path"], "services.reviews.plugins[0].source", "{cfg}");
-    assert!(
-        err["source"]
-            .as_str()
-            .unwrap()
-            .starts_with("plugin tagger ("),
+    // Named against the operator's file; the plugin in the reason.
+    assert_eq!(
+        err["source"],
+        proxy.config_path().display().to_string(),
         "{cfg}"
     );
+    let reason = err["reason"].as_str().unwrap();
     assert!(
-        err["reason"]
-            .as_str()
-            .unwrap()
-            .contains("not a valid WebAssembly component"),
+        reason.starts_with("the plugin tagger (")
+            && reason.contains("plugin.wasm) cannot be loaded")
+            && reason.contains("not a valid WebAssembly component"),
         "{cfg}"
     );
     assert_eq!(via(&proxy, "reviews", "/").await.header("x-v"), Some("3"));

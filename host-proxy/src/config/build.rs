@@ -551,16 +551,19 @@ impl ChainCtx<'_> {
         {
             return Ok(prev.clone());
         }
-        let plugin_error = |path: String, reason: String| BuildError {
-            source: format!("plugin {name} ({}) from {}", &sha256[..12], source.origin),
-            path,
-            reason,
+        // Named against the operator's file and field; the plugin, its
+        // version and where it came from in the reason.
+        let label = format!("{name} ({}, {})", &sha256[..12], source.origin);
+        let plugin_error = |path: String, reason: String| {
+            field_err(self.origin, path, format!("the plugin {label} {reason}"))
         };
         let component = self
             .builder
             .runtime
             .load_within(&source.bytes, self.compile_timeout)
-            .map_err(|e| plugin_error(format!("{path}.source"), e.to_string()))?;
+            .map_err(|e| {
+                plugin_error(format!("{path}.source"), format!("cannot be loaded: {e}"))
+            })?;
         let scope = Arc::new(PluginScope {
             service: service.into(),
             plugin: name.into(),
@@ -600,11 +603,11 @@ impl ChainCtx<'_> {
 /// Why a plugin could not be configured, for the operator.
 fn refusal(e: PluginFailure) -> String {
     match e {
-        PluginFailure::Error(e) => format!("the plugin refused its configuration: {e}"),
+        PluginFailure::Error(e) => format!("refused its configuration: {e}"),
         PluginFailure::Memory(cap) => format!(
-            "the plugin needs more memory than runtime.memory-limit ({cap} bytes) to start; raise runtime.memory-limit or make the plugin smaller"
+            "needs more memory than runtime.memory-limit ({cap} bytes) to start; raise runtime.memory-limit or make the plugin smaller"
         ),
-        other => format!("the plugin failed while being configured: {other}"),
+        other => format!("failed while being configured: {other}"),
     }
 }
 
