@@ -27,7 +27,8 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::HeaderExtractor;
@@ -60,6 +61,8 @@ pub struct TraceOptions {
 pub struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    /// The share of new traces recorded.
+    sampling: f64,
     w3c: TraceContextPropagator,
     b3_in: B3,
     b3_single: B3,
@@ -79,8 +82,22 @@ enum B3Format {
 /// One request's trace: its server span, and what goes upstream.
 pub struct RequestTrace {
     tracing: Arc<Tracing>,
-    cx: Context,
+    kind: Kind,
     b3: B3Format,
+}
+
+/// A recorded request, or one that is not: most requests (99% at the
+/// default sampling) are not, and cost no SDK span, only ids to pass on.
+enum Kind {
+    /// Sampled: its server span, in the SDK.
+    Sampled(Context),
+    /// Not sampled: the trace it belongs to and the id of its (unrecorded)
+    /// span, passed upstream as the parent with the sampled flag off.
+    Unsampled {
+        trace_id: TraceId,
+        span_id: SpanId,
+        state: TraceState,
+    },
 }
 
 /// An upstream attempt's client span (none when the request is not
@@ -125,9 +142,9 @@ impl Tracing {
                     .with_batch_config(batch)
                     .build(),
             )
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                opts.sampling,
-            ))))
+            // New traces are sampled (at `sampling`) before the SDK sees
+            // them: it is asked only for spans that record.
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_service_name(opts.service.clone())
@@ -138,6 +155,7 @@ impl Tracing {
         Ok(Arc::new(Self {
             provider,
             tracer,
+            sampling: opts.sampling,
             w3c: TraceContextPropagator::new(),
             b3_in: B3::with_encoding(B3Encoding::SingleAndMultiHeader),
             b3_single: B3::with_encoding(B3Encoding::SingleHeader),
@@ -175,19 +193,42 @@ impl Tracing {
         } else {
             (Context::new(), B3Format::None)
         };
+        let parent_span = parent.span();
+        let remote = parent_span.span_context();
+        let sampled = if remote.is_valid() {
+            remote.is_sampled()
+        } else {
+            self.sampling >= 1.0 || fastrand::f64() < self.sampling
+        };
+        if !sampled {
+            let trace_id = if remote.is_valid() {
+                remote.trace_id()
+            } else {
+                TraceId::from_bytes(fastrand::u128(1..).to_be_bytes())
+            };
+            let kind = Kind::Unsampled {
+                trace_id,
+                span_id: SpanId::from_bytes(fastrand::u64(1..).to_be_bytes()),
+                state: remote.trace_state().clone(),
+            };
+            return RequestTrace {
+                tracing: self.clone(),
+                kind,
+                b3,
+            };
+        }
+        drop(parent_span);
         let mut span = self
             .tracer
             .span_builder("request")
             .with_kind(SpanKind::Server)
             .start_with_context(&self.tracer, &parent);
-        if span.is_recording() {
-            let (name, attributes) = describe();
-            span.update_name(name);
-            span.set_attributes(attributes);
-        }
+        let (name, attributes) = describe();
+        span.update_name(name);
+        span.set_attributes(attributes);
         RequestTrace {
             tracing: self.clone(),
-            cx: parent.with_span(span),
+            kind: Kind::Sampled(parent.with_span(span)),
             b3,
         }
     }
@@ -196,56 +237,94 @@ impl Tracing {
 impl RequestTrace {
     /// Whether this request is sampled (its spans are recorded).
     pub fn sampled(&self) -> bool {
-        self.cx.span().span_context().is_sampled()
+        matches!(self.kind, Kind::Sampled(_))
     }
 
     /// The trace id, as 32 hex digits.
     pub fn trace_id(&self) -> String {
-        self.cx.span().span_context().trace_id().to_string()
+        match &self.kind {
+            Kind::Sampled(cx) => cx.span().span_context().trace_id().to_string(),
+            Kind::Unsampled { trace_id, .. } => trace_id.to_string(),
+        }
     }
 
     /// Start an upstream attempt's client span; `describe` (its name and
     /// attributes) is called only when it is sampled.
     pub fn attempt(&self, describe: impl FnOnce() -> (String, Vec<KeyValue>)) -> AttemptSpan {
-        if !self.sampled() {
+        let Kind::Sampled(cx) = &self.kind else {
             // Nothing records it: no span, no ids, no strings.
             return AttemptSpan { cx: None };
-        }
+        };
         let t = &self.tracing.tracer;
         let mut span = t
             .span_builder("attempt")
             .with_kind(SpanKind::Client)
-            .start_with_context(t, &self.cx);
+            .start_with_context(t, cx);
         if span.is_recording() {
             let (name, attributes) = describe();
             span.update_name(name);
             span.set_attributes(attributes);
         }
         AttemptSpan {
-            cx: Some(self.cx.with_span(span)),
+            cx: Some(cx.with_span(span)),
         }
     }
 
     /// The headers that carry `attempt`'s context upstream: W3C, and B3 in
     /// the format the request came with.
     pub fn headers(&self, attempt: &AttemptSpan) -> Vec<(HeaderName, HeaderValue)> {
-        let mut h = Headers(Vec::with_capacity(1));
-        let t = &self.tracing;
-        let cx = attempt.cx.as_ref().unwrap_or(&self.cx);
-        t.w3c.inject_context(cx, &mut h);
-        match self.b3 {
-            B3Format::None => {}
-            B3Format::Single => t.b3_single.inject_context(cx, &mut h),
-            B3Format::Multi => t.b3_multi.inject_context(cx, &mut h),
+        let recorded = attempt.cx.as_ref().or(match &self.kind {
+            Kind::Sampled(cx) => Some(cx),
+            Kind::Unsampled { .. } => None,
+        });
+        let owned;
+        let sc = match (recorded, &self.kind) {
+            (Some(cx), _) => {
+                owned = cx.span().span_context().clone();
+                &owned
+            }
+            (
+                None,
+                Kind::Unsampled {
+                    trace_id,
+                    span_id,
+                    state,
+                },
+            ) => {
+                owned = SpanContext::new(
+                    *trace_id,
+                    *span_id,
+                    TraceFlags::default(),
+                    true,
+                    state.clone(),
+                );
+                &owned
+            }
+            (None, Kind::Sampled(_)) => unreachable!("a sampled request has its context"),
+        };
+        let mut h = Headers(Vec::with_capacity(2));
+        h.0.push((TRACEPARENT, traceparent(sc)));
+        if !sc.trace_state().header().is_empty()
+            && let Ok(v) = HeaderValue::try_from(sc.trace_state().header())
+        {
+            h.0.push((TRACESTATE, v));
+        }
+        if self.b3 != B3Format::None {
+            let cx = Context::new().with_remote_span_context(sc.clone());
+            let t = &self.tracing;
+            match self.b3 {
+                B3Format::Single => t.b3_single.inject_context(&cx, &mut h),
+                _ => t.b3_multi.inject_context(&cx, &mut h),
+            }
         }
         h.0
     }
 
     /// Start a plugin hook call's span.
     pub fn hook(&self, plugin: &str, version: &str, hook: &'static str) -> HookSpan {
-        if !self.sampled() {
+        let Kind::Sampled(cx) = &self.kind else {
             return HookSpan { cx: None };
-        }
+        };
         let t = &self.tracing.tracer;
         let span = t
             .span_builder(format!("{plugin} {hook}"))
@@ -255,18 +334,18 @@ impl RequestTrace {
                 KeyValue::new("wasmesh.plugin.version", version.to_string()),
                 KeyValue::new("wasmesh.plugin.hook", hook),
             ])
-            .start_with_context(t, &self.cx);
+            .start_with_context(t, cx);
         HookSpan {
-            cx: Some(self.cx.with_span(span)),
+            cx: Some(cx.with_span(span)),
         }
     }
 
     /// End the server span with the response's status and flag.
     pub fn end(&self, status: u16, flag: &'static str, attributes: Vec<KeyValue>) {
-        let span = self.cx.span();
-        if !span.is_recording() {
+        let Kind::Sampled(cx) = &self.kind else {
             return;
-        }
+        };
+        let span = cx.span();
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
@@ -320,6 +399,28 @@ impl HookSpan {
         }
         span.end_with_timestamp(SystemTime::now());
     }
+}
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// `traceparent` for `sc`, written straight into its 55 bytes (W3C
+/// version 00): no formatter, no string.
+fn traceparent(sc: &SpanContext) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    /// Hex digits of `bytes` into `out` from `at`.
+    fn put(out: &mut [u8; 55], at: usize, bytes: &[u8]) {
+        for (i, b) in bytes.iter().enumerate() {
+            out[at + 2 * i] = HEX[usize::from(b >> 4)];
+            out[at + 2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+    }
+    let mut out = [b'-'; 55];
+    put(&mut out, 0, &[0]);
+    put(&mut out, 3, &sc.trace_id().to_bytes());
+    put(&mut out, 36, &sc.span_id().to_bytes());
+    put(&mut out, 53, &[sc.trace_flags().to_u8()]);
+    HeaderValue::from_bytes(&out).expect("hex digits and dashes are a header value")
 }
 
 /// Trace headers for the upstream request, collected as they are
@@ -383,5 +484,40 @@ impl SpanExporter for Counted {
 
     fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_what_the_w3c_propagator_writes() {
+        for flags in [TraceFlags::SAMPLED, TraceFlags::default()] {
+            let sc = SpanContext::new(
+                TraceId::from_bytes(
+                    *b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36",
+                ),
+                SpanId::from_bytes(*b"\x00\xf0\x67\xaa\x0b\xa9\x02\xb7"),
+                flags,
+                true,
+                TraceState::default(),
+            );
+            let cx = Context::new().with_remote_span_context(sc.clone());
+            let mut h = Headers(Vec::new());
+            TraceContextPropagator::new().inject_context(&cx, &mut h);
+            assert_eq!(h.0[0].1, traceparent(&sc));
+        }
+        let sc = SpanContext::new(
+            TraceId::from_bytes([0xab; 16]),
+            SpanId::from_bytes([1; 8]),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        assert_eq!(
+            traceparent(&sc),
+            "00-abababababababababababababababab-0101010101010101-01"
+        );
     }
 }

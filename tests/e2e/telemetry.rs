@@ -561,6 +561,51 @@ services:
         .unwrap();
     assert_eq!(hex(&root.trace_id), tid);
 
+    // One that arrives not sampled stays so: its trace id goes on with the
+    // sampled flag off and this proxy's span id as the parent, and nothing
+    // is recorded. (A sampled request after it is exported in a later
+    // batch or the same one: once its spans are in, the unsampled one's
+    // would be too.)
+    let quiet = "0af7651916cd43dd8448eb211c80319c";
+    let req = http::Request::get(format!("http://{}/quiet", front.listen))
+        .header("host", "reviews")
+        .header("traceparent", format!("00-{quiet}-b7ad6b7169203331-00"))
+        .body(Full::default())
+        .unwrap();
+    let r = send(http1(), req).await.unwrap();
+    let tp = r.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        tp.starts_with(&format!("00-{quiet}-")) && tp.ends_with("-00") && tp.len() == 55,
+        "{tp}"
+    );
+    assert!(!tp.contains("b7ad6b7169203331"), "a new parent id: {tp}");
+    assert!(
+        r.json()["headers"]["tracestate"].is_null(),
+        "no empty tracestate"
+    );
+    let marker = "11111111111111111111111111111111";
+    let req = http::Request::get(format!("http://{}/marker", front.listen))
+        .header("host", "reviews")
+        .header("traceparent", format!("00-{marker}-1111111111111111-01"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(http1(), req).await.unwrap().status, 200);
+    let spans = receiver
+        .wait_for(|s| {
+            s.iter()
+                .filter(|x| hex(&x.trace_id) == marker && x.kind == SERVER)
+                .count()
+                == 2
+        })
+        .await;
+    assert!(
+        spans.iter().all(|x| hex(&x.trace_id) != quiet),
+        "an unsampled request was recorded"
+    );
+
     // B3, single header and multi header, the same; the app gets it back in
     // the format it came in.
     let b3_tid = "80f198ee56343ba864fe8b2a57d3eff7";
