@@ -217,7 +217,6 @@ impl Tracing {
                 b3,
             };
         }
-        drop(parent_span);
         let mut span = self
             .tracer
             .span_builder("request")
