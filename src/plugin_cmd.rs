@@ -90,29 +90,47 @@ codegen-units = 1
     std::fs::write(
         dir.join("src/lib.rs"),
         format!(
-            r##"//! {name}: a wasmesh plugin. It adds a response header to every request;
-//! change it to decide what your mesh needs.
+            r##"//! {name}: a wasmesh plugin. It counts each client's requests in the
+//! proxy's shared state — every worker and every new version of the plugin
+//! see the same counts — and answers with the count (`x-visits`) and a
+//! greeting (`x-hello`). Change it to decide what your mesh needs.
 
-use serde::Deserialize;
-use wasmesh_plugin_sdk::{{Plugin, Request, RequestDecision, export}};
+use serde::{{Deserialize, Serialize}};
+use wasmesh_plugin_sdk::host::state;
+use wasmesh_plugin_sdk::{{Plugin, Request, RequestDecision, WriteOptions, export}};
 
 /// The configuration an operator gives in the mesh file (`config:`).
 #[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {{
     /// The value of the `x-hello` response header.
     pub greeting: String,
+    /// How long a client's count is kept after its last request.
+    pub forget_after_seconds: u64,
 }}
 
 impl Default for Config {{
     fn default() -> Self {{
-        Self {{ greeting: "hello from {name}".into() }}
+        Self {{
+            greeting: "hello from {name}".into(),
+            forget_after_seconds: 60,
+        }}
     }}
+}}
+
+/// What is kept per client in shared state (as JSON).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Visits {{
+    /// Requests seen.
+    pub count: u64,
 }}
 
 /// The plugin.
 pub struct {ident} {{
     greeting: String,
+    /// Each count expires this long after its last write: clients that
+    /// come and go never fill the scope's 10,000 keys.
+    keep: WriteOptions,
 }}
 
 impl Plugin for {ident} {{
@@ -122,11 +140,26 @@ impl Plugin for {ident} {{
         if config.greeting.is_empty() {{
             return Err("config.greeting: must not be empty".into());
         }}
-        Ok(Self {{ greeting: config.greeting }})
+        if config.forget_after_seconds == 0 {{
+            return Err("config.forgetAfterSeconds: must be at least 1".into());
+        }}
+        Ok(Self {{
+            greeting: config.greeting,
+            keep: WriteOptions::ttl_ms(config.forget_after_seconds * 1000).evicting(),
+        }})
     }}
 
-    fn on_request(&self, _req: &Request<'_>) -> Result<RequestDecision, String> {{
-        Ok(RequestDecision::proceed().set_response_header("x-hello", &self.greeting))
+    fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {{
+        let client = req.source().ip().map_or_else(|| "unknown".into(), |ip| ip.to_string());
+        // Read the count, add one, write it back unless another instance
+        // wrote in between (then read again): no visit is lost.
+        let (visits, ()) = state::update(&format!("visits:{{client}}"), self.keep, |old: Option<Visits>| {{
+            (Visits {{ count: old.map_or(0, |v| v.count) + 1 }}, ())
+        }})
+        .map_err(|e| e.to_string())?;
+        Ok(RequestDecision::proceed()
+            .set_response_header("x-hello", self.greeting.as_str())
+            .set_response_header("x-visits", visits.count.to_string()))
     }}
 }}
 
@@ -138,11 +171,46 @@ mod tests {{
     use wasmesh_plugin_sdk::HeaderOp;
     use wasmesh_plugin_sdk::testing::{{Harness, TestRequest}};
 
+    fn header(d: &RequestDecision, name: &str) -> String {{
+        d.response_headers
+            .iter()
+            .find_map(|op| match op {{
+                HeaderOp::Set(h) if h.name == name => Some(h.value.clone()),
+                _ => None,
+            }})
+            .unwrap_or_default()
+    }}
+
     #[test]
-    fn greets() {{
+    fn greets_and_counts_each_clients_visits() {{
         let h = Harness::<{ident}>::new(r#"{{"greeting":"hi"}}"#).unwrap();
         let d = h.on_request(&TestRequest::get("/")).unwrap();
-        assert!(matches!(&d.response_headers[0], HeaderOp::Set(x) if x.name == "x-hello" && x.value == "hi"));
+        assert_eq!(header(&d, "x-hello"), "hi");
+        assert_eq!(header(&d, "x-visits"), "1");
+        let d = h.on_request(&TestRequest::get("/")).unwrap();
+        assert_eq!(header(&d, "x-visits"), "2");
+    }}
+
+    #[test]
+    fn forgets_a_client_after_a_while() {{
+        let h = Harness::<{ident}>::new(r#"{{"forgetAfterSeconds":10}}"#).unwrap();
+        h.on_request(&TestRequest::get("/")).unwrap();
+        h.advance(10_000);
+        let d = h.on_request(&TestRequest::get("/")).unwrap();
+        assert_eq!(header(&d, "x-visits"), "1");
+    }}
+
+    #[test]
+    fn loses_no_visit_when_another_instance_writes_in_between() {{
+        let h = Harness::<{ident}>::new("null").unwrap();
+        h.on_request(&TestRequest::get("/")).unwrap();
+        // Another worker counts 9 more visits between this request's read
+        // and its write: the write loses, reads again, counts the 11th.
+        h.before_next_write(|other| {{
+            other.set("visits:127.0.0.1", br#"{{"count":10}}"#).unwrap();
+        }});
+        let d = h.on_request(&TestRequest::get("/")).unwrap();
+        assert_eq!(header(&d, "x-visits"), "11");
     }}
 
     #[test]

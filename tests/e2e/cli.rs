@@ -238,13 +238,18 @@ fn plugin_new_then_test_then_build_works_outside_the_repository() {
     let crate_dir = dir.path().join("hello");
     let test = run(&["cargo", "test"], &crate_dir);
     let text = String::from_utf8_lossy(&test.stdout);
-    assert!(text.contains("test result: ok. 2 passed"), "{text}");
-    let out = run(&[WASMESH, "plugin", "build"], &crate_dir);
+    assert!(text.contains("test result: ok. 4 passed"), "{text}");
+    let out = run(
+        &[WASMESH, "plugin", "build", "-o", "hello.wasm"],
+        &crate_dir,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "exactly one line on stdout: {stdout:?}");
     let (path, sha) = lines[0].split_once(' ').unwrap();
-    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(path, "hello.wasm");
+    let path = crate_dir.join(path);
+    let bytes = std::fs::read(&path).unwrap();
     assert_eq!(sha, wasmesh_proxy::runtime::Runtime::sha256(&bytes));
 
     // And the proxy runs it.
