@@ -9,6 +9,7 @@
 
 mod control_cmd;
 mod plugin_cmd;
+mod sdk_files;
 mod top_cmd;
 mod validator;
 

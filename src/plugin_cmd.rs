@@ -5,9 +5,6 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, bail};
 
-/// Where the SDK this binary was built with lives (new plugins depend on it
-/// by path until the SDK is published).
-const SDK_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/plugin-sdk");
 const TARGET: &str = "wasm32-wasip2";
 
 fn fail(code: u8, e: anyhow::Error) -> ExitCode {
@@ -45,9 +42,10 @@ fn create(name: &str) -> anyhow::Result<PathBuf> {
     if dir.exists() {
         bail!("./{name} already exists; choose another name or remove it");
     }
-    if !Path::new(SDK_DIR).join("Cargo.toml").exists() {
-        bail!("the wasmesh SDK is not at {SDK_DIR} any more; rebuild wasmesh from its repository");
-    }
+    // The SDK this binary carries, written under the user's data
+    // directory (once per SDK version).
+    let sdk = crate::sdk_files::install()?;
+    let sdk_dir = sdk.display().to_string().replace('\\', "/");
     let ident: String = name
         .split(['-', '_'])
         .map(|w| {
@@ -71,7 +69,7 @@ publish = false
 crate-type = ["cdylib", "rlib"]
 
 [dependencies]
-wasmesh-plugin-sdk = {{ path = "{SDK_DIR}" }}
+wasmesh-plugin-sdk = {{ path = "{sdk_dir}" }}
 serde = {{ version = "1", features = ["derive"] }}
 
 # Small components: `wasmesh plugin build` builds in release.

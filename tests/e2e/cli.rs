@@ -219,11 +219,16 @@ fn plugin_new_then_test_then_build_works_outside_the_repository() {
     let dir = tempfile::tempdir().unwrap();
     // Share one target directory across runs so this stays an incremental build.
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/plugin-new-test");
+    // The SDK `plugin new` writes out of the binary, as for an installed
+    // wasmesh: kept beside the target directory (its name changes with its
+    // contents).
+    let data = target.join("data");
     let run = |args: &[&str], cwd: &std::path::Path| {
         let out = Command::new(args[0])
             .args(&args[1..])
             .current_dir(cwd)
             .env("CARGO_TARGET_DIR", &target)
+            .env("XDG_DATA_HOME", &data)
             .output()
             .unwrap();
         assert!(
@@ -236,6 +241,12 @@ fn plugin_new_then_test_then_build_works_outside_the_repository() {
     };
     run(&[WASMESH, "plugin", "new", "hello"], dir.path());
     let crate_dir = dir.path().join("hello");
+    let manifest = std::fs::read_to_string(crate_dir.join("Cargo.toml")).unwrap();
+    let sdk = data.join("wasmesh/sdk");
+    assert!(
+        manifest.contains(&format!("path = \"{}", sdk.display())),
+        "the crate depends on the SDK the binary wrote out, not on the repository:\n{manifest}"
+    );
     let test = run(&["cargo", "test"], &crate_dir);
     let text = String::from_utf8_lossy(&test.stdout);
     assert!(text.contains("test result: ok. 4 passed"), "{text}");
