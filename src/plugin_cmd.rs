@@ -118,7 +118,7 @@ impl Default for Config {{
 
 /// What is kept per client in shared state (as JSON).
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Visits {{
+pub struct {ident}State {{
     /// Requests seen.
     pub count: u64,
 }}
@@ -151,8 +151,8 @@ impl Plugin for {ident} {{
         let client = req.source().ip().map_or_else(|| "unknown".into(), |ip| ip.to_string());
         // Read the count, add one, write it back unless another instance
         // wrote in between (then read again): no visit is lost.
-        let (visits, ()) = state::update(&format!("visits:{{client}}"), self.keep, |old: Option<Visits>| {{
-            (Visits {{ count: old.map_or(0, |v| v.count) + 1 }}, ())
+        let (visits, ()) = state::update(&format!("visits:{{client}}"), self.keep, |old: Option<{ident}State>| {{
+            ({ident}State {{ count: old.map_or(0, |v| v.count) + 1 }}, ())
         }})
         .map_err(|e| e.to_string())?;
         Ok(RequestDecision::proceed()

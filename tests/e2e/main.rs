@@ -5,6 +5,7 @@
 mod cli;
 mod control;
 mod grpc;
+mod guide;
 mod hardening;
 mod http;
 mod layers;
