@@ -158,6 +158,11 @@ enum Command {
         /// it).
         #[arg(long, default_value = "24h", value_parser = parse_cert_ttl)]
         cert_ttl: Duration,
+        /// Another name proxies reach the TLS listener at (a DNS name or an
+        /// IP), added to control's certificate beside localhost and
+        /// 127.0.0.1; repeatable. In Kubernetes: the Service's names.
+        #[arg(long = "tls-san", value_name = "NAME|IP")]
+        tls_san: Vec<String>,
     },
     /// Join tokens: how a new proxy proves the service it stands beside.
     Token {
@@ -481,6 +486,7 @@ fn main() -> ExitCode {
             ca_key,
             ca_root,
             cert_ttl,
+            tls_san,
         } => control(wasmesh_control::Options {
             listen,
             admin,
@@ -498,8 +504,17 @@ fn main() -> ExitCode {
                     _ => None,
                 },
                 cert_ttl,
-                server_names: vec!["localhost".into()],
-                server_ips: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+                server_names: std::iter::once("localhost".to_string())
+                    .chain(
+                        tls_san
+                            .iter()
+                            .filter(|s| s.parse::<std::net::IpAddr>().is_err())
+                            .cloned(),
+                    )
+                    .collect(),
+                server_ips: std::iter::once(std::net::Ipv4Addr::LOCALHOST.into())
+                    .chain(tls_san.iter().filter_map(|s| s.parse().ok()))
+                    .collect(),
             },
         }),
         Command::Token {

@@ -336,6 +336,10 @@ impl Proxy {
             // Flushing blocks on the export: off the runtime's threads.
             let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
         }
+        if let Some(log) = &shared.access_log {
+            let log = log.clone();
+            let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        }
         Ok(())
     }
 }

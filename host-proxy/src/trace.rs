@@ -10,9 +10,10 @@
 //! hook call carrying the plugin's name, version, hook and decision.
 //! Sampling is parent-based: a request that arrives sampled (or not) stays
 //! so; a new trace is sampled at `--trace-sampling` (a ratio). Spans are
-//! exported in batches from a bounded queue: a dead or slow collector
-//! costs dropped spans, counted in `wasmesh_trace_spans_dropped_total`,
-//! never requests or memory.
+//! exported in batches, at most [`MAX_QUEUE`] queued or in flight
+//! (`wasmesh_trace_spans_queued`): a dead or slow collector costs dropped
+//! spans, every one counted in `wasmesh_trace_spans_dropped_total`, never
+//! requests or memory.
 //!
 //! Without `--otlp-endpoint` nothing here runs: trace headers pass through
 //! untouched.
@@ -38,7 +39,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
-    SpanExporter,
+    SpanExporter, SpanProcessor,
 };
 
 use crate::metrics::Metrics;
@@ -130,18 +131,22 @@ impl Tracing {
             .map_err(|e| anyhow::anyhow!("--otlp-endpoint {}: {e}", opts.endpoint))?;
         let exporter = Counted {
             inner: otlp,
-            metrics,
+            metrics: metrics.clone(),
         };
+        // The bound is ours (`Bounded`, counting what it drops); the SDK's
+        // queue is sized past it so that it never drops silently.
         let batch = BatchConfigBuilder::default()
-            .with_max_queue_size(MAX_QUEUE)
+            .with_max_queue_size(MAX_QUEUE + 64)
             .with_scheduled_delay(Duration::from_millis(500))
             .build();
+        let processor = Bounded {
+            inner: BatchSpanProcessor::builder(exporter)
+                .with_batch_config(batch)
+                .build(),
+            metrics: metrics.clone(),
+        };
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(
-                BatchSpanProcessor::builder(exporter)
-                    .with_batch_config(batch)
-                    .build(),
-            )
+            .with_span_processor(processor)
             // New traces are sampled (at `sampling`) before the SDK sees
             // them: it is asked only for spans that record.
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
@@ -457,9 +462,64 @@ impl std::fmt::Debug for Counted {
     }
 }
 
+/// Lets `n` spans go from the queued gauge when dropped: when their export
+/// ends, whatever way it ends (even abandoned).
+struct Release<'a>(&'a Metrics, i64);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.trace_spans.queued.dec_by(self.1);
+    }
+}
+
+/// The batch processor behind a bound: a finished span is admitted only
+/// while fewer than [`MAX_QUEUE`] are queued or being exported; past it,
+/// it is dropped here and counted.
+struct Bounded {
+    inner: BatchSpanProcessor,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Bounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bounded")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl SpanProcessor for Bounded {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        let spans = &self.metrics.trace_spans;
+        if spans.queued.inc() >= MAX_QUEUE as i64 {
+            spans.queued.dec();
+            spans.dropped.inc();
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 impl SpanExporter for Counted {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let n = batch.len() as u64;
+        let _release = Release(&self.metrics, n as i64);
         let r = self.inner.export(batch).await;
         match &r {
             Ok(()) => {

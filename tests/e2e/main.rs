@@ -4,6 +4,7 @@
 
 mod cli;
 mod control;
+mod deploy;
 mod grpc;
 mod guide;
 mod hardening;

@@ -1016,3 +1016,64 @@ async fn control_takes_a_proxys_service_from_its_certificate_not_from_what_it_sa
         "{e:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_join_control_at_a_name_given_with_tls_san() {
+    use std::io::Write as _;
+    // Control's TLS listener on another loopback address, named in its
+    // certificate with --tls-san (as a Kubernetes Service's name would be).
+    let data = tempfile::tempdir().unwrap();
+    let port = |ip: &str| -> SocketAddr { format!("{ip}:{}", free_port()).parse().unwrap() };
+    let control = Control::start_with(
+        &data.path().join("control"),
+        [port("127.0.0.1"), port("127.0.0.2"), port("127.0.0.1")],
+        &[
+            "--tls-san",
+            "127.0.0.2",
+            "--tls-san",
+            "wasmesh-control.example",
+        ],
+    )
+    .await;
+    control.apply("services:\n  frontend: {}\n");
+    let token = control.token("frontend", &[]);
+    let proxy = Proxy::start_mesh(&control, "frontend", &token, &[]).await;
+    control.wait_proxies(1).await;
+    let status = control.proxies();
+    assert_eq!(status[0]["identity"], spiffe("frontend"), "{status:?}");
+    drop(proxy);
+    // The certificate names what --tls-san gave, beside the defaults.
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &control.tls.to_string(),
+            "-showcerts",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let pem = String::from_utf8_lossy(&out.stdout);
+    let first = &pem[pem.find("-----BEGIN CERTIFICATE-----").unwrap()..];
+    let first = &first[..first.find("-----END CERTIFICATE-----").unwrap() + 25];
+    let mut text = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    text.stdin
+        .take()
+        .unwrap()
+        .write_all(first.as_bytes())
+        .unwrap();
+    let sans = String::from_utf8_lossy(&text.wait_with_output().unwrap().stdout).into_owned();
+    for name in [
+        "DNS:localhost",
+        "DNS:wasmesh-control.example",
+        "IP Address:127.0.0.1",
+        "IP Address:127.0.0.2",
+    ] {
+        assert!(sans.contains(name), "{name} missing: {sans}");
+    }
+}

@@ -847,3 +847,99 @@ async fn top_shows_who_calls_whom_with_the_split_by_subset() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--window") && err.contains("60s"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_never_answers_bounds_the_queue_and_every_span_is_counted() {
+    // Accepts connections and never answers: every export hangs until its
+    // timeout.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = format!("http://{}", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let app = Upstream::echo("app").await;
+    let proxy = Proxy::start_with(
+        &format!(
+            "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n",
+            app.addr
+        ),
+        &["--otlp-endpoint", &collector, "--trace-sampling", "1"],
+    )
+    .await;
+    // 3,000 requests, each a server and a client span: 6,000 spans, past
+    // the 4,096 the proxy holds for export.
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let listen = proxy.listen;
+        tasks.push(tokio::spawn(async move {
+            for i in (w..3000).step_by(4) {
+                let req = http::Request::get(format!("http://{listen}/{i}"))
+                    .header("host", "reviews")
+                    .body(Full::default())
+                    .unwrap();
+                assert_eq!(send(http1(), req).await.unwrap().status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every span is exported, dropped or still held — and at most 4,096
+    // are held, so at least 1,904 were dropped, each counted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let m = proxy.metrics().await;
+        let get = |name: &str| sample(&m, name, &[]).unwrap();
+        let (exported, dropped, queued) = (
+            get("wasmesh_trace_spans_exported_total"),
+            get("wasmesh_trace_spans_dropped_total"),
+            get("wasmesh_trace_spans_queued"),
+        );
+        assert!(queued <= 4096.0, "{queued} held:\n{m}");
+        assert_eq!(exported, 0.0);
+        if exported + dropped + queued == 6000.0 {
+            assert!(dropped >= 1904.0, "{dropped}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spans unaccounted for: {exported} + {dropped} + {queued} != 6000\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_is_written_out_at_shutdown() {
+    let app = Upstream::echo("app").await;
+    let logs = tempfile::tempdir().unwrap();
+    let access = logs.path().join("access.log");
+    let mut proxy = Proxy::start_with(
+        &format!(
+            "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n",
+            app.addr
+        ),
+        &["--access-log", access.to_str().unwrap()],
+    )
+    .await;
+    for i in 0..5 {
+        assert_eq!(via(&proxy, "reviews", &format!("/{i}")).await.status, 200);
+    }
+    // Straight to shutdown: what the writer had not written yet is written
+    // before the proxy exits.
+    proxy.sigterm();
+    assert!(proxy.wait_exit().success());
+    let text = std::fs::read_to_string(&access).unwrap();
+    let paths: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        ["\"/0\"", "\"/1\"", "\"/2\"", "\"/3\"", "\"/4\""],
+        "{text}"
+    );
+}

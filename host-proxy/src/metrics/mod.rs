@@ -84,8 +84,11 @@ pub struct Metrics {
 pub struct TraceSpans {
     /// Exported to the collector.
     pub exported: Counter,
-    /// Dropped: the collector failed them (or was not there).
+    /// Dropped: the collector failed them (or was not there), or more
+    /// than the export queue's bound were waiting.
     pub dropped: Counter,
+    /// Waiting for export or being exported now.
+    pub queued: Gauge,
 }
 
 /// Registers metrics and hands them back.
@@ -215,8 +218,13 @@ impl Metrics {
             self.access_log_dropped.clone(),
         );
         self.registry.register(
+            "wasmesh_trace_spans_queued",
+            "Trace spans waiting for export or being exported (at most 4,096)",
+            self.trace_spans.queued.clone(),
+        );
+        self.registry.register(
             "wasmesh_trace_spans_dropped",
-            "Trace spans dropped because the OTLP collector failed them or could not be reached",
+            "Trace spans dropped because the OTLP collector failed them or could not be reached, or because 4,096 were already waiting",
             self.trace_spans.dropped.clone(),
         );
         self
