@@ -101,8 +101,108 @@ struct Slot<T> {
     version: u64,
     /// When it expires, ms (the caller's clock).
     expires: Option<u64>,
-    /// Its place in the recency order.
-    used: u64,
+    /// Its node in the recency list.
+    node: u32,
+}
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug)]
+struct Node {
+    prev: u32,
+    next: u32,
+    kind: Kind,
+    key: Arc<str>,
+}
+
+/// Every key from least to most recently used: a doubly linked list over a
+/// slab, so that a use moves a key to the end in a few stores, with no
+/// allocation.
+#[derive(Debug)]
+struct Recency {
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+}
+
+impl Default for Recency {
+    fn default() -> Self {
+        Self {
+            nodes: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+        }
+    }
+}
+
+impl Recency {
+    /// A new key, most recently used.
+    fn push(&mut self, kind: Kind, key: Arc<str>) -> u32 {
+        let node = Node {
+            prev: self.tail,
+            next: NIL,
+            kind,
+            key,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.nodes[i as usize] = node;
+                i
+            }
+            None => {
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        self.link_tail(i);
+        i
+    }
+
+    fn link_tail(&mut self, i: u32) {
+        self.nodes[i as usize].prev = self.tail;
+        self.nodes[i as usize].next = NIL;
+        match self.tail {
+            NIL => self.head = i,
+            t => self.nodes[t as usize].next = i,
+        }
+        self.tail = i;
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (prev, next) = (self.nodes[i as usize].prev, self.nodes[i as usize].next);
+        match prev {
+            NIL => self.head = next,
+            p => self.nodes[p as usize].next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => self.nodes[n as usize].prev = prev,
+        }
+    }
+
+    /// Make `i` the most recently used.
+    fn touch(&mut self, i: u32) {
+        if self.tail != i {
+            self.unlink(i);
+            self.link_tail(i);
+        }
+    }
+
+    /// Forget `i`.
+    fn remove(&mut self, i: u32) {
+        self.unlink(i);
+        self.free.push(i);
+    }
+
+    /// The least recently used key.
+    fn oldest(&self) -> Option<(Kind, Arc<str>)> {
+        (self.head != NIL).then(|| {
+            let n = &self.nodes[self.head as usize];
+            (n.kind, n.key.clone())
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -111,12 +211,9 @@ struct Inner {
     counters: HashMap<Arc<str>, Slot<i64>>,
     /// The last version handed out, scope-wide.
     clock: u64,
-    /// The last recency tick.
-    tick: u64,
     /// Keys with an expiry, soonest first.
     expiry: BTreeMap<(u64, Kind, Arc<str>), ()>,
-    /// Every key by its last use, least recent first.
-    recency: BTreeMap<u64, (Kind, Arc<str>)>,
+    recency: Recency,
 }
 
 impl Inner {
@@ -136,22 +233,19 @@ impl Inner {
     }
 
     fn remove(&mut self, kind: Kind, key: &str) -> bool {
-        let (expires, used) = match kind {
-            Kind::Entry => match self.entries.remove(key) {
-                Some(s) => (s.expires, s.used),
+        let (k, expires, node) = match kind {
+            Kind::Entry => match self.entries.remove_entry(key) {
+                Some((k, s)) => (k, s.expires, s.node),
                 None => return false,
             },
-            Kind::Counter => match self.counters.remove(key) {
-                Some(s) => (s.expires, s.used),
+            Kind::Counter => match self.counters.remove_entry(key) {
+                Some((k, s)) => (k, s.expires, s.node),
                 None => return false,
             },
         };
-        let key: Arc<str> = match self.recency.remove(&used) {
-            Some((_, k)) => k,
-            None => Arc::from(key),
-        };
+        self.recency.remove(node);
         if let Some(at) = expires {
-            self.expiry.remove(&(at, kind, key));
+            self.expiry.remove(&(at, kind, k));
         }
         true
     }
@@ -167,35 +261,26 @@ impl Inner {
         match when_full {
             WhenFull::Refuse => Err(StateError::TooManyKeys),
             WhenFull::EvictLeastRecentlyUsed => {
-                let Some((_, (kind, victim))) = self.recency.first_key_value() else {
+                let Some((kind, victim)) = self.recency.oldest() else {
                     return Err(StateError::TooManyKeys);
                 };
-                let (kind, victim) = (*kind, victim.clone());
                 self.remove(kind, &victim);
                 Ok(true)
             }
         }
     }
-
-    fn next_tick(&mut self) -> u64 {
-        self.tick += 1;
-        self.tick
-    }
 }
 
 /// Move a slot to the most recent place, and set its expiry.
 fn touch<T>(
-    recency: &mut BTreeMap<u64, (Kind, Arc<str>)>,
+    recency: &mut Recency,
     expiry: &mut BTreeMap<(u64, Kind, Arc<str>), ()>,
-    tick: u64,
     kind: Kind,
     key: &Arc<str>,
     slot: &mut Slot<T>,
     expires: Option<Option<u64>>,
 ) {
-    recency.remove(&slot.used);
-    slot.used = tick;
-    recency.insert(tick, (kind, key.clone()));
+    recency.touch(slot.node);
     if let Some(new) = expires
         && new != slot.expires
     {
@@ -220,17 +305,11 @@ impl Scope {
     pub fn get(&self, key: &str, now: u64) -> Option<(Arc<[u8]>, u64)> {
         let mut inner = self.inner.lock().unwrap();
         inner.expire(now);
-        let tick = inner.next_tick();
         let Inner {
-            entries,
-            recency,
-            expiry,
-            ..
+            entries, recency, ..
         } = &mut *inner;
-        let (k, _) = entries.get_key_value(key)?;
-        let k = k.clone();
-        let slot = entries.get_mut(key)?;
-        touch(recency, expiry, tick, Kind::Entry, &k, slot, None);
+        let slot = entries.get(key)?;
+        recency.touch(slot.node);
         Some((slot.value.clone(), slot.version))
     }
 
@@ -262,7 +341,6 @@ impl Scope {
         };
         inner.clock += 1;
         let version = inner.clock;
-        let tick = inner.next_tick();
         let expires = options.ttl_ms.map(|t| t.map(|ms| now.saturating_add(ms)));
         let Inner {
             entries,
@@ -270,19 +348,26 @@ impl Scope {
             expiry,
             ..
         } = &mut *inner;
-        let k: Arc<str> = match entries.get_key_value(key) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(key),
-        };
-        let slot = entries.entry(k.clone()).or_insert(Slot {
-            value: Arc::from(&[][..]),
-            version: 0,
-            expires: None,
-            used: 0,
-        });
-        slot.value = Arc::from(value);
-        slot.version = version;
-        touch(recency, expiry, tick, Kind::Entry, &k, slot, expires);
+        match entries.get_key_value(key).map(|(k, _)| k.clone()) {
+            Some(k) => {
+                let slot = entries.get_mut(key).expect("just found");
+                slot.value = Arc::from(value);
+                slot.version = version;
+                touch(recency, expiry, Kind::Entry, &k, slot, expires);
+            }
+            None => {
+                let k: Arc<str> = Arc::from(key);
+                let node = recency.push(Kind::Entry, k.clone());
+                let mut slot = Slot {
+                    value: Arc::from(value),
+                    version,
+                    expires: None,
+                    node,
+                };
+                touch(recency, expiry, Kind::Entry, &k, &mut slot, expires);
+                entries.insert(k, slot);
+            }
+        }
         Ok(Written {
             value: version,
             evicted,
@@ -335,7 +420,6 @@ impl Scope {
         } else {
             inner.room(key, options.when_full)?
         };
-        let tick = inner.next_tick();
         let expires = options.ttl_ms.map(|t| t.map(|ms| now.saturating_add(ms)));
         let Inner {
             counters,
@@ -343,22 +427,28 @@ impl Scope {
             expiry,
             ..
         } = inner;
-        let k: Arc<str> = match counters.get_key_value(key) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(key),
+        let value = match counters.get_key_value(key).map(|(k, _)| k.clone()) {
+            Some(k) => {
+                let slot = counters.get_mut(key).expect("just found");
+                slot.value = slot.value.saturating_add(delta);
+                touch(recency, expiry, Kind::Counter, &k, slot, expires);
+                slot.value
+            }
+            None => {
+                let k: Arc<str> = Arc::from(key);
+                let node = recency.push(Kind::Counter, k.clone());
+                let mut slot = Slot {
+                    value: delta,
+                    version: 0,
+                    expires: None,
+                    node,
+                };
+                touch(recency, expiry, Kind::Counter, &k, &mut slot, expires);
+                counters.insert(k, slot);
+                delta
+            }
         };
-        let slot = counters.entry(k.clone()).or_insert(Slot {
-            value: 0,
-            version: 0,
-            expires: None,
-            used: 0,
-        });
-        slot.value = slot.value.saturating_add(delta);
-        touch(recency, expiry, tick, Kind::Counter, &k, slot, expires);
-        Ok(Written {
-            value: slot.value,
-            evicted,
-        })
+        Ok(Written { value, evicted })
     }
 
     /// Add to a counter only if its new value stays at most `limit`, as one
@@ -397,22 +487,16 @@ impl Scope {
     pub fn counter_get(&self, key: &str, now: u64) -> i64 {
         let mut inner = self.inner.lock().unwrap();
         inner.expire(now);
-        let tick = inner.next_tick();
         let Inner {
-            counters,
-            recency,
-            expiry,
-            ..
+            counters, recency, ..
         } = &mut *inner;
-        let Some((k, _)) = counters.get_key_value(key) else {
-            return 0;
-        };
-        let k = k.clone();
-        let Some(slot) = counters.get_mut(key) else {
-            return 0;
-        };
-        touch(recency, expiry, tick, Kind::Counter, &k, slot, None);
-        slot.value
+        match counters.get(key) {
+            Some(slot) => {
+                recency.touch(slot.node);
+                slot.value
+            }
+            None => 0,
+        }
     }
 
     /// Keys held now (entries and counters), after dropping what expired.
