@@ -327,19 +327,36 @@ pub mod state {
     where
         T: Serialize + DeserializeOwned,
     {
-        for _ in 0..UPDATE_TRIES {
-            let (old, version) = match imp::state_get(key) {
-                Some(e) => {
-                    let old = serde_json::from_slice::<T>(&e.value)
-                        .map_err(|e| UpdateError::Decode(e.to_string()))?;
-                    (Some(old), e.version)
-                }
-                None => (None, 0),
+        compare_and_set_loop(key, options, |old| {
+            let old = match old {
+                Some(bytes) => Some(
+                    serde_json::from_slice::<T>(&bytes)
+                        .map_err(|e| UpdateError::Decode(e.to_string()))?,
+                ),
+                None => None,
             };
             let (new, out) = f(old);
             let bytes = serde_json::to_vec(&new).map_err(|e| UpdateError::Encode(e.to_string()))?;
+            Ok((bytes, (new, out)))
+        })
+    }
+
+    /// Read `key`, compute what to write from it, write it with a
+    /// compare-and-set; read again when another instance wrote in between,
+    /// at most [`UPDATE_TRIES`] times.
+    fn compare_and_set_loop<X>(
+        key: &str,
+        options: WriteOptions,
+        mut next: impl FnMut(Option<Vec<u8>>) -> Result<(Vec<u8>, X), UpdateError>,
+    ) -> Result<X, UpdateError> {
+        for _ in 0..UPDATE_TRIES {
+            let (old, version) = match imp::state_get(key) {
+                Some(e) => (Some(e.value), e.version),
+                None => (None, 0),
+            };
+            let (bytes, out) = next(old)?;
             match imp::state_set_with(key, &bytes, Some(version), options) {
-                Ok(_) => return Ok((new, out)),
+                Ok(_) => return Ok(out),
                 Err(StateError::Conflict(_)) => continue,
                 Err(e) => return Err(UpdateError::State(e)),
             }
@@ -357,21 +374,9 @@ pub mod state {
         options: WriteOptions,
         mut f: impl FnMut(Option<&[u8]>) -> Vec<u8>,
     ) -> Result<Vec<u8>, UpdateError> {
-        for _ in 0..UPDATE_TRIES {
-            let (old, version) = match imp::state_get(key) {
-                Some(e) => (Some(e.value), e.version),
-                None => (None, 0),
-            };
+        compare_and_set_loop(key, options, |old| {
             let new = f(old.as_deref());
-            match imp::state_set_with(key, &new, Some(version), options) {
-                Ok(_) => return Ok(new),
-                Err(StateError::Conflict(_)) => continue,
-                Err(e) => return Err(UpdateError::State(e)),
-            }
-        }
-        Err(UpdateError::Contention {
-            key: key.to_string(),
-            tries: UPDATE_TRIES,
+            Ok((new.clone(), new))
         })
     }
 

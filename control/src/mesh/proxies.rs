@@ -64,6 +64,12 @@ impl Proxies {
         }
     }
 
+    /// The entry `h` owns (not one a newer connection of the same proxy
+    /// took over).
+    pub(super) fn owned(&mut self, h: &ProxyHandle) -> Option<&mut Entry> {
+        self.entries.get_mut(&h.key).filter(|e| e.conn == h.conn)
+    }
+
     /// Registered endpoints of `service`.
     pub(super) fn registered(&self, service: &str) -> Vec<EndpointRecord> {
         self.endpoints
@@ -163,7 +169,7 @@ impl Mesh {
             changed_at,
             ..
         } = &mut *inner;
-        let Some(e) = proxies.entries.get_mut(&h.key).filter(|e| e.conn == h.conn) else {
+        let Some(e) = proxies.owned(h) else {
             return;
         };
         e.last_reply_at_ms = now_ms();
@@ -190,11 +196,7 @@ impl Mesh {
     /// the identity it connected with counts.
     pub fn certificate(&self, h: &ProxyHandle, c: &proto::CertificateStatus) {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(e) = inner
-            .proxies
-            .entries
-            .get_mut(&h.key)
-            .filter(|e| e.conn == h.conn)
+        if let Some(e) = inner.proxies.owned(h)
             && e.identity.as_ref().is_none_or(|id| *id == c.spiffe_id)
         {
             e.cert_expires_at_ms = c.expires_at_ms;
@@ -205,12 +207,7 @@ impl Mesh {
     pub fn disconnect(&self, h: &ProxyHandle) {
         let mut inner = self.inner.lock().unwrap();
         let now = Instant::now();
-        if let Some(e) = inner
-            .proxies
-            .entries
-            .get_mut(&h.key)
-            .filter(|e| e.conn == h.conn)
-        {
+        if let Some(e) = inner.proxies.owned(h) {
             e.gone_since = Some(now);
         }
         let k = format!("{}/{}", h.key.0, h.key.1);

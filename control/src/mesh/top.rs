@@ -185,12 +185,7 @@ impl Mesh {
     /// A proxy reported its edge counters.
     pub fn edges(&self, h: &ProxyHandle, report: proto::EdgeReport) {
         let mut inner = self.inner.lock().unwrap();
-        let Some(e) = inner
-            .proxies
-            .entries
-            .get_mut(&h.key)
-            .filter(|e| e.conn == h.conn)
-        else {
+        let Some(e) = inner.proxies.owned(h) else {
             return;
         };
         if let Err(why) = e.reports.take(report) {

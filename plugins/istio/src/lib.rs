@@ -280,6 +280,17 @@ pub fn conditions(matches: &[MatchRequest], at: &str) -> Result<Vec<Condition>, 
         .collect()
 }
 
+/// Whether `req` is in the scope `conditions` give (none: every request),
+/// matching its path without the query string.
+pub fn in_scope(conditions: &[Condition], req: &Request<'_>) -> bool {
+    if conditions.is_empty() {
+        return true;
+    }
+    let full = req.path();
+    let path = full.split_once('?').map_or(full.as_str(), |(p, _)| p);
+    first_match(conditions, req, path).is_some()
+}
+
 /// The first condition that matches (by index), or `Some(None)` when there
 /// are none; `None` when none matches.
 pub fn first_match(

@@ -202,12 +202,8 @@ impl Plugin for RateLimit {
     }
 
     fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {
-        if !self.conditions.is_empty() {
-            let full = req.path();
-            let path = full.split_once('?').map_or(full.as_str(), |(p, _)| p);
-            if wasmesh_istio::first_match(&self.conditions, req, path).is_none() {
-                return Ok(RequestDecision::proceed());
-            }
+        if !wasmesh_istio::in_scope(&self.conditions, req) {
+            return Ok(RequestDecision::proceed());
         }
         let client = self.client(req);
         let now = host::monotonic_ns() as f64 / 1e6;
