@@ -20,7 +20,9 @@
 //! monotonic clock the caller owns (the proxy's, or the test host's fake
 //! one).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Largest value of one entry, in bytes.
