@@ -123,22 +123,24 @@ const KEY_TEXT_CAP: usize = 200;
 impl RateLimit {
     /// The state key of this request's client.
     fn client(&self, req: &Request<'_>) -> String {
-        let source = req.source();
-        let ip = || {
-            source
-                .ip()
-                .map_or_else(|| source.address.clone(), |ip| ip.to_string())
+        // The peer is asked for only when the key needs it: each host call
+        // is a crossing the request pays for.
+        let ip = |source: wasmesh_plugin_sdk::Peer| {
+            source.ip().map_or(source.address, |ip| ip.to_string())
         };
         let (kind, id) = match &self.key {
-            Key::Ip => ("ip", ip()),
+            Key::Ip => ("ip", ip(req.source())),
             Key::Header(name) => match req.header(name) {
                 Some(v) => ("h", v),
-                None => ("ip", ip()),
+                None => ("ip", ip(req.source())),
             },
-            Key::Principal => match &source.principal {
-                Some(p) => ("p", p.clone()),
-                None => ("ip", ip()),
-            },
+            Key::Principal => {
+                let source = req.source();
+                match source.principal.clone() {
+                    Some(p) => ("p", p),
+                    None => ("ip", ip(source)),
+                }
+            }
         };
         if id.len() <= KEY_TEXT_CAP {
             format!("{kind}:{id}")
