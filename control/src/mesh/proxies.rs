@@ -22,14 +22,14 @@ fn ms(t: std::time::SystemTime) -> i64 {
 /// One proxy, connected or gone within the grace period.
 pub(super) struct Entry {
     /// The connection that owns the entry now.
-    pub(super) conn: u64,
+    conn: u64,
     pub(super) hello: proto::Hello,
     connected_at_ms: i64,
     last_reply_at_ms: i64,
     applied: String,
     nack: Option<(String, String)>,
     /// When its stream ended; `None` while connected.
-    pub(super) gone_since: Option<Instant>,
+    gone_since: Option<Instant>,
     /// Its SPIFFE ID, verified by its TLS client certificate.
     identity: Option<String>,
     /// When its certificate expires, ms since the epoch (0: none known).
@@ -43,7 +43,7 @@ pub(super) struct Entry {
 /// Proxies by (service, instance), and endpoints registered.
 #[derive(Default)]
 pub(super) struct Proxies {
-    pub(super) entries: BTreeMap<(String, String), Entry>,
+    entries: BTreeMap<(String, String), Entry>,
     /// Registered endpoints by `SERVICE/INSTANCE`, with when their proxy
     /// went away (`None`: connected). Records loaded from the store start as
     /// gone since control started.
@@ -62,6 +62,12 @@ impl Proxies {
                 .collect(),
             ..Self::default()
         }
+    }
+
+    /// The proxies connected now (not those gone within the grace
+    /// period).
+    pub(super) fn live(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values().filter(|e| e.gone_since.is_none())
     }
 
     /// The entry `h` owns (not one a newer connection of the same proxy
@@ -85,7 +91,7 @@ impl Proxies {
 #[derive(Clone, Debug)]
 pub struct ProxyHandle {
     pub(super) key: (String, String),
-    pub(super) conn: u64,
+    conn: u64,
     /// Its own service.
     pub service: String,
 }
@@ -281,9 +287,7 @@ impl Mesh {
             let inner = self.inner.lock().unwrap();
             inner
                 .proxies
-                .entries
-                .values()
-                .filter(|e| e.gone_since.is_none())
+                .live()
                 .map(|e| e.hello.service.clone())
                 .collect()
         };
@@ -295,12 +299,7 @@ impl Mesh {
             })
             .collect();
         let inner = self.inner.lock().unwrap();
-        for e in inner
-            .proxies
-            .entries
-            .values()
-            .filter(|e| e.gone_since.is_none())
-        {
+        for e in inner.proxies.live() {
             let (nacked_version, nack_reason) = e.nack.clone().unwrap_or_default();
             out.push(proto::ProxyStatus {
                 service: e.hello.service.clone(),
@@ -327,10 +326,5 @@ impl Mesh {
 }
 
 fn connected(inner: &Inner) -> usize {
-    inner
-        .proxies
-        .entries
-        .values()
-        .filter(|e| e.gone_since.is_none())
-        .count()
+    inner.proxies.live().count()
 }

@@ -208,12 +208,7 @@ impl Mesh {
         let mut by_id = BTreeMap::new();
         {
             let inner = self.inner.lock().unwrap();
-            for e in inner
-                .proxies
-                .entries
-                .values()
-                .filter(|e| e.gone_since.is_none())
-            {
+            for e in inner.proxies.live() {
                 e.reports.add_to(now, window, &mut by_id);
             }
         }
