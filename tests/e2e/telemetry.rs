@@ -397,6 +397,22 @@ const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 const INTERNAL: i32 = 1;
 
+/// A request to `reviews` through `proxy` carrying `traceparent`: the
+/// answer, and the `traceparent` the app received.
+async fn with_traceparent(proxy: &Proxy, path: &str, traceparent: &str) -> (Got, String) {
+    let req = http::Request::get(format!("http://{}{path}", proxy.listen))
+        .header("host", "reviews")
+        .header("traceparent", traceparent)
+        .body(Full::default())
+        .unwrap();
+    let r = send(http1(), req).await.unwrap();
+    let seen = r.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (r, seen)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_request_through_two_sidecars_is_one_trace_with_a_span_per_hook() {
     let (receiver, url) = otlp::Receiver::start().await;
@@ -535,16 +551,8 @@ services:
     // A request that arrives with W3C trace context keeps its trace id and
     // its sampling decision upstream.
     let tid = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let req = http::Request::get(format!("http://{}/w3c", front.listen))
-        .header("host", "reviews")
-        .header("traceparent", format!("00-{tid}-00f067aa0ba902b7-01"))
-        .body(Full::default())
-        .unwrap();
-    let r = send(http1(), req).await.unwrap();
-    let tp = r.json()["headers"]["traceparent"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (r, tp) = with_traceparent(&front, "/w3c", &format!("00-{tid}-00f067aa0ba902b7-01")).await;
+    assert_eq!(r.status, 200);
     assert!(
         tp.starts_with(&format!("00-{tid}-")) && tp.ends_with("-01"),
         "{tp}"
@@ -567,16 +575,8 @@ services:
     // batch or the same one: once its spans are in, the unsampled one's
     // would be too.)
     let quiet = "0af7651916cd43dd8448eb211c80319c";
-    let req = http::Request::get(format!("http://{}/quiet", front.listen))
-        .header("host", "reviews")
-        .header("traceparent", format!("00-{quiet}-b7ad6b7169203331-00"))
-        .body(Full::default())
-        .unwrap();
-    let r = send(http1(), req).await.unwrap();
-    let tp = r.json()["headers"]["traceparent"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (r, tp) =
+        with_traceparent(&front, "/quiet", &format!("00-{quiet}-b7ad6b7169203331-00")).await;
     assert!(
         tp.starts_with(&format!("00-{quiet}-")) && tp.ends_with("-00") && tp.len() == 55,
         "{tp}"
@@ -587,12 +587,13 @@ services:
         "no empty tracestate"
     );
     let marker = "11111111111111111111111111111111";
-    let req = http::Request::get(format!("http://{}/marker", front.listen))
-        .header("host", "reviews")
-        .header("traceparent", format!("00-{marker}-1111111111111111-01"))
-        .body(Full::default())
-        .unwrap();
-    assert_eq!(send(http1(), req).await.unwrap().status, 200);
+    let (r, _) = with_traceparent(
+        &front,
+        "/marker",
+        &format!("00-{marker}-1111111111111111-01"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
     let spans = receiver
         .wait_for(|s| {
             s.iter()
