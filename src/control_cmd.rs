@@ -56,6 +56,10 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// What went wrong, for a person.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
     fn input(message: impl Into<String>) -> Self {
         Self {
             code: 2,

@@ -8,6 +8,7 @@
 //! refusing its config).
 
 mod control_cmd;
+mod demo;
 mod plugin_cmd;
 mod sdk_files;
 mod top_cmd;
@@ -243,6 +244,11 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// The whole mesh on this machine in one command: control, bookinfo's
+    /// apps with a sidecar each (mutual TLS), traffic, and scripted steps
+    /// (canary, rollback, fault injection, retries and a circuit breaker,
+    /// authorization, a custom plugin swapped live), each measured.
+    Demo(demo::DemoArgs),
     /// Write and build plugins.
     Plugin {
         #[command(subcommand)]
@@ -390,15 +396,15 @@ fn main() -> ExitCode {
             ("authz", filter::<authz::Authz>),
         ]);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours for a person at a terminal; plain text for log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The demo writes its own log (control's) to a file of its directory.
+    if !matches!(cli.command, Command::Demo(_)) {
+        tracing_subscriber::fmt()
+            .with_env_filter(log_filter())
+            .with_writer(std::io::stderr)
+            // Colours for a person at a terminal; plain text for log files.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     match cli.command {
         Command::Proxy {
             config,
@@ -417,6 +423,7 @@ fn main() -> ExitCode {
             trace_sampling,
             access_log,
         } => {
+            demo::exit_with_parent();
             let trace = otlp_endpoint.map(|endpoint| wasmesh_proxy::trace::TraceOptions {
                 endpoint,
                 sampling: trace_sampling,
@@ -558,6 +565,7 @@ fn main() -> ExitCode {
             once,
             target,
         } => client(async move { top_cmd::top(&target, output, window, interval, once).await }),
+        Command::Demo(args) => demo::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -584,6 +592,12 @@ fn main() -> ExitCode {
             PluginCommand::Export { name, output } => plugin_cmd::export(&name, &output),
         },
     }
+}
+
+/// `RUST_LOG`, else `info`.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
 }
 
 fn default_instance() -> String {

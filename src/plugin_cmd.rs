@@ -14,7 +14,7 @@ fn fail(code: u8, e: anyhow::Error) -> ExitCode {
 
 /// `wasmesh plugin new NAME`.
 pub fn new(name: &str) -> ExitCode {
-    match create(name) {
+    match create_in(Path::new("."), name) {
         Ok(dir) => {
             eprintln!(
                 "created {}: `cd {name} && cargo test` runs its tests, `wasmesh plugin build` builds it",
@@ -26,7 +26,8 @@ pub fn new(name: &str) -> ExitCode {
     }
 }
 
-fn create(name: &str) -> anyhow::Result<PathBuf> {
+/// Create the plugin crate `NAME` in `parent`: its directory.
+pub fn create_in(parent: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -38,9 +39,12 @@ fn create(name: &str) -> anyhow::Result<PathBuf> {
             "{name:?} is not a plugin name: use lowercase letters, digits, '-' and '_', starting with a letter"
         );
     }
-    let dir = PathBuf::from(name);
+    let dir = parent.join(name);
     if dir.exists() {
-        bail!("./{name} already exists; choose another name or remove it");
+        bail!(
+            "{} already exists; choose another name or remove it",
+            dir.display()
+        );
     }
     // The SDK this binary carries, written under the user's data
     // directory (once per SDK version).
@@ -274,7 +278,8 @@ pub fn build(dir: Option<&Path>, output: Option<&Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn ensure_target() -> anyhow::Result<()> {
+/// Add the wasm32-wasip2 target through rustup when it is missing.
+pub fn ensure_target() -> anyhow::Result<()> {
     let sysroot = Command::new("rustc")
         .args(["--print", "sysroot"])
         .output()
@@ -301,17 +306,7 @@ fn ensure_target() -> anyhow::Result<()> {
 }
 
 fn cargo_build(manifest: &Path) -> anyhow::Result<PathBuf> {
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--target",
-            TARGET,
-            "--message-format=json-render-diagnostics",
-        ])
-        .arg("--manifest-path")
-        .arg(manifest)
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    let out = cargo_command(manifest)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .output()
@@ -319,8 +314,30 @@ fn cargo_build(manifest: &Path) -> anyhow::Result<PathBuf> {
     if !out.status.success() {
         bail!("cargo build failed (see its output above)");
     }
+    built_component(&out.stdout, manifest)
+}
+
+/// `cargo build` of the plugin crate `manifest` for wasm, in release, its
+/// messages as JSON on stdout (read by [`built_component`]).
+pub fn cargo_command(manifest: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        TARGET,
+        "--message-format=json-render-diagnostics",
+    ])
+    .arg("--manifest-path")
+    .arg(manifest)
+    .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd
+}
+
+/// The component a successful [`cargo_command`] wrote, from its messages.
+pub fn built_component(stdout: &[u8], manifest: &Path) -> anyhow::Result<PathBuf> {
     let mut wasm = None;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in String::from_utf8_lossy(stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };

@@ -128,6 +128,15 @@ impl Control {
 
     /// Serve until SIGTERM or SIGINT.
     pub async fn run(self) -> anyhow::Result<()> {
+        self.run_until(shutdown()).await
+    }
+
+    /// Serve until `stop` completes (`wasmesh demo` embeds control and
+    /// stops it itself).
+    pub async fn run_until(
+        self,
+        stop_requested: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let services = Services {
             mesh: self.mesh.clone(),
             auth: self.auth.clone(),
@@ -183,7 +192,7 @@ impl Control {
         tokio::pin!(serving);
         tokio::select! {
             r = &mut serving => { r.context("serving gRPC")?; }
-            () = shutdown() => {
+            () = stop_requested => {
                 let _ = stop.send(());
                 serving.await.context("serving gRPC")?;
             }

@@ -4,6 +4,7 @@
 
 mod cli;
 mod control;
+mod demo;
 mod deploy;
 mod grpc;
 mod guide;
