@@ -249,6 +249,10 @@ enum Command {
     /// (canary, rollback, fault injection, retries and a circuit breaker,
     /// authorization, a custom plugin swapped live), each measured.
     Demo(demo::DemoArgs),
+    /// One of the demo's apps alone (productpage, details, reviews-v1…v3,
+    /// ratings) or its traffic generator (loadgen), beside a sidecar: the
+    /// demo on Kubernetes (deploy/kubernetes/demo).
+    DemoApp(demo::AppArgs),
     /// Write and build plugins.
     Plugin {
         #[command(subcommand)]
@@ -566,6 +570,7 @@ fn main() -> ExitCode {
             target,
         } => client(async move { top_cmd::top(&target, output, window, interval, once).await }),
         Command::Demo(args) => demo::run(args),
+        Command::DemoApp(args) => demo::app(args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -34,14 +34,24 @@ pub struct Built {
     pub took: Duration,
 }
 
-/// The cargo process group running now, if any.
+/// The cargo process group running now, if any; once the demo stops, no
+/// other starts.
 #[derive(Clone, Default)]
-pub struct Running(Arc<Mutex<Option<u32>>>);
+pub struct Running(Arc<Mutex<Cargo>>);
+
+#[derive(Default)]
+struct Cargo {
+    group: Option<u32>,
+    stopped: bool,
+}
 
 impl Running {
-    /// End the build in progress, cargo and every compiler it started.
+    /// End the build in progress, cargo and every compiler it started, and
+    /// any build not started yet.
     pub fn kill(&self) {
-        if let Some(pgid) = self.0.lock().unwrap().take()
+        let mut cargo = self.0.lock().unwrap();
+        cargo.stopped = true;
+        if let Some(pgid) = cargo.group.take()
             && let Some(pid) = rustix::process::Pid::from_raw(pgid as i32)
         {
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
@@ -103,16 +113,25 @@ fn cargo(manifest: &Path, log: &Path, running: &Running) -> anyhow::Result<PathB
         .append(true)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
-    let child = cmd
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .context("running cargo (is Rust installed? https://rustup.rs)")?;
-    *running.0.lock().unwrap() = Some(child.id());
+    let child = {
+        // Spawned under the lock: a `kill` either comes before (and no
+        // cargo starts) or sees this one.
+        let mut cargo = running.0.lock().unwrap();
+        if cargo.stopped {
+            bail!("the demo stopped");
+        }
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .context("running cargo (is Rust installed? https://rustup.rs)")?;
+        cargo.group = Some(child.id());
+        child
+    };
     let out = child.wait_with_output();
-    running.0.lock().unwrap().take();
+    running.0.lock().unwrap().group.take();
     let out = out.context("waiting for cargo")?;
     if !out.status.success() {
         bail!(

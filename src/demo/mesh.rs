@@ -47,12 +47,29 @@ pub fn exit_with_parent() {
     }
 }
 
-/// A free port on 127.0.0.1 (bound and released: the kernel hands out
-/// ephemeral ports in turn, so it stays free for the moment it takes to
-/// give it to a sidecar).
+/// A port on 127.0.0.1 that was free a moment ago, for a sidecar or
+/// control to listen on. Taken from 10000–14999, below Linux's ephemeral
+/// range (32768–60999): with port 0 an outgoing connection of this or
+/// another process could take it between this check and the sidecar's bind.
+/// Handed out in turn from a per-process starting point, each checked free.
 fn free_addr() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
-    Ok(l.local_addr()?)
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 5_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if let Ok(l) = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            return Ok(l.local_addr()?);
+        }
+    }
+    bail!("no free port on 127.0.0.1 from {LOW} to {}", LOW + SPAN - 1)
 }
 
 /// One sidecar process.

@@ -40,6 +40,43 @@ pub struct DemoArgs {
     window: Duration,
 }
 
+/// `wasmesh demo-app`'s options: one of the demo's apps alone, for a
+/// container beside a sidecar (deploy/kubernetes/demo).
+#[derive(Clone, Debug, clap::Args)]
+pub struct AppArgs {
+    /// Which app.
+    role: AppRole,
+    /// Where it listens (not loadgen).
+    #[arg(long, default_value = "0.0.0.0:9080")]
+    listen: std::net::SocketAddr,
+    /// Its sidecar's outbound listener, through which it calls the others.
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound: std::net::SocketAddr,
+    /// loadgen: pages a second.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=2000))]
+    rate: u32,
+}
+
+/// The demo's apps.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum AppRole {
+    /// Calls details and reviews.
+    Productpage,
+    /// A book's details.
+    Details,
+    /// Reviews without stars.
+    ReviewsV1,
+    /// Reviews with black stars (calls ratings).
+    ReviewsV2,
+    /// Reviews with red stars (calls ratings).
+    ReviewsV3,
+    /// The stars.
+    Ratings,
+    /// The traffic generator: asks productpage for pages, prints a summary
+    /// every 10 s.
+    Loadgen,
+}
+
 fn parse_window(s: &str) -> Result<Duration, String> {
     let d = wasmesh_api::parse_duration(s)?;
     if d < Duration::from_secs(1) || d > Duration::from_secs(60) {
@@ -88,12 +125,15 @@ impl Ctx {
 
     /// Print `yaml` as applied, apply it, wait until every sidecar has it.
     async fn apply(&self, what: &str, yaml: &str) -> anyhow::Result<()> {
-        println!("  applied ({what}):");
+        println!("  applied deploy/demo/{what}:");
         for line in yaml.trim_end().lines() {
             println!("    {line}");
         }
         let start = Instant::now();
-        let revision = self.mesh.apply(what, yaml).await?;
+        let revision = self
+            .mesh
+            .apply(&format!("deploy/demo/{what}"), yaml)
+            .await?;
         let n = self.mesh.wait_rollout(Duration::from_secs(60)).await?;
         if n > 0 {
             println!(
@@ -160,6 +200,69 @@ impl Ctx {
         }
         Ok(self.built.as_deref().unwrap_or_default())
     }
+}
+
+/// `wasmesh demo-app`.
+pub fn app(args: AppArgs) -> ExitCode {
+    let role = match args.role {
+        AppRole::Productpage => Some(apps::Role::ProductPage),
+        AppRole::Details => Some(apps::Role::Details),
+        AppRole::ReviewsV1 => Some(apps::Role::Reviews(1)),
+        AppRole::ReviewsV2 => Some(apps::Role::Reviews(2)),
+        AppRole::ReviewsV3 => Some(apps::Role::Reviews(3)),
+        AppRole::Ratings => Some(apps::Role::Ratings),
+        AppRole::Loadgen => None,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let _running = match role {
+            Some(role) => {
+                let listener = match tokio::net::TcpListener::bind(args.listen).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("error: cannot listen on {}: {e}", args.listen);
+                        return ExitCode::from(1);
+                    }
+                };
+                match apps::App::start(role, listener, args.outbound) {
+                    Ok(app) => {
+                        tracing::info!(service = role.service(), subset = role.subset(), addr = %app.addr, "serving");
+                        Some(app)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            None => None,
+        };
+        let traffic = role.is_none().then(|| Traffic::start(args.outbound, args.rate));
+        let report = async {
+            let Some(t) = &traffic else {
+                return std::future::pending().await;
+            };
+            loop {
+                let from = Instant::now();
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                println!("{}", Stats::of(&t.since(from)).line());
+            }
+        };
+        tokio::select! {
+            () = report => {}
+            () = interrupted() => {}
+        }
+        ExitCode::SUCCESS
+    })
 }
 
 /// `wasmesh demo`.

@@ -13,21 +13,28 @@ use super::mesh::sum_by;
 use super::traffic::{Stats, Traffic, pct};
 use super::{Check, Ctx};
 
-/// The services, and reviews' callers sending all of it to v1.
-const BASE: &str = r#"# bookinfo: productpage calls details and reviews; reviews v2 and v3 call
-# ratings. loadgen is the traffic generator's sidecar (an ingress).
-services:
-  loadgen: {}
-  productpage: {}
-  details: {}
-  ratings: {}
-  reviews:
-    plugins:
-      - source: builtin:router
-        config:
-          http:
-            - route: [{ destination: { subset: v1 } }]
-"#;
+/// The steps' YAML: the files of deploy/demo, as `wasmesh apply -f` takes
+/// them (on Kubernetes too, with deploy/kubernetes/demo).
+macro_rules! demo_file {
+    ($name:literal) => {
+        ($name, include_str!(concat!("../../deploy/demo/", $name)))
+    };
+}
+const BASE: (&str, &str) = demo_file!("00-services.yaml");
+const CANARY: [(u8, (&str, &str)); 3] = [
+    (10, demo_file!("01-canary-10.yaml")),
+    (30, demo_file!("02-canary-30.yaml")),
+    (100, demo_file!("03-canary-100.yaml")),
+];
+const ROLLBACK: (&str, &str) = demo_file!("04-rollback.yaml");
+const FAULT: (&str, &str) = demo_file!("05-fault.yaml");
+const ALL_VERSIONS: (&str, &str) = demo_file!("06-all-versions.yaml");
+const RESILIENCE: (&str, &str) = demo_file!("07-resilience.yaml");
+const AUTHZ: (&str, &str) = demo_file!("08-authz.yaml");
+const GREETER: [(&str, &str); 2] = [
+    demo_file!("09-greeter-1.0.0.yaml"),
+    demo_file!("10-greeter-1.1.0.yaml"),
+];
 
 /// One step.
 pub struct Step {
@@ -134,7 +141,7 @@ pub async fn start_mesh(ctx: &mut Ctx, rate: u32) -> anyhow::Result<()> {
         "  control (embedded): gRPC {}, TLS {}",
         ctx.mesh.target.control, ctx.mesh.control_tls
     );
-    ctx.apply("the services", BASE).await?;
+    ctx.apply(BASE.0, BASE.1).await?;
     let roles = [
         None,
         Some(Role::ProductPage),
@@ -239,12 +246,6 @@ fn only(s: &Stats, version: &str) -> Check {
     )
 }
 
-fn router(routes: &str) -> String {
-    format!(
-        "services:\n  reviews:\n    plugins:\n      - source: builtin:router\n        config:\n          http:\n            - route:\n{routes}"
-    )
-}
-
 async fn mesh(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
     let s = ctx.measure().await;
     let ids = ctx.mesh.identities().await?;
@@ -274,15 +275,12 @@ async fn mesh(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
 }
 
 async fn canary(ctx: &mut Ctx, weight: u8) -> anyhow::Result<Vec<Check>> {
-    let yaml = if weight == 100 {
-        router("                - destination: { subset: v2 }\n")
-    } else {
-        router(&format!(
-            "                - {{ destination: {{ subset: v1 }}, weight: {} }}\n                - {{ destination: {{ subset: v2 }}, weight: {weight} }}\n",
-            100 - weight
-        ))
-    };
-    ctx.apply(&format!("canary-{weight}.yaml"), &yaml).await?;
+    let (name, yaml) = CANARY
+        .iter()
+        .find(|(w, _)| *w == weight)
+        .map(|(_, f)| *f)
+        .expect("a canary weight the demo has a file for");
+    ctx.apply(name, yaml).await?;
     let s = ctx.measure().await;
     if weight == 100 {
         return Ok(vec![no_failures(&s), only(&s, "v2")]);
@@ -302,11 +300,7 @@ async fn canary(ctx: &mut Ctx, weight: u8) -> anyhow::Result<Vec<Check>> {
 
 async fn rollback(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
     let from = Instant::now();
-    ctx.apply(
-        "rollback.yaml",
-        &router("                - destination: { subset: v1 }\n"),
-    )
-    .await?;
+    ctx.apply(ROLLBACK.0, ROLLBACK.1).await?;
     let s = ctx.measure().await;
     let during = Stats::of(&ctx.traffic().since(from));
     Ok(vec![
@@ -320,11 +314,7 @@ async fn rollback(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
 }
 
 async fn fault(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
-    let yaml = format!(
-        "{}  ratings:\n    plugins:\n      - source: builtin:fault-injection\n        config:\n          match: [{{ headers: {{ end-user: {{ exact: jason }} }} }}]\n          abort: {{ httpStatus: 503, percentage: {{ value: 100 }} }}\n",
-        router("                - destination: { subset: v2 }\n")
-    );
-    ctx.apply("fault.yaml", &yaml).await?;
+    ctx.apply(FAULT.0, FAULT.1).await?;
     let s = ctx.measure().await;
     let (j_ok, j_bad) = s.jason_stars;
     let (o_ok, o_bad) = s.others_stars;
@@ -349,11 +339,7 @@ async fn bad_release(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
         .broken
         .store(true, Ordering::Relaxed);
     println!("  reviews v3 now answers 503 to everything");
-    ctx.apply(
-        "all-versions.yaml",
-        "# No route: reviews' callers balance over all its endpoints, v1, v2 and v3.\n# ratings' fault is gone.\nservices:\n  reviews: {}\n  ratings: {}\n",
-    )
-    .await?;
+    ctx.apply(ALL_VERSIONS.0, ALL_VERSIONS.1).await?;
     let s = ctx.measure().await;
     Ok(vec![Check::new(
         "users to see v3's failures (at least 10% of pages)",
@@ -363,11 +349,7 @@ async fn bad_release(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
 }
 
 async fn resilience(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
-    ctx.apply(
-        "resilience.yaml",
-        "services:\n  reviews:\n    plugins:\n      - source: builtin:retry\n        config: { attempts: 2, retryOn: 5xx }\n      - source: builtin:circuit-breaker\n        config:\n          outlierDetection: { consecutive5xxErrors: 3, baseEjectionTime: 60s, maxEjectionPercent: 34 }\n",
-    )
-    .await?;
+    ctx.apply(RESILIENCE.0, RESILIENCE.1).await?;
     let s = ctx.measure().await;
     let metrics = ctx.mesh.metrics().await;
     let custom = |name: &str| {
@@ -424,11 +406,7 @@ async fn authz(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
         "  before: details → ratings (sent through details' sidecar): {}",
         statuses(&before)
     );
-    let yaml = format!(
-        "{}  ratings:\n    inbound-plugins:\n      - source: builtin:authz\n        config:\n          action: ALLOW\n          rules:\n            - from: [{{ source: {{ principals: [\"cluster.local/ns/default/sa/reviews\"] }} }}]\n",
-        router("                - destination: { subset: v2 }\n")
-    );
-    ctx.apply("authz.yaml", &yaml).await?;
+    ctx.apply(AUTHZ.0, AUTHZ.1).await?;
     let after = details_to_ratings(ctx, 50).await;
     println!("  after: details → ratings: {}", statuses(&after));
     let s = ctx.measure().await;
@@ -454,13 +432,6 @@ async fn authz(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
             ok > 0 && bad == 0,
         ),
     ])
-}
-
-fn greeter(version: &str) -> String {
-    format!(
-        "services:\n  productpage:\n    plugins:\n      - source: {}@{version}\n        config: {{ greeting: \"hello from the demo\" }}\n",
-        build::NAME
-    )
 }
 
 async fn push(ctx: &mut Ctx, index: usize) -> anyhow::Result<&'static str> {
@@ -491,7 +462,7 @@ fn greeted(s: &Stats, version: &str) -> Check {
 
 async fn plugin(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
     let version = push(ctx, 0).await?;
-    ctx.apply("greeter.yaml", &greeter(version)).await?;
+    ctx.apply(GREETER[0].0, GREETER[0].1).await?;
     let s = ctx.measure().await;
     Ok(vec![no_failures(&s), greeted(&s, version)])
 }
@@ -503,7 +474,7 @@ async fn swap(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
     println!("    +            .set_response_header(\"x-greeter-version\", \"{new}\"))");
     let version = push(ctx, 1).await?;
     let from = Instant::now();
-    ctx.apply("greeter.yaml", &greeter(version)).await?;
+    ctx.apply(GREETER[1].0, GREETER[1].1).await?;
     let s = ctx.measure().await;
     let during = ctx.traffic().since(from);
     let failed = during.iter().filter(|x| x.failed()).count();
@@ -541,4 +512,28 @@ async fn swap(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
             matches!((old_max, new_min), (Some(a), Some(b)) if b > a),
         ),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_parses_and_the_greeter_files_name_the_versions_built() {
+        let mut files = vec![BASE, ROLLBACK, FAULT, ALL_VERSIONS, RESILIENCE, AUTHZ];
+        files.extend(CANARY.iter().map(|(_, f)| *f));
+        files.extend(GREETER);
+        for (name, yaml) in files {
+            wasmesh_api::resources::parse_documents(yaml)
+                .unwrap_or_else(|e| panic!("deploy/demo/{name}: {e:?}"));
+        }
+        for (file, version) in GREETER.iter().zip(build::VERSIONS) {
+            assert!(
+                file.1
+                    .contains(&format!("source: {}@{version}", build::NAME)),
+                "{}",
+                file.0
+            );
+        }
+    }
 }

@@ -21,6 +21,10 @@ pub const JASON: &str = "jason";
 /// Requests in flight at most; past it a tick is skipped (and counted).
 const MAX_IN_FLIGHT: usize = 64;
 
+/// Samples kept at most; past it the older half goes (at 100 pages a
+/// second, 16 minutes: far more than a step looks back).
+const MAX_SAMPLES: usize = 100_000;
+
 /// One answered (or failed) page.
 #[derive(Clone, Debug)]
 pub struct Sample {
@@ -90,7 +94,13 @@ impl Traffic {
                 let (client, samples, flying) = (client.clone(), s.clone(), f.clone());
                 tokio::spawn(async move {
                     let sample = page(&client, ingress, n).await;
-                    samples.lock().unwrap().push(sample);
+                    {
+                        let mut kept = samples.lock().unwrap();
+                        if kept.len() >= MAX_SAMPLES {
+                            kept.drain(..MAX_SAMPLES / 2);
+                        }
+                        kept.push(sample);
+                    }
                     flying.lock().unwrap().remove(&n);
                 });
             }

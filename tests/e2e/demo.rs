@@ -20,7 +20,9 @@ struct Seen {
     cmdline: String,
 }
 
-/// `/proc/PID/stat`: (name, parent, start time).
+/// `/proc/PID/stat` of a process not dead yet (a zombie is dead: it holds
+/// nothing but its pid until its new parent reaps it): (name, parent, start
+/// time).
 fn stat(pid: u32) -> Option<(String, u32, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let open = text.find('(')?;
@@ -28,6 +30,9 @@ fn stat(pid: u32) -> Option<(String, u32, u64)> {
     let name = text[open + 1..close].to_string();
     let fields: Vec<&str> = text[close + 2..].split(' ').collect();
     // After the name: state(0) ppid(1) … starttime(19).
+    if matches!(fields.first(), Some(&"Z" | &"X")) {
+        return None;
+    }
     Some((
         name,
         fields.get(1)?.parse().ok()?,
@@ -278,4 +283,52 @@ fn ctrl_c_stops_the_demo_and_everything_it_started() {
         "{out}"
     );
     assert_nothing_left(&tree, &out);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_app_serves_one_role_through_a_sidecar() {
+    use crate::support::{Proxy, free_port, via};
+    let port = |p: u16| format!("127.0.0.1:{p}");
+    let (ratings, reviews) = (free_port(), free_port());
+    // A standalone sidecar: `ratings` is the demo-app on `ratings`' port;
+    // `reviews` v2 calls ratings through it.
+    let proxy = Proxy::start(&format!(
+        "services:\n  ratings:\n    endpoints: {{ v1: [\"{}\"] }}\n  reviews:\n    endpoints: {{ v2: [\"{}\"] }}\n",
+        port(ratings),
+        port(reviews)
+    ))
+    .await;
+    let app = |role: &str, p: u16| {
+        Command::new(WASMESH)
+            .args(["demo-app", role, "--listen", &port(p)])
+            .args(["--outbound", &proxy.listen.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut apps = [app("ratings", ratings), app("reviews-v2", reviews)];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let r = via(&proxy, "reviews", "/reviews/0").await;
+        if r.status == 200 || Instant::now() >= deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(page.status, 200, "{}", page.body_text());
+    let j = page.json();
+    assert_eq!(
+        (
+            j["version"].as_str(),
+            j["color"].as_str(),
+            j["stars"].as_u64()
+        ),
+        (Some("v2"), Some("black"), Some(5)),
+        "{j}"
+    );
+    for a in &mut apps {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
 }

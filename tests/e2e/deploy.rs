@@ -98,7 +98,8 @@ fn check_pod(what: &str, spec: &serde_json::Value) {
                 .map(|a| a.as_str().unwrap())
                 .collect();
             let help = flags(args[0]);
-            for a in &args[1..] {
+            // Flags, not positional values.
+            for a in args[1..].iter().filter(|a| a.starts_with("--")) {
                 let flag = a.split('=').next().unwrap();
                 assert!(
                     help.contains(&format!("{flag} "))
@@ -136,6 +137,7 @@ fn every_kustomization_renders_and_hangs_together() {
         .collect();
     for expected in [
         "deploy/kubernetes/control",
+        "deploy/kubernetes/demo",
         "deploy/kubernetes/example",
         "deploy/kubernetes/sidecar",
     ] {
@@ -186,6 +188,38 @@ fn every_kustomization_renders_and_hangs_together() {
         .collect();
     containers.sort();
     assert_eq!(containers, ["app", "wasmesh-proxy"]);
+    // The demo: every app of `wasmesh demo`, each with its sidecar, each
+    // run as a role `wasmesh demo-app` knows.
+    let demo = render(&root().join("deploy/kubernetes/demo"));
+    let roles = flags("demo-app");
+    let mut apps = Vec::new();
+    for d in demo.iter().filter(|o| o["kind"] == "Deployment") {
+        let containers = d["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
+        assert_eq!(containers.len(), 2, "{d}");
+        let app = containers.iter().find(|c| c["name"] == "app").unwrap();
+        let role = app["args"][1].as_str().unwrap();
+        assert_eq!(app["args"][0], "demo-app");
+        assert!(
+            roles.contains(&format!("- {role}:")),
+            "no role {role}:\n{roles}"
+        );
+        apps.push(role.to_string());
+    }
+    apps.sort();
+    assert_eq!(
+        apps,
+        [
+            "details",
+            "loadgen",
+            "productpage",
+            "ratings",
+            "reviews-v1",
+            "reviews-v2",
+            "reviews-v3"
+        ]
+    );
 }
 
 #[test]
