@@ -219,8 +219,8 @@ impl Mesh {
         }
     }
 
-    /// The SPIFFE identity of each connected sidecar, by service.
-    pub async fn identities(&self) -> anyhow::Result<BTreeMap<String, String>> {
+    /// Each connected sidecar's service and SPIFFE identity.
+    pub async fn identities(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut c = self.clients().await?;
         let list = c
             .status

@@ -136,9 +136,15 @@ impl Ctx {
             .await?;
         let n = self.mesh.wait_rollout(Duration::from_secs(60)).await?;
         if n > 0 {
+            let took = start.elapsed();
             println!(
-                "  revision {revision}: all {n} sidecars serve it, {} after the apply (each compiles a plugin it has not seen)",
-                traffic::millis(start.elapsed())
+                "  revision {revision}: all {n} sidecars serve it, {} after the apply{}",
+                traffic::millis(took),
+                if took > Duration::from_secs(1) {
+                    " (each sidecar compiled a plugin new to it)"
+                } else {
+                    ""
+                }
             );
         } else {
             println!("  revision {revision}");
@@ -304,7 +310,10 @@ async fn demo(args: DemoArgs) -> ExitCode {
         }
     }
     println!("wasmesh demo: a service mesh on this machine, bookinfo on it, and what it does");
-    println!("  everything lives in {}", dir.path().display());
+    println!(
+        "  its files (control's data, every log, the plugin's source) are in {}",
+        dir.path().display()
+    );
     let mesh = match Mesh::start_control(dir.path()).await {
         Ok(m) => m,
         Err(e) => {

@@ -250,14 +250,20 @@ async fn mesh(ctx: &mut Ctx) -> anyhow::Result<Vec<Check>> {
     let s = ctx.measure().await;
     let ids = ctx.mesh.identities().await?;
     let mut checks = vec![no_failures(&s), only(&s, "v1")];
-    for (service, id) in &ids {
-        let want = format!("spiffe://cluster.local/ns/default/sa/{service}");
-        checks.push(Check::new(
-            format!("{service}'s sidecars to hold {want}"),
-            if id.is_empty() { "none" } else { id.as_str() },
-            *id == want,
-        ));
-    }
+    let wrong: Vec<String> = ids
+        .iter()
+        .filter(|(service, id)| *id != format!("spiffe://cluster.local/ns/default/sa/{service}"))
+        .map(|(service, id)| format!("{service}: {id:?}"))
+        .collect();
+    checks.push(Check::new(
+        "every sidecar to hold its service's identity, spiffe://cluster.local/ns/default/sa/SERVICE",
+        if wrong.is_empty() {
+            format!("{} of {} sidecars", ids.len(), ctx.mesh.sidecars.len())
+        } else {
+            format!("not so: {}", wrong.join(", "))
+        },
+        wrong.is_empty() && ids.len() == ctx.mesh.sidecars.len(),
+    ));
     let by_policy = sum_by(
         &ctx.mesh.metrics().await,
         "istio_requests_total",

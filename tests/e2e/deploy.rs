@@ -1,8 +1,8 @@
-//! deploy/: every kustomization renders with `kubectl kustomize`, the
-//! rendered objects hang together (probes name real ports, mounts real
-//! volumes, every wasmesh flag exists), and the Dockerfile names what the
-//! workspace has. No cluster here: the Kubernetes schemas themselves are
-//! not checked (no schema validator runs offline).
+//! deploy/: every kustomization renders with `kubectl kustomize`, every
+//! rendered object validates against Kubernetes 1.32's schemas
+//! (`kubernetes-validate --strict`, offline, from PyPI), the objects hang
+//! together (probes name real ports, mounts real volumes, every wasmesh flag
+//! exists), and the Dockerfile names what the workspace has.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,6 +31,27 @@ fn kustomizations() -> Vec<PathBuf> {
     out
 }
 
+/// Validate rendered YAML against Kubernetes 1.32's schemas, strictly
+/// (unknown fields refused).
+fn validate(dir: &Path, yaml: &str) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), yaml).unwrap();
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet", "-k", "1.32.0"])
+        .arg(file.path())
+        .output()
+        .expect(
+            "kubernetes-validate must be installed to check deploy/: `pip install kubernetes-validate` in a venv on PATH (.ci/run does it)",
+        );
+    assert!(
+        out.status.success(),
+        "{} does not validate against Kubernetes 1.32:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn render(dir: &Path) -> Vec<serde_json::Value> {
     let out = Command::new("kubectl")
         .args(["kustomize"])
@@ -44,6 +65,7 @@ fn render(dir: &Path) -> Vec<serde_json::Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
+    validate(dir, &text);
     text.split("\n---\n")
         .filter(|d| !d.trim().is_empty())
         .map(|d| serde_yaml_ng::from_str(d).unwrap())
