@@ -125,9 +125,20 @@ enum Command {
         /// Admin HTTP listener (/metrics, /ready).
         #[arg(long, default_value = wasmesh_control::DEFAULT_ADMIN)]
         admin: SocketAddr,
-        /// Where control keeps its state.
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
+        /// Where control keeps its state (the embedded store; the admin
+        /// token and compiled plugins by default).
+        #[arg(long, value_name = "DIR", required_unless_present = "store")]
+        data_dir: Option<PathBuf>,
+        /// Keep the state in etcd instead, so that several replicas share it:
+        /// etcd://HOST:PORT[,HOST:PORT…][/PREFIX] (default prefix /wasmesh).
+        /// Needs --admin-token-file and --store-key-file (the same files on
+        /// every replica) and a build with `--features etcd`.
+        #[arg(long, value_name = "URL", requires_all = ["admin_token_file", "store_key_file"])]
+        store: Option<String>,
+        /// With --store etcd://…: the key sealing the CA's private key in
+        /// etcd (created when missing).
+        #[arg(long, value_name = "FILE", requires = "store")]
+        store_key_file: Option<PathBuf>,
         /// The admin token file (default DATA_DIR/admin.token; created at
         /// first start).
         #[arg(long, value_name = "FILE")]
@@ -445,12 +456,26 @@ fn main() -> ExitCode {
                     .ok()
                     .filter(|t| !t.trim().is_empty()),
             };
+            // What is this proxy's own (its certificate, its last snapshot)
+            // lives in a directory of its service and subset within the
+            // compile cache: a node's sidecars can share one cache (and
+            // compile each plugin once) without reading each other's.
+            let own_state = compile_cache.as_ref().zip(service.as_ref()).map(|(c, s)| {
+                let safe = |n: &str| {
+                    n.replace(
+                        |ch: char| !(ch.is_ascii_alphanumeric() || "._-".contains(ch)),
+                        "_",
+                    )
+                };
+                c.join("proxies")
+                    .join(format!("{}.{}", safe(s), safe(&subset)))
+            });
             let identity = control
                 .as_ref()
                 .filter(|url| token.is_some() || url.starts_with("https://"))
                 .map(|_| wasmesh_proxy::identity::IdentityOptions {
                     token,
-                    cache: compile_cache.clone(),
+                    cache: own_state.clone(),
                 });
             let control = control.map(|url| wasmesh_proxy::xds::ControlOptions {
                 url,
@@ -459,7 +484,7 @@ fn main() -> ExitCode {
                 instance: instance.unwrap_or_else(default_instance),
                 app,
                 inbound: None,
-                cache: compile_cache.clone(),
+                cache: own_state,
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(5),
                 proxy_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -488,6 +513,8 @@ fn main() -> ExitCode {
             listen,
             admin,
             data_dir,
+            store,
+            store_key_file,
             admin_token_file,
             insecure,
             endpoint_grace,
@@ -502,6 +529,8 @@ fn main() -> ExitCode {
             listen,
             admin,
             data_dir,
+            store,
+            store_key_file,
             admin_token_file,
             insecure,
             endpoint_grace,
@@ -670,16 +699,18 @@ fn control(options: wasmesh_control::Options) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let cache = options.data_dir.join("compile-cache");
-        let validator =
-            match validator::RuntimeValidator::new(compiler(), wasmesh_artifacts::BUILTINS, &cache)
-            {
-                Ok(v) => Arc::new(v),
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return ExitCode::from(1);
-                }
-            };
+        let cache = options.data_dir.as_ref().map(|d| d.join("compile-cache"));
+        let validator = match validator::RuntimeValidator::new(
+            compiler(),
+            wasmesh_artifacts::BUILTINS,
+            cache.as_deref(),
+        ) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(1);
+            }
+        };
         let control = match wasmesh_control::Control::start(options, validator).await {
             Ok(c) => c,
             Err(e) => {

@@ -28,10 +28,10 @@ impl RuntimeValidator {
     pub fn new(
         compiler: wasmesh_proxy::runtime::Compiler,
         builtins: &'static [(&'static str, &'static [u8])],
-        cache: &std::path::Path,
+        cache: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
-            runtime: Runtime::with_options(Some(cache), compiler)?,
+            runtime: Runtime::with_options(cache, compiler)?,
             builtins,
             metrics: Arc::new(Metrics::new()),
         })

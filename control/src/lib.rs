@@ -52,8 +52,13 @@ pub struct Options {
     pub listen: SocketAddr,
     /// The admin HTTP listener.
     pub admin: SocketAddr,
-    /// Where state lives.
-    pub data_dir: PathBuf,
+    /// Where state lives (the embedded store, the admin token by default).
+    pub data_dir: Option<PathBuf>,
+    /// The store: embedded in `data_dir` (None), or `etcd://…`.
+    pub store: Option<String>,
+    /// With etcd: the file holding the key that seals the CA's private key
+    /// (created when missing; the same for every replica).
+    pub store_key_file: Option<PathBuf>,
     /// The admin token file (default `DATA_DIR/admin.token`).
     pub admin_token_file: Option<PathBuf>,
     /// Listen beyond loopback without TLS.
@@ -86,19 +91,19 @@ impl Control {
             );
         }
         raise_open_files();
-        create_private_dir(&options.data_dir)?;
+        if let Some(dir) = &options.data_dir {
+            create_private_dir(dir)?;
+        }
         let token_file = options
             .admin_token_file
             .clone()
-            .unwrap_or_else(|| options.data_dir.join("admin.token"));
+            .or_else(|| options.data_dir.as_ref().map(|d| d.join("admin.token")))
+            .context("give --admin-token-file: without --data-dir there is no default place for it (every replica on one etcd is given the same file)")?;
         let auth = Arc::new(Auth::load_or_create(
             &token_file,
             !options.listen.ip().is_loopback(),
         )?);
-        let store: Arc<dyn store::Store> = Arc::new(
-            store::embedded::Embedded::open(&options.data_dir)
-                .with_context(|| format!("opening the store in {}", options.data_dir.display()))?,
-        );
+        let store = open_store(&options)?;
         let metrics = Arc::new(Metrics::new());
         let mut identity = options.identity.clone();
         if !options.listen_tls.ip().is_unspecified() {
@@ -231,6 +236,39 @@ async fn router(
         .add_service(proto::identity_server::IdentityServer::new(
             identity.clone(),
         )))
+}
+
+/// The store `options` name.
+fn open_store(options: &Options) -> anyhow::Result<Arc<dyn store::Store>> {
+    match (&options.store, &options.data_dir) {
+        (None, Some(dir)) => Ok(Arc::new(
+            store::embedded::Embedded::open(dir)
+                .with_context(|| format!("opening the store in {}", dir.display()))?,
+        )),
+        (None, None) => anyhow::bail!("give --data-dir (the embedded store) or --store etcd://…"),
+        (Some(url), _) => open_etcd(url, options),
+    }
+}
+
+#[cfg(feature = "etcd")]
+fn open_etcd(url: &str, options: &Options) -> anyhow::Result<Arc<dyn store::Store>> {
+    let parsed: store::etcd::EtcdUrl = url
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--store {e}"))?;
+    let key_file = options.store_key_file.as_ref().context(
+        "--store etcd://… needs --store-key-file FILE: the key sealing the CA's private key in etcd (created when missing; give every replica the same file)",
+    )?;
+    let key = store::etcd::SealingKey::load_or_create(key_file)?;
+    let store = store::etcd::Etcd::connect(&parsed, key)?;
+    tracing::info!(endpoints = ?parsed.endpoints, prefix = %parsed.prefix, "store: etcd");
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn open_etcd(url: &str, _: &Options) -> anyhow::Result<Arc<dyn store::Store>> {
+    anyhow::bail!(
+        "--store {url}: this wasmesh was built without etcd support; build it with `cargo build --release --features etcd` (which needs protoc: Debian's protobuf-compiler)"
+    )
 }
 
 /// Create `dir` (and parents) for control alone: mode 700, as it holds the

@@ -114,12 +114,14 @@ impl Mesh {
         let validator = Arc::new(crate::validator::RuntimeValidator::new(
             crate::compiler(),
             wasmesh_artifacts::BUILTINS,
-            &data.join("compile-cache"),
+            Some(&data.join("compile-cache")),
         )?);
         let options = wasmesh_control::Options {
             listen,
             admin,
-            data_dir: data.clone(),
+            data_dir: Some(data.clone()),
+            store: None,
+            store_key_file: None,
             admin_token_file: None,
             insecure: false,
             endpoint_grace: wasmesh_control::DEFAULT_ENDPOINT_GRACE,
@@ -270,7 +272,12 @@ impl Mesh {
                 "--admin",
                 &admin.to_string(),
             ])
-            .args(["--workers", "1", "--drain", "2s"]);
+            .args(["--workers", "1", "--drain", "2s"])
+            // One compile cache for all, as one node's sidecars share one:
+            // each plugin is compiled once, by whichever sidecar gets to it
+            // first, and mapped by the others.
+            .arg("--compile-cache")
+            .arg(self.dir.join("compile-cache"));
         if let (Some(app), Some(inbound)) = (&app, inbound) {
             cmd.args(["--app", &app.addr.to_string()])
                 .args(["--inbound", &inbound.to_string()]);

@@ -141,7 +141,7 @@ impl Ctx {
                 "  revision {revision}: all {n} sidecars serve it, {} after the apply{}",
                 traffic::millis(took),
                 if took > Duration::from_secs(1) {
-                    " (each sidecar compiled a plugin new to it)"
+                    " (a plugin new to the mesh was compiled, once: the sidecars share a compile cache)"
                 } else {
                     ""
                 }

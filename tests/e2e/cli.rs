@@ -353,3 +353,44 @@ fn the_compiler_process_turns_a_component_into_an_artifact_or_says_why_not() {
         "{err}"
     );
 }
+
+/// `--store etcd://…` in a build without the `etcd` feature: refused with
+/// how to build one; `--store` without its key file: a usage error.
+#[test]
+#[cfg(not(feature = "etcd"))]
+fn control_on_etcd_needs_a_build_with_the_etcd_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let run = |args: &[&str]| {
+        Command::new(WASMESH)
+            .args([
+                "control",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--listen-tls",
+                "127.0.0.1:0",
+                "--store",
+                "etcd://127.0.0.1:2379",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--admin-token-file", &p("t"), "--store-key-file", &p("k")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "built without etcd support; build it with `cargo build --release --features etcd`"
+        ),
+        "{err}"
+    );
+    let out = run(&["--admin-token-file", &p("t")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--store-key-file"), "{err}");
+}

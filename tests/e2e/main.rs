@@ -6,6 +6,8 @@ mod cli;
 mod control;
 mod demo;
 mod deploy;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod grpc;
 mod guide;
 mod hardening;

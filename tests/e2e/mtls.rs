@@ -878,7 +878,12 @@ async fn with_control_away_a_proxy_serves_on_its_certificate_until_it_expires() 
             "-verify_return_error",
         ])
         .arg("-CAfile")
-        .arg(backend.dir.path().join("cache/identity/bundle.pem"))
+        .arg(
+            backend
+                .dir
+                .path()
+                .join("cache/proxies/backend.v1/identity/bundle.pem"),
+        )
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -933,7 +938,10 @@ async fn control_takes_a_proxys_service_from_its_certificate_not_from_what_it_sa
         p
     };
     let frontend = Proxy::start_mesh(&control, "frontend", &token, &[]).await;
-    let identity = frontend.dir.path().join("cache/identity");
+    let identity = frontend
+        .dir
+        .path()
+        .join("cache/proxies/frontend.v1/identity");
 
     // With frontend's certificate, a Hello that says backend is refused.
     let channel = control_channel(&control.tls_url(), Some(&identity), pin).await;

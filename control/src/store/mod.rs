@@ -8,7 +8,11 @@
 //! a method returns `Ok` the write survives a crash of the process
 //! (`kill -9`) or of the machine.
 
+#[cfg(test)]
+mod conformance;
 pub mod embedded;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 use std::collections::BTreeMap;
 

@@ -81,8 +81,13 @@ fn keep_snapshot(cache: Option<&PathBuf>, s: &proto::Snapshot) {
     let Some(dir) = cache else {
         return;
     };
-    let tmp = dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
-    let written = std::fs::write(&tmp, s.encode_to_vec())
+    let tmp = dir.join(format!(".{SNAPSHOT_FILE}.{}.tmp", std::process::id()));
+    use std::os::unix::fs::DirBuilderExt as _;
+    let written = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::write(&tmp, s.encode_to_vec()))
         .and_then(|()| std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE)));
     if let Err(e) = written {
         tracing::warn!("could not keep the snapshot in the compile cache: {e}");

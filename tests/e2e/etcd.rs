@@ -1,0 +1,227 @@
+//! Control on etcd (`--store etcd://…`, a build with `--features etcd`):
+//! a real etcd on loopback, the state in it and nowhere else — another
+//! control on another data directory (or none) serves every push, apply,
+//! join token and the CA itself; a replica given another sealing key
+//! cannot open the CA and says so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Control, Proxy, Upstream, WASMESH, cli_with, free_port, get, via};
+
+/// An etcd member on loopback, killed when dropped.
+struct Etcd {
+    child: Child,
+    client: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Etcd {
+    async fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let client = format!("127.0.0.1:{}", free_port());
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let child = Command::new("etcd")
+            .args(["--name", "m0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &format!("http://{client}")])
+            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("m0={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd must be installed (Debian: etcd-server)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(&client).await.is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Etcd {
+            child,
+            client,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("etcd://{}/mesh", self.client)
+    }
+}
+
+/// The flags of a control on `etcd`, its admin token in `data` (copied
+/// there from `shared`, as each replica is given the same file) and the
+/// shared sealing key.
+fn replica_args(etcd: &Etcd, data: &Path, shared: &Path) -> Vec<String> {
+    std::fs::create_dir_all(data).unwrap();
+    let token = shared.join("admin.token");
+    if token.exists() {
+        std::fs::copy(&token, data.join("admin.token")).unwrap();
+    }
+    vec![
+        "--store".into(),
+        etcd.url(),
+        "--admin-token-file".into(),
+        data.join("admin.token").display().to_string(),
+        "--store-key-file".into(),
+        shared.join("store.key").display().to_string(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_on_etcd_keeps_its_state_there_for_any_replica() {
+    let etcd = Etcd::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let a_dir = tmp.path().join("a");
+    let args = replica_args(&etcd, &a_dir, &shared);
+    let mut a = Control::start_args(&a_dir, &strs(&args)).await;
+    std::fs::copy(a_dir.join("admin.token"), shared.join("admin.token")).unwrap();
+
+    let up = Upstream::echo("reviews").await;
+    let (code, out, err) = a.cli(&[
+        "push",
+        wasmesh_artifacts::ADD_HEADER,
+        "--name",
+        "tagger",
+        "--version",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let tagged = |v: u32| {
+        format!(
+            "services:\n  frontend: {{}}\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - source: tagger@{v}\n        config: {{ request: {{ x-v: \"{v}\" }} }}\n",
+            up.addr
+        )
+    };
+    a.apply(&tagged(1));
+    let token = a.token("frontend", &["--uses", "2"]);
+    let plain = Proxy::start_control(&a.url(), "frontend", "v1", &[]).await;
+    a.wait_rollout();
+    let r = via(&plain, "reviews", "/").await;
+    assert_eq!(r.json()["headers"]["x-v"], "1", "{}", r.body_text());
+
+    // Replica A dies; B, on its own (empty) data directory and A's ports,
+    // finds everything in etcd.
+    let (listen, admin) = (a.listen, a.admin);
+    a.kill();
+    let b_dir = tmp.path().join("b");
+    let args = replica_args(&etcd, &b_dir, &shared);
+    let b = Control::start_with(
+        &b_dir,
+        [
+            listen,
+            format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            admin,
+        ],
+        &strs(&args),
+    )
+    .await;
+    let (_, out, _) = b.cli(&["get", "plugins", "-o", "json"]);
+    assert!(out.contains("\"tagger\""), "{out}");
+    let (_, out, _) = b.cli(&["get", "services", "-o", "json"]);
+    assert!(out.contains("\"reviews\""), "{out}");
+    // A's join token and A's CA: a proxy joins through B over TLS.
+    let mesh = Proxy::start_mesh(&b, "frontend", &token, &[]).await;
+    b.wait_proxies(2).await;
+    b.wait_rollout();
+    let r = via(&mesh, "reviews", "/").await;
+    assert_eq!(r.json()["headers"]["x-v"], "1", "{}", r.body_text());
+    let (code, out, err) = b.cli(&[
+        "push",
+        wasmesh_artifacts::ADD_HEADER,
+        "--name",
+        "tagger",
+        "--version",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    b.apply(&tagged(2));
+    b.wait_rollout();
+    for p in [&plain, &mesh] {
+        let r = via(p, "reviews", "/").await;
+        assert_eq!(r.json()["headers"]["x-v"], "2", "{}", r.body_text());
+    }
+    let (_, out, _) = b.cli(&["get", "proxies", "-o", "json"]);
+    assert!(
+        out.contains("spiffe://cluster.local/ns/default/sa/frontend"),
+        "{out}"
+    );
+
+    // A third replica with no data directory at all reads the same state.
+    let (c_listen, c_admin) = (free_port(), free_port());
+    let c_dir = tmp.path().join("c");
+    let args = replica_args(&etcd, &c_dir, &shared);
+    let mut c = Command::new(WASMESH)
+        .args(["control", "--listen", &format!("127.0.0.1:{c_listen}")])
+        .args(["--admin", &format!("127.0.0.1:{c_admin}")])
+        .args(["--listen-tls", &format!("127.0.0.1:{}", free_port())])
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("c.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !get(&format!("http://127.0.0.1:{c_admin}/ready"))
+        .await
+        .is_ok_and(|r| r.status == 200)
+    {
+        assert!(
+            c.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(tmp.path().join("c.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token_file: PathBuf = c_dir.join("admin.token");
+    let (code, out, err) = cli_with(
+        &format!("http://127.0.0.1:{c_listen}"),
+        Some(&token_file),
+        &["get", "plugins", "-o", "json"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"2\""), "tagger@2 pushed through B: {out}");
+    let _ = c.kill();
+    let _ = c.wait();
+
+    // A replica given another sealing key cannot open the CA: it stops,
+    // saying what to do.
+    let d_dir = tmp.path().join("d");
+    let mut args = replica_args(&etcd, &d_dir, &shared);
+    let wrong = tmp.path().join("wrong.key");
+    *args.last_mut().unwrap() = wrong.display().to_string();
+    let out = Command::new(WASMESH)
+        .args(["control", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen-tls", &format!("127.0.0.1:{}", free_port())])
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "does not open with this sealing key: give every replica the same --store-key-file"
+        ),
+        "{stderr}"
+    );
+}
