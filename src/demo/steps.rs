@@ -156,7 +156,7 @@ pub async fn start_mesh(ctx: &mut Ctx, rate: u32) -> anyhow::Result<()> {
     }
     let start = Instant::now();
     println!(
-        "  starting {} sidecars (each compiles its plugins once)…",
+        "  starting {} sidecars (sharing one compile cache: each plugin is compiled once)…",
         roles.len()
     );
     ctx.mesh.wait_ready(Duration::from_secs(180)).await?;
