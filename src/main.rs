@@ -66,7 +66,9 @@ enum Command {
             conflicts_with = "control"
         )]
         config: Option<PathBuf>,
-        /// Control's gRPC address, e.g. http://127.0.0.1:15010.
+        /// Control's gRPC address, e.g. http://127.0.0.1:15010, or several,
+        /// comma-separated (control's replicas on one etcd): the proxy moves
+        /// to the next when its own goes away.
         #[arg(long, requires = "service")]
         control: Option<String>,
         /// The service this sidecar stands beside (with --control).

@@ -151,6 +151,7 @@ impl Control {
             auth: self.auth,
         };
         tokio::spawn(self.mesh.clone().write_endpoints());
+        tokio::spawn(self.mesh.clone().follow());
         let expiring = self.mesh.clone();
         tokio::spawn(async move {
             loop {

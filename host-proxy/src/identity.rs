@@ -32,8 +32,45 @@ use wasmesh_identity::token::JoinToken;
 
 use crate::metrics::Metrics;
 
-/// Connect to control at `url`: plaintext, or TLS with `tls`.
+/// Connect to control at one of `urls` (comma-separated): plaintext, or
+/// TLS with `tls`.
 pub async fn connect(
+    urls: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Channel, tonic::transport::Error> {
+    // Control's replicas, `--control URL[,URL…]`: a proxy starts at a random
+    // one (a fleet spreads over them), stays on the one that answers, and
+    // moves on to the next when it does not.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static PREFERRED: AtomicUsize = AtomicUsize::new(usize::MAX);
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let n = list.len().max(1);
+    let _ = PREFERRED.compare_exchange(
+        usize::MAX,
+        fastrand::usize(..n),
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let start = PREFERRED.load(Ordering::Relaxed) % n;
+    let mut last = None;
+    for i in 0..n {
+        let at = (start + i) % n;
+        match connect_one(list.get(at).copied().unwrap_or(urls), tls.clone()).await {
+            Ok(c) => {
+                PREFERRED.store(at, Ordering::Relaxed);
+                return Ok(c);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+async fn connect_one(
     url: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Channel, tonic::transport::Error> {

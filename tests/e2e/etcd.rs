@@ -6,9 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::{Control, Proxy, Upstream, WASMESH, cli_with, free_port, get, via};
+use crate::support::{
+    Control, Proxy, Upstream, WASMESH, cli_with, free_port, get, http1, send, via,
+};
 
 /// An etcd member on loopback, killed when dropped.
 struct Etcd {
@@ -224,4 +228,174 @@ async fn control_on_etcd_keeps_its_state_there_for_any_replica() {
         ),
         "{stderr}"
     );
+}
+
+/// Push the add-header component as `tagger@VERSION` through `control`.
+fn push_tagger(control: &Control, version: u32) {
+    let (code, out, err) = control.cli(&[
+        "push",
+        wasmesh_artifacts::ADD_HEADER,
+        "--name",
+        "tagger",
+        "--version",
+        &version.to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// `reviews` at `up`, tagged by `tagger@VERSION`.
+fn tagged(up: &Upstream, version: u32) -> String {
+    format!(
+        "services:\n  frontend: {{}}\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - source: tagger@{version}\n        config: {{ request: {{ x-v: \"{version}\" }} }}\n",
+        up.addr
+    )
+}
+
+/// Wait until `control` knows `tagger@VERSION` (pushed through another
+/// replica: it learns it from etcd's watch).
+async fn wait_plugin(control: &Control, version: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let version = version.to_string();
+    loop {
+        let (_, out, _) = control.cli(&["get", "plugins", "-o", "json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+        if list
+            .iter()
+            .any(|p| p["name"] == "tagger" && p["version"] == version.as_str())
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tagger@{version} never reached it: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The x-v tag `proxy` gets from reviews.
+async fn tag(proxy: &Proxy) -> String {
+    let r = via(proxy, "reviews", "/").await;
+    r.json()["headers"]["x-v"]
+        .as_str()
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// Two replicas on one etcd: what one is pushed and applied reaches the
+/// proxies of the other; an endpoint registered on one is served by the
+/// other's proxies; a proxy given both moves to the survivor when its
+/// replica is killed (-9) under load, failing no request, and takes the
+/// survivor's next change.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_share_the_mesh_and_proxies_fail_over() {
+    let etcd = Etcd::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let a_dir = tmp.path().join("a");
+    let mut a = Control::start_args(&a_dir, &strs(&replica_args(&etcd, &a_dir, &shared))).await;
+    std::fs::copy(a_dir.join("admin.token"), shared.join("admin.token")).unwrap();
+    let b_dir = tmp.path().join("b");
+    let mut b = Control::start_args(&b_dir, &strs(&replica_args(&etcd, &b_dir, &shared))).await;
+
+    // Pushed through A, applied through B.
+    let up = Upstream::echo("reviews").await;
+    push_tagger(&a, 1);
+    wait_plugin(&b, 1).await;
+    b.apply(&tagged(&up, 1));
+    // A proxy on A alone; its backend's endpoint registered on B alone.
+    let backend_app = Upstream::echo("backend").await;
+    let backend = Proxy::start_control(
+        &b.url(),
+        "backend",
+        "v1",
+        &["--app", &backend_app.addr.to_string()],
+    )
+    .await;
+    b.apply("services:\n  backend: {}\n");
+    let on_a = Proxy::start_control(&a.url(), "frontend", "v1", &[]).await;
+    let both = format!("{},{}", a.url(), b.url());
+    let mover = Proxy::start_control(&both, "frontend", "v1", &[]).await;
+    for c in [&a, &b] {
+        c.wait_rollout();
+    }
+    assert_eq!(tag(&on_a).await, "1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = via(&on_a, "backend", "/").await;
+        if r.status == 200 {
+            assert_eq!(r.json()["upstream"], "backend", "{}", r.body_text());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend's endpoint never reached A: {}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Kill the replica the mover is on, under load through the mover.
+    let mover_on_a = a.proxies().iter().any(|p| {
+        p["service"] == "frontend"
+            && p["instance"]
+                .as_str()
+                .unwrap()
+                .ends_with(&mover.listen.port().to_string())
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listen = mover.listen;
+    let load = {
+        let (stop, failed) = (stop.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut ok = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let req = http::Request::get(format!("http://{listen}/"))
+                    .header("host", "reviews")
+                    .body(http_body_util::Full::default())
+                    .unwrap();
+                match send(http1(), req).await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => failed.lock().unwrap().push(format!("{}", r.status)),
+                    Err(e) => failed.lock().unwrap().push(e),
+                }
+            }
+            ok
+        })
+    };
+    let survivor = if mover_on_a {
+        a.kill();
+        &b
+    } else {
+        b.kill();
+        &a
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !survivor.proxies().iter().any(|p| {
+        p["instance"]
+            .as_str()
+            .unwrap()
+            .ends_with(&mover.listen.port().to_string())
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the mover never reached the survivor"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    push_tagger(survivor, 2);
+    survivor.apply(&tagged(&up, 2));
+    survivor.wait_rollout();
+    assert_eq!(tag(&mover).await, "2");
+    stop.store(true, Ordering::SeqCst);
+    let ok = load.await.unwrap();
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.is_empty() && ok > 0,
+        "{ok} ok, {} failed: {failed:?}",
+        failed.len()
+    );
+    drop(backend);
 }

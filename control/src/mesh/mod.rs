@@ -97,6 +97,9 @@ pub struct Mesh {
     grace: Duration,
     /// Endpoint registrations not yet written to the store.
     pending: proxies::PendingEndpoints,
+    /// This control replica's id (random per process): the owner of the
+    /// endpoints its proxies register.
+    replica: String,
 }
 
 struct Inner {
@@ -127,7 +130,11 @@ impl Mesh {
             specs.insert(name.clone(), spec);
         }
         metrics.revision.set(state.revision as i64);
-        let proxies = proxies::Proxies::from_records(&state.endpoints);
+        // Alone on its store, control owns every endpoint it finds there;
+        // beside other replicas, those are theirs.
+        let shared = store.watch().is_some();
+        let proxies = proxies::Proxies::from_records(&state.endpoints, shared);
+        let replica = hex::encode(fastrand::u64(..).to_be_bytes());
         Ok(Arc::new(Self {
             store,
             validator,
@@ -143,7 +150,61 @@ impl Mesh {
             metrics,
             grace,
             pending: Default::default(),
+            replica,
         }))
+    }
+
+    /// Follow the store's changes by other writers (other control replicas)
+    /// for the life of control: each burst of changes reloads the state.
+    pub async fn follow(self: Arc<Self>) {
+        let Some(mut changes) = self.store.watch() else {
+            return;
+        };
+        while changes.changed().await.is_ok() {
+            // Let a burst of events (one transaction's keys) gather.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            changes.borrow_and_update();
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.reload()).await {
+                Ok(Ok(true)) => tracing::debug!("state reloaded from the store"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!("could not reload the state from the store: {e}"),
+                Err(e) => tracing::error!("reloading the state panicked: {e}"),
+            }
+        }
+    }
+
+    /// Take what the store holds now: config and plugins as written (by any
+    /// replica), and the endpoints other replicas registered. Whether
+    /// anything changed (proxies are then sent new snapshots).
+    pub fn reload(&self) -> Result<bool, StoreError> {
+        // No local write interleaves with a reload.
+        let _writing = self.pending.apply_lock.lock().unwrap();
+        let state = self.store.load()?;
+        let mut specs = BTreeMap::new();
+        for (name, record) in &state.services {
+            let spec: ServiceSpec = serde_json::from_value(record.spec.clone())
+                .map_err(|e| StoreError::Backend(format!("service {name} in the store: {e}")))?;
+            specs.insert(name.clone(), spec);
+        }
+        let mut inner = self.inner.lock().unwrap();
+        let mut changed = false;
+        if state.revision != inner.state.revision || state.services != inner.state.services {
+            inner.state.revision = state.revision;
+            inner.state.services = state.services;
+            inner.specs = specs;
+            self.metrics.revision.set(state.revision as i64);
+            changed = true;
+        }
+        if state.plugins != inner.state.plugins {
+            inner.state.plugins = state.plugins;
+            changed = true;
+        }
+        changed |= inner.proxies.merge(&state.endpoints, &self.replica);
+        if changed {
+            self.bump(&mut inner);
+        }
+        Ok(changed)
     }
 
     /// A receiver that sees every generation change.
@@ -206,6 +267,7 @@ impl Mesh {
             hooks: inspected.hooks,
             pushed_at_ms: now_ms(),
         };
+        let _writing = self.pending.apply_lock.lock().unwrap();
         let pushed = self.store.put_plugin(&meta, component)?;
         let mut inner = self.inner.lock().unwrap();
         let meta = match pushed {
@@ -242,6 +304,7 @@ impl Mesh {
 
     /// Delete a plugin version, unless a service uses it.
     pub fn delete_plugin(&self, key: &str) -> Result<(), Refusal> {
+        let _writing = self.pending.apply_lock.lock().unwrap();
         let inner = self.inner.lock().unwrap();
         let Some(m) = inner.state.plugins.get(key) else {
             return Err(Refusal::NotFound(format!(

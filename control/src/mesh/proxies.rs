@@ -52,16 +52,46 @@ pub(super) struct Proxies {
 }
 
 impl Proxies {
-    /// The endpoints the store remembers, gone since now.
-    pub(super) fn from_records(records: &BTreeMap<String, EndpointRecord>) -> Self {
+    /// The endpoints the store remembers: alone on the store (`shared`
+    /// false), control owns them all, gone since now (they expire unless
+    /// their proxies come back); on a store other replicas share, they are
+    /// theirs, kept while the store holds them.
+    pub(super) fn from_records(records: &BTreeMap<String, EndpointRecord>, shared: bool) -> Self {
         let now = Instant::now();
+        let gone = (!shared).then_some(now);
         Self {
             endpoints: records
                 .iter()
-                .map(|(k, r)| (k.clone(), (r.clone(), Some(now))))
+                .map(|(k, r)| (k.clone(), (r.clone(), gone)))
                 .collect(),
             ..Self::default()
         }
+    }
+
+    /// Take the endpoints other replicas registered, as the store holds
+    /// them now (`me` is this replica): new and changed ones in, removed
+    /// ones out. An endpoint of this replica's that another replica now
+    /// holds (its proxy moved there) becomes that replica's. Whether any
+    /// changed.
+    pub(super) fn merge(&mut self, stored: &BTreeMap<String, EndpointRecord>, me: &str) -> bool {
+        let mut changed = false;
+        for (k, r) in stored.iter().filter(|(_, r)| r.owner != me) {
+            let take = match self.endpoints.get(k) {
+                None => true,
+                Some((known, _)) if known == r => false,
+                // Ours while our proxy is connected; once it is gone, the
+                // other replica's registration wins.
+                Some((known, gone)) => known.owner != me || gone.is_some(),
+            };
+            if take {
+                self.endpoints.insert(k.clone(), (r.clone(), None));
+                changed = true;
+            }
+        }
+        let before = self.endpoints.len();
+        self.endpoints
+            .retain(|k, (r, _)| r.owner == me || stored.contains_key(k));
+        changed | (self.endpoints.len() != before)
     }
 
     /// The proxies connected now (not those gone within the grace
@@ -128,6 +158,7 @@ impl Mesh {
             instance: hello.instance.clone(),
             address: address.clone(),
             identity,
+            owner: self.replica.clone(),
         });
         let cert_expires_at_ms = match peer {
             Some(p) => ms(p.not_after),

@@ -161,6 +161,7 @@ fn services_commit_atomically_against_a_revision_and_survive_reopening(b: &dyn B
             instance: i.into(),
             address: "127.0.0.1:1".into(),
             identity: String::new(),
+            owner: "r1".into(),
         };
         s.commit_endpoints(&[endpoint("x"), endpoint("y")], &[])
             .unwrap();
@@ -171,6 +172,7 @@ fn services_commit_atomically_against_a_revision_and_survive_reopening(b: &dyn B
     assert_eq!(state.services.keys().collect::<Vec<_>>(), ["b"]);
     assert_eq!(state.services["b"].revision, 1);
     assert_eq!(state.endpoints.keys().collect::<Vec<_>>(), ["b/y"]);
+    assert_eq!(state.endpoints["b/y"].owner, "r1");
 }
 
 /// Two writers racing on one revision: exactly one lands.

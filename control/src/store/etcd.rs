@@ -192,6 +192,8 @@ pub struct Etcd {
     prefix: String,
     sealing: SealingKey,
     runtime: Option<tokio::runtime::Runtime>,
+    /// Moves on every change under the prefix (see [`Etcd::watch_changes`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Drop for Etcd {
@@ -258,11 +260,18 @@ impl Etcd {
                 .map_err(|e| backend(format!("reaching {}: {e}", endpoints.join(","))))?;
             Ok::<_, StoreError>(client)
         })??;
+        let changes = tokio::sync::watch::Sender::new(0);
+        runtime.spawn(watch_changes(
+            client.clone(),
+            format!("{}/", url.prefix),
+            changes.clone(),
+        ));
         Ok(Self {
             client,
             prefix: url.prefix.clone(),
             sealing,
             runtime: Some(runtime),
+            changes,
         })
     }
 
@@ -297,6 +306,39 @@ impl Etcd {
     }
 }
 
+/// Watch everything under `prefix` for the life of the store, moving
+/// `changes` on every event (components' chunks aside: their plugin entry
+/// follows them). A broken watch is opened again after a second, and moves
+/// `changes` too: events may have been missed meanwhile.
+async fn watch_changes(client: Client, prefix: String, changes: tokio::sync::watch::Sender<u64>) {
+    let chunks = format!("{prefix}components/");
+    loop {
+        let mut c = client.clone();
+        let opened = c
+            .watch(
+                prefix.clone(),
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await;
+        if let Ok(mut stream) = opened {
+            changes.send_modify(|n| *n += 1);
+            while let Ok(Some(r)) = stream.message().await {
+                let relevant = r.events().iter().any(|e| {
+                    e.kv()
+                        .is_none_or(|kv| !kv.key().starts_with(chunks.as_bytes()))
+                });
+                if relevant {
+                    changes.send_modify(|n| *n += 1);
+                }
+            }
+        }
+        if changes.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Run `fut` on `rt` from any thread (async code included) and wait.
 fn run<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
@@ -311,6 +353,10 @@ fn run<T: Send + 'static>(
 }
 
 impl Store for Etcd {
+    fn watch(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
+    }
+
     fn load(&self) -> Result<State, StoreError> {
         let keys = [
             self.key("meta/revision"),

@@ -72,6 +72,10 @@ pub struct EndpointRecord {
     /// plaintext.
     #[serde(default)]
     pub identity: String,
+    /// The control replica its proxy is connected to, which alone expires
+    /// it (empty: written before replicas were told apart).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
 }
 
 impl EndpointRecord {
@@ -302,6 +306,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Keep a new join token.
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+
+    /// A receiver whose value moves whenever another writer may have
+    /// changed the store (another control replica); `None` for a store only
+    /// this process writes.
+    fn watch(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 
     /// Use a join token once, atomically: it must [`TokenRecord::admit`]
     /// the proxy; then one use is taken.
