@@ -16,48 +16,63 @@ use crate::support::{
 
 /// An etcd member on loopback, killed when dropped.
 struct Etcd {
-    child: Child,
+    child: Option<Child>,
     client: String,
-    _dir: tempfile::TempDir,
+    peer: String,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
 impl Etcd {
     async fn start() -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        let client = format!("127.0.0.1:{}", free_port());
-        let peer = format!("http://127.0.0.1:{}", free_port());
-        let child = Command::new("etcd")
-            .args(["--name", "m0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &format!("http://{client}")])
-            .args(["--advertise-client-urls", &format!("http://{client}")])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("m0={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd must be installed (Debian: etcd-server)");
+        let mut e = Etcd {
+            child: None,
+            client: format!("127.0.0.1:{}", free_port()),
+            peer: format!("http://127.0.0.1:{}", free_port()),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        e.resume().await;
+        e
+    }
+
+    /// Kill it (-9).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it (again) on its data and ports; wait for its client port.
+    async fn resume(&mut self) {
+        let (client, peer) = (&self.client, &self.peer);
+        self.child = Some(
+            Command::new("etcd")
+                .args(["--name", "m0", "--data-dir"])
+                .arg(self.dir.path().join("data"))
+                .args(["--listen-client-urls", &format!("http://{client}")])
+                .args(["--advertise-client-urls", &format!("http://{client}")])
+                .args([
+                    "--listen-peer-urls",
+                    peer,
+                    "--initial-advertise-peer-urls",
+                    peer,
+                ])
+                .args(["--initial-cluster", &format!("m0={peer}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd must be installed (Debian: etcd-server)"),
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(&client).await.is_err() {
+        while tokio::net::TcpStream::connect(&self.client).await.is_err() {
             assert!(Instant::now() < deadline, "etcd did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Etcd {
-            child,
-            client,
-            _dir: dir,
         }
     }
 
@@ -317,7 +332,21 @@ async fn two_replicas_share_the_mesh_and_proxies_fail_over() {
     let on_a = Proxy::start_control(&a.url(), "frontend", "v1", &[]).await;
     let both = format!("{},{}", a.url(), b.url());
     let mover = Proxy::start_control(&both, "frontend", "v1", &[]).await;
+    // Every replica shows every proxy, wherever it is connected, and waits
+    // for all of them.
     for c in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.proxies().len() < 3 {
+            assert!(Instant::now() < deadline, "{:?}", c.proxies());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut services: Vec<String> = c
+            .proxies()
+            .iter()
+            .map(|p| p["service"].as_str().unwrap().to_string())
+            .collect();
+        services.sort();
+        assert_eq!(services, ["backend", "frontend", "frontend"]);
         c.wait_rollout();
     }
     assert_eq!(tag(&on_a).await, "1");
@@ -398,4 +427,64 @@ async fn two_replicas_share_the_mesh_and_proxies_fail_over() {
         failed.len()
     );
     drop(backend);
+}
+
+/// etcd down: control keeps serving its proxies what they have, refuses
+/// writes at once with the store's reason, and takes writes again (and what
+/// was written meanwhile, here nothing) once etcd is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_etcd_down_control_refuses_writes_keeps_serving_and_resyncs() {
+    let mut etcd = Etcd::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let control = Control::start_args(&dir, &strs(&replica_args(&etcd, &dir, tmp.path()))).await;
+    let up = Upstream::echo("reviews").await;
+    push_tagger(&control, 1);
+    control.apply(&tagged(&up, 1));
+    let proxy = Proxy::start_control(&control.url(), "frontend", "v1", &[]).await;
+    control.wait_rollout();
+    assert_eq!(tag(&proxy).await, "1");
+
+    etcd.stop();
+    let started = Instant::now();
+    let (code, out, err) = control.cli_stdin(
+        &["apply", "-f", "-"],
+        &tagged(&up, 1).replace("frontend: {}", "frontend: { }\n  extra: {}"),
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("the store failed: etcd: "), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    // Reads and the proxies go on.
+    let (code, out, _) = control.cli(&["get", "services", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("extra"), "{out}");
+    assert_eq!(tag(&proxy).await, "1");
+
+    etcd.resume().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _, err) = control.cli(&[
+            "push",
+            wasmesh_artifacts::ADD_HEADER,
+            "--name",
+            "tagger",
+            "--version",
+            "2",
+        ]);
+        if code == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd back, writes still refused: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    control.apply(&tagged(&up, 2));
+    control.wait_rollout();
+    assert_eq!(tag(&proxy).await, "2");
 }

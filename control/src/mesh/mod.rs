@@ -100,6 +100,8 @@ pub struct Mesh {
     /// This control replica's id (random per process): the owner of the
     /// endpoints its proxies register.
     replica: String,
+    /// Other replicas share the store: follow it, publish proxy status.
+    shared: bool,
 }
 
 struct Inner {
@@ -151,6 +153,7 @@ impl Mesh {
             grace,
             pending: Default::default(),
             replica,
+            shared,
         }))
     }
 

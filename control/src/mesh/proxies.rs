@@ -69,10 +69,10 @@ impl Proxies {
     }
 
     /// Take the endpoints other replicas registered, as the store holds
-    /// them now (`me` is this replica): new and changed ones in, removed
-    /// ones out. An endpoint of this replica's that another replica now
-    /// holds (its proxy moved there) becomes that replica's. Whether any
-    /// changed.
+    /// them now (`me` is this replica): new and changed ones in; removed
+    /// ones expire after the grace period. An endpoint of this replica's
+    /// that another replica now holds (its proxy moved there) becomes that
+    /// replica's. Whether any changed now.
     pub(super) fn merge(&mut self, stored: &BTreeMap<String, EndpointRecord>, me: &str) -> bool {
         let mut changed = false;
         for (k, r) in stored.iter().filter(|(_, r)| r.owner != me) {
@@ -88,10 +88,16 @@ impl Proxies {
                 changed = true;
             }
         }
-        let before = self.endpoints.len();
-        self.endpoints
-            .retain(|k, (r, _)| r.owner == me || stored.contains_key(k));
-        changed | (self.endpoints.len() != before)
+        // Another replica's endpoint the store no longer holds (its proxy
+        // went away, or the replica itself and its lease did): kept for the
+        // grace period, as a proxy that loses its control keeps its own.
+        let now = Instant::now();
+        for (k, (r, gone)) in &mut self.endpoints {
+            if r.owner != me && gone.is_none() && !stored.contains_key(k) {
+                *gone = Some(now);
+            }
+        }
+        changed
     }
 
     /// The proxies connected now (not those gone within the grace
@@ -131,6 +137,9 @@ pub struct ProxyHandle {
 #[derive(Default)]
 pub(super) struct PendingEndpoints {
     writes: Mutex<BTreeMap<String, Option<EndpointRecord>>>,
+    /// Proxy status for the other replicas (encoded), by
+    /// `SERVICE/INSTANCE`; `None`: gone.
+    statuses: Mutex<BTreeMap<String, Option<Vec<u8>>>>,
     wake: tokio::sync::Notify,
     /// Held by an apply or a delete from its revision read to its commit.
     pub(super) apply_lock: Mutex<()>,
@@ -186,6 +195,9 @@ impl Mesh {
             },
         );
         self.metrics.connected.set(connected(&inner) as i64);
+        if let Some(e) = inner.proxies.entries.get(&handle.key) {
+            self.publish(e);
+        }
         if let Some(r) = endpoint {
             let k = r.key();
             let known = inner.proxies.endpoints.get(&k).map(|(e, _)| e.clone());
@@ -227,6 +239,7 @@ impl Mesh {
                 "proxy refused the snapshot: {error}"
             );
         }
+        self.publish(e);
     }
 
     /// A proxy renewed its certificate. Over mutual TLS only a report for
@@ -237,6 +250,7 @@ impl Mesh {
             && e.identity.as_ref().is_none_or(|id| *id == c.spiffe_id)
         {
             e.cert_expires_at_ms = c.expires_at_ms;
+            self.publish(e);
         }
     }
 
@@ -255,6 +269,10 @@ impl Mesh {
             .is_some_and(|e| e.conn == h.conn);
         if owned && let Some((_, gone)) = inner.proxies.endpoints.get_mut(&k) {
             *gone = Some(now);
+        }
+        if owned && self.shared {
+            self.pending.statuses.lock().unwrap().insert(k, None);
+            self.pending.wake.notify_one();
         }
         self.metrics.connected.set(connected(&inner) as i64);
     }
@@ -278,10 +296,32 @@ impl Mesh {
             return;
         }
         for k in expired {
-            inner.proxies.endpoints.remove(&k);
-            self.write_endpoint(k, None);
+            // Another replica's is already gone from the store.
+            let own = inner
+                .proxies
+                .endpoints
+                .remove(&k)
+                .is_some_and(|(r, _)| r.owner == self.replica);
+            if own || !self.shared {
+                self.write_endpoint(k, None);
+            }
         }
         self.bump(&mut inner);
+    }
+
+    /// Publish `e`'s status for the other replicas (on a shared store).
+    fn publish(&self, e: &Entry) {
+        if !self.shared {
+            return;
+        }
+        let key = format!("{}/{}", e.hello.service, e.hello.instance);
+        let bytes = prost::Message::encode_to_vec(&status_of(e));
+        self.pending
+            .statuses
+            .lock()
+            .unwrap()
+            .insert(key, Some(bytes));
+        self.pending.wake.notify_one();
     }
 
     fn write_endpoint(&self, key: String, record: Option<EndpointRecord>) {
@@ -301,11 +341,27 @@ impl Mesh {
                 batch.into_iter().partition(|(_, r)| r.is_some());
             let upserts: Vec<EndpointRecord> = upserts.into_iter().filter_map(|(_, r)| r).collect();
             let deletes: Vec<String> = deletes.into_iter().map(|(k, _)| k).collect();
+            let statuses = std::mem::take(&mut *self.pending.statuses.lock().unwrap());
+            let (published, gone): (Vec<_>, Vec<_>) =
+                statuses.into_iter().partition(|(_, s)| s.is_some());
+            let published: Vec<(String, Vec<u8>)> = published
+                .into_iter()
+                .filter_map(|(k, s)| Some((k, s?)))
+                .collect();
+            let gone: Vec<String> = gone.into_iter().map(|(k, _)| k).collect();
             let store = self.store.clone();
-            let r = tokio::task::spawn_blocking(move || store.commit_endpoints(&upserts, &deletes))
-                .await;
+            let r = tokio::task::spawn_blocking(move || {
+                if !(upserts.is_empty() && deletes.is_empty()) {
+                    store.commit_endpoints(&upserts, &deletes)?;
+                }
+                if !(published.is_empty() && gone.is_empty()) {
+                    store.commit_statuses(&published, &gone)?;
+                }
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .await;
             if let Ok(Err(e)) = r {
-                tracing::error!("could not record registered endpoints: {e}");
+                tracing::error!("could not record registered endpoints and proxy status: {e}");
             }
         }
     }
@@ -331,31 +387,125 @@ impl Mesh {
             .collect();
         let inner = self.inner.lock().unwrap();
         for e in inner.proxies.live() {
-            let (nacked_version, nack_reason) = e.nack.clone().unwrap_or_default();
             out.push(proto::ProxyStatus {
-                service: e.hello.service.clone(),
-                subset: e.hello.subset.clone(),
-                instance: e.hello.instance.clone(),
-                app_address: e.hello.app_address.clone(),
-                proxy_version: e.hello.proxy_version.clone(),
                 latest_version: latest.get(&e.hello.service).cloned().unwrap_or_default(),
-                applied_version: e.applied.clone(),
-                nacked_version,
-                nack_reason,
-                connected_at_ms: e.connected_at_ms,
-                last_reply_at_ms: e.last_reply_at_ms,
-                spiffe_id: e.identity.clone().unwrap_or_default(),
-                certificate_expires_at_ms: e.cert_expires_at_ms,
-                endpoint: e.endpoint.clone(),
+                ..status_of(e)
             });
         }
+        let revision = inner.state.revision;
+        drop(inner);
+        // Beside other replicas: their proxies too, as they published them.
+        if self.shared {
+            let mine: std::collections::BTreeSet<(String, String)> = out
+                .iter()
+                .map(|p| (p.service.clone(), p.instance.clone()))
+                .collect();
+            match self.store.statuses() {
+                Ok(published) => {
+                    for (_, bytes) in published {
+                        let Ok(mut p) =
+                            <proto::ProxyStatus as prost::Message>::decode(bytes.as_slice())
+                        else {
+                            continue;
+                        };
+                        if mine.contains(&(p.service.clone(), p.instance.clone())) {
+                            continue;
+                        }
+                        p.latest_version = self.snapshot(&p.service).version.clone();
+                        out.push(p);
+                    }
+                }
+                Err(e) => tracing::warn!("could not read the other replicas' proxies: {e}"),
+            }
+            out.sort_by(|a, b| (&a.service, &a.instance).cmp(&(&b.service, &b.instance)));
+        }
         proto::ProxiesResponse {
-            revision: inner.state.revision,
+            revision,
             proxies: out,
         }
     }
 }
 
+/// What control shows of a proxy (its latest version aside: that is the
+/// reader's to compute).
+fn status_of(e: &Entry) -> proto::ProxyStatus {
+    let (nacked_version, nack_reason) = e.nack.clone().unwrap_or_default();
+    proto::ProxyStatus {
+        service: e.hello.service.clone(),
+        subset: e.hello.subset.clone(),
+        instance: e.hello.instance.clone(),
+        app_address: e.hello.app_address.clone(),
+        proxy_version: e.hello.proxy_version.clone(),
+        latest_version: String::new(),
+        applied_version: e.applied.clone(),
+        nacked_version,
+        nack_reason,
+        connected_at_ms: e.connected_at_ms,
+        last_reply_at_ms: e.last_reply_at_ms,
+        spiffe_id: e.identity.clone().unwrap_or_default(),
+        certificate_expires_at_ms: e.cert_expires_at_ms,
+        endpoint: e.endpoint.clone(),
+    }
+}
+
 fn connected(inner: &Inner) -> usize {
     inner.proxies.live().count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(instance: &str, owner: &str, address: &str) -> EndpointRecord {
+        EndpointRecord {
+            service: "reviews".into(),
+            subset: "v1".into(),
+            instance: instance.into(),
+            address: address.into(),
+            identity: String::new(),
+            owner: owner.into(),
+        }
+    }
+
+    fn stored(records: &[EndpointRecord]) -> BTreeMap<String, EndpointRecord> {
+        records.iter().map(|r| (r.key(), r.clone())).collect()
+    }
+
+    #[test]
+    fn other_replicas_endpoints_come_change_and_expire_and_ours_stay_ours() {
+        let mut p = Proxies::default();
+        // Ours: a connected proxy's, and one whose proxy went away.
+        p.endpoints.insert(
+            "reviews/mine".into(),
+            (record("mine", "me", "10.0.0.1:1"), None),
+        );
+        let left = Instant::now();
+        p.endpoints.insert(
+            "reviews/moved".into(),
+            (record("moved", "me", "10.0.0.2:1"), Some(left)),
+        );
+
+        let theirs = record("theirs", "r2", "10.0.0.3:1");
+        // The moved proxy is on r2 now; r2 also claims "mine", which is
+        // connected here: ours wins until it goes away.
+        let moved = record("moved", "r2", "10.0.0.2:1");
+        let contested = record("mine", "r2", "10.0.0.9:1");
+        assert!(p.merge(&stored(&[theirs.clone(), moved.clone(), contested]), "me"));
+        assert_eq!(p.endpoints["reviews/theirs"], (theirs.clone(), None));
+        assert_eq!(p.endpoints["reviews/moved"], (moved.clone(), None));
+        assert_eq!(p.endpoints["reviews/mine"].0.owner, "me");
+        // Nothing new: nothing changed.
+        let same = stored(&[theirs.clone(), moved.clone()]);
+        assert!(!p.merge(&same, "me"));
+        // r2's registration changes address; then leaves the store: kept,
+        // gone since now (it expires after the grace period).
+        let changed = record("theirs", "r2", "10.0.0.4:1");
+        assert!(p.merge(&stored(&[changed.clone(), moved.clone()]), "me"));
+        assert_eq!(p.endpoints["reviews/theirs"].0, changed);
+        p.merge(&stored(&[moved]), "me");
+        let (r, gone) = &p.endpoints["reviews/theirs"];
+        assert_eq!(r, &changed);
+        assert!(gone.is_some());
+        assert!(p.endpoints["reviews/mine"].1.is_none());
+    }
 }

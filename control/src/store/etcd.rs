@@ -7,10 +7,17 @@
 //! PREFIX/services/NAME            ServiceRecord (JSON)
 //! PREFIX/plugins/NAME@VERSION     PluginMeta (JSON)
 //! PREFIX/components/SHA256/NNNN   the component's bytes, 1 MiB chunks
-//! PREFIX/endpoints/SERVICE/INST   EndpointRecord (JSON)
+//! PREFIX/endpoints/SERVICE/INST   EndpointRecord (JSON)        } on the
+//! PREFIX/status/SERVICE/INST      a proxy's status (protobuf)  } replica's lease
 //! PREFIX/ca                       CaRecord (JSON; the key sealed, below)
 //! PREFIX/tokens/ID                TokenRecord (JSON)
 //! ```
+//!
+//! What a replica's proxies registered and how they are (endpoints, status)
+//! lives on that replica's lease (10 s, renewed every 3 s): if the replica
+//! dies, its entries go with it, while its proxies register again on the
+//! replica they move to. A lease lost (etcd away longer than its TTL) is
+//! replaced and the replica's entries written again.
 //!
 //! A component is written first as immutable, content-addressed chunks
 //! (each well under etcd's 1.5 MiB request limit), then one small
@@ -30,6 +37,8 @@
 //! each with a deadline: with etcd unreachable a call fails with a clear
 //! error instead of hanging.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{
@@ -192,9 +201,21 @@ pub struct Etcd {
     prefix: String,
     sealing: SealingKey,
     runtime: Option<tokio::runtime::Runtime>,
-    /// Moves on every change under the prefix (see [`Etcd::watch_changes`]).
+    /// Moves on every change under the prefix (see [`watch_changes`]).
     changes: tokio::sync::watch::Sender<u64>,
+    /// This replica's entries on its lease, and the lease.
+    leased: Arc<Leased>,
 }
+
+/// Keys this replica wrote on its lease (to write again on a new lease).
+#[derive(Default)]
+struct Leased {
+    lease: std::sync::atomic::AtomicI64,
+    keys: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+}
+
+/// TTL of a replica's lease, seconds.
+const LEASE_TTL: i64 = 10;
 
 impl Drop for Etcd {
     fn drop(&mut self) {
@@ -260,6 +281,18 @@ impl Etcd {
                 .map_err(|e| backend(format!("reaching {}: {e}", endpoints.join(","))))?;
             Ok::<_, StoreError>(client)
         })??;
+        let leased = Arc::new(Leased::default());
+        let lease = {
+            let mut c = client.clone();
+            run(
+                &runtime,
+                async move { c.lease_grant(LEASE_TTL, None).await },
+            )?
+            .map_err(|e| backend(format!("granting this replica's lease: {e}")))?
+            .id()
+        };
+        leased.lease.store(lease, Ordering::Relaxed);
+        runtime.spawn(keep_lease(client.clone(), leased.clone()));
         let changes = tokio::sync::watch::Sender::new(0);
         runtime.spawn(watch_changes(
             client.clone(),
@@ -272,6 +305,40 @@ impl Etcd {
             sealing,
             runtime: Some(runtime),
             changes,
+            leased,
+        })
+    }
+
+    /// Put or delete keys on this replica's lease, in transactions of at
+    /// most etcd's 128 operations.
+    fn commit_leased(
+        &self,
+        upserts: Vec<(String, Vec<u8>)>,
+        deletes: Vec<String>,
+    ) -> Result<(), StoreError> {
+        {
+            let mut keys = self.leased.keys.lock().unwrap();
+            for (k, v) in &upserts {
+                keys.insert(k.clone(), v.clone());
+            }
+            for k in &deletes {
+                keys.remove(k);
+            }
+        }
+        let lease = self.leased.lease.load(Ordering::Relaxed);
+        let mut ops: Vec<TxnOp> = upserts
+            .into_iter()
+            .map(|(k, v)| TxnOp::put(k, v, Some(etcd_client::PutOptions::new().with_lease(lease))))
+            .collect();
+        ops.extend(deletes.into_iter().map(|k| TxnOp::delete(k, None)));
+        self.call(move |mut c| async move {
+            while !ops.is_empty() {
+                let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
+                c.txn(Txn::new().and_then(std::mem::replace(&mut ops, rest)))
+                    .await
+                    .map_err(backend)?;
+            }
+            Ok(())
         })
     }
 
@@ -303,6 +370,68 @@ impl Etcd {
                 existing: existing.sha256.clone(),
             })
         }
+    }
+}
+
+/// Keep this replica's lease alive (every third of its TTL) for the life of
+/// the store; when it is lost, take a new one and write the replica's keys
+/// again on it.
+async fn keep_lease(client: Client, leased: Arc<Leased>) {
+    let mut c = client;
+    loop {
+        let id = leased.lease.load(Ordering::Relaxed);
+        if let Ok((mut keeper, mut responses)) = c.lease_keep_alive(id).await {
+            loop {
+                tokio::time::sleep(Duration::from_secs(LEASE_TTL as u64 / 3)).await;
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match responses.message().await {
+                    Ok(Some(r)) if r.ttl() > 0 => {}
+                    _ => break,
+                }
+            }
+        }
+        // Still ours? Otherwise a new lease, and everything on it again.
+        let alive = c
+            .lease_time_to_live(id, None)
+            .await
+            .is_ok_and(|r| r.ttl() > 0);
+        if alive {
+            continue;
+        }
+        let Ok(granted) = c.lease_grant(LEASE_TTL, None).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let lease = granted.id();
+        leased.lease.store(lease, Ordering::Relaxed);
+        let keys: Vec<(String, Vec<u8>)> = leased
+            .keys
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for chunk in keys.chunks(MAX_TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(k, v)| {
+                    TxnOp::put(
+                        k.clone(),
+                        v.clone(),
+                        Some(etcd_client::PutOptions::new().with_lease(lease)),
+                    )
+                })
+                .collect();
+            if let Err(e) = c.txn(Txn::new().and_then(ops)).await {
+                tracing::warn!("writing this replica's entries on its new lease: {e}");
+            }
+        }
+        tracing::warn!(
+            lease,
+            "this replica's etcd lease was lost; its entries are written again on a new one"
+        );
     }
 }
 
@@ -589,26 +718,51 @@ impl Store for Etcd {
         upserts: &[EndpointRecord],
         deletes: &[String],
     ) -> Result<(), StoreError> {
-        // Live registrations, not config: in transactions of at most
-        // etcd's 128 operations each.
-        let mut ops: Vec<TxnOp> = upserts
-            .iter()
-            .map(|r| TxnOp::put(self.key(&format!("endpoints/{}", r.key())), json(r), None))
-            .collect();
-        ops.extend(
+        // Live registrations, not config: on this replica's lease.
+        self.commit_leased(
+            upserts
+                .iter()
+                .map(|r| (self.key(&format!("endpoints/{}", r.key())), json(r)))
+                .collect(),
             deletes
                 .iter()
-                .map(|k| TxnOp::delete(self.key(&format!("endpoints/{k}")), None)),
-        );
-        self.call(move |mut c| async move {
-            while !ops.is_empty() {
-                let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
-                c.txn(Txn::new().and_then(std::mem::replace(&mut ops, rest)))
-                    .await
-                    .map_err(backend)?;
-            }
-            Ok(())
-        })
+                .map(|k| self.key(&format!("endpoints/{k}")))
+                .collect(),
+        )
+    }
+
+    fn commit_statuses(
+        &self,
+        upserts: &[(String, Vec<u8>)],
+        deletes: &[String],
+    ) -> Result<(), StoreError> {
+        self.commit_leased(
+            upserts
+                .iter()
+                .map(|(k, v)| (self.key(&format!("status/{k}")), v.clone()))
+                .collect(),
+            deletes
+                .iter()
+                .map(|k| self.key(&format!("status/{k}")))
+                .collect(),
+        )
+    }
+
+    fn statuses(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = self.key("status/");
+        let kvs = self.call(|mut c| async move {
+            let mut r = c.get(prefix, prefixed()).await.map_err(backend)?;
+            Ok(r.take_kvs())
+        })?;
+        let strip = self.key("status/");
+        Ok(kvs
+            .into_iter()
+            .map(|kv| {
+                let (k, v) = kv.into_key_value();
+                let k = String::from_utf8_lossy(&k);
+                (k.strip_prefix(&strip).unwrap_or(&k).to_string(), v)
+            })
+            .collect())
     }
 
     fn ca(&self) -> Result<Option<CaRecord>, StoreError> {

@@ -314,6 +314,23 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Publish this replica's proxies' status (each encoded, by
+    /// `SERVICE/INSTANCE`) for the other replicas to show, for as long as
+    /// this replica lives; a store no other replica reads keeps nothing.
+    fn commit_statuses(
+        &self,
+        upserts: &[(String, Vec<u8>)],
+        deletes: &[String],
+    ) -> Result<(), StoreError> {
+        let _ = (upserts, deletes);
+        Ok(())
+    }
+
+    /// Every replica's published proxy status, by `SERVICE/INSTANCE`.
+    fn statuses(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// Use a join token once, atomically: it must [`TokenRecord::admit`]
     /// the proxy; then one use is taken.
     fn redeem_token(
