@@ -14,70 +14,106 @@ use crate::support::{
     Control, Proxy, Upstream, WASMESH, cli_with, free_port, get, http1, send, via,
 };
 
-/// An etcd member on loopback, killed when dropped.
+/// An etcd cluster on loopback (its members' data in one temporary
+/// directory), killed when dropped.
 struct Etcd {
+    members: Vec<Member>,
+    dir: tempfile::TempDir,
+}
+
+struct Member {
     child: Option<Child>,
     client: String,
     peer: String,
-    dir: tempfile::TempDir,
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        self.stop();
+        for i in 0..self.members.len() {
+            self.stop(i);
+        }
     }
 }
 
 impl Etcd {
+    /// One member.
     async fn start() -> Etcd {
+        Self::cluster(1).await
+    }
+
+    /// `n` members, started together.
+    async fn cluster(n: usize) -> Etcd {
         let mut e = Etcd {
-            child: None,
-            client: format!("127.0.0.1:{}", free_port()),
-            peer: format!("http://127.0.0.1:{}", free_port()),
+            members: (0..n)
+                .map(|_| Member {
+                    child: None,
+                    client: format!("127.0.0.1:{}", free_port()),
+                    peer: format!("http://127.0.0.1:{}", free_port()),
+                })
+                .collect(),
             dir: tempfile::tempdir().unwrap(),
         };
-        e.resume().await;
+        for i in 0..n {
+            e.spawn(i);
+        }
+        for i in 0..n {
+            e.wait(i).await;
+        }
         e
     }
 
-    /// Kill it (-9).
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+    /// Kill member `i` (-9).
+    fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// Start it (again) on its data and ports; wait for its client port.
-    async fn resume(&mut self) {
-        let (client, peer) = (&self.client, &self.peer);
-        self.child = Some(
-            Command::new("etcd")
-                .args(["--name", "m0", "--data-dir"])
-                .arg(self.dir.path().join("data"))
-                .args(["--listen-client-urls", &format!("http://{client}")])
-                .args(["--advertise-client-urls", &format!("http://{client}")])
-                .args([
-                    "--listen-peer-urls",
-                    peer,
-                    "--initial-advertise-peer-urls",
-                    peer,
-                ])
-                .args(["--initial-cluster", &format!("m0={peer}")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("etcd must be installed (Debian: etcd-server)"),
-        );
+    /// Start member `i` again on its data and ports.
+    async fn resume(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait(i).await;
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let cluster: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(j, m)| format!("m{j}={}", m.peer))
+            .collect();
+        let m = &self.members[i];
+        let child = Command::new("etcd")
+            .args(["--name", &format!("m{i}"), "--data-dir"])
+            .arg(self.dir.path().join(format!("m{i}")))
+            .args(["--listen-client-urls", &format!("http://{}", m.client)])
+            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-peer-urls", &m.peer])
+            .args(["--initial-advertise-peer-urls", &m.peer])
+            .args(["--initial-cluster", &cluster.join(",")])
+            .args(["--initial-cluster-state", "new"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd must be installed (Debian: etcd-server)");
+        self.members[i].child = Some(child);
+    }
+
+    async fn wait(&self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(&self.client).await.is_err() {
-            assert!(Instant::now() < deadline, "etcd did not start");
+        while tokio::net::TcpStream::connect(&self.members[i].client)
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "etcd member {i} did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     fn url(&self) -> String {
-        format!("etcd://{}/mesh", self.client)
+        let clients: Vec<&str> = self.members.iter().map(|m| m.client.as_str()).collect();
+        format!("etcd://{}/mesh", clients.join(","))
     }
 }
 
@@ -445,7 +481,7 @@ async fn with_etcd_down_control_refuses_writes_keeps_serving_and_resyncs() {
     control.wait_rollout();
     assert_eq!(tag(&proxy).await, "1");
 
-    etcd.stop();
+    etcd.stop(0);
     let started = Instant::now();
     let (code, out, err) = control.cli_stdin(
         &["apply", "-f", "-"],
@@ -464,7 +500,7 @@ async fn with_etcd_down_control_refuses_writes_keeps_serving_and_resyncs() {
     assert!(!out.contains("extra"), "{out}");
     assert_eq!(tag(&proxy).await, "1");
 
-    etcd.resume().await;
+    etcd.resume(0).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (code, _, err) = control.cli(&[
@@ -487,4 +523,130 @@ async fn with_etcd_down_control_refuses_writes_keeps_serving_and_resyncs() {
     control.apply(&tagged(&up, 2));
     control.wait_rollout();
     assert_eq!(tag(&proxy).await, "2");
+}
+
+/// Push `tagger@VERSION` and apply it through `control`, again until
+/// acknowledged (a write may be refused while an etcd member or a replica
+/// is down): the revision it was acknowledged at.
+async fn push_and_apply(control: &Control, up: &Upstream, version: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for step in [&["push"][..], &["apply"][..]] {
+        loop {
+            let (code, out, err) = if step[0] == "push" {
+                control.cli(&[
+                    "push",
+                    wasmesh_artifacts::ADD_HEADER,
+                    "--name",
+                    "tagger",
+                    "--version",
+                    &version.to_string(),
+                ])
+            } else {
+                control.cli_stdin(&["apply", "-f", "-"], &tagged(up, version))
+            };
+            if code == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {version} never acknowledged: {out}{err}",
+                step[0]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The whole scene: three replicas on a three-member etcd, six
+/// proxies spread over them under continuous load; one replica killed (-9),
+/// then one etcd member, then both restarted, pushing and applying all the
+/// while: no client request fails, every acknowledged push and apply is on
+/// every replica, every proxy ends on the latest version.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_on_three_members_lose_nothing_through_kills() {
+    let mut etcd = Etcd::cluster(3).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c"] {
+        let dir = tmp.path().join(name);
+        let args = replica_args(&etcd, &dir, &shared);
+        let control = Control::start_args(&dir, &strs(&args)).await;
+        if name == "a" {
+            std::fs::copy(dir.join("admin.token"), shared.join("admin.token")).unwrap();
+        }
+        replicas.push(control);
+    }
+    let up = Upstream::echo("reviews").await;
+    push_and_apply(&replicas[0], &up, 1).await;
+    let urls: Vec<String> = replicas.iter().map(Control::url).collect();
+    let all = urls.join(",");
+    let mut proxies = Vec::new();
+    for _ in 0..6 {
+        proxies.push(Proxy::start_control(&all, "frontend", "v1", &[]).await);
+    }
+    for c in &replicas {
+        c.wait_proxies(6).await;
+        c.wait_rollout();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listens: Vec<_> = proxies.iter().map(|p| p.listen).collect();
+    let load = {
+        let (stop, failed) = (stop.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for n in 0usize.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let req = http::Request::get(format!("http://{}/", listens[n % listens.len()]))
+                    .header("host", "reviews")
+                    .body(http_body_util::Full::default())
+                    .unwrap();
+                match send(http1(), req).await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => failed.lock().unwrap().push(format!("{}", r.status)),
+                    Err(e) => failed.lock().unwrap().push(e),
+                }
+            }
+            ok
+        })
+    };
+
+    let (a_listen, a_admin, a_tls) = (replicas[0].listen, replicas[0].admin, replicas[0].tls);
+    replicas[0].kill();
+    push_and_apply(&replicas[1], &up, 2).await;
+    etcd.stop(1);
+    push_and_apply(&replicas[2], &up, 3).await;
+    let a_dir = tmp.path().join("a");
+    let args = replica_args(&etcd, &a_dir, &shared);
+    replicas[0] = Control::start_with(&a_dir, [a_listen, a_tls, a_admin], &strs(&args)).await;
+    etcd.resume(1).await;
+    push_and_apply(&replicas[0], &up, 4).await;
+
+    for c in &replicas {
+        c.wait_proxies(6).await;
+        c.wait_rollout();
+        let (_, out, _) = c.cli(&["get", "plugins", "-o", "json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        let mut versions: Vec<&str> = list
+            .iter()
+            .map(|p| p["version"].as_str().unwrap())
+            .collect();
+        versions.sort();
+        assert_eq!(versions, ["1", "2", "3", "4"], "{out}");
+    }
+    for p in &proxies {
+        assert_eq!(tag(p).await, "4");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let ok = load.await.unwrap();
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.is_empty() && ok > 0,
+        "{ok} ok, {} failed: {failed:?}",
+        failed.len()
+    );
 }

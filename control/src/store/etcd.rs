@@ -200,7 +200,7 @@ pub struct Etcd {
     client: Client,
     prefix: String,
     sealing: SealingKey,
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Background,
     /// Moves on every change under the prefix (see [`watch_changes`]).
     changes: tokio::sync::watch::Sender<u64>,
     /// This replica's entries on its lease, and the lease.
@@ -217,14 +217,29 @@ struct Leased {
 /// TTL of a replica's lease, seconds.
 const LEASE_TTL: i64 = 10;
 
-impl Drop for Etcd {
+/// The store's own runtime, shut down without waiting when dropped (it is
+/// dropped from async code too, where a runtime must not block).
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Background {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("the runtime lives until drop")
+    }
+}
+
+impl Drop for Background {
     fn drop(&mut self) {
-        // Dropped from async code too, where a runtime must not block.
-        if let Some(rt) = self.runtime.take() {
+        if let Some(rt) = self.0.take() {
             rt.shutdown_background();
         }
     }
 }
+
+/// How tonic says a request never left: its connection failed.
+const UNREACHED: &str = "tcp connect error";
+
+/// How long a starting control waits for etcd to answer.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(15);
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
@@ -259,42 +274,54 @@ impl Etcd {
     /// Connect to `url`'s members (waiting up to a few seconds for one to
     /// answer), sealing the CA key with `sealing`.
     pub fn connect(url: &EtcdUrl, sealing: SealingKey) -> Result<Self, StoreError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("etcd-store")
-            .enable_all()
-            .build()
-            .map_err(backend)?;
+        let runtime = Background(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("etcd-store")
+                .enable_all()
+                .build()
+                .map_err(backend)?,
+        ));
         let endpoints = url.endpoints.clone();
-        let client = run(&runtime, async move {
-            let options = ConnectOptions::new()
-                .with_connect_timeout(Duration::from_secs(3))
-                .with_timeout(REQUEST_TIMEOUT)
-                .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-            let mut client = Client::connect(&endpoints, Some(options))
-                .await
-                .map_err(|e| backend(format!("connecting to {}: {e}", endpoints.join(","))))?;
-            // One read, so that a wrong address fails here, not at the first write.
-            client
-                .get("/", None)
-                .await
-                .map_err(|e| backend(format!("reaching {}: {e}", endpoints.join(","))))?;
-            Ok::<_, StoreError>(client)
+        // A cluster just started may still be electing its leader: try for
+        // a while before giving up.
+        let (client, lease) = run(runtime.get(), async move {
+            let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+            loop {
+                let attempt = async {
+                    let options = ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_secs(3))
+                        .with_timeout(REQUEST_TIMEOUT)
+                        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+                    let mut client = Client::connect(&endpoints, Some(options))
+                        .await
+                        .map_err(|e| format!("connecting to {}: {e}", endpoints.join(",")))?;
+                    let lease = client
+                        .lease_grant(LEASE_TTL, None)
+                        .await
+                        .map_err(|e| {
+                            format!(
+                                "granting this replica's lease at {}: {e}",
+                                endpoints.join(",")
+                            )
+                        })?
+                        .id();
+                    Ok::<_, String>((client, lease))
+                };
+                match attempt.await {
+                    Ok(done) => return Ok(done),
+                    Err(e) if tokio::time::Instant::now() >= deadline => return Err(backend(e)),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
         })??;
         let leased = Arc::new(Leased::default());
-        let lease = {
-            let mut c = client.clone();
-            run(
-                &runtime,
-                async move { c.lease_grant(LEASE_TTL, None).await },
-            )?
-            .map_err(|e| backend(format!("granting this replica's lease: {e}")))?
-            .id()
-        };
         leased.lease.store(lease, Ordering::Relaxed);
-        runtime.spawn(keep_lease(client.clone(), leased.clone()));
+        runtime
+            .get()
+            .spawn(keep_lease(client.clone(), leased.clone()));
         let changes = tokio::sync::watch::Sender::new(0);
-        runtime.spawn(watch_changes(
+        runtime.get().spawn(watch_changes(
             client.clone(),
             format!("{}/", url.prefix),
             changes.clone(),
@@ -303,7 +330,7 @@ impl Etcd {
             client,
             prefix: url.prefix.clone(),
             sealing,
-            runtime: Some(runtime),
+            runtime,
             changes,
             leased,
         })
@@ -331,14 +358,17 @@ impl Etcd {
             .map(|(k, v)| TxnOp::put(k, v, Some(etcd_client::PutOptions::new().with_lease(lease))))
             .collect();
         ops.extend(deletes.into_iter().map(|k| TxnOp::delete(k, None)));
-        self.call(move |mut c| async move {
-            while !ops.is_empty() {
-                let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
-                c.txn(Txn::new().and_then(std::mem::replace(&mut ops, rest)))
-                    .await
-                    .map_err(backend)?;
+        self.call(move |mut c| {
+            let mut ops = ops.clone();
+            async move {
+                while !ops.is_empty() {
+                    let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
+                    c.txn(Txn::new().and_then(std::mem::replace(&mut ops, rest)))
+                        .await
+                        .map_err(backend)?;
+                }
+                Ok(())
             }
-            Ok(())
         })
     }
 
@@ -346,14 +376,25 @@ impl Etcd {
         format!("{}/{rest}", self.prefix)
     }
 
-    /// Run `f` with a client on the store's runtime and wait for it.
-    fn call<T, F>(&self, f: impl FnOnce(Client) -> F) -> Result<T, StoreError>
+    /// Run `f` with a client on the store's runtime and wait for it — again
+    /// (a few times) when it could not reach the etcd member it was sent
+    /// to: with a member down, requests balanced onto it fail to connect
+    /// and never reach etcd, so another member may take them.
+    fn call<T, F>(&self, f: impl Fn(Client) -> F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        let rt = self.runtime.as_ref().expect("the runtime lives until drop");
-        run(rt, f(self.client.clone()))?
+        let mut tries = 0;
+        loop {
+            match run(self.runtime.get(), f(self.client.clone()))? {
+                Err(StoreError::Backend(m)) if m.contains(UNREACHED) && tries < 8 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                r => return r,
+            }
+        }
     }
 
     fn chunk_key(&self, sha256: &str, i: usize) -> String {
@@ -493,15 +534,18 @@ impl Store for Etcd {
             self.key("plugins/"),
             self.key("endpoints/"),
         ];
-        let ops = self.call(|mut c| async move {
-            // One transaction: one consistent snapshot of the four.
-            let txn = Txn::new().and_then([
-                TxnOp::get(keys[0].clone(), None),
-                TxnOp::get(keys[1].clone(), prefixed()),
-                TxnOp::get(keys[2].clone(), prefixed()),
-                TxnOp::get(keys[3].clone(), prefixed()),
-            ]);
-            c.txn(txn).await.map(|r| r.op_responses()).map_err(backend)
+        let ops = self.call(move |mut c| {
+            let keys = keys.clone();
+            async move {
+                // One transaction: one consistent snapshot of the four.
+                let txn = Txn::new().and_then([
+                    TxnOp::get(keys[0].clone(), None),
+                    TxnOp::get(keys[1].clone(), prefixed()),
+                    TxnOp::get(keys[2].clone(), prefixed()),
+                    TxnOp::get(keys[3].clone(), prefixed()),
+                ]);
+                c.txn(txn).await.map(|r| r.op_responses()).map_err(backend)
+            }
         })?;
         let mut state = State {
             revision: match read(&ops, 0).first() {
@@ -543,40 +587,43 @@ impl Store for Etcd {
             )));
         }
         let (meta, value) = (meta.clone(), json(meta));
-        let existing = self.call(move |mut c| async move {
-            let got = c.get(entry.clone(), None).await.map_err(backend)?;
-            if let Some(kv) = got.kvs().first() {
-                return Ok(Some(parse::<PluginMeta>(kv)?));
-            }
-            // Content-addressed chunks, written before anything names them
-            // (writing them again is harmless).
-            for (k, v) in &chunks {
-                c.put(k.clone(), v.clone(), None).await.map_err(backend)?;
-            }
-            // Visible only if it is still absent and every chunk is there.
-            let mut when = vec![Compare::version(entry.clone(), CompareOp::Equal, 0)];
-            when.extend(
-                chunks
-                    .iter()
-                    .map(|(k, _)| Compare::version(k.clone(), CompareOp::Greater, 0)),
-            );
-            let r = c
-                .txn(
-                    Txn::new()
-                        .when(when)
-                        .and_then([TxnOp::put(entry.clone(), value, None)])
-                        .or_else([TxnOp::get(entry.clone(), None)]),
-                )
-                .await
-                .map_err(backend)?;
-            if r.succeeded() {
-                return Ok(None);
-            }
-            match read(&r.op_responses(), 0).first() {
-                Some(kv) => Ok(Some(parse::<PluginMeta>(kv)?)),
-                None => Err(backend(
-                    "its chunks were removed while it was pushed; push it again",
-                )),
+        let existing = self.call(move |mut c| {
+            let (entry, chunks, value) = (entry.clone(), chunks.clone(), value.clone());
+            async move {
+                let got = c.get(entry.clone(), None).await.map_err(backend)?;
+                if let Some(kv) = got.kvs().first() {
+                    return Ok(Some(parse::<PluginMeta>(kv)?));
+                }
+                // Content-addressed chunks, written before anything names them
+                // (writing them again is harmless).
+                for (k, v) in &chunks {
+                    c.put(k.clone(), v.clone(), None).await.map_err(backend)?;
+                }
+                // Visible only if it is still absent and every chunk is there.
+                let mut when = vec![Compare::version(entry.clone(), CompareOp::Equal, 0)];
+                when.extend(
+                    chunks
+                        .iter()
+                        .map(|(k, _)| Compare::version(k.clone(), CompareOp::Greater, 0)),
+                );
+                let r = c
+                    .txn(
+                        Txn::new()
+                            .when(when)
+                            .and_then([TxnOp::put(entry.clone(), value, None)])
+                            .or_else([TxnOp::get(entry.clone(), None)]),
+                    )
+                    .await
+                    .map_err(backend)?;
+                if r.succeeded() {
+                    return Ok(None);
+                }
+                match read(&r.op_responses(), 0).first() {
+                    Some(kv) => Ok(Some(parse::<PluginMeta>(kv)?)),
+                    None => Err(backend(
+                        "its chunks were removed while it was pushed; push it again",
+                    )),
+                }
             }
         })?;
         match existing {
@@ -587,9 +634,12 @@ impl Store for Etcd {
 
     fn component(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let prefix = self.key(&format!("components/{sha256}/"));
-        let kvs = self.call(|mut c| async move {
-            let mut r = c.get(prefix, prefixed()).await.map_err(backend)?;
-            Ok(r.take_kvs())
+        let kvs = self.call(move |mut c| {
+            let prefix = prefix.clone();
+            async move {
+                let mut r = c.get(prefix, prefixed()).await.map_err(backend)?;
+                Ok(r.take_kvs())
+            }
         })?;
         if kvs.is_empty() {
             return Ok(None);
@@ -611,41 +661,44 @@ impl Store for Etcd {
         let entry = self.key(&format!("plugins/{key}"));
         let plugins = self.key("plugins/");
         let components = self.key("components/");
-        self.call(move |mut c| async move {
-            loop {
-                let r = c.get(plugins.clone(), prefixed()).await.map_err(backend)?;
-                let at = r.header().map_or(0, |h| h.revision());
-                let mut removed = None;
-                let mut others = Vec::new();
-                for kv in r.kvs() {
-                    let m: PluginMeta = parse(kv)?;
-                    if kv.key() == entry.as_bytes() {
-                        removed = Some(m);
-                    } else {
-                        others.push(m.sha256);
+        self.call(move |mut c| {
+            let (entry, plugins, components) = (entry.clone(), plugins.clone(), components.clone());
+            async move {
+                loop {
+                    let r = c.get(plugins.clone(), prefixed()).await.map_err(backend)?;
+                    let at = r.header().map_or(0, |h| h.revision());
+                    let mut removed = None;
+                    let mut others = Vec::new();
+                    for kv in r.kvs() {
+                        let m: PluginMeta = parse(kv)?;
+                        if kv.key() == entry.as_bytes() {
+                            removed = Some(m);
+                        } else {
+                            others.push(m.sha256);
+                        }
                     }
-                }
-                let Some(removed) = removed else {
-                    return Ok(false);
-                };
-                let mut ops = vec![TxnOp::delete(entry.clone(), None)];
-                // Its bytes go too unless another version has them; a push
-                // of the same bytes meanwhile changes the plugins' range,
-                // and this transaction then does nothing and looks again.
-                if !others.contains(&removed.sha256) {
-                    ops.push(TxnOp::delete(
-                        format!("{components}{}/", removed.sha256),
-                        Some(etcd_client::DeleteOptions::new().with_prefix()),
-                    ));
-                }
-                let unchanged =
-                    Compare::mod_revision(plugins.clone(), CompareOp::Less, at + 1).with_prefix();
-                let r = c
-                    .txn(Txn::new().when([unchanged]).and_then(ops))
-                    .await
-                    .map_err(backend)?;
-                if r.succeeded() {
-                    return Ok(true);
+                    let Some(removed) = removed else {
+                        return Ok(false);
+                    };
+                    let mut ops = vec![TxnOp::delete(entry.clone(), None)];
+                    // Its bytes go too unless another version has them; a push
+                    // of the same bytes meanwhile changes the plugins' range,
+                    // and this transaction then does nothing and looks again.
+                    if !others.contains(&removed.sha256) {
+                        ops.push(TxnOp::delete(
+                            format!("{components}{}/", removed.sha256),
+                            Some(etcd_client::DeleteOptions::new().with_prefix()),
+                        ));
+                    }
+                    let unchanged = Compare::mod_revision(plugins.clone(), CompareOp::Less, at + 1)
+                        .with_prefix();
+                    let r = c
+                        .txn(Txn::new().when([unchanged]).and_then(ops))
+                        .await
+                        .map_err(backend)?;
+                    if r.succeeded() {
+                        return Ok(true);
+                    }
                 }
             }
         })
@@ -686,26 +739,29 @@ impl Store for Etcd {
         } else {
             Compare::value(revision_key.clone(), CompareOp::Equal, expected.to_string())
         };
-        let actual = self.call(move |mut c| async move {
-            let r = c
-                .txn(
-                    Txn::new()
-                        .when([when])
-                        .and_then(ops)
-                        .or_else([TxnOp::get(revision_key, None)]),
-                )
-                .await
-                .map_err(backend)?;
-            if r.succeeded() {
-                return Ok(None);
+        let actual = self.call(move |mut c| {
+            let (when, ops, revision_key) = (when.clone(), ops.clone(), revision_key.clone());
+            async move {
+                let r = c
+                    .txn(
+                        Txn::new()
+                            .when([when])
+                            .and_then(ops)
+                            .or_else([TxnOp::get(revision_key, None)]),
+                    )
+                    .await
+                    .map_err(backend)?;
+                if r.succeeded() {
+                    return Ok(None);
+                }
+                let ops = r.op_responses();
+                Ok(Some(
+                    read(&ops, 0)
+                        .first()
+                        .and_then(|kv| kv.value_str().ok()?.parse::<u64>().ok())
+                        .unwrap_or(0),
+                ))
             }
-            let ops = r.op_responses();
-            Ok(Some(
-                read(&ops, 0)
-                    .first()
-                    .and_then(|kv| kv.value_str().ok()?.parse::<u64>().ok())
-                    .unwrap_or(0),
-            ))
         })?;
         match actual {
             None => Ok(revision),
@@ -750,9 +806,12 @@ impl Store for Etcd {
 
     fn statuses(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let prefix = self.key("status/");
-        let kvs = self.call(|mut c| async move {
-            let mut r = c.get(prefix, prefixed()).await.map_err(backend)?;
-            Ok(r.take_kvs())
+        let kvs = self.call(move |mut c| {
+            let prefix = prefix.clone();
+            async move {
+                let mut r = c.get(prefix, prefixed()).await.map_err(backend)?;
+                Ok(r.take_kvs())
+            }
         })?;
         let strip = self.key("status/");
         Ok(kvs
@@ -767,9 +826,12 @@ impl Store for Etcd {
 
     fn ca(&self) -> Result<Option<CaRecord>, StoreError> {
         let key = self.key("ca");
-        let kvs = self.call(|mut c| async move {
-            let mut r = c.get(key, None).await.map_err(backend)?;
-            Ok(r.take_kvs())
+        let kvs = self.call(move |mut c| {
+            let key = key.clone();
+            async move {
+                let mut r = c.get(key, None).await.map_err(backend)?;
+                Ok(r.take_kvs())
+            }
         })?;
         kvs.first().map(|kv| self.unseal(parse(kv)?)).transpose()
     }
@@ -781,23 +843,26 @@ impl Store for Etcd {
             ..ca.clone()
         };
         let value = json(&sealed);
-        let stored = self.call(move |mut c| async move {
-            let r = c
-                .txn(
-                    Txn::new()
-                        .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(key.clone(), value, None)])
-                        .or_else([TxnOp::get(key, None)]),
-                )
-                .await
-                .map_err(backend)?;
-            if r.succeeded() {
-                return Ok(None);
+        let stored = self.call(move |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                let r = c
+                    .txn(
+                        Txn::new()
+                            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(key.clone(), value, None)])
+                            .or_else([TxnOp::get(key, None)]),
+                    )
+                    .await
+                    .map_err(backend)?;
+                if r.succeeded() {
+                    return Ok(None);
+                }
+                read(&r.op_responses(), 0)
+                    .first()
+                    .map(parse::<CaRecord>)
+                    .transpose()
             }
-            read(&r.op_responses(), 0)
-                .first()
-                .map(parse::<CaRecord>)
-                .transpose()
         })?;
         match stored {
             None => Ok(ca.clone()),
@@ -807,9 +872,12 @@ impl Store for Etcd {
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         let (key, value) = (self.key(&format!("tokens/{}", token.id)), json(token));
-        self.call(|mut c| async move {
-            c.put(key, value, None).await.map_err(backend)?;
-            Ok(())
+        self.call(move |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, None).await.map_err(backend)?;
+                Ok(())
+            }
         })
     }
 
@@ -827,33 +895,42 @@ impl Store for Etcd {
             service.to_string(),
             namespace.map(str::to_string),
         );
-        self.call(move |mut c| async move {
-            // Read, admit, take one use if nobody else wrote it meanwhile.
-            loop {
-                let r = c.get(key.clone(), None).await.map_err(backend)?;
-                let Some(kv) = r.kvs().first() else {
-                    return Ok(Err(TokenRefusal::Unknown));
-                };
-                let mut record: TokenRecord = parse(kv)?;
-                if let Err(refusal) = record.admit(&secret, &service, namespace.as_deref(), now_ms)
-                {
-                    return Ok(Err(refusal));
-                }
-                record.uses_left -= 1;
-                let taken = c
-                    .txn(
-                        Txn::new()
-                            .when([Compare::mod_revision(
-                                key.clone(),
-                                CompareOp::Equal,
-                                kv.mod_revision(),
-                            )])
-                            .and_then([TxnOp::put(key.clone(), json(&record), None)]),
-                    )
-                    .await
-                    .map_err(backend)?;
-                if taken.succeeded() {
-                    return Ok(Ok(record));
+        self.call(move |mut c| {
+            let (key, secret, service, namespace) = (
+                key.clone(),
+                secret.clone(),
+                service.clone(),
+                namespace.clone(),
+            );
+            async move {
+                // Read, admit, take one use if nobody else wrote it meanwhile.
+                loop {
+                    let r = c.get(key.clone(), None).await.map_err(backend)?;
+                    let Some(kv) = r.kvs().first() else {
+                        return Ok(Err(TokenRefusal::Unknown));
+                    };
+                    let mut record: TokenRecord = parse(kv)?;
+                    if let Err(refusal) =
+                        record.admit(&secret, &service, namespace.as_deref(), now_ms)
+                    {
+                        return Ok(Err(refusal));
+                    }
+                    record.uses_left -= 1;
+                    let taken = c
+                        .txn(
+                            Txn::new()
+                                .when([Compare::mod_revision(
+                                    key.clone(),
+                                    CompareOp::Equal,
+                                    kv.mod_revision(),
+                                )])
+                                .and_then([TxnOp::put(key.clone(), json(&record), None)]),
+                        )
+                        .await
+                        .map_err(backend)?;
+                    if taken.succeeded() {
+                        return Ok(Ok(record));
+                    }
                 }
             }
         })
