@@ -42,6 +42,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:15010";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15011";
 /// Default TLS listener.
 pub const DEFAULT_LISTEN_TLS: &str = "127.0.0.1:15012";
+/// How often a replica takes or keeps the lead and, leading, collects the
+/// store's garbage.
+pub const LEADER_DUTIES_EVERY: Duration = Duration::from_secs(60);
 /// How long a disconnected proxy keeps its endpoints, by default.
 pub const DEFAULT_ENDPOINT_GRACE: Duration = Duration::from_secs(30);
 
@@ -152,6 +155,7 @@ impl Control {
         };
         tokio::spawn(self.mesh.clone().write_endpoints());
         tokio::spawn(self.mesh.clone().follow());
+        tokio::spawn(self.mesh.clone().leader_duties(LEADER_DUTIES_EVERY));
         let expiring = self.mesh.clone();
         tokio::spawn(async move {
             loop {

@@ -177,6 +177,38 @@ impl Mesh {
         }
     }
 
+    /// The duties one replica does for all, for the life of control: every
+    /// `every`, take or keep the lead, and as leader collect the store's
+    /// garbage.
+    pub async fn leader_duties(self: Arc<Self>, every: Duration) {
+        let mut leading = false;
+        loop {
+            tokio::time::sleep(every).await;
+            let store = self.store.clone();
+            let was = leading;
+            let r = tokio::task::spawn_blocking(move || {
+                if !store.lead()? {
+                    return Ok((false, 0));
+                }
+                Ok::<_, StoreError>((true, store.collect_garbage()?))
+            })
+            .await;
+            match r {
+                Ok(Ok((lead, removed))) => {
+                    leading = lead;
+                    if leading != was {
+                        tracing::info!(replica = %self.replica, leading, "leader duties");
+                    }
+                    if removed > 0 {
+                        tracing::info!(removed, "removed components no plugin names");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!("leader duties: {e}"),
+                Err(e) => tracing::error!("leader duties panicked: {e}"),
+            }
+        }
+    }
+
     /// Take what the store holds now: config and plugins as written (by any
     /// replica), and the endpoints other replicas registered. Whether
     /// anything changed (proxies are then sent new snapshots).

@@ -166,13 +166,16 @@ fn services_commit_atomically_against_a_revision_and_survive_reopening(b: &dyn B
         s.commit_endpoints(&[endpoint("x"), endpoint("y")], &[])
             .unwrap();
         s.commit_endpoints(&[], &["b/x".into()]).unwrap();
+        // (Registered endpoints are live state: on etcd they go with the
+        // replica that wrote them, so they are read before it stops.)
+        let state = b.open().load().unwrap();
+        assert_eq!(state.endpoints.keys().collect::<Vec<_>>(), ["b/y"]);
+        assert_eq!(state.endpoints["b/y"].owner, "r1");
     }
     let state = b.open().load().unwrap();
     assert_eq!(state.revision, 2);
     assert_eq!(state.services.keys().collect::<Vec<_>>(), ["b"]);
     assert_eq!(state.services["b"].revision, 1);
-    assert_eq!(state.endpoints.keys().collect::<Vec<_>>(), ["b/y"]);
-    assert_eq!(state.endpoints["b/y"].owner, "r1");
 }
 
 /// Two writers racing on one revision: exactly one lands.
@@ -234,7 +237,7 @@ mod etcd_store {
     use std::time::{Duration, Instant};
 
     use super::super::etcd::{Etcd, EtcdUrl, SealingKey};
-    use super::super::{CaRecord, Store, StoreError};
+    use super::super::{CaRecord, EndpointRecord, Store, StoreError};
     use super::Backend;
 
     /// A real etcd on loopback, its data in a temporary directory, killed
@@ -353,6 +356,71 @@ mod etcd_store {
         let e = s2.ca().unwrap_err().to_string();
         assert!(e.contains("--store-key-file"), "{e}");
         assert_eq!(server.open().ca().unwrap().unwrap(), ca);
+    }
+
+    #[test]
+    fn a_replicas_endpoints_and_status_go_when_it_stops() {
+        let server = EtcdServer::start();
+        let (a, b) = (server.open(), server.open());
+        let endpoint = EndpointRecord {
+            service: "s".into(),
+            subset: "v1".into(),
+            instance: "i".into(),
+            address: "127.0.0.1:1".into(),
+            identity: String::new(),
+            owner: "a".into(),
+        };
+        a.commit_endpoints(&[endpoint], &[]).unwrap();
+        a.commit_statuses(&[("s/i".into(), b"status".to_vec())], &[])
+            .unwrap();
+        assert_eq!(b.load().unwrap().endpoints.len(), 1);
+        assert_eq!(
+            b.statuses().unwrap(),
+            [("s/i".to_string(), b"status".to_vec())]
+        );
+        drop(a);
+        assert!(b.load().unwrap().endpoints.is_empty());
+        assert!(b.statuses().unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_replica_leads_until_it_stops_then_another() {
+        let server = EtcdServer::start();
+        let (a, b) = (server.open(), server.open());
+        assert!(a.lead().unwrap());
+        assert!(!b.lead().unwrap());
+        assert!(a.lead().unwrap(), "the leader keeps the lead");
+        drop(a);
+        assert!(b.lead().unwrap(), "the lead passes when the leader stops");
+    }
+
+    #[test]
+    fn garbage_collection_removes_only_bytes_no_plugin_names_twice_in_a_row() {
+        let server = EtcdServer::start();
+        let s = server.open();
+        let named = b"named".to_vec();
+        s.put_plugin(&super::meta("1", &super::sha(&named)), &named)
+            .unwrap();
+        // Bytes a push left without its entry.
+        let orphan = super::sha(b"orphan");
+        let put = Command::new("etcdctl")
+            .args(["--endpoints", &server.client, "put"])
+            .arg(format!("/test/components/{orphan}/0000"))
+            .arg("orphan")
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap();
+        assert!(put.status.success(), "{put:?}");
+        assert_eq!(
+            s.collect_garbage().unwrap(),
+            0,
+            "suspected only, the first time"
+        );
+        assert!(s.component(&orphan).unwrap().is_some());
+        assert_eq!(s.collect_garbage().unwrap(), 1);
+        assert_eq!(s.component(&orphan).unwrap(), None);
+        assert_eq!(s.component(&super::sha(&named)).unwrap(), Some(named));
+        assert_eq!(s.collect_garbage().unwrap(), 0);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! PREFIX/status/SERVICE/INST      a proxy's status (protobuf)  } replica's lease
 //! PREFIX/ca                       CaRecord (JSON; the key sealed, below)
 //! PREFIX/tokens/ID                TokenRecord (JSON)
+//! PREFIX/leader                   the leading replica's id, on its lease
 //! ```
 //!
 //! What a replica's proxies registered and how they are (endpoints, status)
@@ -205,6 +206,11 @@ pub struct Etcd {
     changes: tokio::sync::watch::Sender<u64>,
     /// This replica's entries on its lease, and the lease.
     leased: Arc<Leased>,
+    /// This replica's id, as `PREFIX/leader` names the leader.
+    id: String,
+    /// Components without a plugin entry at the last garbage collection:
+    /// removed if they still have none at the next.
+    suspects: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Keys this replica wrote on its lease (to write again on a new lease).
@@ -224,6 +230,18 @@ struct Background(Option<tokio::runtime::Runtime>);
 impl Background {
     fn get(&self) -> &tokio::runtime::Runtime {
         self.0.as_ref().expect("the runtime lives until drop")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // A replica that stops lets go of its lease at once: its entries
+        // (and its lead) go now, not in 10 s.
+        let lease = self.leased.lease.load(Ordering::Relaxed);
+        let mut c = self.client.clone();
+        let _ = run(self.runtime.get(), async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(lease)).await;
+        });
     }
 }
 
@@ -333,6 +351,8 @@ impl Etcd {
             runtime,
             changes,
             leased,
+            id: hex::encode(fastrand::u64(..).to_be_bytes()),
+            suspects: Default::default(),
         })
     }
 
@@ -868,6 +888,107 @@ impl Store for Etcd {
             None => Ok(ca.clone()),
             Some(s) => self.unseal(s),
         }
+    }
+
+    fn lead(&self) -> Result<bool, StoreError> {
+        let key = self.key("leader");
+        let (id, lease) = (self.id.clone(), self.leased.lease.load(Ordering::Relaxed));
+        self.call(move |mut c| {
+            let (key, id) = (key.clone(), id.clone());
+            async move {
+                // Take it if nobody holds it; keep it if we do.
+                let take = c
+                    .txn(
+                        Txn::new()
+                            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(
+                                key.clone(),
+                                id.clone(),
+                                Some(etcd_client::PutOptions::new().with_lease(lease)),
+                            )])
+                            .or_else([TxnOp::get(key, None)]),
+                    )
+                    .await
+                    .map_err(backend)?;
+                if take.succeeded() {
+                    return Ok(true);
+                }
+                Ok(read(&take.op_responses(), 0)
+                    .first()
+                    .is_some_and(|kv| kv.value() == id.as_bytes()))
+            }
+        })
+    }
+
+    fn collect_garbage(&self) -> Result<usize, StoreError> {
+        let (plugins, components) = (self.key("plugins/"), self.key("components/"));
+        let found = self.call(move |mut c| {
+            let (plugins, components) = (plugins.clone(), components.clone());
+            async move {
+                let named = c.get(plugins.clone(), prefixed()).await.map_err(backend)?;
+                let at = named.header().map_or(0, |h| h.revision());
+                let mut names = std::collections::BTreeSet::new();
+                for kv in named.kvs() {
+                    names.insert(parse::<PluginMeta>(kv)?.sha256);
+                }
+                let chunks = c
+                    .get(
+                        components.clone(),
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    )
+                    .await
+                    .map_err(backend)?;
+                let stored: std::collections::BTreeSet<String> = chunks
+                    .kvs()
+                    .iter()
+                    .filter_map(|kv| {
+                        let k = String::from_utf8_lossy(kv.key());
+                        Some(k.strip_prefix(&components)?.split('/').next()?.to_string())
+                    })
+                    .collect();
+                Ok((at, &stored - &names))
+            }
+        })?;
+        let (at, orphans) = found;
+        // Only what was already an orphan last time: a push in progress
+        // names its bytes long before then.
+        let doomed: Vec<String> = {
+            let mut suspects = self.suspects.lock().unwrap();
+            let doomed = suspects.intersection(&orphans).cloned().collect();
+            *suspects = orphans;
+            doomed
+        };
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let (plugins, components) = (self.key("plugins/"), self.key("components/"));
+        let n = doomed.len().min(MAX_TXN_OPS - 1);
+        let removed = self.call(move |mut c| {
+            let (plugins, components, doomed) =
+                (plugins.clone(), components.clone(), doomed.clone());
+            async move {
+                // Unless a plugin entry was written meanwhile (it might name
+                // them): then nothing, and the next round looks again.
+                let ops: Vec<TxnOp> = doomed
+                    .iter()
+                    .take(MAX_TXN_OPS - 1)
+                    .map(|sha| {
+                        TxnOp::delete(
+                            format!("{components}{sha}/"),
+                            Some(etcd_client::DeleteOptions::new().with_prefix()),
+                        )
+                    })
+                    .collect();
+                let unchanged =
+                    Compare::mod_revision(plugins, CompareOp::Less, at + 1).with_prefix();
+                let r = c
+                    .txn(Txn::new().when([unchanged]).and_then(ops))
+                    .await
+                    .map_err(backend)?;
+                Ok(r.succeeded())
+            }
+        })?;
+        Ok(if removed { n } else { 0 })
     }
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {

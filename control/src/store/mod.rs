@@ -331,6 +331,21 @@ pub trait Store: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Take or keep the lead among the replicas sharing this store (for
+    /// duties one replica does for all); alone on its store, control always
+    /// leads.
+    fn lead(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    /// Remove component bytes that no plugin version names (left by a push
+    /// interrupted between its bytes and its entry): how many components'
+    /// bytes went. The leader's duty; a store whose pushes are single
+    /// transactions has none to remove.
+    fn collect_garbage(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
     /// Use a join token once, atomically: it must [`TokenRecord::admit`]
     /// the proxy; then one use is taken.
     fn redeem_token(
