@@ -689,16 +689,21 @@ fn build_and_push(
     })
 }
 
-fn control(options: wasmesh_control::Options) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+/// A multi-threaded tokio runtime, or the exit code once it said why not.
+fn multi_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+            ExitCode::from(1)
+        })
+}
+
+fn control(options: wasmesh_control::Options) -> ExitCode {
+    let rt = match multi_thread_runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let cache = options.data_dir.as_ref().map(|d| d.join("compile-cache"));

@@ -186,13 +186,7 @@ impl Mesh {
         let mut c = self.clients().await?;
         let deadline = Instant::now() + within;
         loop {
-            let list = c
-                .status
-                .proxies(proto::ProxiesRequest {})
-                .await
-                .map_err(|s| anyhow::anyhow!("asking control for status: {}", s.message()))?
-                .into_inner()
-                .proxies;
+            let list = proxies(&mut c).await?;
             if let Some(p) = list
                 .iter()
                 .find(|p| !p.nacked_version.is_empty() && p.nacked_version == p.latest_version)
@@ -223,14 +217,7 @@ impl Mesh {
 
     /// Each connected sidecar's service and SPIFFE identity.
     pub async fn identities(&self) -> anyhow::Result<Vec<(String, String)>> {
-        let mut c = self.clients().await?;
-        let list = c
-            .status
-            .proxies(proto::ProxiesRequest {})
-            .await
-            .map_err(|s| anyhow::anyhow!("asking control for status: {}", s.message()))?
-            .into_inner()
-            .proxies;
+        let list = proxies(&mut self.clients().await?).await?;
         Ok(list.into_iter().map(|p| (p.service, p.spiffe_id)).collect())
     }
 
@@ -407,6 +394,16 @@ impl Mesh {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
     }
+}
+
+/// Control's status of every connected sidecar.
+async fn proxies(c: &mut Clients) -> anyhow::Result<Vec<proto::ProxyStatus>> {
+    Ok(c.status
+        .proxies(proto::ProxiesRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("asking control for status: {}", s.message()))?
+        .into_inner()
+        .proxies)
 }
 
 /// SIGTERM to `child`.

@@ -219,15 +219,9 @@ pub fn app(args: AppArgs) -> ExitCode {
         AppRole::Ratings => Some(apps::Role::Ratings),
         AppRole::Loadgen => None,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::multi_thread_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let _running = match role {
@@ -273,15 +267,9 @@ pub fn app(args: AppArgs) -> ExitCode {
 
 /// `wasmesh demo`.
 pub fn run(args: DemoArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::multi_thread_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let code = rt.block_on(demo(args));
     // A `--step` prompt may still be reading standard input.

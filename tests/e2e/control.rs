@@ -4,8 +4,6 @@
 //! request; bad input refused with its reason and nothing changed; control
 //! killed (-9) under load and restarted; a NACK kept by its proxy.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -115,50 +113,15 @@ async fn ten_versions_rolled_out_under_load_fail_no_request() {
         proxies.push(Proxy::start_control(&control.url(), "frontend", "v1", &[]).await);
     }
     control.wait_rollout();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(std::sync::Mutex::new(Vec::new())),
-    );
-    let mut load = Vec::new();
-    for p in &proxies {
-        let listen = p.listen;
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let req = http::Request::get(format!("http://{listen}/"))
-                    .header("host", "reviews")
-                    .body(http_body_util::Full::default())
-                    .unwrap();
-                match send(http1(), req).await {
-                    Ok(r) if r.status == 200 => {
-                        ok.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(r) => failed
-                        .lock()
-                        .unwrap()
-                        .push(format!("{} {:?}", r.status, r.body)),
-                    Err(e) => failed.lock().unwrap().push(e),
-                }
-            }
-        }));
-    }
+    let listens: Vec<_> = proxies.iter().map(|p| p.listen).collect();
+    let load = Load::start(&listens, "reviews", 1);
     for v in 1..=10 {
         push_tagger(&control, v);
         control.apply(&tagged(&up, v));
         control.wait_rollout();
-        let before = ok.load(Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while ok.load(Ordering::SeqCst) < before + 30 {
-            assert!(Instant::now() < deadline, "the load stalled");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        load.wait_more(30).await;
     }
-    stop.store(true, Ordering::SeqCst);
-    for l in load {
-        l.await.unwrap();
-    }
-    let failed = failed.lock().unwrap().clone();
+    let (_, failed) = load.finish().await;
     assert!(
         failed.is_empty(),
         "{} failed: {:?}",
@@ -411,27 +374,7 @@ async fn control_killed_under_load_and_restarted_loses_nothing() {
     )
     .await;
     control.wait_rollout();
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let listen = steady.listen;
-    let load = {
-        let (stop, failed) = (stop.clone(), failed.clone());
-        tokio::spawn(async move {
-            let mut ok = 0;
-            while !stop.load(Ordering::SeqCst) {
-                let req = http::Request::get(format!("http://{listen}/"))
-                    .header("host", "reviews")
-                    .body(http_body_util::Full::default())
-                    .unwrap();
-                match send(http1(), req).await {
-                    Ok(r) if r.status == 200 => ok += 1,
-                    Ok(r) => failed.lock().unwrap().push(format!("{}", r.status)),
-                    Err(e) => failed.lock().unwrap().push(e),
-                }
-            }
-            ok
-        })
-    };
+    let load = Load::start(&[steady.listen], "reviews", 1);
     let (listen_addr, admin_addr) = (control.listen, control.admin);
     control.kill();
     // Control is down: the proxy restarted now serves from its cache.
@@ -459,9 +402,7 @@ async fn control_killed_under_load_and_restarted_loses_nothing() {
     let control = Control::start_on(&dir, listen_addr, admin_addr).await;
     control.wait_proxies(2).await;
     control.wait_rollout();
-    stop.store(true, Ordering::SeqCst);
-    let ok = load.await.unwrap();
-    let failed = failed.lock().unwrap().clone();
+    let (ok, failed) = load.finish().await;
     assert!(
         failed.is_empty() && ok > 0,
         "{ok} ok, {} failed: {failed:?}",

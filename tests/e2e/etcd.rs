@@ -6,13 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::{
-    Control, Proxy, Upstream, WASMESH, cli_with, free_port, get, http1, send, via,
-};
+use crate::support::{Control, Load, Proxy, Upstream, WASMESH, cli_with, free_port, get, via};
 
 /// An etcd cluster on loopback (its members' data in one temporary
 /// directory), killed when dropped.
@@ -409,27 +405,7 @@ async fn two_replicas_share_the_mesh_and_proxies_fail_over() {
                 .unwrap()
                 .ends_with(&mover.listen.port().to_string())
     });
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let listen = mover.listen;
-    let load = {
-        let (stop, failed) = (stop.clone(), failed.clone());
-        tokio::spawn(async move {
-            let mut ok = 0;
-            while !stop.load(Ordering::SeqCst) {
-                let req = http::Request::get(format!("http://{listen}/"))
-                    .header("host", "reviews")
-                    .body(http_body_util::Full::default())
-                    .unwrap();
-                match send(http1(), req).await {
-                    Ok(r) if r.status == 200 => ok += 1,
-                    Ok(r) => failed.lock().unwrap().push(format!("{}", r.status)),
-                    Err(e) => failed.lock().unwrap().push(e),
-                }
-            }
-            ok
-        })
-    };
+    let load = Load::start(&[mover.listen], "reviews", 1);
     let survivor = if mover_on_a {
         a.kill();
         &b
@@ -454,9 +430,7 @@ async fn two_replicas_share_the_mesh_and_proxies_fail_over() {
     survivor.apply(&tagged(&up, 2));
     survivor.wait_rollout();
     assert_eq!(tag(&mover).await, "2");
-    stop.store(true, Ordering::SeqCst);
-    let ok = load.await.unwrap();
-    let failed = failed.lock().unwrap().clone();
+    let (ok, failed) = load.finish().await;
     assert!(
         failed.is_empty() && ok > 0,
         "{ok} ok, {} failed: {failed:?}",
@@ -590,30 +564,8 @@ async fn three_replicas_on_three_members_lose_nothing_through_kills() {
         c.wait_proxies(6).await;
         c.wait_rollout();
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let listens: Vec<_> = proxies.iter().map(|p| p.listen).collect();
-    let load = {
-        let (stop, failed) = (stop.clone(), failed.clone());
-        tokio::spawn(async move {
-            let mut ok = 0;
-            for n in 0usize.. {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let req = http::Request::get(format!("http://{}/", listens[n % listens.len()]))
-                    .header("host", "reviews")
-                    .body(http_body_util::Full::default())
-                    .unwrap();
-                match send(http1(), req).await {
-                    Ok(r) if r.status == 200 => ok += 1,
-                    Ok(r) => failed.lock().unwrap().push(format!("{}", r.status)),
-                    Err(e) => failed.lock().unwrap().push(e),
-                }
-            }
-            ok
-        })
-    };
+    let load = Load::start(&listens, "reviews", 1);
 
     let (a_listen, a_admin, a_tls) = (replicas[0].listen, replicas[0].admin, replicas[0].tls);
     replicas[0].kill();
@@ -641,9 +593,7 @@ async fn three_replicas_on_three_members_lose_nothing_through_kills() {
     for p in &proxies {
         assert_eq!(tag(p).await, "4");
     }
-    stop.store(true, Ordering::SeqCst);
-    let ok = load.await.unwrap();
-    let failed = failed.lock().unwrap().clone();
+    let (ok, failed) = load.finish().await;
     assert!(
         failed.is_empty() && ok > 0,
         "{ok} ok, {} failed: {failed:?}",

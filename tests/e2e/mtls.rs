@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -749,45 +749,6 @@ async fn http2_between_sidecars_goes_over_mtls_too() {
     }
 }
 
-/// Requests through `proxy` to `host` from `tasks` loops until `stop`:
-/// (ok, failures).
-fn load(
-    proxy: &Proxy,
-    host: &'static str,
-    tasks: usize,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
-    let listen = proxy.listen;
-    tokio::spawn(async move {
-        let mut handles = Vec::new();
-        for _ in 0..tasks {
-            let stop = stop.clone();
-            handles.push(tokio::spawn(async move {
-                let (mut ok, mut failed) = (0, Vec::new());
-                while !stop.load(Ordering::SeqCst) {
-                    let req = hyper::Request::get(format!("http://{listen}/"))
-                        .header("host", host)
-                        .body(Full::default())
-                        .unwrap();
-                    match send(http1(), req).await {
-                        Ok(r) if r.status == 200 => ok += 1,
-                        Ok(r) => failed.push(format!("{} {}", r.status, r.body_text())),
-                        Err(e) => failed.push(e),
-                    }
-                }
-                (ok, failed)
-            }));
-        }
-        let mut all = (0, Vec::new());
-        for h in handles {
-            let (ok, failed) = h.await.unwrap();
-            all.0 += ok;
-            all.1.extend(failed);
-        }
-        all
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn certificates_rotate_every_few_seconds_under_load_with_no_failed_request() {
     let data = tempfile::tempdir().unwrap();
@@ -798,13 +759,11 @@ async fn certificates_rotate_every_few_seconds_under_load_with_no_failed_request
     let (backend, _) = sidecar(&control, "backend", Some(app.addr)).await;
     let (frontend, _) = sidecar(&control, "frontend", None).await;
     control.wait_rollout();
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = load(&frontend, "backend", 4, stop.clone());
+    let running = Load::start(&[frontend.listen], "backend", 4);
     let renewed = "wasmesh_identity_certificate_renewals_total{result=\"renewed\"}";
     wait_metric(&frontend, renewed, 3.0, Duration::from_secs(60)).await;
     wait_metric(&backend, renewed, 3.0, Duration::from_secs(60)).await;
-    stop.store(true, Ordering::SeqCst);
-    let (ok, failed) = running.await.unwrap();
+    let (ok, failed) = running.finish().await;
     assert!(
         failed.is_empty(),
         "{ok} ok, {} failed: {:?}",

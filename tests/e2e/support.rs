@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -1022,4 +1022,77 @@ pub fn promtool_complaints(text: &str) -> Vec<String> {
         "promtool failed with nothing to say: {said}"
     );
     complaints
+}
+
+/// Continuous load: `GET /` with `Host: host` through each of `targets`,
+/// `per_target` requests at a time, until [`Load::finish`].
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Start it.
+    pub fn start(targets: &[SocketAddr], host: &'static str, per_target: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for &target in targets.iter().cycle().take(targets.len() * per_target) {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let req = Request::get(format!("http://{target}/"))
+                        .header("host", host)
+                        .body(Full::default())
+                        .unwrap();
+                    match send(http1(), req).await {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(r) => {
+                            failed
+                                .lock()
+                                .unwrap()
+                                .push(format!("{} {}", r.status, r.body_text()))
+                        }
+                        Err(e) => failed.lock().unwrap().push(e),
+                    }
+                }
+            }));
+        }
+        Load {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Requests answered 200 so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Wait until `n` more requests were answered 200 (the load is flowing).
+    pub async fn wait_more(&self, n: usize) {
+        let before = self.ok();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.ok() < before + n {
+            assert!(Instant::now() < deadline, "the load stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stop it: (answered 200, every failure).
+    pub async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        (self.ok.load(Ordering::SeqCst), failed)
+    }
 }

@@ -22,15 +22,16 @@ use wasmesh_api::proto;
 enum Bench {
     /// Fan-out to simulated proxies.
     Fanout {
-        /// Control's gRPC address.
+        /// Control's gRPC address, or several replicas' (comma-separated):
+        /// changes are applied through the first, proxies spread over all.
         #[arg(long)]
         control: String,
         /// Control's admin token file.
         #[arg(long)]
         token: std::path::PathBuf,
-        /// Control's pid (for its RSS).
-        #[arg(long)]
-        pid: u32,
+        /// Control's pid (for its RSS), or the replicas' (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        pid: Vec<u32>,
         /// Simulated proxies.
         #[arg(long, default_value_t = 1000)]
         proxies: usize,
@@ -111,13 +112,16 @@ async fn proxy(
 }
 
 async fn fanout(
-    url: String,
+    urls: String,
     token: std::path::PathBuf,
-    pid: u32,
+    pids: Vec<u32>,
     n: usize,
     changes: usize,
 ) -> anyhow::Result<()> {
     raise_open_files();
+    let replicas: Vec<String> = urls.split(',').map(str::to_string).collect();
+    let url = replicas[0].clone();
+    let rss_kib = |pids: &[u32]| pids.iter().map(|p| rss_kib(*p)).sum::<u64>();
     let token = std::fs::read_to_string(&token).context("reading the token")?;
     let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim()).parse()?;
     let channel = tonic::transport::Endpoint::from_shared(url.clone())?
@@ -139,11 +143,11 @@ async fn fanout(
             "services:\n  reviews:\n    hosts: [\"change-0\"]\n".into(),
         ))
         .await?;
-    let rss_before = rss_kib(pid);
+    let rss_before = rss_kib(&pids);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let t = Instant::now();
     for i in 0..n {
-        tokio::spawn(proxy(url.clone(), i, tx.clone()));
+        tokio::spawn(proxy(replicas[i % replicas.len()].clone(), i, tx.clone()));
         if i % 500 == 499 {
             // Let control accept the burst.
             tokio::task::yield_now().await;
@@ -167,9 +171,10 @@ async fn fanout(
     while let Ok((i, v, _)) = rx.try_recv() {
         current[i] = Some(v);
     }
-    let rss_after = rss_kib(pid);
+    let rss_after = rss_kib(&pids);
     println!(
-        "{n} simulated proxies connected in {:?}; control RSS {rss_before} → {rss_after} KiB",
+        "{n} simulated proxies connected to {} replica(s) in {:?}; control RSS {rss_before} → {rss_after} KiB",
+        replicas.len(),
         t.elapsed()
     );
     let mut acks = Vec::new();
