@@ -26,16 +26,11 @@ fn tagged(upstream: &Upstream, version: u32) -> String {
 
 /// Push the add-header component as `tagger@VERSION`.
 fn push_tagger(control: &Control, version: u32) {
-    let (code, out, err) = control.cli(&[
-        "push",
+    control.push(
         wasmesh_artifacts::ADD_HEADER,
-        "--name",
         "tagger",
-        "--version",
         &version.to_string(),
-    ]);
-    assert_eq!(code, 0, "push: {out}{err}");
-    assert!(out.starts_with(&format!("tagger@{version} ")), "{out}");
+    );
 }
 
 /// The request header `x-v` the upstream saw, through `proxy`.

@@ -148,22 +148,8 @@ async fn control_on_etcd_keeps_its_state_there_for_any_replica() {
     std::fs::copy(a_dir.join("admin.token"), shared.join("admin.token")).unwrap();
 
     let up = Upstream::echo("reviews").await;
-    let (code, out, err) = a.cli(&[
-        "push",
-        wasmesh_artifacts::ADD_HEADER,
-        "--name",
-        "tagger",
-        "--version",
-        "1",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
-    let tagged = |v: u32| {
-        format!(
-            "services:\n  frontend: {{}}\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - source: tagger@{v}\n        config: {{ request: {{ x-v: \"{v}\" }} }}\n",
-            up.addr
-        )
-    };
-    a.apply(&tagged(1));
+    push_tagger(&a, 1);
+    a.apply(&tagged(&up, 1));
     let token = a.token("frontend", &["--uses", "2"]);
     let plain = Proxy::start_control(&a.url(), "frontend", "v1", &[]).await;
     a.wait_rollout();
@@ -196,16 +182,8 @@ async fn control_on_etcd_keeps_its_state_there_for_any_replica() {
     b.wait_rollout();
     let r = via(&mesh, "reviews", "/").await;
     assert_eq!(r.json()["headers"]["x-v"], "1", "{}", r.body_text());
-    let (code, out, err) = b.cli(&[
-        "push",
-        wasmesh_artifacts::ADD_HEADER,
-        "--name",
-        "tagger",
-        "--version",
-        "2",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
-    b.apply(&tagged(2));
+    push_tagger(&b, 2);
+    b.apply(&tagged(&up, 2));
     b.wait_rollout();
     for p in [&plain, &mesh] {
         let r = via(p, "reviews", "/").await;
@@ -279,15 +257,11 @@ async fn control_on_etcd_keeps_its_state_there_for_any_replica() {
 
 /// Push the add-header component as `tagger@VERSION` through `control`.
 fn push_tagger(control: &Control, version: u32) {
-    let (code, out, err) = control.cli(&[
-        "push",
+    control.push(
         wasmesh_artifacts::ADD_HEADER,
-        "--name",
         "tagger",
-        "--version",
         &version.to_string(),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    );
 }
 
 /// `reviews` at `up`, tagged by `tagger@VERSION`.

@@ -798,6 +798,14 @@ impl Control {
         )
     }
 
+    /// `wasmesh push FILE --name NAME --version VERSION`; panics unless it
+    /// succeeds.
+    pub fn push(&self, file: &str, name: &str, version: &str) {
+        let (code, out, err) = self.cli(&["push", file, "--name", name, "--version", version]);
+        assert_eq!(code, 0, "push: {out}{err}");
+        assert!(out.starts_with(&format!("{name}@{version} ")), "{out}");
+    }
+
     /// `wasmesh apply -f -` of `yaml`; panics unless it succeeds.
     pub fn apply(&self, yaml: &str) {
         let (code, out, err) = self.cli_stdin(&["apply", "-f", "-"], yaml);

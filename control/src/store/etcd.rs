@@ -417,6 +417,17 @@ impl Etcd {
         }
     }
 
+    /// Every key-value under `prefix`, in key order.
+    fn range(&self, prefix: String) -> Result<Vec<KeyValue>, StoreError> {
+        self.call(move |mut c| {
+            let prefix = prefix.clone();
+            async move {
+                let mut r = c.get(prefix, prefixed()).await.map_err(backend)?;
+                Ok(r.take_kvs())
+            }
+        })
+    }
+
     fn chunk_key(&self, sha256: &str, i: usize) -> String {
         self.key(&format!("components/{sha256}/{i:04}"))
     }
@@ -653,14 +664,7 @@ impl Store for Etcd {
     }
 
     fn component(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let prefix = self.key(&format!("components/{sha256}/"));
-        let kvs = self.call(move |mut c| {
-            let prefix = prefix.clone();
-            async move {
-                let mut r = c.get(prefix, prefixed()).await.map_err(backend)?;
-                Ok(r.take_kvs())
-            }
-        })?;
+        let kvs = self.range(self.key(&format!("components/{sha256}/")))?;
         if kvs.is_empty() {
             return Ok(None);
         }
@@ -825,14 +829,7 @@ impl Store for Etcd {
     }
 
     fn statuses(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let prefix = self.key("status/");
-        let kvs = self.call(move |mut c| {
-            let prefix = prefix.clone();
-            async move {
-                let mut r = c.get(prefix, prefixed()).await.map_err(backend)?;
-                Ok(r.take_kvs())
-            }
-        })?;
+        let kvs = self.range(self.key("status/"))?;
         let strip = self.key("status/");
         Ok(kvs
             .into_iter()
