@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::{Control, Load, Proxy, Upstream, WASMESH, cli_with, free_port, get, via};
@@ -573,4 +574,86 @@ async fn three_replicas_on_three_members_lose_nothing_through_kills() {
         "{ok} ok, {} failed: {failed:?}",
         failed.len()
     );
+}
+
+/// Applies racing on two replicas: each lands whole (the replica that lost
+/// the race to the store applies again on what is there) or is refused with
+/// a conflict, never half; afterwards both replicas hold exactly the
+/// services of the applies they acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn applies_racing_on_two_replicas_land_whole_or_are_refused() {
+    let etcd = Etcd::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let a_dir = tmp.path().join("a");
+    let a = Control::start_args(&a_dir, &strs(&replica_args(&etcd, &a_dir, &shared))).await;
+    std::fs::copy(a_dir.join("admin.token"), shared.join("admin.token")).unwrap();
+    let b_dir = tmp.path().join("b");
+    let b = Control::start_args(&b_dir, &strs(&replica_args(&etcd, &b_dir, &shared))).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    // Each apply writes two services at once: `left-N` and `right-N`
+    // through A, `up-N` and `down-N` through B.
+    let race = |c: Arc<Control>, names: [&'static str; 2]| {
+        std::thread::spawn(move || {
+            (0..15)
+                .map(|n| {
+                    let yaml = format!(
+                        "services:\n  {0}-{n}: {{}}\n  {1}-{n}: {{}}\n",
+                        names[0], names[1]
+                    );
+                    let (code, out, err) = c.cli_stdin(&["apply", "-f", "-"], &yaml);
+                    (n, code, format!("{out}{err}"))
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let (ta, tb) = (
+        race(a.clone(), ["left", "right"]),
+        race(b.clone(), ["up", "down"]),
+    );
+    let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
+    let mut expected = std::collections::BTreeSet::new();
+    let mut refused = 0;
+    for (results, names) in [(&ra, ["left", "right"]), (&rb, ["up", "down"])] {
+        for (n, code, out) in results.iter() {
+            if *code == 0 {
+                expected.insert(format!("{}-{n}", names[0]));
+                expected.insert(format!("{}-{n}", names[1]));
+            } else {
+                assert!(
+                    out.contains("conflict") && out.contains("apply again"),
+                    "{out}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    // A replica that lost the race looks at the store again and applies on
+    // what is there: applies of different services all land (a refusal,
+    // after several lost races in a row, is the exception).
+    assert!(expected.len() >= 50, "{refused} of 30 applies refused");
+    // Both replicas converge on exactly the acknowledged services.
+    for c in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, out, _) = c.cli(&["get", "services", "-o", "json"]);
+            let got: std::collections::BTreeSet<String> =
+                serde_json::from_str::<Vec<serde_json::Value>>(&out)
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["name"].as_str().unwrap().to_string())
+                    .collect();
+            if got == expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} vs {} acknowledged",
+                got.len(),
+                expected.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -37,6 +37,22 @@ impl Mesh {
     /// Apply YAML documents, given as (origin, text) pairs: every document
     /// or none. Returns the new revision and the services written.
     pub fn apply(&self, sources: &[(String, String)]) -> Result<(u64, Vec<String>), Refusal> {
+        // Beside other replicas, a write of theirs since this replica last
+        // looked makes the store refuse (the revision moved): look again and
+        // apply again on what is there now — judged afresh — a few times.
+        let mut tries = 0;
+        loop {
+            match self.apply_once(sources) {
+                Err(Refusal::Conflict(_)) if self.shared && tries < 4 => {
+                    tries += 1;
+                    self.reload()?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn apply_once(&self, sources: &[(String, String)]) -> Result<(u64, Vec<String>), Refusal> {
         let applied = parse(sources)?;
         let checks = self.resolve(&applied)?;
         for c in &checks {
