@@ -141,6 +141,21 @@ enum Command {
         /// etcd (created when missing).
         #[arg(long, value_name = "FILE", requires = "store")]
         store_key_file: Option<PathBuf>,
+        /// etcd's CA (PEM): reach its members over TLS.
+        #[arg(long, value_name = "FILE", requires = "store")]
+        etcd_ca: Option<PathBuf>,
+        /// A client certificate for etcd (PEM), with --etcd-key.
+        #[arg(long, value_name = "FILE", requires_all = ["store", "etcd_key"])]
+        etcd_cert: Option<PathBuf>,
+        /// The key of --etcd-cert (PEM).
+        #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
+        /// An etcd user (authentication on), with --etcd-password-file.
+        #[arg(long, value_name = "NAME", requires_all = ["store", "etcd_password_file"])]
+        etcd_user: Option<String>,
+        /// The file holding --etcd-user's password.
+        #[arg(long, value_name = "FILE", requires = "etcd_user")]
+        etcd_password_file: Option<PathBuf>,
         /// The admin token file (default DATA_DIR/admin.token; created at
         /// first start).
         #[arg(long, value_name = "FILE")]
@@ -517,6 +532,11 @@ fn main() -> ExitCode {
             data_dir,
             store,
             store_key_file,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            etcd_user,
+            etcd_password_file,
             admin_token_file,
             insecure,
             endpoint_grace,
@@ -533,6 +553,13 @@ fn main() -> ExitCode {
             data_dir,
             store,
             store_key_file,
+            etcd: wasmesh_control::EtcdAccess {
+                ca: etcd_ca,
+                cert: etcd_cert,
+                key: etcd_key,
+                user: etcd_user,
+                password_file: etcd_password_file,
+            },
             admin_token_file,
             insecure,
             endpoint_grace,

@@ -62,6 +62,8 @@ pub struct Options {
     /// With etcd: the file holding the key that seals the CA's private key
     /// (created when missing; the same for every replica).
     pub store_key_file: Option<PathBuf>,
+    /// With etcd: TLS and a user to reach it.
+    pub etcd: EtcdAccess,
     /// The admin token file (default `DATA_DIR/admin.token`).
     pub admin_token_file: Option<PathBuf>,
     /// Listen beyond loopback without TLS.
@@ -72,6 +74,21 @@ pub struct Options {
     pub listen_tls: SocketAddr,
     /// The CA and certificates.
     pub identity: IdentityOptions,
+}
+
+/// How control reaches etcd beyond its address (files, as given).
+#[derive(Clone, Debug, Default)]
+pub struct EtcdAccess {
+    /// The CA of the members' certificates (PEM): TLS.
+    pub ca: Option<PathBuf>,
+    /// A client certificate (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub key: Option<PathBuf>,
+    /// A user, with authentication on.
+    pub user: Option<String>,
+    /// The file holding its password.
+    pub password_file: Option<PathBuf>,
 }
 
 /// Control, bound and ready to serve.
@@ -264,7 +281,27 @@ fn open_etcd(url: &str, options: &Options) -> anyhow::Result<Arc<dyn store::Stor
         "--store etcd://… needs --store-key-file FILE: the key sealing the CA's private key in etcd (created when missing; give every replica the same file)",
     )?;
     let key = store::etcd::SealingKey::load_or_create(key_file)?;
-    let store = store::etcd::Etcd::connect(&parsed, key)?;
+    let read = |f: &PathBuf, what: &str| {
+        std::fs::read(f).with_context(|| format!("reading {what} {}", f.display()))
+    };
+    let e = &options.etcd;
+    let access = store::etcd::Access {
+        ca_pem: e.ca.as_ref().map(|f| read(f, "--etcd-ca")).transpose()?,
+        identity_pem: match (&e.cert, &e.key) {
+            (Some(c), Some(k)) => Some((read(c, "--etcd-cert")?, read(k, "--etcd-key")?)),
+            _ => None,
+        },
+        user: match (&e.user, &e.password_file) {
+            (Some(u), Some(f)) => Some((
+                u.clone(),
+                String::from_utf8_lossy(&read(f, "--etcd-password-file")?)
+                    .trim()
+                    .to_string(),
+            )),
+            _ => None,
+        },
+    };
+    let store = store::etcd::Etcd::connect(&parsed, &access, key)?;
     tracing::info!(endpoints = ?parsed.endpoints, prefix = %parsed.prefix, "store: etcd");
     Ok(Arc::new(store))
 }

@@ -74,7 +74,14 @@ async fn connect_one(
     url: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Channel, tonic::transport::Error> {
-    let endpoint = Endpoint::from_shared(url.to_string())?
+    // With our own TLS below, tonic is given the address as http://: its own
+    // TLS (compiled in when another crate of the tree asks for it) would
+    // otherwise take an https:// address for one it must secure itself.
+    let address = match (&tls, url.strip_prefix("https://")) {
+        (Some(_), Some(rest)) => format!("http://{rest}"),
+        _ => url.to_string(),
+    };
+    let endpoint = Endpoint::from_shared(address)?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));

@@ -122,6 +122,7 @@ impl Mesh {
             data_dir: Some(data.clone()),
             store: None,
             store_key_file: None,
+            etcd: Default::default(),
             admin_token_file: None,
             insecure: false,
             endpoint_grace: wasmesh_control::DEFAULT_ENDPOINT_GRACE,

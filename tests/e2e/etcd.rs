@@ -16,6 +16,8 @@ use crate::support::{Control, Load, Proxy, Upstream, WASMESH, cli_with, free_por
 struct Etcd {
     members: Vec<Member>,
     dir: tempfile::TempDir,
+    /// Clients reach the members over TLS and must show a certificate.
+    tls: bool,
 }
 
 struct Member {
@@ -38,9 +40,48 @@ impl Etcd {
         Self::cluster(1).await
     }
 
+    /// One member whose clients speak TLS and show a certificate of its CA:
+    /// `ca.pem` and the client's `client.pem`, `client.key` in [`Etcd::file`].
+    async fn with_tls() -> Etcd {
+        Self::start_with(1, true).await
+    }
+
     /// `n` members, started together.
     async fn cluster(n: usize) -> Etcd {
+        Self::start_with(n, false).await
+    }
+
+    /// A file of its directory.
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// A CA, the members' certificate (127.0.0.1) and a client's.
+    fn write_certificates(dir: &Path) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "etcd ca");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, &ca_key);
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        for (name, sans) in [
+            ("server", vec!["127.0.0.1".to_string(), "localhost".into()]),
+            ("client", vec!["wasmesh-control".into()]),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let params = CertificateParams::new(sans).unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+    }
+
+    async fn start_with(n: usize, tls: bool) -> Etcd {
         let mut e = Etcd {
+            tls,
             members: (0..n)
                 .map(|_| Member {
                     child: None,
@@ -50,6 +91,9 @@ impl Etcd {
                 .collect(),
             dir: tempfile::tempdir().unwrap(),
         };
+        if tls {
+            Self::write_certificates(e.dir.path());
+        }
         for i in 0..n {
             e.spawn(i);
         }
@@ -81,11 +125,22 @@ impl Etcd {
             .map(|(j, m)| format!("m{j}={}", m.peer))
             .collect();
         let m = &self.members[i];
-        let child = Command::new("etcd")
+        let scheme = if self.tls { "https" } else { "http" };
+        let mut cmd = Command::new("etcd");
+        if self.tls {
+            cmd.args(["--cert-file", &self.file("server.pem")])
+                .args(["--key-file", &self.file("server.key")])
+                .args(["--trusted-ca-file", &self.file("ca.pem")])
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &format!("m{i}"), "--data-dir"])
             .arg(self.dir.path().join(format!("m{i}")))
-            .args(["--listen-client-urls", &format!("http://{}", m.client)])
-            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-client-urls", &format!("{scheme}://{}", m.client)])
+            .args([
+                "--advertise-client-urls",
+                &format!("{scheme}://{}", m.client),
+            ])
             .args(["--listen-peer-urls", &m.peer])
             .args(["--initial-advertise-peer-urls", &m.peer])
             .args(["--initial-cluster", &cluster.join(",")])
@@ -656,4 +711,44 @@ async fn applies_racing_on_two_replicas_land_whole_or_are_refused() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// etcd with TLS and client certificates: control given etcd's CA and a
+/// client certificate keeps its state there; without the certificate it
+/// cannot, and says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_reaches_etcd_over_mutual_tls() {
+    let etcd = Etcd::with_tls().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut args = replica_args(&etcd, &dir, tmp.path());
+    args.extend(["--etcd-ca".into(), etcd.file("ca.pem")]);
+    let mut with_cert = args.clone();
+    with_cert.extend([
+        "--etcd-cert".into(),
+        etcd.file("client.pem"),
+        "--etcd-key".into(),
+        etcd.file("client.key"),
+    ]);
+    let control = Control::start_args(&dir, &strs(&with_cert)).await;
+    let up = Upstream::echo("reviews").await;
+    push_tagger(&control, 1);
+    control.apply(&tagged(&up, 1));
+    let (_, out, _) = control.cli(&["get", "services", "-o", "json"]);
+    assert!(out.contains("\"reviews\""), "{out}");
+
+    let out = Command::new(WASMESH)
+        .args(["control", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen-tls", &format!("127.0.0.1:{}", free_port())])
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the store failed: etcd: "), "{stderr}");
+    assert!(
+        stderr.contains("if etcd asks for client certificates (--client-cert-auth), give --etcd-cert and --etcd-key"),
+        "{stderr}"
+    );
 }

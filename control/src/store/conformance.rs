@@ -299,7 +299,7 @@ mod etcd_store {
         fn open(&self) -> Arc<dyn Store> {
             let url: EtcdUrl = format!("etcd://{}/test", self.client).parse().unwrap();
             let key = SealingKey::load_or_create(&self.key_file()).unwrap();
-            Arc::new(Etcd::connect(&url, key).unwrap())
+            Arc::new(Etcd::connect(&url, &Default::default(), key).unwrap())
         }
     }
 
@@ -352,7 +352,12 @@ mod etcd_store {
         // Another replica with another key cannot open it.
         let other = server.dir.path().join("other.key");
         let url: EtcdUrl = format!("etcd://{}/test", server.client).parse().unwrap();
-        let s2 = Etcd::connect(&url, SealingKey::load_or_create(&other).unwrap()).unwrap();
+        let s2 = Etcd::connect(
+            &url,
+            &Default::default(),
+            SealingKey::load_or_create(&other).unwrap(),
+        )
+        .unwrap();
         let e = s2.ca().unwrap_err().to_string();
         assert!(e.contains("--store-key-file"), "{e}");
         assert_eq!(server.open().ca().unwrap().unwrap(), ca);

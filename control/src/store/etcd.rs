@@ -103,6 +103,18 @@ impl std::str::FromStr for EtcdUrl {
     }
 }
 
+/// How to reach etcd beyond its address: TLS and a user, as etcd's
+/// clients have them.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// The CA that signed the members' certificates (PEM): TLS to them.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and its key (PEM), for members that ask for one.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// A user and password, for a cluster with authentication on.
+    pub user: Option<(String, String)>,
+}
+
 /// The key sealing the CA's private key: 32 bytes from a file.
 pub struct SealingKey(aead::LessSafeKey);
 
@@ -291,7 +303,11 @@ fn prefixed() -> Option<GetOptions> {
 impl Etcd {
     /// Connect to `url`'s members (waiting up to a few seconds for one to
     /// answer), sealing the CA key with `sealing`.
-    pub fn connect(url: &EtcdUrl, sealing: SealingKey) -> Result<Self, StoreError> {
+    pub fn connect(
+        url: &EtcdUrl,
+        access: &Access,
+        sealing: SealingKey,
+    ) -> Result<Self, StoreError> {
         let runtime = Background(Some(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -300,17 +316,42 @@ impl Etcd {
                 .build()
                 .map_err(backend)?,
         ));
-        let endpoints = url.endpoints.clone();
+        let tls = access.ca_pem.is_some() || access.identity_pem.is_some();
+        let endpoints: Vec<String> = url
+            .endpoints
+            .iter()
+            .map(|e| {
+                if tls {
+                    e.replacen("http://", "https://", 1)
+                } else {
+                    e.clone()
+                }
+            })
+            .collect();
+        let access = access.clone();
         // A cluster just started may still be electing its leader: try for
         // a while before giving up.
         let (client, lease) = run(runtime.get(), async move {
             let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
             loop {
                 let attempt = async {
-                    let options = ConnectOptions::new()
+                    let mut options = ConnectOptions::new()
                         .with_connect_timeout(Duration::from_secs(3))
                         .with_timeout(REQUEST_TIMEOUT)
                         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+                    if tls {
+                        let mut t = etcd_client::TlsOptions::new();
+                        if let Some(ca) = &access.ca_pem {
+                            t = t.ca_certificate(etcd_client::Certificate::from_pem(ca));
+                        }
+                        if let Some((cert, key)) = &access.identity_pem {
+                            t = t.identity(etcd_client::Identity::from_pem(cert, key));
+                        }
+                        options = options.with_tls(t);
+                    }
+                    if let Some((user, password)) = &access.user {
+                        options = options.with_user(user.clone(), password.clone());
+                    }
                     let mut client = Client::connect(&endpoints, Some(options))
                         .await
                         .map_err(|e| format!("connecting to {}: {e}", endpoints.join(",")))?;
@@ -328,7 +369,9 @@ impl Etcd {
                 };
                 match attempt.await {
                     Ok(done) => return Ok(done),
-                    Err(e) if tokio::time::Instant::now() >= deadline => return Err(backend(e)),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        return Err(backend(format!("{e}; {}", hint(&access))));
+                    }
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }
@@ -537,6 +580,21 @@ async fn watch_changes(client: Client, prefix: String, changes: tokio::sync::wat
             return;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// What to check when etcd cannot be reached, given how it was tried.
+fn hint(access: &Access) -> &'static str {
+    match (&access.ca_pem, &access.identity_pem) {
+        (None, None) => {
+            "is etcd listening there (plaintext; for TLS give --etcd-ca, and --etcd-cert and --etcd-key if it asks for client certificates)?"
+        }
+        (_, None) => {
+            "over TLS: if etcd asks for client certificates (--client-cert-auth), give --etcd-cert and --etcd-key"
+        }
+        _ => {
+            "over TLS with a client certificate: are --etcd-ca, --etcd-cert and --etcd-key etcd's?"
+        }
     }
 }
 
