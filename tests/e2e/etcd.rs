@@ -752,3 +752,55 @@ async fn control_reaches_etcd_over_mutual_tls() {
         "{stderr}"
     );
 }
+
+/// etcd with authentication on: control given a user and its password
+/// keeps its state there (its lease and watch included); without them it
+/// cannot, and says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_reaches_etcd_with_a_user() {
+    let etcd = Etcd::start().await;
+    let ctl = |args: &[&str]| {
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", &etcd.members[0].client])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+    };
+    ctl(&["user", "add", "root:s3cret"]);
+    ctl(&["auth", "enable"]);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("password"), "s3cret\n").unwrap();
+    let dir = tmp.path().join("a");
+    let args = replica_args(&etcd, &dir, tmp.path());
+    let mut with_user = args.clone();
+    with_user.extend([
+        "--etcd-user".into(),
+        "root".into(),
+        "--etcd-password-file".into(),
+        tmp.path().join("password").display().to_string(),
+    ]);
+    let control = Control::start_args(&dir, &strs(&with_user)).await;
+    let up = Upstream::echo("reviews").await;
+    push_tagger(&control, 1);
+    control.apply(&tagged(&up, 1));
+    let proxy = Proxy::start_control(&control.url(), "frontend", "v1", &[]).await;
+    control.wait_rollout();
+    assert_eq!(tag(&proxy).await, "1");
+
+    let out = Command::new(WASMESH)
+        .args(["control", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen-tls", &format!("127.0.0.1:{}", free_port())])
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("etcd has authentication on: give --etcd-user and --etcd-password-file"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the store failed: etcd: "), "{stderr}");
+}

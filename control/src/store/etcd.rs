@@ -272,7 +272,17 @@ const UNREACHED: &str = "tcp connect error";
 const CONNECT_PATIENCE: Duration = Duration::from_secs(15);
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(format!("etcd: {e}"))
+    let e = e.to_string();
+    let hint = if e.contains("user name is empty") {
+        "; etcd has authentication on: give --etcd-user and --etcd-password-file"
+    } else if e.contains("authentication failed") {
+        "; check --etcd-user and the password in --etcd-password-file"
+    } else if e.contains("permission denied") {
+        "; the etcd user needs read and write on the store's prefix"
+    } else {
+        ""
+    };
+    StoreError::Backend(format!("etcd: {e}{hint}"))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
