@@ -1,7 +1,8 @@
 //! `wasmesh`: the one binary. `proxy` runs a sidecar (from a mesh file, or
 //! from the control plane); `control` runs the control plane; `push`,
-//! `apply`, `get`, `delete` and `status` talk to it; `plugin new` and
-//! `plugin build` are the plugin author's tools.
+//! `apply`, `get`, `delete`, `status` and `top` talk to it; `plugin new` and
+//! `plugin build` are the plugin author's tools; `demo` runs the whole mesh
+//! on one machine (`demo-app`: one of its apps alone).
 //!
 //! Exit codes: 0 done; 1 runtime failure (e.g. a port in use, a refusal by
 //! control); 2 usage or invalid input (bad file, bad component, a plugin
