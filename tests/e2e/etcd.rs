@@ -188,6 +188,21 @@ fn replica_args(etcd: &Etcd, data: &Path, shared: &Path) -> Vec<String> {
     ]
 }
 
+/// Start control with `args`, which must make it stop at once (exit 1):
+/// what it said.
+fn refused(args: &[String]) -> String {
+    let out = Command::new(WASMESH)
+        .args(["control", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen-tls", &format!("127.0.0.1:{}", free_port())])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -294,15 +309,7 @@ async fn control_on_etcd_keeps_its_state_there_for_any_replica() {
     let mut args = replica_args(&etcd, &d_dir, &shared);
     let wrong = tmp.path().join("wrong.key");
     *args.last_mut().unwrap() = wrong.display().to_string();
-    let out = Command::new(WASMESH)
-        .args(["control", "--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .args(["--listen-tls", &format!("127.0.0.1:{}", free_port())])
-        .args(&args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused(&args);
     assert!(
         stderr.contains(
             "does not open with this sealing key: give every replica the same --store-key-file"
@@ -737,15 +744,7 @@ async fn control_reaches_etcd_over_mutual_tls() {
     let (_, out, _) = control.cli(&["get", "services", "-o", "json"]);
     assert!(out.contains("\"reviews\""), "{out}");
 
-    let out = Command::new(WASMESH)
-        .args(["control", "--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .args(["--listen-tls", &format!("127.0.0.1:{}", free_port())])
-        .args(&args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused(&args);
     assert!(stderr.contains("the store failed: etcd: "), "{stderr}");
     assert!(
         stderr.contains("if etcd asks for client certificates (--client-cert-auth), give --etcd-cert and --etcd-key"),
@@ -789,15 +788,7 @@ async fn control_reaches_etcd_with_a_user() {
     control.wait_rollout();
     assert_eq!(tag(&proxy).await, "1");
 
-    let out = Command::new(WASMESH)
-        .args(["control", "--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .args(["--listen-tls", &format!("127.0.0.1:{}", free_port())])
-        .args(&args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused(&args);
     assert!(
         stderr.contains("etcd has authentication on: give --etcd-user and --etcd-password-file"),
         "{stderr}"
