@@ -203,6 +203,19 @@ fn refused(args: &[String]) -> String {
     stderr
 }
 
+/// Start a replica on `etcd`, its data in `root/name`; the first replica
+/// under `root` leaves its admin token in `root/shared` for the others.
+async fn replica(etcd: &Etcd, root: &Path, name: &str) -> Control {
+    let shared = root.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let dir = root.join(name);
+    let control = Control::start_args(&dir, &strs(&replica_args(etcd, &dir, &shared))).await;
+    if !shared.join("admin.token").exists() {
+        std::fs::copy(dir.join("admin.token"), shared.join("admin.token")).unwrap();
+    }
+    control
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -212,11 +225,7 @@ async fn control_on_etcd_keeps_its_state_there_for_any_replica() {
     let etcd = Etcd::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let shared = tmp.path().join("shared");
-    std::fs::create_dir_all(&shared).unwrap();
-    let a_dir = tmp.path().join("a");
-    let args = replica_args(&etcd, &a_dir, &shared);
-    let mut a = Control::start_args(&a_dir, &strs(&args)).await;
-    std::fs::copy(a_dir.join("admin.token"), shared.join("admin.token")).unwrap();
+    let mut a = replica(&etcd, tmp.path(), "a").await;
 
     let up = Upstream::echo("reviews").await;
     push_tagger(&a, 1);
@@ -375,13 +384,8 @@ async fn tag(proxy: &Proxy) -> String {
 async fn two_replicas_share_the_mesh_and_proxies_fail_over() {
     let etcd = Etcd::start().await;
     let tmp = tempfile::tempdir().unwrap();
-    let shared = tmp.path().join("shared");
-    std::fs::create_dir_all(&shared).unwrap();
-    let a_dir = tmp.path().join("a");
-    let mut a = Control::start_args(&a_dir, &strs(&replica_args(&etcd, &a_dir, &shared))).await;
-    std::fs::copy(a_dir.join("admin.token"), shared.join("admin.token")).unwrap();
-    let b_dir = tmp.path().join("b");
-    let mut b = Control::start_args(&b_dir, &strs(&replica_args(&etcd, &b_dir, &shared))).await;
+    let mut a = replica(&etcd, tmp.path(), "a").await;
+    let mut b = replica(&etcd, tmp.path(), "b").await;
 
     // Pushed through A, applied through B.
     let up = Upstream::echo("reviews").await;
@@ -581,13 +585,7 @@ async fn three_replicas_on_three_members_lose_nothing_through_kills() {
     std::fs::create_dir_all(&shared).unwrap();
     let mut replicas = Vec::new();
     for name in ["a", "b", "c"] {
-        let dir = tmp.path().join(name);
-        let args = replica_args(&etcd, &dir, &shared);
-        let control = Control::start_args(&dir, &strs(&args)).await;
-        if name == "a" {
-            std::fs::copy(dir.join("admin.token"), shared.join("admin.token")).unwrap();
-        }
-        replicas.push(control);
+        replicas.push(replica(&etcd, tmp.path(), name).await);
     }
     let up = Upstream::echo("reviews").await;
     push_and_apply(&replicas[0], &up, 1).await;
@@ -646,13 +644,8 @@ async fn three_replicas_on_three_members_lose_nothing_through_kills() {
 async fn applies_racing_on_two_replicas_land_whole_or_are_refused() {
     let etcd = Etcd::start().await;
     let tmp = tempfile::tempdir().unwrap();
-    let shared = tmp.path().join("shared");
-    std::fs::create_dir_all(&shared).unwrap();
-    let a_dir = tmp.path().join("a");
-    let a = Control::start_args(&a_dir, &strs(&replica_args(&etcd, &a_dir, &shared))).await;
-    std::fs::copy(a_dir.join("admin.token"), shared.join("admin.token")).unwrap();
-    let b_dir = tmp.path().join("b");
-    let b = Control::start_args(&b_dir, &strs(&replica_args(&etcd, &b_dir, &shared))).await;
+    let a = replica(&etcd, tmp.path(), "a").await;
+    let b = replica(&etcd, tmp.path(), "b").await;
     let (a, b) = (Arc::new(a), Arc::new(b));
     // Each apply writes two services at once: `left-N` and `right-N`
     // through A, `up-N` and `down-N` through B.
