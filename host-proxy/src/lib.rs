@@ -282,6 +282,10 @@ impl Proxy {
                 graceful.clone(),
             )));
         }
+        // Before the admin server: `/ready` means changes are watched.
+        if self.watch {
+            config::watch::spawn(shared.live.clone());
+        }
         let draining = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(admin::Admin {
             live: shared.live.clone(),
@@ -293,9 +297,6 @@ impl Proxy {
             shared.clients.clone(),
             self.endpoints.clone(),
         ));
-        if self.watch {
-            config::watch::spawn(shared.live.clone());
-        }
         if let Some(identity) = &self.identity {
             tokio::spawn(identity.clone().renew());
         }

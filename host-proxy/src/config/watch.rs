@@ -78,10 +78,13 @@ pub fn spawn(live: Arc<Live>) {
             return;
         }
     };
+    // Watches are in place, and the snapshot's files stamped, before this
+    // returns (and so before the proxy reports ready): a change made right
+    // after `/ready` answers is seen.
+    let mut dirs = HashSet::new();
+    let mut files = watch_files(&live, &mut debouncer, &mut dirs);
+    let mut built = stamp(&files);
     tokio::spawn(async move {
-        let mut dirs = HashSet::new();
-        let mut files = watch_files(&live, &mut debouncer, &mut dirs);
-        let mut built = stamp(&files);
         while let Some(paths) = rx.recv().await {
             if !paths.iter().any(|p| files.contains(&absolute(p))) {
                 continue;
