@@ -71,6 +71,17 @@ pub trait Plugin: Sized + 'static {
     /// configuration; name the field and what is expected.
     fn new(config: Self::Config) -> Result<Self, String>;
 
+    /// Which of its declared hooks (`declared`, from [`export!`]) this
+    /// configuration needs; the proxy calls only those. Default: all of
+    /// them. Asked once, right after [`Plugin::new`]. Narrow it when a
+    /// configuration makes a hook a no-op — a fault rule at 0%, a retry
+    /// policy with no retry conditions — and the proxy saves the call on
+    /// every request. A hook returned here that was not declared is not
+    /// called.
+    fn active_hooks(&self, declared: Hooks) -> Hooks {
+        declared
+    }
+
     /// Runs before the upstream is called, in chain order. Default: proceed.
     /// An error counts as a plugin failure (the plugin's `on-failure` policy
     /// applies).
@@ -171,7 +182,8 @@ macro_rules! __hook_flag {
 /// `export!(MyPlugin, hooks: [on_request, on_complete]);`
 ///
 /// The proxy calls only the declared hooks, so declare exactly the ones the
-/// plugin overrides.
+/// plugin overrides (and, of those, only the ones its configuration needs:
+/// see [`Plugin::active_hooks`]).
 #[macro_export]
 macro_rules! export {
     ($plugin:ty, hooks: [$($hook:ident),* $(,)?]) => {
@@ -203,7 +215,13 @@ macro_rules! export {
 
             impl __p::Guest for __WasmeshExport {
                 fn hooks() -> __p::WitHooks {
-                    __p::hooks(<$plugin as $crate::Declared>::HOOKS)
+                    // Before `configure`: every declared hook; after it:
+                    // the ones this configuration needs.
+                    let declared = <$plugin as $crate::Declared>::HOOKS;
+                    __p::hooks(__PLUGIN.with(|cell| match cell.get() {
+                        Some(p) => declared.and(<$plugin as $crate::Plugin>::active_hooks(p, declared)),
+                        None => declared,
+                    }))
                 }
                 fn configure(config: String) -> Result<(), String> {
                     let plugin = __p::configure::<$plugin>(&config)?;

@@ -81,8 +81,9 @@ pub(crate) fn with_current<R>(f: impl FnOnce(Option<&dyn NativeHost>) -> R) -> R
     HOST.with(|h| f(h.borrow().as_deref().map(|h| h as &dyn NativeHost)))
 }
 
-/// A configured plugin as a native host calls it. Undeclared hooks return the
-/// default decision without calling the plugin, as the proxy does.
+/// A configured plugin as a native host calls it. Undeclared hooks (and
+/// those its configuration does not need) return the default decision
+/// without calling the plugin, as the proxy does.
 #[allow(missing_docs, reason = "each mirrors the `Plugin` hook of its name")]
 pub trait NativeFilter: Send + Sync {
     fn hooks(&self) -> Hooks;
@@ -100,7 +101,7 @@ struct Native<P>(P);
 
 impl<P: Plugin + Declared + Send + Sync> NativeFilter for Native<P> {
     fn hooks(&self) -> Hooks {
-        P::HOOKS
+        P::HOOKS.and(self.0.active_hooks(P::HOOKS))
     }
     fn on_request(&self, req: &dyn RequestSource) -> Result<RequestDecision, String> {
         self.0.on_request(&Request { inner: req })

@@ -477,17 +477,25 @@ fn first(headers: &[Header], name: &str) -> Option<String> {
 }
 
 /// A configured plugin, called as the proxy would call it: a hook the plugin
-/// did not declare is not called (the default decision is returned).
+/// did not declare, or that its configuration does not need
+/// ([`Plugin::active_hooks`]), is not called (the default decision is
+/// returned).
 pub struct Harness<P> {
     plugin: P,
+    hooks: Hooks,
 }
 
 impl<P: Plugin + Declared> Harness<P> {
     /// Configure the plugin from JSON text, as the proxy does.
     pub fn new(config_json: &str) -> Result<Self, String> {
-        Ok(Self {
-            plugin: P::new(parse_config(config_json)?)?,
-        })
+        let plugin = P::new(parse_config(config_json)?)?;
+        let hooks = P::HOOKS.and(plugin.active_hooks(P::HOOKS));
+        Ok(Self { plugin, hooks })
+    }
+
+    /// The hooks the proxy would call for this configuration.
+    pub fn hooks(&self) -> Hooks {
+        self.hooks
     }
 
     /// The plugin.
@@ -517,7 +525,7 @@ impl<P: Plugin + Declared> Harness<P> {
 
     /// Call `on_request`.
     pub fn on_request(&self, req: &TestRequest) -> Result<RequestDecision, String> {
-        if !P::HOOKS.on_request {
+        if !self.hooks.on_request {
             return Ok(RequestDecision::default());
         }
         in_request(req, || self.plugin.on_request(&Request { inner: req }))
@@ -530,7 +538,7 @@ impl<P: Plugin + Declared> Harness<P> {
         resp: &TestResponse,
         attempt: &Attempt,
     ) -> Result<ResponseDecision, String> {
-        if !P::HOOKS.on_response {
+        if !self.hooks.on_response {
             return Ok(ResponseDecision::default());
         }
         in_request(req, || {
@@ -542,7 +550,7 @@ impl<P: Plugin + Declared> Harness<P> {
     /// End the request: call `on_complete` (if declared), then undo the
     /// request's counter holds, as the proxy does.
     pub fn on_complete(&self, req: &TestRequest, done: &Completion) {
-        if P::HOOKS.on_complete {
+        if self.hooks.on_complete {
             in_request(req, || {
                 self.plugin.on_complete(&Request { inner: req }, done)
             });

@@ -290,6 +290,24 @@ pub struct Hooks {
     pub on_complete: bool,
 }
 
+impl Hooks {
+    /// No hook: a plugin whose configuration needs none is never called.
+    pub const NONE: Hooks = Hooks {
+        on_request: false,
+        on_response: false,
+        on_complete: false,
+    };
+
+    /// The hooks in both.
+    pub const fn and(self, other: Hooks) -> Hooks {
+        Hooks {
+            on_request: self.on_request && other.on_request,
+            on_response: self.on_response && other.on_response,
+            on_complete: self.on_complete && other.on_complete,
+        }
+    }
+}
+
 /// Log severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {

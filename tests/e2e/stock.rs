@@ -204,6 +204,75 @@ async fn fault_injection_aborts_and_delays_the_configured_share() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_hook_its_configuration_does_not_need_is_never_called() {
+    let up = Upstream::echo("v1").await;
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  reviews:
+    endpoints: {{ v1: ["{a}"] }}
+    plugins:
+      - source: builtin:fault-injection
+        config: {{ abort: {{ httpStatus: 503, percentage: {{ value: 0 }} }} }}
+      - source: builtin:retry
+        config: {{ attempts: 2, retryOn: 5xx }}
+      - source: builtin:circuit-breaker
+        config: {{ connectionPool: {{ http: {{ http1MaxPendingRequests: 100 }} }} }}
+  ratings:
+    endpoints: {{ v1: ["{a}"] }}
+    plugins:
+      - source: builtin:fault-injection
+        config: {{ abort: {{ httpStatus: 503, percentage: {{ value: 100 }} }} }}
+"#,
+        a = up.addr
+    ))
+    .await;
+    for _ in 0..10 {
+        assert_eq!(via(&proxy, "reviews", "/").await.status, 200);
+        assert_eq!(via(&proxy, "ratings", "/").await.status, 503);
+    }
+    let m = proxy
+        .metrics_containing(r#"wasmesh_requests_total{destination_service="ratings",response_code="503",response_flags="LR"} 10"#)
+        .await;
+    let calls = |service: &str, plugin: &str, hook: &str| -> u64 {
+        m.lines()
+            .find(|l| {
+                l.starts_with("wasmesh_plugin_calls_total{")
+                    && l.contains(&format!(r#"service="{service}""#))
+                    && l.contains(&format!(r#"plugin="{plugin}""#))
+                    && l.contains(&format!(r#"hook="{hook}""#))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    // A fault at 0% is never called; at 100% on every request.
+    assert_eq!(calls("reviews", "fault-injection", "on_request"), 0, "{m}");
+    assert_eq!(calls("ratings", "fault-injection", "on_request"), 10, "{m}");
+    // Retry without a per-try timeout or budget: only its on-response.
+    assert_eq!(calls("reviews", "retry", "on_request"), 0, "{m}");
+    assert_eq!(calls("reviews", "retry", "on_response"), 10, "{m}");
+    // A breaker with a pending limit and no outlier detection.
+    assert_eq!(calls("reviews", "circuit-breaker", "on_request"), 10, "{m}");
+    assert_eq!(calls("reviews", "circuit-breaker", "on_response"), 0, "{m}");
+    // /config shows the hooks the chain calls.
+    let cfg = proxy.config().await;
+    let reviews = cfg["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "reviews")
+        .unwrap();
+    let hooks = |i: usize| reviews["plugins"][i]["hooks"].clone();
+    assert_eq!(
+        hooks(0),
+        serde_json::json!({"on_request": false, "on_response": false, "on_complete": false})
+    );
+    assert_eq!(
+        hooks(1),
+        serde_json::json!({"on_request": false, "on_response": true, "on_complete": false})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn retry_recovers_half_failing_upstreams_but_not_posts() {
     let up = Upstream::flaky().await;
     let proxy = Proxy::start(&format!(

@@ -174,6 +174,27 @@ pub struct Hooks {
     pub on_complete: bool,
 }
 
+impl Hooks {
+    /// The hooks in both.
+    pub fn and(self, other: Hooks) -> Hooks {
+        Hooks {
+            on_request: self.on_request && other.on_request,
+            on_response: self.on_response && other.on_response,
+            on_complete: self.on_complete && other.on_complete,
+        }
+    }
+}
+
+impl From<bindings::HookSet> for Hooks {
+    fn from(flags: bindings::HookSet) -> Self {
+        Hooks {
+            on_request: flags.contains(bindings::HookSet::ON_REQUEST),
+            on_response: flags.contains(bindings::HookSet::ON_RESPONSE),
+            on_complete: flags.contains(bindings::HookSet::ON_COMPLETE),
+        }
+    }
+}
+
 /// Why a component was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -508,11 +529,7 @@ impl Runtime {
             .wasmesh_plugin_filter()
             .call_hooks(&mut store)
             .map_err(|e| LoadError::Incompatible(format!("`hooks` failed: {e:#}")))?;
-        let hooks = Hooks {
-            on_request: flags.contains(bindings::HookSet::ON_REQUEST),
-            on_response: flags.contains(bindings::HookSet::ON_RESPONSE),
-            on_complete: flags.contains(bindings::HookSet::ON_COMPLETE),
-        };
+        let hooks = Hooks::from(flags);
         let loaded = Arc::new(LoadedComponent { sha256, hooks, pre });
         self.cache
             .lock()
@@ -593,7 +610,8 @@ pub struct ConfiguredPlugin {
     pub source: String,
     /// What a failure does to the request.
     pub on_failure: OnFailure,
-    /// The hooks it implements.
+    /// The hooks the chain calls: those it implements that its
+    /// configuration needs.
     pub hooks: Hooks,
     /// The configuration (JSON text) it was given.
     pub config_json: String,
@@ -662,7 +680,7 @@ impl ConfiguredPlugin {
         let metrics = scope
             .metrics
             .plugin(&scope.service, &scope.plugin, &scope.version);
-        let plugin = Self {
+        let mut plugin = Self {
             name: scope.plugin.clone(),
             source,
             on_failure,
@@ -680,7 +698,16 @@ impl ConfiguredPlugin {
             #[cfg(feature = "native-chain")]
             native: None,
         };
-        let first = plugin.instantiate()?;
+        let mut first = plugin.instantiate()?;
+        // Configured, it may need fewer hooks than it implements (a fault
+        // rule at 0% needs none): the chain calls only those.
+        plugin.runtime.ticker.call_started();
+        let needed = first
+            .plugin
+            .wasmesh_plugin_filter()
+            .call_hooks(&mut first.store)
+            .map_err(|e| plugin.classify(e))?;
+        plugin.hooks = plugin.component.hooks.and(Hooks::from(needed));
         plugin.pool.lock().unwrap().push(first);
         Ok(plugin)
     }

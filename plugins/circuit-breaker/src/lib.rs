@@ -12,8 +12,8 @@ use serde::Deserialize;
 use wasmesh_istio::duration_ms;
 use wasmesh_plugin_sdk::host::{self, state};
 use wasmesh_plugin_sdk::{
-    Attempt, Level, LocalReply, Outcome, Plugin, ReplyFlag, Request, RequestDecision, Response,
-    ResponseDecision, export,
+    Attempt, Hooks, Level, LocalReply, Outcome, Plugin, ReplyFlag, Request, RequestDecision,
+    Response, ResponseDecision, export,
 };
 
 /// The plugin's configuration: a DestinationRule `trafficPolicy` subset.
@@ -122,6 +122,16 @@ impl Plugin for CircuitBreaker {
             )?,
             min_health_percent: pct(od.and_then(|o| o.min_health_percent), "minHealthPercent", 0)?,
             max_in_flight: limits.iter().flatten().min().map(|m| i64::from(*m)),
+        })
+    }
+
+    /// `on_request` enforces the in-flight limit, `on_response` counts
+    /// errors for ejection: each only when configured.
+    fn active_hooks(&self, declared: Hooks) -> Hooks {
+        declared.and(Hooks {
+            on_request: self.max_in_flight.is_some(),
+            on_response: self.consecutive_5xx.is_some() || self.consecutive_gateway.is_some(),
+            on_complete: true,
         })
     }
 

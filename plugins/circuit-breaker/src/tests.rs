@@ -171,3 +171,24 @@ fn min_health_percent_stops_ejections_when_too_few_are_healthy() {
         "2 of 4 healthy: 50% < 60%, outlier detection pauses"
     );
 }
+
+#[test]
+fn hooks_a_configuration_does_not_need_are_not_called() {
+    use wasmesh_plugin_sdk::Hooks;
+    let hooks = |config: &str| Harness::<CircuitBreaker>::new(config).unwrap().hooks();
+    let on = |req, resp| Hooks {
+        on_request: req,
+        on_response: resp,
+        on_complete: false,
+    };
+    assert_eq!(hooks("{}"), on(false, false));
+    assert_eq!(hooks(r#"{"outlierDetection":{}}"#), on(false, true));
+    assert_eq!(
+        hooks(r#"{"outlierDetection":{"consecutive5xxErrors":0}}"#),
+        on(false, false)
+    );
+    assert_eq!(
+        hooks(r#"{"connectionPool":{"http":{"http1MaxPendingRequests":10}}}"#),
+        on(true, false)
+    );
+}

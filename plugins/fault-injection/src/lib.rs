@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 use wasmesh_istio::{Condition, MatchRequest, Percent, duration_ms};
-use wasmesh_plugin_sdk::{Header, LocalReply, Plugin, Request, RequestDecision, export};
+use wasmesh_plugin_sdk::{Header, Hooks, LocalReply, Plugin, Request, RequestDecision, export};
 
 /// The plugin's configuration.
 #[derive(Debug, Deserialize)]
@@ -140,6 +140,19 @@ impl Plugin for FaultInjection {
         })
     }
 
+    /// A fault at 0% (the way a fault is kept configured but switched off)
+    /// never fires: the proxy need not call the plugin at all.
+    fn active_hooks(&self, declared: Hooks) -> Hooks {
+        let fires = |p: &Percent| p.value > 0.0;
+        let delays = self.delay.as_ref().is_some_and(|(_, p)| fires(p));
+        let aborts = self.abort.as_ref().is_some_and(|(_, p)| fires(p));
+        if delays || aborts {
+            declared
+        } else {
+            Hooks::NONE
+        }
+    }
+
     fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {
         if !wasmesh_istio::in_scope(&self.conditions, req) {
             return Ok(RequestDecision::proceed());
@@ -223,11 +236,17 @@ mod tests {
     }
 
     #[test]
-    fn zero_percent_never_fires() {
+    fn zero_percent_never_fires_and_is_never_called() {
         let h = Harness::<FaultInjection>::new(
             r#"{"abort":{"httpStatus":500,"percentage":{"value":0}}}"#,
         )
         .unwrap();
+        assert_eq!(h.hooks(), Hooks::NONE);
+        let some = Harness::<FaultInjection>::new(
+            r#"{"delay":{"fixedDelay":"1s","percentage":{"value":0}},"abort":{"httpStatus":500,"percentage":{"value":0.1}}}"#,
+        )
+        .unwrap();
+        assert!(some.hooks().on_request);
         assert!((0..1000).all(|_| {
             h.on_request(&TestRequest::get("/"))
                 .unwrap()

@@ -9,7 +9,8 @@ use serde::Deserialize;
 use wasmesh_istio::duration_ms;
 use wasmesh_plugin_sdk::host::{self, state};
 use wasmesh_plugin_sdk::{
-    Attempt, Level, Outcome, Plugin, Request, RequestDecision, Response, ResponseDecision, export,
+    Attempt, Hooks, Level, Outcome, Plugin, Request, RequestDecision, Response, ResponseDecision,
+    export,
 };
 
 /// The plugin's configuration (Istio `HTTPRetry`, extended).
@@ -99,6 +100,13 @@ impl RetryOn {
         Ok(r)
     }
 
+    /// Whether no outcome is retriable.
+    fn is_empty(&self) -> bool {
+        !(self.any_5xx || self.gateway || self.connect_failure || self.reset || self.retriable_4xx)
+            && self.codes.is_empty()
+            && self.grpc.is_empty()
+    }
+
     /// Whether this outcome is retriable, and whether it provably never
     /// reached the upstream (then any method may be retried).
     fn wants(&self, outcome: &Outcome, grpc_status: Option<u32>) -> (bool, bool) {
@@ -186,6 +194,17 @@ impl Plugin for Retry {
             max_ms,
             budget,
             non_idempotent: c.retry_non_idempotent,
+        })
+    }
+
+    /// `on_request` sets the per-try timeout and counts requests for the
+    /// budget: without either it is not needed; `on_response` is not
+    /// without a retry to make.
+    fn active_hooks(&self, declared: Hooks) -> Hooks {
+        declared.and(Hooks {
+            on_request: self.per_try_ms.is_some() || self.budget.is_some(),
+            on_response: self.attempts > 0 && !self.retry_on.is_empty(),
+            on_complete: true,
         })
     }
 

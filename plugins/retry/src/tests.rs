@@ -142,3 +142,19 @@ fn a_concurrent_request_taking_the_last_retry_slot_is_not_overshot() {
         assert_eq!(host.metrics["retry_budget_exhausted"], 1);
     });
 }
+
+#[test]
+fn hooks_a_configuration_does_not_need_are_not_called() {
+    use wasmesh_plugin_sdk::Hooks;
+    let on = |req, resp| Hooks {
+        on_request: req,
+        on_response: resp,
+        on_complete: false,
+    };
+    // Istio's default conditions, no per-try timeout, no budget.
+    assert_eq!(retry("{}").hooks(), on(false, true));
+    assert_eq!(retry(r#"{"perTryTimeout":"1s"}"#).hooks(), on(true, true));
+    assert_eq!(retry(r#"{"retryBudget":{}}"#).hooks(), on(true, true));
+    assert_eq!(retry(r#"{"attempts":0}"#).hooks(), on(false, false));
+    assert_eq!(retry(r#"{"retryOn":""}"#).hooks(), on(false, false));
+}
