@@ -301,6 +301,14 @@ pub struct PluginSpec {
     /// What a failure of this plugin does to the request. Default `closed`.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Which requests the plugin runs for: a list of Istio
+    /// `HTTPMatchRequest`s, any of which may match (none given: every
+    /// request). The proxy checks it before calling the plugin; a request
+    /// outside it never reaches the plugin (no hook runs for it). Kept as
+    /// JSON here; the proxy and control compile it, naming the field of any
+    /// error.
+    #[serde(default, rename = "match")]
+    pub matches: Option<serde_json::Value>,
 }
 
 /// What happens to a request when its plugin traps, runs out of time or

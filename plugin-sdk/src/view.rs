@@ -165,6 +165,15 @@ impl Response<'_> {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
+impl<'a> Request<'a> {
+    /// A view of a native host's request (the proxy matching a chain
+    /// entry's `match` with the stock plugins' own matchers).
+    pub fn native(inner: &'a dyn RequestSource) -> Self {
+        Self { inner }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 impl Request<'_> {
     /// The method, e.g. `GET`.
     pub fn method(&self) -> String {

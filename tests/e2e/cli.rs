@@ -49,6 +49,14 @@ fn bad_configuration_exits_2_naming_file_field_and_plugin() {
         &["services.reviews.plugins[0].on-failure", "sideways"],
     );
     refused(
+        "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        match: [{ uri: { prefix: /a } }, { uri: { regex: \"(\" } }]\n",
+        &["mesh.yaml: services.reviews.plugins[0].match[1].uri.regex: "],
+    );
+    refused(
+        "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        match: [{ path: { prefix: /a } }]\n",
+        &["services.reviews.plugins[0].match[0]: unknown field `path`"],
+    );
+    refused(
         "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        config: { prefixes: [admin] }\n",
         &[
             "plugin deny-path (",

@@ -92,6 +92,21 @@ async fn a_pushed_plugin_applied_reaches_five_proxies_and_status_waits_for_them(
             .starts_with("control snapshot"),
         "{cfg}"
     );
+    // A chain entry's `match` reaches the proxies: the tagger now runs
+    // for /tagged only.
+    control.apply(&tagged(&up, 1).replace(
+        "      - source: tagger@1\n",
+        "      - source: tagger@1\n        match: [{ uri: { prefix: /tagged } }]\n",
+    ));
+    control.wait_rollout();
+    for p in &proxies {
+        assert_eq!(
+            tag_through(p).await.json()["headers"]["x-v"],
+            serde_json::Value::Null
+        );
+        let r = via(p, "reviews", "/tagged/1").await;
+        assert_eq!(r.json()["headers"]["x-v"], "1", "{}", p.log_text());
+    }
 }
 
 /// Ten successive versions pushed and applied while clients keep sending:
@@ -203,6 +218,13 @@ async fn bad_input_is_refused_with_its_reason_and_changes_nothing() {
             "services.reviews.plugins[0].config",
             "the plugin builtin:router refused its configuration",
             "config.http[0].route[0].weight",
+        ],
+    );
+    refused(
+        "services:\n  reviews:\n    plugins: [{ source: tagger@1, match: [{ uri: { prefix: /a, exact: /b } }] }]\n",
+        &[
+            "services.reviews.plugins[0].match[0].uri",
+            "give one of exact, prefix, regex",
         ],
     );
     refused(

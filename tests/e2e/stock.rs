@@ -273,6 +273,75 @@ async fn a_hook_its_configuration_does_not_need_is_never_called() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_with_a_match_runs_only_for_the_requests_it_matches() {
+    let up = Upstream::echo("v1").await;
+    // add-header marks /beta requests; the fault entry matches /api/…,
+    // user jason, or what add-header marked (the request as the plugins
+    // before the entry left it).
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  reviews:
+    endpoints: {{ v1: ["{a}"] }}
+    plugins:
+      - source: builtin:add-header
+        match: [{{ uri: {{ prefix: /beta }} }}]
+        config: {{ request: {{ x-canary: "1" }} }}
+      - source: builtin:fault-injection
+        match:
+          - uri: {{ prefix: /api/ }}
+          - headers: {{ end-user: {{ exact: jason }} }}
+          - headers: {{ x-canary: {{ exact: "1" }} }}
+        config: {{ abort: {{ httpStatus: 503, percentage: {{ value: 100 }} }} }}
+"#,
+        a = up.addr
+    ))
+    .await;
+    let get = |path: &'static str, user: Option<&'static str>| {
+        let proxy = &proxy;
+        async move {
+            let mut req = http::Request::get(format!("http://{}{path}", proxy.listen))
+                .header("host", "reviews");
+            if let Some(u) = user {
+                req = req.header("end-user", u);
+            }
+            send(http1(), req.body(http_body_util::Full::default()).unwrap())
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    assert_eq!(get("/api/ratings", None).await, 503);
+    assert_eq!(get("/reviews/1", Some("jason")).await, 503);
+    assert_eq!(get("/beta/x", None).await, 503);
+    assert_eq!(get("/reviews/1", None).await, 200);
+    assert_eq!(get("/apix", None).await, 200);
+    assert_eq!(get("/reviews/1", Some("mary")).await, 200);
+    let m = proxy
+        .metrics_containing(r#"wasmesh_requests_total{destination_service="reviews",response_code="200",response_flags="-"} 3"#)
+        .await;
+    let calls = |plugin: &str| -> u64 {
+        m.lines()
+            .find(|l| {
+                l.starts_with("wasmesh_plugin_calls_total{")
+                    && l.contains(&format!(r#"plugin="{plugin}""#))
+                    && l.contains(r#"hook="on_request""#)
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    // Called only for the requests in scope.
+    assert_eq!(calls("add-header"), 1, "{m}");
+    assert_eq!(calls("fault-injection"), 3, "{m}");
+    let cfg = proxy.config().await;
+    assert_eq!(
+        cfg["services"][0]["plugins"][0]["match"],
+        serde_json::json!([{"uri": {"prefix": "/beta"}}]),
+        "{cfg}"
+    );
+    assert!(cfg["services"][0]["plugins"][1]["match"].is_array(), "{cfg}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn retry_recovers_half_failing_upstreams_but_not_posts() {
     let up = Upstream::flaky().await;
     let proxy = Proxy::start(&format!(

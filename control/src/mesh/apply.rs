@@ -129,6 +129,10 @@ impl Mesh {
                             expected.as_str()
                         )));
                     }
+                    if let Some(m) = &p.matches {
+                        wasmesh_istio::parse_matches(m, &format!("{at}.match"))
+                            .map_err(Refusal::Invalid)?;
+                    }
                     let component = self.bytes_of(p, sha256.as_deref(), &at)?;
                     checks.push(Check {
                         at: format!("{at}.config"),

@@ -156,5 +156,9 @@ fn entry(plugins: &BTreeMap<String, PluginMeta>, p: &PluginSpec) -> Option<proto
             OnFailure::Closed => "closed".into(),
             OnFailure::Open => "open".into(),
         },
+        match_json: p
+            .matches
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string),
     })
 }

@@ -108,8 +108,10 @@ fn chain_json(chain: &Chain) -> Value {
     chain
         .plugins
         .iter()
-        .map(|p| {
+        .zip(&chain.matches)
+        .map(|(p, m)| {
             json!({
+                "match": m.as_ref().map(|m| &m.json),
                 "name": &*p.name,
                 "source": p.source,
                 "sha256": p.sha256(),

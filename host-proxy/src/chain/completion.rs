@@ -35,6 +35,8 @@ pub struct CompletionGuard {
     pub(super) reached: usize,
     /// Bit i: plugin i failed on this request; it gets no further calls.
     pub(super) failed: u64,
+    /// Bit i: the request is outside plugin i's `match`; it gets no calls.
+    pub(super) skipped: u64,
     /// The request. Always here between hook calls (each call moves it
     /// into the plugin's store and back).
     pub(super) req: Option<RequestView>,
@@ -72,6 +74,7 @@ impl CompletionGuard {
             chain,
             reached: 0,
             failed: 0,
+            skipped: 0,
             req: Some(req),
             response_edits: Vec::new(),
             status: None,
@@ -157,7 +160,7 @@ impl Drop for CompletionGuard {
         }
         let chain = self.chain.clone();
         for (i, p) in chain.plugins.iter().enumerate().take(self.reached) {
-            if !p.hooks.on_complete || self.failed & (1 << i) != 0 {
+            if !p.hooks.on_complete || (self.failed | self.skipped) & (1 << i) != 0 {
                 continue;
             }
             let span = super::hook_span(self.trace.as_ref(), p, "on_complete");

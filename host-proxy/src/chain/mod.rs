@@ -27,7 +27,7 @@ use crate::http::headers::HeaderEdit;
 use crate::http::{ProxyBody, full};
 use crate::metrics::{Decision, PluginMetrics};
 use crate::runtime::types::{Attempt, LocalReply, ReplyFlag, RequestDecision, ResponseView};
-use crate::runtime::{ConfiguredPlugin, LoweredAttempt, OnFailure, PluginFailure};
+use crate::runtime::{ConfiguredPlugin, LoweredAttempt, OnFailure, PluginFailure, RequestView};
 use crate::trace::{HookSpan, RequestTrace};
 
 /// An ordered list of configured plugins.
@@ -35,19 +35,58 @@ use crate::trace::{HookSpan, RequestTrace};
 pub struct Chain {
     /// In chain order.
     pub plugins: Vec<Arc<ConfiguredPlugin>>,
+    /// Each plugin's `match`, when it has one (same order).
+    pub matches: Vec<Option<EntryMatch>>,
     /// Some plugin implements `on-response` (so bodies are buffered for
     /// retries).
     pub any_on_response: bool,
 }
 
 impl Chain {
-    /// A chain of these plugins, in this order.
-    pub fn new(plugins: Vec<Arc<ConfiguredPlugin>>) -> Self {
-        let any_on_response = plugins.iter().any(|p| p.hooks.on_response);
+    /// A chain of these plugins, in this order, each with its `match`.
+    pub fn new(entries: Vec<(Arc<ConfiguredPlugin>, Option<EntryMatch>)>) -> Self {
+        let any_on_response = entries.iter().any(|(p, _)| p.hooks.on_response);
+        let (plugins, matches) = entries.into_iter().unzip();
         Self {
             plugins,
+            matches,
             any_on_response,
         }
+    }
+}
+
+/// A chain entry's `match`: the requests its plugin runs for — Istio
+/// `HTTPMatchRequest`s, any of which may hold, compiled by the stock
+/// plugins' own matcher (`wasmesh_istio`).
+pub struct EntryMatch {
+    conditions: Vec<wasmesh_istio::Condition>,
+    /// As configured, for `/config`.
+    pub json: serde_json::Value,
+}
+
+impl EntryMatch {
+    /// Compile `json`; an error is `(field path, reason)`, the path under
+    /// `at` (`services.reviews.plugins[0].match[1].uri`).
+    pub fn new(json: &serde_json::Value, at: &str) -> Result<Self, (String, String)> {
+        let conditions = wasmesh_istio::parse_matches(json, at).map_err(|e| {
+            match e.split_once(": ") {
+                Some((path, reason)) => (path.to_string(), reason.to_string()),
+                None => (at.to_string(), e),
+            }
+        })?;
+        Ok(Self {
+            conditions,
+            json: json.clone(),
+        })
+    }
+
+    /// Whether `req` (as it reaches the entry: earlier plugins' edits
+    /// applied) is one the plugin runs for.
+    pub fn admits(&self, req: &RequestView) -> bool {
+        wasmesh_istio::in_scope(
+            &self.conditions,
+            &wasmesh_plugin_sdk::Request::native(req),
+        )
     }
 }
 
@@ -109,6 +148,13 @@ impl CompletionGuard {
         let chain = self.chain.clone();
         for (i, p) in chain.plugins.iter().enumerate() {
             self.reached = i + 1;
+            if let Some(m) = &chain.matches[i]
+                && !m.admits(self.request())
+            {
+                // Outside its `match`: the request never reaches it.
+                self.skipped |= 1 << i;
+                continue;
+            }
             if !p.hooks.on_request {
                 continue;
             }
@@ -158,7 +204,7 @@ impl CompletionGuard {
         let mut verdict = ResponseVerdict::default();
         for i in (0..upto).rev() {
             let p = &chain.plugins[i];
-            if !p.hooks.on_response || self.failed & (1 << i) != 0 {
+            if !p.hooks.on_response || (self.failed | self.skipped) & (1 << i) != 0 {
                 continue;
             }
             let span = hook_span(self.trace.as_ref(), p, "on_response");

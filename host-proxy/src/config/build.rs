@@ -15,7 +15,7 @@ use foldhash::HashMap;
 use wasmesh_api::{MeshFile, PluginSpec, ServiceSpec};
 
 use super::{BuildError, Builder, Listeners, Origin, Overrides, Service, Snapshot};
-use crate::chain::Chain;
+use crate::chain::{Chain, EntryMatch};
 use crate::listener::Limits as Downstream;
 use crate::runtime::{ConfiguredPlugin, Limits, PluginFailure, PluginScope, Quarantine, Runtime};
 use crate::upstream::UpstreamProtocol;
@@ -428,8 +428,17 @@ impl ChainCtx<'_> {
                     ),
                 ));
             }
+            let scope = spec
+                .matches
+                .as_ref()
+                .map(|m| EntryMatch::new(m, &format!("{path}.match")))
+                .transpose()
+                .map_err(|(at, reason)| field_err(self.origin, at, reason))?;
             let prev = previous.and_then(|c| c.plugins.iter().find(|p| *p.name == *name));
-            plugins.push(self.plugin(service, &path, &name, spec, source, prev)?);
+            plugins.push((
+                self.plugin(service, &path, &name, spec, source, prev)?,
+                scope,
+            ));
         }
         Ok(Chain::new(plugins))
     }

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use wasmesh_plugin_sdk::{self as sdk, RequestSource};
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -197,23 +198,87 @@ pub(crate) fn limiter(state: &mut HostState) -> &mut dyn ResourceLimiter {
 
 impl wit::Host for HostState {}
 
-impl wit::HostRequest for HostState {
-    fn method(&mut self, _: Resource<RequestRes>) -> String {
-        self.req().parts.method.as_str().to_string()
+/// The request as the SDK's native view reads it: what `wit::HostRequest`
+/// hands a component, and what the proxy matches a chain entry's `match`
+/// against (with the stock plugins' own matchers).
+impl RequestSource for RequestView {
+    fn method(&self) -> String {
+        self.parts.method.as_str().to_string()
     }
-    fn scheme(&mut self, _: Resource<RequestRes>) -> String {
-        self.req().scheme.to_string()
+    fn scheme(&self) -> String {
+        self.scheme.to_string()
     }
-    fn authority(&mut self, _: Resource<RequestRes>) -> String {
-        self.req()
-            .authority
+    fn authority(&self) -> String {
+        self.authority
             .as_ref()
             .map_or_else(String::new, |a| a.as_str().to_string())
     }
-    fn path(&mut self, _: Resource<RequestRes>) -> String {
-        let uri = &self.req().parts.uri;
-        uri.path_and_query()
+    fn path(&self) -> String {
+        self.parts
+            .uri
+            .path_and_query()
             .map_or_else(|| "/".to_string(), |p| p.as_str().to_string())
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn protocol(&self) -> sdk::Protocol {
+        match self.protocol {
+            Protocol::Http1 => sdk::Protocol::Http1,
+            Protocol::Http2 => sdk::Protocol::Http2,
+            Protocol::Grpc => sdk::Protocol::Grpc,
+        }
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        self.parts.headers.get(name).map(lossy)
+    }
+    fn header_all(&self, name: &str) -> Vec<String> {
+        self.parts.headers.get_all(name).iter().map(lossy).collect()
+    }
+    fn headers(&self) -> Vec<sdk::Header> {
+        self.parts
+            .headers
+            .iter()
+            .map(|(n, v)| sdk::Header {
+                name: n.as_str().to_string(),
+                value: lossy(v),
+            })
+            .collect()
+    }
+    fn source(&self) -> sdk::Peer {
+        let namespace = self
+            .source_principal
+            .as_deref()
+            .and_then(|p| p.split("/ns/").nth(1))
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_string);
+        sdk::Peer {
+            principal: self.source_principal.as_deref().map(str::to_string),
+            namespace,
+            address: self.source_address.to_string(),
+        }
+    }
+    fn service(&self) -> String {
+        self.service.to_string()
+    }
+    fn id(&self) -> String {
+        self.id.to_str().unwrap_or_default().to_string()
+    }
+}
+
+
+impl wit::HostRequest for HostState {
+    fn method(&mut self, _: Resource<RequestRes>) -> String {
+        self.req().method()
+    }
+    fn scheme(&mut self, _: Resource<RequestRes>) -> String {
+        RequestSource::scheme(self.req())
+    }
+    fn authority(&mut self, _: Resource<RequestRes>) -> String {
+        RequestSource::authority(self.req())
+    }
+    fn path(&mut self, _: Resource<RequestRes>) -> String {
+        self.req().path()
     }
     fn port(&mut self, _: Resource<RequestRes>) -> u16 {
         self.req().port
@@ -222,39 +287,27 @@ impl wit::HostRequest for HostState {
         convert::protocol(self.req().protocol)
     }
     fn header(&mut self, _: Resource<RequestRes>, name: String) -> Option<String> {
-        self.req().parts.headers.get(name.as_str()).map(lossy)
+        self.req().header(&name)
     }
     fn header_all(&mut self, _: Resource<RequestRes>, name: String) -> Vec<String> {
-        self.req()
-            .parts
-            .headers
-            .get_all(name.as_str())
-            .iter()
-            .map(lossy)
-            .collect()
+        self.req().header_all(&name)
     }
     fn headers(&mut self, _: Resource<RequestRes>) -> Vec<wit::Header> {
         convert::headers_list(&self.req().parts.headers)
     }
     fn source(&mut self, _: Resource<RequestRes>) -> wit::Peer {
-        let r = self.req();
-        let namespace = r
-            .source_principal
-            .as_deref()
-            .and_then(|p| p.split("/ns/").nth(1))
-            .and_then(|rest| rest.split('/').next())
-            .map(str::to_string);
+        let p = RequestSource::source(self.req());
         wit::Peer {
-            principal: r.source_principal.as_deref().map(str::to_string),
-            namespace,
-            address: r.source_address.to_string(),
+            principal: p.principal,
+            namespace: p.namespace,
+            address: p.address,
         }
     }
     fn service(&mut self, _: Resource<RequestRes>) -> String {
-        self.req().service.to_string()
+        RequestSource::service(self.req())
     }
     fn id(&mut self, _: Resource<RequestRes>) -> String {
-        self.req().id.to_str().unwrap_or_default().to_string()
+        RequestSource::id(self.req())
     }
     fn drop(&mut self, _: Resource<RequestRes>) -> wasmtime::Result<()> {
         // Handles are borrows of the store's current request; nothing to free.

@@ -55,12 +55,18 @@ fn chain(entries: &[proto::PluginEntry]) -> Result<Value, String> {
             let config: Value = serde_json::from_str(&e.config_json).map_err(|err| {
                 format!("plugin {}: its configuration is not JSON: {err}", e.name)
             })?;
-            Ok(json!({
+            let mut entry = json!({
                 "source": e.source,
                 "name": e.name,
                 "config": config,
                 "on-failure": e.on_failure,
-            }))
+            });
+            if !e.match_json.is_empty() {
+                entry["match"] = serde_json::from_str(&e.match_json).map_err(|err| {
+                    format!("plugin {}: its match is not JSON: {err}", e.name)
+                })?;
+            }
+            Ok(entry)
         })
         .collect::<Result<Vec<_>, String>>()
         .map(Value::Array)

@@ -1,7 +1,9 @@
 //! Istio's configuration vocabulary, shared by wasmesh's stock plugins (a
 //! plugin-side library, compiled into each plugin): `StringMatch`,
 //! `HTTPMatchRequest` and their compiled matchers, durations as Istio and
-//! protobuf write them, and percentages.
+//! protobuf write them, and percentages. The proxy uses the same matchers
+//! for a chain entry's `match` ([`parse_matches`]), so a plugin scoped by
+//! the host and a route in `builtin:router` read a match alike.
 
 use std::collections::BTreeMap;
 
@@ -270,6 +272,22 @@ impl Percent {
     }
 }
 
+/// Parse and compile a `match` list given as JSON (a chain entry's, as the
+/// proxy and control read it); `at` is the list's path in errors
+/// (`services.reviews.plugins[0].match[1].uri: unknown field ...`).
+pub fn parse_matches(json: &serde_json::Value, at: &str) -> Result<Vec<Condition>, String> {
+    let matches: Vec<MatchRequest> = serde_path_to_error::deserialize(json).map_err(|e| {
+        let path = e.path().to_string();
+        let what = e.inner().to_string();
+        match path.as_str() {
+            "." => format!("{at}: {what} (expected a list of HTTPMatchRequest)"),
+            p if p.starts_with('[') => format!("{at}{p}: {what}"),
+            p => format!("{at}.{p}: {what}"),
+        }
+    })?;
+    conditions(&matches, at)
+}
+
 /// Compile the `match` list of a route or fault; `at` is the list's path.
 /// An empty list matches everything.
 pub fn conditions(matches: &[MatchRequest], at: &str) -> Result<Vec<Condition>, String> {
@@ -335,6 +353,29 @@ mod tests {
         )
         .unwrap();
         assert!(folded.matches("/api/v1"));
+    }
+
+    #[test]
+    fn a_match_list_in_json_is_refused_naming_the_field() {
+        let at = "services.reviews.plugins[0].match";
+        let e = |v: serde_json::Value| parse_matches(&v, at).err().unwrap();
+        assert_eq!(
+            parse_matches(&serde_json::json!([{"uri": {"prefix": "/api"}}]), at)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            e(serde_json::json!([{}, {"uri": {"prefixx": "/"}}]))
+                .starts_with("services.reviews.plugins[0].match[1].uri: unknown field `prefixx`"),
+        );
+        assert!(
+            e(serde_json::json!([{"method": {"regex": "("}}]))
+                .starts_with("services.reviews.plugins[0].match[0].method.regex: "),
+        );
+        assert!(e(serde_json::json!({"uri": {}})).starts_with(
+            "services.reviews.plugins[0].match: invalid type: map, expected a sequence"
+        ));
     }
 
     #[test]
