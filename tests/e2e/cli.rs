@@ -54,7 +54,7 @@ fn bad_configuration_exits_2_naming_file_field_and_plugin() {
     );
     refused(
         "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        match: [{ path: { prefix: /a } }]\n",
-        &["services.reviews.plugins[0].match[0]: unknown field `path`"],
+        &["services.reviews.plugins[0].match[0].path: unknown field `path`"],
     );
     refused(
         "services:\n  reviews:\n    plugins:\n      - source: builtin:deny-path\n        config: { prefixes: [admin] }\n",

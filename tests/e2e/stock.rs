@@ -338,7 +338,10 @@ async fn a_plugin_with_a_match_runs_only_for_the_requests_it_matches() {
         serde_json::json!([{"uri": {"prefix": "/beta"}}]),
         "{cfg}"
     );
-    assert!(cfg["services"][0]["plugins"][1]["match"].is_array(), "{cfg}");
+    assert!(
+        cfg["services"][0]["plugins"][1]["match"].is_array(),
+        "{cfg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

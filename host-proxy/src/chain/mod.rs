@@ -68,12 +68,11 @@ impl EntryMatch {
     /// Compile `json`; an error is `(field path, reason)`, the path under
     /// `at` (`services.reviews.plugins[0].match[1].uri`).
     pub fn new(json: &serde_json::Value, at: &str) -> Result<Self, (String, String)> {
-        let conditions = wasmesh_istio::parse_matches(json, at).map_err(|e| {
-            match e.split_once(": ") {
+        let conditions =
+            wasmesh_istio::parse_matches(json, at).map_err(|e| match e.split_once(": ") {
                 Some((path, reason)) => (path.to_string(), reason.to_string()),
                 None => (at.to_string(), e),
-            }
-        })?;
+            })?;
         Ok(Self {
             conditions,
             json: json.clone(),
@@ -83,10 +82,7 @@ impl EntryMatch {
     /// Whether `req` (as it reaches the entry: earlier plugins' edits
     /// applied) is one the plugin runs for.
     pub fn admits(&self, req: &RequestView) -> bool {
-        wasmesh_istio::in_scope(
-            &self.conditions,
-            &wasmesh_plugin_sdk::Request::native(req),
-        )
+        wasmesh_istio::in_scope(&self.conditions, &wasmesh_plugin_sdk::Request::native(req))
     }
 }
 

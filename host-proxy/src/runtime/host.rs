@@ -266,7 +266,6 @@ impl RequestSource for RequestView {
     }
 }
 
-
 impl wit::HostRequest for HostState {
     fn method(&mut self, _: Resource<RequestRes>) -> String {
         self.req().method()

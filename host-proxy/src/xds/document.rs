@@ -62,9 +62,8 @@ fn chain(entries: &[proto::PluginEntry]) -> Result<Value, String> {
                 "on-failure": e.on_failure,
             });
             if !e.match_json.is_empty() {
-                entry["match"] = serde_json::from_str(&e.match_json).map_err(|err| {
-                    format!("plugin {}: its match is not JSON: {err}", e.name)
-                })?;
+                entry["match"] = serde_json::from_str(&e.match_json)
+                    .map_err(|err| format!("plugin {}: its match is not JSON: {err}", e.name))?;
             }
             Ok(entry)
         })

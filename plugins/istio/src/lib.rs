@@ -366,8 +366,9 @@ mod tests {
             1
         );
         assert!(
-            e(serde_json::json!([{}, {"uri": {"prefixx": "/"}}]))
-                .starts_with("services.reviews.plugins[0].match[1].uri: unknown field `prefixx`"),
+            e(serde_json::json!([{}, {"uri": {"prefixx": "/"}}])).starts_with(
+                "services.reviews.plugins[0].match[1].uri.prefixx: unknown field `prefixx`"
+            ),
         );
         assert!(
             e(serde_json::json!([{"method": {"regex": "("}}]))
