@@ -39,7 +39,7 @@ pub struct CompletionGuard {
     pub(super) skipped: u64,
     /// The request. Always here between hook calls (each call moves it
     /// into the plugin's store and back).
-    pub(super) req: Option<RequestView>,
+    pub(super) req: Option<Box<RequestView>>,
     /// Response header edits asked for so far.
     pub(super) response_edits: Vec<HeaderEdit>,
     status: Option<u16>,
@@ -75,7 +75,7 @@ impl CompletionGuard {
             reached: 0,
             failed: 0,
             skipped: 0,
-            req: Some(req),
+            req: Some(Box::new(req)),
             response_edits: Vec::new(),
             status: None,
             flag: None,

@@ -124,7 +124,7 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
-    pub(crate) req: Option<RequestView>,
+    pub(crate) req: Option<Box<RequestView>>,
     pub(crate) resp: Option<ResponseView>,
     /// What the current call asked its local reply to be flagged.
     pub(crate) reply_flag: ReplyFlag,
@@ -165,7 +165,7 @@ impl HostState {
     /// would read an empty request, never panic the host.
     fn req(&self) -> &RequestView {
         static EMPTY: std::sync::OnceLock<RequestView> = std::sync::OnceLock::new();
-        self.req.as_ref().unwrap_or_else(|| {
+        self.req.as_deref().unwrap_or_else(|| {
             EMPTY.get_or_init(|| RequestView {
                 parts: http::Request::new(()).into_parts().0,
                 scheme: "http",

@@ -875,7 +875,7 @@ impl ConfiguredPlugin {
     fn call<R>(
         &self,
         hook: Hook,
-        req: &mut Option<RequestView>,
+        req: &mut Option<Box<RequestView>>,
         resp: Option<&mut Option<ResponseView>>,
         f: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<Result<R, String>>,
     ) -> Result<(R, ReplyFlag), PluginFailure> {
@@ -937,7 +937,7 @@ impl ConfiguredPlugin {
     /// `on-request`: the plugin's decision, checked.
     pub fn on_request(
         &self,
-        req: &mut Option<RequestView>,
+        req: &mut Option<Box<RequestView>>,
     ) -> Result<RequestDecision, PluginFailure> {
         #[cfg(feature = "native-chain")]
         if let Some(n) = &self.native {
@@ -957,7 +957,7 @@ impl ConfiguredPlugin {
     /// `on-response`: the plugin's decision, checked.
     pub fn on_response(
         &self,
-        req: &mut Option<RequestView>,
+        req: &mut Option<Box<RequestView>>,
         resp: &mut Option<ResponseView>,
         attempt: &LoweredAttempt,
     ) -> Result<ResponseDecision, PluginFailure> {
@@ -984,7 +984,7 @@ impl ConfiguredPlugin {
     /// `on-complete`.
     pub fn on_complete(
         &self,
-        req: &mut Option<RequestView>,
+        req: &mut Option<Box<RequestView>>,
         done: Completion,
     ) -> Result<(), PluginFailure> {
         let done = convert::completion(done);

@@ -79,7 +79,7 @@ impl NativePlugin {
     /// state, as the component path moves them into a store.
     fn call<R>(
         &self,
-        req: &mut Option<RequestView>,
+        req: &mut Option<Box<RequestView>>,
         resp: Option<&mut Option<ResponseView>>,
         f: impl FnOnce(&Host) -> R,
     ) -> R {
@@ -110,7 +110,7 @@ impl NativePlugin {
 
     pub(crate) fn on_request(
         &self,
-        req: &mut Option<RequestView>,
+        req: &mut Option<Box<RequestView>>,
     ) -> Result<(wit::RequestDecision, ReplyFlag), String> {
         let d = self.call(req, None, |h| self.filter.on_request(h));
         d.map(|d| {
@@ -121,7 +121,7 @@ impl NativePlugin {
 
     pub(crate) fn on_response(
         &self,
-        req: &mut Option<RequestView>,
+        req: &mut Option<Box<RequestView>>,
         resp: &mut Option<ResponseView>,
         attempt: &wit::Attempt,
     ) -> Result<(wit::ResponseDecision, ReplyFlag), String> {
@@ -153,7 +153,7 @@ impl NativePlugin {
         })
     }
 
-    pub(crate) fn on_complete(&self, req: &mut Option<RequestView>, done: wit::Completion) {
+    pub(crate) fn on_complete(&self, req: &mut Option<Box<RequestView>>, done: wit::Completion) {
         let done = sdk::Completion {
             status: done.status,
             attempts: done.attempts,
