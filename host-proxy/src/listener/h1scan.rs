@@ -107,6 +107,13 @@ impl Scanner {
                         }
                         // (The HTTP/2 preface reads as a head with version
                         // 2.0, which httparse refuses: the scan stops there.)
+                        // The usual case, a whole head in one read, is
+                        // judged where it lies, without a copy.
+                        if let Some(end) = head_end(bytes, 0) {
+                            self.state = self.head(&bytes[..end]);
+                            bytes = &bytes[end..];
+                            continue;
+                        }
                     }
                     let start = buf.len().saturating_sub(2);
                     buf.extend_from_slice(bytes);
@@ -183,10 +190,12 @@ impl Scanner {
     fn head(&mut self, head: &[u8]) -> State {
         let index = self.heads;
         self.heads += 1;
-        let mut few = [httparse::EMPTY_HEADER; 128];
+        // Left uninitialised: httparse writes the entries it parses (a
+        // zeroed array was 4 KiB written for every request).
+        let mut few = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
         let mut many;
-        let mut req = httparse::Request::new(&mut few);
-        let mut parsed = req.parse(head);
+        let mut req = httparse::Request::new(&mut []);
+        let mut parsed = req.parse_with_uninit_headers(head, &mut few);
         if parsed == Err(httparse::Error::TooManyHeaders) {
             many = vec![httparse::EMPTY_HEADER; 1024];
             req = httparse::Request::new(&mut many);
@@ -250,18 +259,13 @@ impl Scanner {
 /// Lines may end in CRLF or, as httparse (and so hyper) also accepts, a bare
 /// LF: the empty line is `\n\n` or `\n\r\n`.
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            match buf.get(i + 1..) {
-                Some([b'\n', ..]) => return Some(i + 2),
-                Some([b'\r', b'\n', ..]) => return Some(i + 3),
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    None
+    memchr::memchr_iter(b'\n', buf.get(from..)?)
+        .map(|i| from + i)
+        .find_map(|i| match buf.get(i + 1..) {
+            Some([b'\n', ..]) => Some(i + 2),
+            Some([b'\r', b'\n', ..]) => Some(i + 3),
+            _ => None,
+        })
 }
 
 /// A scanner's verdict shared between the socket (which feeds it) and the
