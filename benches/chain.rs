@@ -144,7 +144,7 @@ fn ok_attempt() -> HostAttempt<'static> {
 /// reverse for an upstream 200, on-complete.
 fn run_wasm(
     chain: &[Arc<ConfiguredPlugin>],
-    req: &mut Option<RequestView>,
+    req: &mut Option<Box<RequestView>>,
     resp: &mut Option<ResponseView>,
 ) {
     for p in chain {
@@ -268,7 +268,7 @@ fn main() {
     let runtime = Runtime::new().unwrap();
     let chain = wasm_chain(&runtime);
     let native = native_chain();
-    let mut req = Some(req_data());
+    let mut req = Some(Box::new(req_data()));
     let mut resp = Some(ResponseView {
         status: 200,
         headers: http::HeaderMap::new(),

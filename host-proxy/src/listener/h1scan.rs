@@ -96,38 +96,10 @@ impl Scanner {
         while !bytes.is_empty() {
             match &mut self.state {
                 State::Done => return,
-                State::Head(buf) => {
-                    // A head starts at the first non-CRLF byte (RFC 9112 §2.2
-                    // allows empty lines before a request line).
-                    if buf.is_empty() {
-                        let skip = bytes.iter().take_while(|b| **b == b'\r' || **b == b'\n');
-                        bytes = &bytes[skip.count()..];
-                        if bytes.is_empty() {
-                            return;
-                        }
-                        // (The HTTP/2 preface reads as a head with version
-                        // 2.0, which httparse refuses: the scan stops there.)
-                        // The usual case, a whole head in one read, is
-                        // judged where it lies, without a copy.
-                        if let Some(end) = head_end(bytes, 0) {
-                            self.state = self.head(&bytes[..end]);
-                            bytes = &bytes[end..];
-                            continue;
-                        }
-                    }
-                    let start = buf.len().saturating_sub(2);
-                    buf.extend_from_slice(bytes);
-                    let Some(end) = head_end(buf, start) else {
-                        if buf.len() > HEAD_CAP {
-                            self.state = State::Done;
-                        }
-                        return;
-                    };
-                    let rest = buf.len() - end;
-                    let head = std::mem::take(buf);
-                    self.state = self.head(&head[..end]);
-                    bytes = &bytes[bytes.len() - rest..];
-                }
+                State::Head(_) => match self.feed_head(bytes) {
+                    Some(rest) => bytes = rest,
+                    None => return,
+                },
                 State::Fixed(n) => {
                     let take = (*n).min(bytes.len() as u64);
                     *n -= take;
@@ -184,6 +156,44 @@ impl Scanner {
                 }
             }
         }
+    }
+
+    /// Follow the bytes of a head being read: the bytes after it once it is
+    /// complete and judged, `None` when all of them were taken (the head
+    /// goes on in the next read, or the scan stopped).
+    fn feed_head<'a>(&mut self, mut bytes: &'a [u8]) -> Option<&'a [u8]> {
+        let State::Head(buf) = &mut self.state else {
+            return Some(bytes);
+        };
+        // A head starts at the first non-CRLF byte (RFC 9112 §2.2 allows
+        // empty lines before a request line).
+        if buf.is_empty() {
+            let skip = bytes.iter().take_while(|b| **b == b'\r' || **b == b'\n');
+            bytes = &bytes[skip.count()..];
+            if bytes.is_empty() {
+                return None;
+            }
+            // (The HTTP/2 preface reads as a head with version 2.0, which
+            // httparse refuses: the scan stops there.) The usual case, a
+            // whole head in one read, is judged where it lies, without a
+            // copy.
+            if let Some(end) = head_end(bytes, 0) {
+                self.state = self.head(&bytes[..end]);
+                return Some(&bytes[end..]);
+            }
+        }
+        let start = buf.len().saturating_sub(2);
+        buf.extend_from_slice(bytes);
+        let Some(end) = head_end(buf, start) else {
+            if buf.len() > HEAD_CAP {
+                self.state = State::Done;
+            }
+            return None;
+        };
+        let rest = buf.len() - end;
+        let head = std::mem::take(buf);
+        self.state = self.head(&head[..end]);
+        Some(&bytes[bytes.len() - rest..])
     }
 
     /// Judge one complete head; the state that follows it.
