@@ -233,26 +233,35 @@ async fn a_hook_its_configuration_does_not_need_is_never_called() {
     let m = proxy
         .metrics_containing(r#"wasmesh_requests_total{destination_service="ratings",response_code="503",response_flags="LR"} 10"#)
         .await;
-    let calls = |service: &str, plugin: &str, hook: &str| -> u64 {
-        m.lines()
-            .find(|l| {
-                l.starts_with("wasmesh_plugin_calls_total{")
-                    && l.contains(&format!(r#"service="{service}""#))
-                    && l.contains(&format!(r#"plugin="{plugin}""#))
-                    && l.contains(&format!(r#"hook="{hook}""#))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
+    let calls = |service: &str, plugin: &str, hook: &str| {
+        let labels = [("service", service), ("plugin", plugin), ("hook", hook)];
+        sample(&m, "wasmesh_plugin_calls_total", &labels).unwrap_or(0.0)
     };
     // A fault at 0% is never called; at 100% on every request.
-    assert_eq!(calls("reviews", "fault-injection", "on_request"), 0, "{m}");
-    assert_eq!(calls("ratings", "fault-injection", "on_request"), 10, "{m}");
+    assert_eq!(
+        calls("reviews", "fault-injection", "on_request"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        calls("ratings", "fault-injection", "on_request"),
+        10.0,
+        "{m}"
+    );
     // Retry without a per-try timeout or budget: only its on-response.
-    assert_eq!(calls("reviews", "retry", "on_request"), 0, "{m}");
-    assert_eq!(calls("reviews", "retry", "on_response"), 10, "{m}");
+    assert_eq!(calls("reviews", "retry", "on_request"), 0.0, "{m}");
+    assert_eq!(calls("reviews", "retry", "on_response"), 10.0, "{m}");
     // A breaker with a pending limit and no outlier detection.
-    assert_eq!(calls("reviews", "circuit-breaker", "on_request"), 10, "{m}");
-    assert_eq!(calls("reviews", "circuit-breaker", "on_response"), 0, "{m}");
+    assert_eq!(
+        calls("reviews", "circuit-breaker", "on_request"),
+        10.0,
+        "{m}"
+    );
+    assert_eq!(
+        calls("reviews", "circuit-breaker", "on_response"),
+        0.0,
+        "{m}"
+    );
     // /config shows the hooks the chain calls.
     let cfg = proxy.config().await;
     let reviews = cfg["services"]
@@ -319,19 +328,13 @@ async fn a_plugin_with_a_match_runs_only_for_the_requests_it_matches() {
     let m = proxy
         .metrics_containing(r#"wasmesh_requests_total{destination_service="reviews",response_code="200",response_flags="-"} 3"#)
         .await;
-    let calls = |plugin: &str| -> u64 {
-        m.lines()
-            .find(|l| {
-                l.starts_with("wasmesh_plugin_calls_total{")
-                    && l.contains(&format!(r#"plugin="{plugin}""#))
-                    && l.contains(r#"hook="on_request""#)
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
+    let calls = |plugin: &str| {
+        let labels = [("plugin", plugin), ("hook", "on_request")];
+        sample(&m, "wasmesh_plugin_calls_total", &labels).unwrap_or(0.0)
     };
     // Called only for the requests in scope.
-    assert_eq!(calls("add-header"), 1, "{m}");
-    assert_eq!(calls("fault-injection"), 3, "{m}");
+    assert_eq!(calls("add-header"), 1.0, "{m}");
+    assert_eq!(calls("fault-injection"), 3.0, "{m}");
     let cfg = proxy.config().await;
     assert_eq!(
         cfg["services"][0]["plugins"][0]["match"],
