@@ -42,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::metrics::istio::{Exchange, Reporter};
 use crate::runtime::RequestView;
 use crate::runtime::types::{Attempt, Outcome, Protocol, ResponseView};
-use crate::trace::{RequestTrace, Tracing};
+use crate::trace::{RequestTrace, TraceHeaders, Tracing};
 use crate::upstream::{self, Clients, Outgoing, UpstreamFailure};
 use opentelemetry::KeyValue;
 use wasmesh_api::MtlsMode;
@@ -540,7 +540,7 @@ impl Attempts<'_> {
                         let headers = t.headers(&span);
                         (span, headers)
                     });
-                    let trace_headers = span.as_ref().map_or(&[][..], |(_, h)| &h[..]);
+                    let trace_headers = span.as_ref().map(|(_, h)| h);
                     let result = self.send(guard.request(), ep, t0, trace_headers).await;
                     if let Some((span, _)) = span {
                         span.end(match &result {
@@ -603,7 +603,7 @@ impl Attempts<'_> {
         req: &RequestView,
         ep: &upstream::cluster::Endpoint,
         now: Instant,
-        trace: &[(http::HeaderName, HeaderValue)],
+        trace: Option<&TraceHeaders>,
     ) -> Result<Response<Incoming>, UpstreamFailure> {
         let remaining = self.deadline.map(|d| d.saturating_duration_since(now));
         let limit = match (self.plan.per_try_timeout, remaining) {
