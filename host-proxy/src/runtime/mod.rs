@@ -52,6 +52,9 @@ use self::types::{
 };
 use crate::metrics::PluginMetrics;
 pub use wasmesh_api::OnFailure;
+/// Which hooks a component implements, or its configuration needs (the
+/// SDK's own type).
+pub use wasmesh_plugin_sdk::Hooks;
 
 /// How often the epoch advances while plugins run: the granularity of hook
 /// deadlines.
@@ -161,28 +164,6 @@ impl Deadline {
 fn thread_cpu_time() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-}
-
-/// Which hooks a component implements.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Hooks {
-    /// `on-request`.
-    pub on_request: bool,
-    /// `on-response`.
-    pub on_response: bool,
-    /// `on-complete`.
-    pub on_complete: bool,
-}
-
-impl Hooks {
-    /// The hooks in both.
-    pub fn and(self, other: Hooks) -> Hooks {
-        Hooks {
-            on_request: self.on_request && other.on_request,
-            on_response: self.on_response && other.on_response,
-            on_complete: self.on_complete && other.on_complete,
-        }
-    }
 }
 
 impl From<bindings::HookSet> for Hooks {
