@@ -319,6 +319,7 @@ async fn serve_proxy(
     tx: tokio::sync::mpsc::Sender<Result<proto::ControlMessage, Status>>,
 ) {
     let mut changes = mesh.subscribe();
+    let mut announced = mesh.announcements();
     let mut sent = hello.applied_version.clone();
     let handle: ProxyHandle = mesh.connect(hello, peer.as_ref());
     loop {
@@ -327,6 +328,7 @@ async fn serve_proxy(
             sent = snapshot.version.clone();
             let msg = proto::ControlMessage {
                 snapshot: Some((*snapshot).clone()),
+                prefetch: None,
             };
             if tx.send(Ok(msg)).await.is_err() {
                 break;
@@ -347,6 +349,17 @@ async fn serve_proxy(
                 Some(Err(_)) | None => break,
             },
             r = changes.changed() => if r.is_err() { break },
+            a = announced.recv() => match a {
+                Ok(a) if a.concerns(&mesh.snapshot(&handle.service)) => {
+                    let msg = proto::ControlMessage { snapshot: None, prefetch: Some(a.message.clone()) };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
+                // Missed announcements only cost their proxies the head start.
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
         }
     }
     mesh.disconnect(&handle);

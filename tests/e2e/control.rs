@@ -143,6 +143,118 @@ async fn ten_versions_rolled_out_under_load_fail_no_request() {
     }
 }
 
+/// `component` with a custom section appended: other bytes (a new sha256),
+/// the same plugin, as a rebuild would be.
+fn rebuilt(component: &str, label: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(component).unwrap();
+    let name = b"wasmesh-test";
+    let mut payload = vec![name.len() as u8];
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(label.as_bytes());
+    assert!(payload.len() < 128, "one LEB128 byte of size");
+    bytes.push(0);
+    bytes.push(payload.len() as u8);
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+/// Wait (up to 60 s) until `proxy`'s prefetch counter for `result` is `n`.
+async fn wait_prefetches(proxy: &Proxy, result: &str, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = proxy.metrics().await;
+        let got = sample(
+            &m,
+            "wasmesh_control_prefetches_total",
+            &[("result", result)],
+        );
+        if got == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prefetches{{result={result}}} is {got:?}, not {n}\n{}",
+            proxy.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A new build pushed under the name of a plugin the proxies run is
+/// fetched and compiled by them while control validates it, before any
+/// apply names it: nothing they serve changes, and the apply that names it
+/// compiles nothing. A push control refuses is never served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_is_compiled_by_the_proxies_running_its_plugin_before_the_apply() {
+    let data = tempfile::tempdir().unwrap();
+    let control = Control::start(&data.path().join("control")).await;
+    let up = Upstream::echo("reviews").await;
+    push_tagger(&control, 1);
+    control.apply(&tagged(&up, 1));
+    let cache = data.path().join("cache");
+    let cache = cache.to_str().unwrap();
+    let proxy = Proxy::start_control(
+        &control.url(),
+        "frontend",
+        "v1",
+        &["--compile-cache", cache],
+    )
+    .await;
+    control.wait_rollout();
+    let applied = control.proxies()[0]["applied"].clone();
+
+    let v2 = data.path().join("tagger-2.wasm");
+    std::fs::write(&v2, rebuilt(wasmesh_artifacts::ADD_HEADER, "2")).unwrap();
+    let (code, out, err) = control.cli(&[
+        "push",
+        v2.to_str().unwrap(),
+        "--name",
+        "tagger",
+        "--version",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let sha = out.split_whitespace().nth(1).unwrap().to_string();
+    wait_prefetches(&proxy, "compiled", 1.0).await;
+    // Compiled, not applied: the proxy serves and reports what it did.
+    assert_eq!(tag_through(&proxy).await.json()["headers"]["x-v"], "1");
+    assert_eq!(control.proxies()[0]["applied"], applied);
+
+    control.apply(&tagged(&up, 2));
+    control.wait_rollout();
+    assert_eq!(tag_through(&proxy).await.json()["headers"]["x-v"], "2");
+    let log = proxy.log_text();
+    assert!(
+        log.contains(&format!(
+            "prefetched a pushed component plugin=tagger@2 sha256={sha}"
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(&format!("sha256=\"{}\" ms=", &sha[..12]))
+            .count(),
+        1,
+        "one compile of tagger@2, the prefetch's:\n{log}"
+    );
+
+    // A build control refuses (the wrong contract version): the proxy's
+    // head start fails or is wasted, and nothing it serves changes.
+    let (code, _, err) = control.cli(&[
+        "push",
+        wasmesh_artifacts::WRONG_VERSION,
+        "--name",
+        "tagger",
+        "--version",
+        "3",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    wait_prefetches(&proxy, "failed", 1.0).await;
+    assert_eq!(tag_through(&proxy).await.json()["headers"]["x-v"], "2");
+    let row = &control.proxies()[0];
+    assert_eq!(row["state"], "ACK", "{row}");
+    assert_eq!(row["applied"], row["latest"], "{row}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_with_its_reason_and_changes_nothing() {
     let data = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@
 //! last NACK) is live state, rebuilt as proxies reconnect.
 
 mod apply;
+mod prefetch;
 mod proxies;
 mod snapshot;
 mod top;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use wasmesh_api::ServiceSpec;
 use wasmesh_api::proto;
 
+pub use self::prefetch::Announced;
 pub use self::proxies::ProxyHandle;
 use crate::metrics::Metrics;
 use crate::store::{PluginMeta, Pushed, State, Store, StoreError};
@@ -102,6 +104,8 @@ pub struct Mesh {
     replica: String,
     /// Other replicas share the store: follow it, publish proxy status.
     shared: bool,
+    /// Pushes being validated, announced to proxies for prefetch.
+    staging: prefetch::Staging,
 }
 
 struct Inner {
@@ -154,6 +158,7 @@ impl Mesh {
             pending: Default::default(),
             replica,
             shared,
+            staging: Default::default(),
         }))
     }
 
@@ -290,6 +295,10 @@ impl Mesh {
             }
             .into());
         }
+        // Proxies running another build of this plugin fetch and compile
+        // these bytes while control validates them; new bytes only.
+        let known = (self.inner.lock().unwrap().state.plugins.values()).any(|m| m.sha256 == sha256);
+        let _staged = (!known).then(|| self.staging.stage(name, key.clone(), &sha256, component));
         let inspected = self
             .validator
             .inspect(component)
@@ -359,9 +368,17 @@ impl Mesh {
         Ok(())
     }
 
-    /// A component's bytes, by sha256.
+    /// A component's bytes, by sha256: stored, or being pushed.
     pub fn component(&self, sha256: &str) -> Result<Option<Vec<u8>>, Refusal> {
+        if let Some(b) = self.staging.get(sha256) {
+            return Ok(Some(b.to_vec()));
+        }
         Ok(self.store.component(sha256)?)
+    }
+
+    /// A receiver of every push announced for prefetch from now on.
+    pub fn announcements(&self) -> tokio::sync::broadcast::Receiver<Arc<Announced>> {
+        self.staging.subscribe()
     }
 
     /// Every service: (revision, records).

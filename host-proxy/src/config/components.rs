@@ -48,6 +48,12 @@ impl Components {
         self.get(sha256).is_some()
     }
 
+    /// Keep in memory only the components `keep` names (the others stay on
+    /// disk, where there is a disk).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.map.lock().unwrap().retain(|sha, _| keep(sha));
+    }
+
     /// Keep a component; refused unless `bytes` has `sha256`.
     pub fn insert(&self, sha256: &str, bytes: Vec<u8>) -> Result<(), String> {
         let actual = hex::encode(Sha256::digest(&bytes));

@@ -263,6 +263,23 @@ impl Live {
         &self.builder.components
     }
 
+    /// Fetched ahead of the snapshot that may name it (control's prefetch):
+    /// keep the component and compile it, off the request path. Nothing
+    /// runs it until a snapshot names it. Slow: call off the async runtime.
+    pub fn prefetch(&self, sha256: &str, bytes: Vec<u8>) -> Result<(), String> {
+        self.builder.components.insert(sha256, bytes)?;
+        let bytes = self
+            .builder
+            .components
+            .get(sha256)
+            .ok_or("the component vanished")?;
+        self.builder
+            .runtime
+            .load(&bytes)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Build a snapshot from a control plane's document and swap it in, or
     /// keep the serving one and record why not. Slow: call off the async
     /// runtime.
@@ -302,7 +319,14 @@ impl Live {
                 metrics.config_version.set(version as i64);
                 self.builder.cluster.store(snap.cluster.clone());
                 self.snapshot.store(Arc::new(snap));
-                settle(&self.snapshot.load());
+                let serving = self.snapshot.load();
+                settle(&serving);
+                // What earlier snapshots loaded and this one does not use
+                // goes (a version still finishing requests, next time).
+                let used: std::collections::HashSet<&str> =
+                    serving.plugins().map(|p| p.sha256()).collect();
+                self.builder.components.retain(|sha| used.contains(sha));
+                self.builder.runtime.forget_unused();
                 *self.last_error.lock().unwrap() = None;
                 metrics.reload(true);
                 tracing::info!(version, "configuration reloaded");

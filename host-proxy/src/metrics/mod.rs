@@ -49,6 +49,8 @@ pub struct Metrics {
     plugin_state_full: Family<Labels, Counter>,
     /// Config reloads by result.
     pub reloads: Family<Labels, Counter>,
+    /// Components prefetched ahead of an apply, by result.
+    pub prefetches: Family<Labels, Counter>,
     /// Current config version.
     pub config_version: Gauge,
     /// Custom plugin counters.
@@ -178,26 +180,43 @@ impl Metrics {
                 "wasmesh_tls_refused_connections",
                 "Mesh TLS connections refused, by direction (inbound: a client of this sidecar; outbound: a peer it called) and reason",
             ),
-            identity_renewals: reg.add(
-                "wasmesh_identity_certificate_renewals",
-                "Certificate renewals, by result (renewed, failed)",
-            ),
-            identity_expiry: reg.add(
-                "wasmesh_identity_certificate_expiration_timestamp_seconds",
-                "When this proxy's mesh certificate expires, seconds since the Unix epoch",
-            ),
-            identity_ttl: reg.add(
-                "wasmesh_identity_certificate_expiry_seconds",
-                "Seconds until this proxy's mesh certificate expires (negative once it has)",
-            ),
+            identity_renewals: Family::default(),
+            identity_expiry: Gauge::default(),
+            identity_ttl: Gauge::default(),
             istio: istio::Istio::default(),
             trace_spans: TraceSpans::default(),
             access_log_dropped: Counter::default(),
+            prefetches: Family::default(),
             registry,
             custom_names: Mutex::default(),
             request_counters: RequestCounters::default(),
         }
         .with_istio()
+        .with_identity_and_control()
+    }
+
+    fn with_identity_and_control(mut self) -> Self {
+        self.registry.register(
+            "wasmesh_identity_certificate_renewals",
+            "Certificate renewals, by result (renewed, failed)",
+            self.identity_renewals.clone(),
+        );
+        self.registry.register(
+            "wasmesh_identity_certificate_expiration_timestamp_seconds",
+            "When this proxy's mesh certificate expires, seconds since the Unix epoch",
+            self.identity_expiry.clone(),
+        );
+        self.registry.register(
+            "wasmesh_identity_certificate_expiry_seconds",
+            "Seconds until this proxy's mesh certificate expires (negative once it has)",
+            self.identity_ttl.clone(),
+        );
+        self.registry.register(
+            "wasmesh_control_prefetches",
+            "Components control announced while validating their push, fetched and compiled ahead of the apply that names them, by result (compiled, failed)",
+            self.prefetches.clone(),
+        );
+        self
     }
 
     fn with_istio(mut self) -> Self {

@@ -327,6 +327,10 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     cache: Mutex<HashMap<String, Arc<LoadedComponent>>>,
+    /// One lock per component being loaded: a second load of the same
+    /// bytes (a prefetch, then the apply naming them) waits for the first
+    /// and takes its result instead of compiling again.
+    loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     ticker: Arc<Ticker>,
     /// Compilations running, abandoned ones included.
     compiling: Arc<std::sync::atomic::AtomicUsize>,
@@ -424,6 +428,7 @@ impl Runtime {
             engine,
             linker,
             cache: Mutex::default(),
+            loading: Mutex::default(),
             ticker,
             compiling: Arc::default(),
         }))
@@ -458,6 +463,44 @@ impl Runtime {
         if let Some(c) = self.cache.lock().unwrap().get(&sha256) {
             return Ok(c.clone());
         }
+        let one = self
+            .loading
+            .lock()
+            .unwrap()
+            .entry(sha256.clone())
+            .or_default()
+            .clone();
+        let loaded = {
+            let _one = one.lock().unwrap_or_else(|e| e.into_inner());
+            let done = self.cache.lock().unwrap().get(&sha256).cloned();
+            match done {
+                Some(c) => Ok(c),
+                None => self.load_new(bytes, sha256.clone(), timeout),
+            }
+        };
+        let mut loading = self.loading.lock().unwrap();
+        if loading.get(&sha256).is_some_and(|l| Arc::ptr_eq(l, &one)) {
+            loading.remove(&sha256);
+        }
+        loaded
+    }
+
+    /// Drop the loaded components nothing uses any more (no configured
+    /// plugin, no load in progress): a proxy that went through many
+    /// versions keeps only those it serves.
+    pub fn forget_unused(&self) {
+        self.cache
+            .lock()
+            .unwrap()
+            .retain(|_, c| Arc::strong_count(c) > 1);
+    }
+
+    fn load_new(
+        &self,
+        bytes: &[u8],
+        sha256: String,
+        timeout: Duration,
+    ) -> Result<Arc<LoadedComponent>, LoadError> {
         // Sidecars sharing the compile cache: one compiles, the others wait
         // and map its artifact.
         let _lock = self.disk.as_ref().and_then(|d| d.lock(&sha256, timeout));
@@ -474,8 +517,18 @@ impl Runtime {
                 c
             }
             None => {
-                self.compile(bytes, timeout)?
-                    .load(&self.engine, &sha256, self.disk.as_ref())?
+                let started = std::time::Instant::now();
+                let c = self.compile(bytes, timeout)?.load(
+                    &self.engine,
+                    &sha256,
+                    self.disk.as_ref(),
+                )?;
+                tracing::debug!(
+                    sha256 = &sha256[..12],
+                    ms = started.elapsed().as_millis() as u64,
+                    "component compiled"
+                );
+                c
             }
         };
         let instance_pre = self

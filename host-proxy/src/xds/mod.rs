@@ -121,7 +121,7 @@ async fn session(
     live: &Arc<Live>,
     options: &ControlOptions,
     identity: Option<&Arc<Identity>>,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     delay: &mut Duration,
 ) -> anyhow::Result<()> {
     let tls = identity.map(|i| wasmesh_identity::tls::control_client(i.credentials()));
@@ -172,35 +172,48 @@ async fn session(
             }
         };
         let Some(m) = m else { break };
-        let Some(snapshot) = m?.snapshot else {
+        let m = m?;
+        if let Some(p) = m.prefetch {
+            tokio::spawn(prefetch(live.clone(), registry.clone(), p, metrics.clone()));
+        }
+        let Some(snapshot) = m.snapshot else {
             continue;
         };
-        let version = snapshot.version.clone();
-        let error = match apply(live, &mut registry, &snapshot, options).await {
-            Ok(()) => {
-                keep_snapshot(options.cache.as_ref(), &snapshot);
-                tracing::info!(
-                    version,
-                    revision = snapshot.revision,
-                    "control snapshot applied"
-                );
-                String::new()
-            }
-            Err(e) => {
-                tracing::error!(
-                    version,
-                    "control snapshot refused, the previous one keeps serving: {e}"
-                );
-                e
-            }
-        };
-        tx.send(message(proto::proxy_message::Message::Ack(proto::Ack {
-            version,
-            error,
-        })))
-        .await?;
+        let ack = answer(live, &mut registry, &snapshot, options).await;
+        tx.send(message(proto::proxy_message::Message::Ack(ack)))
+            .await?;
     }
     Ok(())
+}
+
+/// Apply a snapshot (kept in the compile cache once applied): its ACK, or
+/// its NACK with the reason.
+async fn answer(
+    live: &Arc<Live>,
+    registry: &mut RegistryClient<tonic::transport::Channel>,
+    snapshot: &proto::Snapshot,
+    options: &ControlOptions,
+) -> proto::Ack {
+    let version = snapshot.version.clone();
+    let error = match apply(live, registry, snapshot, options).await {
+        Ok(()) => {
+            keep_snapshot(options.cache.as_ref(), snapshot);
+            tracing::info!(
+                version,
+                revision = snapshot.revision,
+                "control snapshot applied"
+            );
+            String::new()
+        }
+        Err(e) => {
+            tracing::error!(
+                version,
+                "control snapshot refused, the previous one keeps serving: {e}"
+            );
+            e
+        }
+    };
+    proto::Ack { version, error }
 }
 
 /// Who this proxy is, and what it serves now.
@@ -284,6 +297,45 @@ async fn apply(
         .map_err(|e| format!("building the snapshot failed: {e}"))?
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// Fetch and compile a component control is validating, so that the apply
+/// naming it (if control accepts it) finds it compiled. A failure costs
+/// only the head start: the apply fetches and compiles as usual, or never
+/// names it.
+async fn prefetch(
+    live: Arc<Live>,
+    mut registry: RegistryClient<tonic::transport::Channel>,
+    p: proto::Prefetch,
+    metrics: Arc<Metrics>,
+) {
+    let sha = p.sha256.to_ascii_lowercase();
+    if live.components().has(&sha) {
+        return;
+    }
+    let result = match fetch(&mut registry, &sha).await {
+        Ok(bytes) => {
+            let s = sha.clone();
+            tokio::task::spawn_blocking(move || live.prefetch(&s, bytes))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+        }
+        Err(e) => Err(e.message().to_string()),
+    };
+    let label = match &result {
+        Ok(()) => {
+            tracing::info!(plugin = %p.origin, sha256 = %sha, "prefetched a pushed component");
+            "compiled"
+        }
+        Err(e) => {
+            tracing::debug!(plugin = %p.origin, sha256 = %sha, "prefetch failed: {e}");
+            "failed"
+        }
+    };
+    metrics
+        .prefetches
+        .get_or_create(&vec![("result", label.to_string())])
+        .inc();
 }
 
 async fn fetch(
