@@ -316,6 +316,9 @@ impl Proxy {
             "wasmesh proxy serving"
         );
         drop(snap);
+        // What starting up ran is not run again: only what serves stays
+        // resident.
+        runtime::memory::release_code();
 
         shutdown_signal().await;
         tracing::info!("shutting down: draining in-flight requests");
