@@ -158,26 +158,14 @@ fn rebuilt(component: &str, label: &str) -> Vec<u8> {
     bytes
 }
 
-/// Wait (up to 60 s) until `proxy`'s prefetch counter for `result` is `n`.
+/// Wait (up to 60 s: it fetches and compiles) until `proxy`'s prefetch
+/// counter for `result` is `n`.
 async fn wait_prefetches(proxy: &Proxy, result: &str, n: f64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m = proxy.metrics().await;
-        let got = sample(
-            &m,
-            "wasmesh_control_prefetches_total",
-            &[("result", result)],
-        );
-        if got == Some(n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "prefetches{{result={result}}} is {got:?}, not {n}\n{}",
-            proxy.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let labels = [("result", result)];
+    let within = Duration::from_secs(60);
+    proxy
+        .wait_sample_within("wasmesh_control_prefetches_total", &labels, n, within)
+        .await;
 }
 
 /// A new build pushed under the name of a plugin the proxies run is

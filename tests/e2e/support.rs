@@ -207,7 +207,19 @@ impl Proxy {
     /// Wait (up to 5 s) until the sample of `name` with `labels` is
     /// `value`, and return the scrape; panics with what it last was.
     pub async fn wait_sample(&self, name: &str, labels: &[(&str, &str)], value: f64) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        self.wait_sample_within(name, labels, value, Duration::from_secs(5))
+            .await
+    }
+
+    /// [`Proxy::wait_sample`], waiting up to `within`.
+    pub async fn wait_sample_within(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: f64,
+        within: Duration,
+    ) -> String {
+        let deadline = Instant::now() + within;
         loop {
             let m = self.metrics().await;
             let got = sample(&m, name, labels);
