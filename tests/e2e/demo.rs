@@ -308,10 +308,14 @@ async fn demo_app_serves_one_role_through_a_sidecar() {
             .unwrap()
     };
     let mut apps = [app("ratings", ratings), app("reviews-v2", reviews)];
+    // The two apps start at once: reviews may answer before ratings
+    // listens (its page then says ratings is unavailable), so wait for a
+    // page with its ratings.
     let deadline = Instant::now() + Duration::from_secs(30);
     let page = loop {
         let r = via(&proxy, "reviews", "/reviews/0").await;
-        if r.status == 200 || Instant::now() >= deadline {
+        let rated = r.status == 200 && r.json().get("stars").is_some();
+        if rated || Instant::now() >= deadline {
             break r;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
