@@ -768,6 +768,7 @@ fn proxy(mut options: wasmesh_proxy::Options, workers: Option<usize>, drain: Dur
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .max(1);
     options.workers = workers;
+    wasmesh_proxy::runtime::memory::limit_arenas(workers + 1);
     // One worker: tokio's current-thread scheduler. Its thread polls the
     // sockets and runs the tasks itself; the multi-threaded scheduler with
     // one worker also hands work between that worker and the thread blocked
