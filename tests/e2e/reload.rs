@@ -259,6 +259,37 @@ async fn a_refused_reload_keeps_serving_and_shows_in_config() {
     assert_eq!(via(&proxy, "reviews", "/").await.header("x-v"), Some("3"));
 }
 
+/// Sidecars started together on one compile cache (one node's) compile
+/// each component once between them: the others wait for its artifact and
+/// map it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecars_sharing_a_compile_cache_compile_a_plugin_once() {
+    let up = Upstream::echo("up").await;
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join("cache");
+    let dir = dir.to_str().unwrap();
+    let yaml = format!(
+        "services:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    plugins:\n      - source: builtin:add-header\n        config: {{ request: {{ x-a: b }} }}\n",
+        up.addr
+    );
+    let args = ["--compile-cache", dir];
+    let (a, b, c) = tokio::join!(
+        Proxy::start_with(&yaml, &args),
+        Proxy::start_with(&yaml, &args),
+        Proxy::start_with(&yaml, &args),
+    );
+    let mut compiled = 0;
+    for proxy in [&a, &b, &c] {
+        assert_eq!(via(proxy, "reviews", "/").await.status, 200);
+        let log = proxy.log_text();
+        let own = log.matches("component compiled").count();
+        let read = log.matches("component read from the compile cache").count();
+        assert_eq!(own + read, 1, "each sidecar loads the plugin once:\n{log}");
+        compiled += own;
+    }
+    assert_eq!(compiled, 1, "one compile among the three sidecars");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restart_reads_compiled_plugins_from_the_compile_cache() {
     use std::os::unix::fs::PermissionsExt;
