@@ -1,7 +1,8 @@
 //! Distributed tracing: W3C `traceparent`/`tracestate` and B3 (single and
 //! multi header) taken from each request and carried upstream; spans
 //! exported over OTLP (gRPC) to `--otlp-endpoint` with the OpenTelemetry
-//! SDK.
+//! SDK, encoded by [`otlp`] (`opentelemetry-otlp`'s exporter measured
+//! dearer than the request it describes).
 //!
 //! Per request, on each proxy: a server span for the request as received
 //! (its parent: the caller's span, from the headers), a client span per
@@ -33,16 +34,17 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::HeaderExtractor;
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_propagator_b3::{B3Encoding, Propagator as B3};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
-    SpanExporter, SpanProcessor,
+    SpanProcessor,
 };
 
 use crate::metrics::Metrics;
+
+mod otlp;
 
 /// Spans held for export at most; past it new spans are dropped.
 pub const MAX_QUEUE: usize = 4096;
@@ -123,16 +125,8 @@ impl Tracing {
                 opts.sampling
             );
         }
-        let otlp = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(opts.endpoint.clone())
-            .with_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| anyhow::anyhow!("--otlp-endpoint {}: {e}", opts.endpoint))?;
-        let exporter = Counted {
-            inner: otlp,
-            metrics: metrics.clone(),
-        };
+        let exporter =
+            otlp::Exporter::new(&opts.endpoint, Duration::from_secs(5), metrics.clone())?;
         // The bound is ours (`Bounded`, counting what it drops); the SDK's
         // queue is sized past it so that it never drops silently.
         let batch = BatchConfigBuilder::default()
@@ -336,17 +330,23 @@ impl RequestTrace {
     }
 
     /// Start a plugin hook call's span.
-    pub fn hook(&self, plugin: &str, version: &str, hook: &'static str) -> HookSpan {
+    pub fn hook(&self, plugin: &Arc<str>, version: &Arc<str>, hook: &'static str) -> HookSpan {
         let Kind::Sampled(cx) = &self.kind else {
             return HookSpan { cx: None };
         };
         let t = &self.tracing.tracer;
+        // "{plugin} {hook}" without the formatter; the attributes share the
+        // plugin's strings.
+        let mut name = String::with_capacity(plugin.len() + 1 + hook.len());
+        name.push_str(plugin);
+        name.push(' ');
+        name.push_str(hook);
         let span = t
-            .span_builder(format!("{plugin} {hook}"))
+            .span_builder(name)
             .with_kind(SpanKind::Internal)
             .with_attributes([
-                KeyValue::new("wasmesh.plugin.name", plugin.to_string()),
-                KeyValue::new("wasmesh.plugin.version", version.to_string()),
+                KeyValue::new("wasmesh.plugin.name", plugin.clone()),
+                KeyValue::new("wasmesh.plugin.version", version.clone()),
                 KeyValue::new("wasmesh.plugin.hook", hook),
             ])
             .start_with_context(t, cx);
@@ -431,10 +431,12 @@ pub struct TraceHeaders {
 }
 
 impl TraceHeaders {
-    /// Each header, `traceparent` first.
-    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        static NAME: HeaderName = TRACEPARENT;
-        std::iter::once((&NAME, &self.traceparent)).chain(self.rest.iter().map(|(k, v)| (k, v)))
+    /// Put them in `headers`, replacing the client's.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        headers.insert(TRACEPARENT, self.traceparent);
+        for (name, value) in self.rest {
+            headers.insert(name, value);
+        }
     }
 }
 
@@ -480,31 +482,6 @@ impl opentelemetry::propagation::Injector for Headers {
     }
 }
 
-/// The OTLP exporter, with its outcomes counted: spans exported, and spans
-/// dropped because the collector failed them.
-struct Counted {
-    inner: opentelemetry_otlp::SpanExporter,
-    metrics: Arc<Metrics>,
-}
-
-impl std::fmt::Debug for Counted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Counted")
-            .field("inner", &self.inner)
-            .finish()
-    }
-}
-
-/// Lets `n` spans go from the queued gauge when dropped: when their export
-/// ends, whatever way it ends (even abandoned).
-struct Release<'a>(&'a Metrics, i64);
-
-impl Drop for Release<'_> {
-    fn drop(&mut self) {
-        self.0.trace_spans.queued.dec_by(self.1);
-    }
-}
-
 /// The batch processor behind a bound: a finished span is admitted only
 /// while fewer than [`MAX_QUEUE`] are queued or being exported; past it,
 /// it is dropped here and counted.
@@ -542,36 +519,6 @@ impl SpanProcessor for Bounded {
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
         self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
-        self.inner.set_resource(resource);
-    }
-}
-
-impl SpanExporter for Counted {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let n = batch.len() as u64;
-        let _release = Release(&self.metrics, n as i64);
-        let r = self.inner.export(batch).await;
-        match &r {
-            Ok(()) => {
-                self.metrics.trace_spans.exported.inc_by(n);
-            }
-            Err(e) => {
-                tracing::debug!("OTLP export of {n} spans failed: {e}");
-                self.metrics.trace_spans.dropped.inc_by(n);
-            }
-        }
-        r
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
     }
 
     fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {

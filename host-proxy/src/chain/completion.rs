@@ -96,6 +96,13 @@ impl CompletionGuard {
             .expect("the request is here between calls")
     }
 
+    /// The request, to change what every later attempt sends.
+    pub fn request_mut(&mut self) -> &mut RequestView {
+        self.req
+            .as_mut()
+            .expect("the request is here between calls")
+    }
+
     /// How many plugins `on-request` reached so far.
     pub fn reached(&self) -> usize {
         self.reached

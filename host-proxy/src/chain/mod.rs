@@ -295,5 +295,5 @@ pub(crate) fn hook_span(
 ) -> Option<HookSpan> {
     trace
         .filter(|t| t.sampled())
-        .map(|t| t.hook(&p.name, p.version(), hook))
+        .map(|t| t.hook(&p.name, p.version_shared(), hook))
 }

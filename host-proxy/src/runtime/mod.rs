@@ -819,6 +819,11 @@ impl ConfiguredPlugin {
         &self.scope.version
     }
 
+    /// The same, shared (span attributes keep a count, not a copy).
+    pub fn version_shared(&self) -> &Arc<str> {
+        &self.scope.version
+    }
+
     /// Whether this plugin is the same as `other` would be: same component,
     /// config, limits, failure policy and scope. Lets a new snapshot keep the
     /// warm instances of an unchanged plugin.

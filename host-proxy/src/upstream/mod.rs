@@ -33,7 +33,6 @@ use self::pool::UpstreamError;
 use crate::flags::ResponseFlag;
 use crate::http::ProxyBody;
 use crate::http::body::ReqBody;
-use crate::trace::TraceHeaders;
 
 /// Upstream connection settings; fixed for the life of the process, except
 /// the per-endpoint request limit.
@@ -170,8 +169,6 @@ pub struct Outgoing<'a> {
     pub authority: Option<&'a HeaderValue>,
     /// HTTP/2 with prior knowledge, else HTTP/1.1.
     pub h2: bool,
-    /// Trace context headers for this attempt (they replace the client's).
-    pub trace: Option<&'a TraceHeaders>,
 }
 
 /// One attempt: send to `ep` within `limit`, counted against the
@@ -254,14 +251,6 @@ fn request(out: &Outgoing<'_>, uri: Uri, body: ProxyBody) -> Request<ProxyBody> 
     *up.headers_mut() = out.parts.headers.clone();
     if let Some(a) = out.authority {
         up.headers_mut().insert(header::HOST, a.clone());
-    }
-    // (Building the map with room for these instead of cloning it was
-    // measured dearer: every name hashed again costs more than the one
-    // reallocation the first new name makes.)
-    if let Some(trace) = out.trace {
-        for (name, value) in trace.iter() {
-            up.headers_mut().insert(name, value.clone());
-        }
     }
     if out.h2 {
         *up.version_mut() = Version::HTTP_2;
