@@ -77,8 +77,7 @@ fn route(shared: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/config" => {
-            let snap = shared.live.load();
-            let last_error = shared.live.last_error();
+            let (snap, last_error) = shared.live.state();
             let body = config_json(&snap, last_error.map(|e| json!(e)).unwrap_or(Value::Null));
             text(
                 StatusCode::OK,

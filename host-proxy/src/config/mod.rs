@@ -294,9 +294,13 @@ impl Live {
         self.snapshot.load_full()
     }
 
-    /// The last refused reload, if the last reload was refused.
-    pub fn last_error(&self) -> Option<BuildError> {
-        self.last_error.lock().unwrap().clone()
+    /// The serving snapshot and the last refused reload (if the last
+    /// reload was refused), read together: a reload that succeeds swaps the
+    /// snapshot and clears the error under the same lock, so no reader sees
+    /// the new version beside the error of the attempt before it.
+    pub fn state(&self) -> (Arc<Snapshot>, Option<BuildError>) {
+        let error = self.last_error.lock().unwrap();
+        (self.snapshot.load_full(), error.clone())
     }
 
     /// Rebuild from the mesh file and swap the new snapshot in, or keep the
@@ -318,7 +322,11 @@ impl Live {
                 let version = snap.version;
                 metrics.config_version.set(version as i64);
                 self.builder.cluster.store(snap.cluster.clone());
-                self.snapshot.store(Arc::new(snap));
+                {
+                    let mut error = self.last_error.lock().unwrap();
+                    self.snapshot.store(Arc::new(snap));
+                    *error = None;
+                }
                 let serving = self.snapshot.load();
                 settle(&serving);
                 // What earlier snapshots loaded and this one does not use
@@ -327,7 +335,6 @@ impl Live {
                     serving.plugins().map(|p| p.sha256()).collect();
                 self.builder.components.retain(|sha| used.contains(sha));
                 self.builder.runtime.forget_unused();
-                *self.last_error.lock().unwrap() = None;
                 metrics.reload(true);
                 tracing::info!(version, "configuration reloaded");
                 Ok(version)
