@@ -34,7 +34,8 @@ use crate::metrics::Metrics;
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// Tries per batch: the first and two more when the collector answers with
-/// a code the OTLP specification calls retryable.
+/// a code the OTLP specification calls retryable, while the export's time
+/// lasts (a collector that never answers costs one timeout, not three).
 const TRIES: u32 = 3;
 
 /// The exporter: a lazily connected gRPC channel to the collector, the
@@ -44,12 +45,14 @@ pub(super) struct Exporter {
     /// The `resource` (and `schema_url`) fields of `ResourceSpans`,
     /// encoded once when the provider sets the resource.
     resource: Vec<u8>,
+    /// What one export may take, its retries included.
+    timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Exporter {
-    /// An exporter to `endpoint` (`http://HOST:PORT`); each export gives up
-    /// after `timeout`. Must run inside a tokio runtime (the channel's task
+    /// An exporter to `endpoint` (`http://HOST:PORT`); each export, retries
+    /// included, gives up after `timeout`. Must run inside a tokio runtime (the channel's task
     /// is spawned on it); connects on first use.
     pub(super) fn new(
         endpoint: &str,
@@ -65,6 +68,7 @@ impl Exporter {
         Ok(Self {
             grpc: tonic::client::Grpc::new(channel),
             resource: Vec::new(),
+            timeout,
             metrics,
         })
     }
@@ -72,6 +76,7 @@ impl Exporter {
     /// Send one encoded request: `Ok` with the spans the collector
     /// rejected (its partial success), or the last failure.
     async fn send(&self, body: Bytes) -> Result<i64, tonic::Status> {
+        let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut tries = 0;
         loop {
@@ -96,7 +101,11 @@ impl Exporter {
                         .partial_success
                         .map_or(0, |p| p.rejected_spans));
                 }
-                Err(status) if tries < TRIES && retryable(status.code()) => {
+                Err(status)
+                    if tries < TRIES
+                        && retryable(status.code())
+                        && started.elapsed() + delay < self.timeout =>
+                {
                     // Export runs on the batch processor's own thread (the
                     // SDK drives it with a blocking executor): waiting here
                     // holds up nothing but the next batch.
