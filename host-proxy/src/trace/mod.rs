@@ -19,8 +19,8 @@
 //! Without `--otlp-endpoint` nothing here runs: trace headers pass through
 //! untouched.
 //!
-//! Reads [`crate::metrics`]; [`crate::serve`], [`crate::chain`] and
-//! [`crate::upstream`] call it.
+//! Reads [`crate::metrics`]; [`crate::serve`] and [`crate::chain`] call
+//! it.
 
 use std::borrow::Cow;
 use std::sync::Arc;

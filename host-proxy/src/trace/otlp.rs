@@ -172,14 +172,7 @@ impl SpanExporter for Exporter {
     }
 
     fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
-        let mut out = Vec::new();
-        message(&mut out, 1, |out| {
-            for (k, v) in resource.iter() {
-                key_value(out, 1, k, v);
-            }
-        });
-        string(&mut out, 3, resource.schema_url().unwrap_or_default());
-        self.resource = out;
+        self.resource = encode_resource(resource);
     }
 }
 
@@ -217,6 +210,18 @@ impl Encoder for Raw {
 }
 
 // ------------------------------------------------------------ the encoding
+
+/// The `resource` and `schema_url` fields of `ResourceSpans`.
+fn encode_resource(resource: &opentelemetry_sdk::Resource) -> Vec<u8> {
+    let mut out = Vec::new();
+    message(&mut out, 1, |out| {
+        for (k, v) in resource.iter() {
+            key_value(out, 1, k, v);
+        }
+    });
+    string(&mut out, 3, resource.schema_url().unwrap_or_default());
+    out
+}
 
 /// `ExportTraceServiceRequest { resource_spans: [ResourceSpans { resource,
 /// scope_spans: [...] }] }` for `batch`, spans grouped by instrumentation
@@ -553,17 +558,7 @@ mod tests {
             data("attempt", &a, 3),
             data("other", &b, 4),
         ];
-        let mut exporter_resource = Vec::new();
-        message(&mut exporter_resource, 1, |out| {
-            for (k, v) in resource.iter() {
-                key_value(out, 1, k, v);
-            }
-        });
-        string(
-            &mut exporter_resource,
-            3,
-            resource.schema_url().unwrap_or_default(),
-        );
+        let exporter_resource = encode_resource(&resource);
         let ours = ExportTraceServiceRequest::decode(
             encode_request(&exporter_resource, &batch).as_slice(),
         )
