@@ -28,9 +28,36 @@ pub fn hooks(h: Hooks) -> WitHooks {
     f
 }
 
-/// Parse the configuration and build the plugin.
+/// Parse the configuration and build the plugin; tell the host which
+/// outcomes it wants `on_response` for, when not all of them.
 pub fn configure<P: Plugin>(config: &str) -> Result<P, String> {
-    P::new(parse_config::<P::Config>(config)?)
+    let plugin = P::new(parse_config::<P::Config>(config)?)?;
+    let wanted = plugin.response_outcomes();
+    if wanted != t::Outcomes::ALL {
+        use crate::bindings::wasmesh::plugin::host::{OutcomeSet as W, on_response_for};
+        let mut set = W::empty();
+        for (kind, flag) in t::Outcomes::NAMED.iter().zip([
+            W::STATUS_1XX,
+            W::STATUS_2XX,
+            W::STATUS_3XX,
+            W::STATUS_4XX,
+            W::STATUS_5XX,
+            W::GRPC_STATUS,
+            W::LOCAL_REPLY,
+            W::CONNECT_FAILURE,
+            W::RESET,
+            W::TIMEOUT,
+            W::NO_HEALTHY_ENDPOINT,
+            W::OVERFLOW,
+            W::NEXT_ON_ENDPOINT,
+        ]) {
+            if wanted.contains(kind.0) {
+                set |= flag;
+            }
+        }
+        on_response_for(set);
+    }
+    Ok(plugin)
 }
 
 /// Run `on_request` and convert its decision.

@@ -45,6 +45,8 @@ mod types;
 mod view;
 
 #[cfg(not(target_arch = "wasm32"))]
+pub mod gate;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod native;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
@@ -80,6 +82,17 @@ pub trait Plugin: Sized + 'static {
     /// called.
     fn active_hooks(&self, declared: Hooks) -> Hooks {
         declared
+    }
+
+    /// Which attempt outcomes `on_response` is called for; the proxy calls
+    /// it only for those. Default: all of them. Asked once, right after
+    /// [`Plugin::new`]. Narrow it to what the plugin acts on — a retry
+    /// policy to the failures it retries, a breaker counting consecutive
+    /// errors to the errors plus [`Outcomes::NEXT_ON_ENDPOINT`] (to see the
+    /// success that ends a run) — and a request that goes well costs the
+    /// plugin no call. [`Outcomes::NONE`] is no `on_response` at all.
+    fn response_outcomes(&self) -> Outcomes {
+        Outcomes::ALL
     }
 
     /// Runs before the upstream is called, in chain order. Default: proceed.

@@ -480,22 +480,39 @@ fn first(headers: &[Header], name: &str) -> Option<String> {
 /// did not declare, or that its configuration does not need
 /// ([`Plugin::active_hooks`]), is not called (the default decision is
 /// returned).
+///
+/// `on_response` likewise runs only for the outcomes the plugin asked for
+/// ([`Plugin::response_outcomes`]), decided as the proxy decides.
 pub struct Harness<P> {
     plugin: P,
     hooks: Hooks,
+    outcomes: crate::gate::OutcomeGate,
 }
 
 impl<P: Plugin + Declared> Harness<P> {
     /// Configure the plugin from JSON text, as the proxy does.
     pub fn new(config_json: &str) -> Result<Self, String> {
         let plugin = P::new(parse_config(config_json)?)?;
-        let hooks = P::HOOKS.and(plugin.active_hooks(P::HOOKS));
-        Ok(Self { plugin, hooks })
+        let mut hooks = P::HOOKS.and(plugin.active_hooks(P::HOOKS));
+        let wanted = plugin.response_outcomes();
+        if wanted.is_empty() {
+            hooks.on_response = false;
+        }
+        Ok(Self {
+            plugin,
+            hooks,
+            outcomes: crate::gate::OutcomeGate::new(wanted),
+        })
     }
 
     /// The hooks the proxy would call for this configuration.
     pub fn hooks(&self) -> Hooks {
         self.hooks
+    }
+
+    /// The outcomes the proxy would call `on_response` for.
+    pub fn response_outcomes(&self) -> Outcomes {
+        self.outcomes.wanted()
     }
 
     /// The plugin.
@@ -531,7 +548,8 @@ impl<P: Plugin + Declared> Harness<P> {
         in_request(req, || self.plugin.on_request(&Request { inner: req }))
     }
 
-    /// Call `on_response` with an upstream response for attempt `number`.
+    /// Call `on_response` with an upstream response for attempt `number`
+    /// (when the plugin asked for this outcome).
     pub fn on_response(
         &self,
         req: &TestRequest,
@@ -539,6 +557,15 @@ impl<P: Plugin + Declared> Harness<P> {
         attempt: &Attempt,
     ) -> Result<ResponseDecision, String> {
         if !self.hooks.on_response {
+            return Ok(ResponseDecision::default());
+        }
+        let mut kind = Outcomes::of(&attempt.outcome);
+        if matches!(attempt.outcome, Outcome::Response(_))
+            && first(&resp.headers, "grpc-status").is_some()
+        {
+            kind |= Outcomes::GRPC_STATUS;
+        }
+        if !self.outcomes.passes(kind, attempt.endpoint.as_deref()) {
             return Ok(ResponseDecision::default());
         }
         in_request(req, || {

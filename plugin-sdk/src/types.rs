@@ -308,6 +308,125 @@ impl Hooks {
     }
 }
 
+/// Kinds of attempt outcome: which ones a plugin wants `on_response` for
+/// ([`crate::Plugin::response_outcomes`]). Combine them with `|`:
+/// `Outcomes::STATUS_5XX | Outcomes::CONNECT_FAILURE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcomes(u16);
+
+impl Outcomes {
+    /// No outcome: `on_response` is never called.
+    pub const NONE: Outcomes = Outcomes(0);
+    /// A response with a 1xx status (a protocol switch).
+    pub const STATUS_1XX: Outcomes = Outcomes(1 << 0);
+    /// A response with a 2xx status.
+    pub const STATUS_2XX: Outcomes = Outcomes(1 << 1);
+    /// A response with a 3xx status.
+    pub const STATUS_3XX: Outcomes = Outcomes(1 << 2);
+    /// A response with a 4xx status.
+    pub const STATUS_4XX: Outcomes = Outcomes(1 << 3);
+    /// A response with a 5xx status (or 600 and above).
+    pub const STATUS_5XX: Outcomes = Outcomes(1 << 4);
+    /// A response with a `grpc-status` header, whatever its HTTP status.
+    pub const GRPC_STATUS: Outcomes = Outcomes(1 << 5);
+    /// [`Outcome::LocalReply`].
+    pub const LOCAL_REPLY: Outcomes = Outcomes(1 << 6);
+    /// [`Outcome::ConnectFailure`].
+    pub const CONNECT_FAILURE: Outcomes = Outcomes(1 << 7);
+    /// [`Outcome::Reset`].
+    pub const RESET: Outcomes = Outcomes(1 << 8);
+    /// [`Outcome::Timeout`].
+    pub const TIMEOUT: Outcomes = Outcomes(1 << 9);
+    /// [`Outcome::NoHealthyEndpoint`].
+    pub const NO_HEALTHY_ENDPOINT: Outcomes = Outcomes(1 << 10);
+    /// [`Outcome::Overflow`].
+    pub const OVERFLOW: Outcomes = Outcomes(1 << 11);
+    /// On an endpoint, also the first outcome of any kind after one of the
+    /// kinds asked for (and the first one on an endpoint this version of the
+    /// plugin has not been called for yet): a count of consecutive failures
+    /// sees the success that ends a run.
+    pub const NEXT_ON_ENDPOINT: Outcomes = Outcomes(1 << 12);
+    /// Every outcome (the default).
+    pub const ALL: Outcomes = Outcomes((1 << 12) - 1);
+
+    /// Every kind, in the contract's order, with its name (as `/config`
+    /// shows it).
+    pub const NAMED: [(Outcomes, &'static str); 13] = [
+        (Self::STATUS_1XX, "1xx"),
+        (Self::STATUS_2XX, "2xx"),
+        (Self::STATUS_3XX, "3xx"),
+        (Self::STATUS_4XX, "4xx"),
+        (Self::STATUS_5XX, "5xx"),
+        (Self::GRPC_STATUS, "grpc-status"),
+        (Self::LOCAL_REPLY, "local-reply"),
+        (Self::CONNECT_FAILURE, "connect-failure"),
+        (Self::RESET, "reset"),
+        (Self::TIMEOUT, "timeout"),
+        (Self::NO_HEALTHY_ENDPOINT, "no-healthy-endpoint"),
+        (Self::OVERFLOW, "overflow"),
+        (Self::NEXT_ON_ENDPOINT, "next-on-endpoint"),
+    ];
+
+    /// The kind of a response with this status.
+    pub const fn status(status: u16) -> Outcomes {
+        match status {
+            0..=199 => Self::STATUS_1XX,
+            200..=299 => Self::STATUS_2XX,
+            300..=399 => Self::STATUS_3XX,
+            400..=499 => Self::STATUS_4XX,
+            _ => Self::STATUS_5XX,
+        }
+    }
+
+    /// The kind of `outcome` (for a response, by its status class only:
+    /// add [`Outcomes::GRPC_STATUS`] when it carries `grpc-status`).
+    pub const fn of(outcome: &Outcome) -> Outcomes {
+        match outcome {
+            Outcome::Response(s) => Self::status(*s),
+            Outcome::LocalReply(_) => Self::LOCAL_REPLY,
+            Outcome::ConnectFailure => Self::CONNECT_FAILURE,
+            Outcome::Reset => Self::RESET,
+            Outcome::Timeout => Self::TIMEOUT,
+            Outcome::NoHealthyEndpoint => Self::NO_HEALTHY_ENDPOINT,
+            Outcome::Overflow => Self::OVERFLOW,
+        }
+    }
+
+    /// Whether every kind in `other` is in `self`.
+    pub const fn contains(self, other: Outcomes) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether `self` and `other` share a kind.
+    pub const fn intersects(self, other: Outcomes) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// The kinds in either.
+    pub const fn union(self, other: Outcomes) -> Outcomes {
+        Outcomes(self.0 | other.0)
+    }
+
+    /// Whether no outcome is asked for ([`Outcomes::NEXT_ON_ENDPOINT`]
+    /// alone asks for none).
+    pub const fn is_empty(self) -> bool {
+        self.0 & Self::ALL.0 == 0
+    }
+}
+
+impl std::ops::BitOr for Outcomes {
+    type Output = Outcomes;
+    fn bitor(self, other: Outcomes) -> Outcomes {
+        self.union(other)
+    }
+}
+
+impl std::ops::BitOrAssign for Outcomes {
+    fn bitor_assign(&mut self, other: Outcomes) {
+        *self = self.union(other);
+    }
+}
+
 /// Log severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {

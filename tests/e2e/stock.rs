@@ -248,9 +248,10 @@ async fn a_hook_its_configuration_does_not_need_is_never_called() {
         10.0,
         "{m}"
     );
-    // Retry without a per-try timeout or budget: only its on-response.
+    // Retry without a per-try timeout or budget: only its on-response,
+    // and that only for the failures it retries (none here).
     assert_eq!(calls("reviews", "retry", "on_request"), 0.0, "{m}");
-    assert_eq!(calls("reviews", "retry", "on_response"), 10.0, "{m}");
+    assert_eq!(calls("reviews", "retry", "on_response"), 0.0, "{m}");
     // A breaker with a pending limit and no outlier detection.
     assert_eq!(
         calls("reviews", "circuit-breaker", "on_request"),
@@ -344,6 +345,82 @@ async fn a_plugin_with_a_match_runs_only_for_the_requests_it_matches() {
     assert!(
         cfg["services"][0]["plugins"][1]["match"].is_array(),
         "{cfg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_response_runs_only_for_the_outcomes_a_plugin_asked_for() {
+    // Every other answer is 503; consecutive runs of errors never reach 2.
+    let flaky = Upstream::flaky().await;
+    let steady = Upstream::answering("steady", 200).await;
+    let breaker = "{ outlierDetection: { consecutive5xxErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 100 } }";
+    let proxy = Proxy::start(&format!(
+        r#"services:
+  flaky:
+    endpoints: {{ v1: ["{f}"] }}
+    plugins:
+      - source: builtin:circuit-breaker
+        config: {breaker}
+  steady:
+    endpoints: {{ v1: ["{s}"] }}
+    plugins:
+      - source: builtin:retry
+        config: {{ attempts: 2, retryOn: 5xx }}
+      - source: builtin:circuit-breaker
+        config: {breaker}
+"#,
+        f = flaky.addr,
+        s = steady.addr
+    ))
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        codes.push(via(&proxy, "flaky", "/").await.status);
+        assert_eq!(via(&proxy, "steady", "/").await.status, 200);
+    }
+    // 503, 200, 503, ...: each success ends a run of one error, so the
+    // endpoint, the only one, is never ejected (which would answer 503 UH).
+    assert_eq!(codes, [503, 200].repeat(10));
+    let m = proxy
+        .metrics_containing(
+            r#"wasmesh_requests_total{destination_service="steady",response_code="200",response_flags="-"} 20"#,
+        )
+        .await;
+    let calls = |service: &str, plugin: &str| {
+        let labels = [
+            ("service", service),
+            ("plugin", plugin),
+            ("hook", "on_response"),
+        ];
+        sample(&m, "wasmesh_plugin_calls_total", &labels).unwrap_or(0.0)
+    };
+    // The breaker sees every error and the success after each: all 20.
+    assert_eq!(calls("flaky", "circuit-breaker"), 20.0, "{m}");
+    // On a steady endpoint only its first outcome (one it had not been
+    // told of); retry none (it retries only failures).
+    assert_eq!(calls("steady", "circuit-breaker"), 1.0, "{m}");
+    assert_eq!(calls("steady", "retry"), 0.0, "{m}");
+    assert!(!m.contains(r#"name="ejections""#), "{m}");
+    let cfg = proxy.config().await;
+    let steady = cfg["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "steady")
+        .unwrap();
+    assert_eq!(
+        steady["plugins"][0]["on_response_for"],
+        serde_json::json!(["5xx", "connect-failure", "reset", "timeout", "overflow"])
+    );
+    assert_eq!(
+        steady["plugins"][1]["on_response_for"],
+        serde_json::json!([
+            "5xx",
+            "connect-failure",
+            "reset",
+            "timeout",
+            "next-on-endpoint"
+        ])
     );
 }
 

@@ -103,6 +103,19 @@ fn route(shared: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// `["all"]`, or the kinds named as in the contract (`5xx`,
+/// `connect-failure`, `next-on-endpoint` ...).
+fn outcome_names(wanted: crate::runtime::Outcomes) -> Vec<&'static str> {
+    if wanted.contains(crate::runtime::Outcomes::ALL) {
+        return vec!["all"];
+    }
+    crate::runtime::Outcomes::NAMED
+        .iter()
+        .filter(|(kind, _)| wanted.contains(*kind))
+        .map(|(_, name)| *name)
+        .collect()
+}
+
 fn chain_json(chain: &Chain) -> Value {
     chain
         .plugins
@@ -120,6 +133,8 @@ fn chain_json(chain: &Chain) -> Value {
                     "on_response": p.hooks.on_response,
                     "on_complete": p.hooks.on_complete,
                 },
+                // The outcomes its on-response is called for, when it is.
+                "on_response_for": outcome_names(p.outcomes.wanted()),
                 "version": p.version(),
                 "quarantined": p.is_quarantined(),
                 // What serves this plugin's hooks now: itself, its last

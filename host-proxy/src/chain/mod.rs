@@ -26,8 +26,12 @@ use crate::flags::{FLAGS_HEADER, ResponseFlag};
 use crate::http::headers::HeaderEdit;
 use crate::http::{ProxyBody, full};
 use crate::metrics::{Decision, PluginMetrics};
-use crate::runtime::types::{Attempt, LocalReply, ReplyFlag, RequestDecision, ResponseView};
-use crate::runtime::{ConfiguredPlugin, LoweredAttempt, OnFailure, PluginFailure, RequestView};
+use crate::runtime::types::{
+    Attempt, LocalReply, Outcome, ReplyFlag, RequestDecision, ResponseView,
+};
+use crate::runtime::{
+    ConfiguredPlugin, LoweredAttempt, OnFailure, Outcomes, PluginFailure, RequestView,
+};
 use crate::trace::{HookSpan, RequestTrace};
 
 /// An ordered list of configured plugins.
@@ -40,17 +44,24 @@ pub struct Chain {
     /// Some plugin implements `on-response` (so bodies are buffered for
     /// retries).
     pub any_on_response: bool,
+    /// Some plugin asked for `on-response` on responses with a
+    /// `grpc-status` header.
+    pub any_grpc_status: bool,
 }
 
 impl Chain {
     /// A chain of these plugins, in this order, each with its `match`.
     pub fn new(entries: Vec<(Arc<ConfiguredPlugin>, Option<EntryMatch>)>) -> Self {
         let any_on_response = entries.iter().any(|(p, _)| p.hooks.on_response);
+        let any_grpc_status = entries
+            .iter()
+            .any(|(p, _)| p.outcomes.wanted().contains(Outcomes::GRPC_STATUS));
         let (plugins, matches) = entries.into_iter().unzip();
         Self {
             plugins,
             matches,
             any_on_response,
+            any_grpc_status,
         }
     }
 }
@@ -126,6 +137,28 @@ impl Reply {
     }
 }
 
+/// The kind of an attempt's outcome, as plugins' `on-response-for` name
+/// it. `grpc-status` is looked for in the response's headers only when a
+/// plugin of the chain asked for it.
+fn outcome_kind(chain: &Chain, attempt: &Attempt<'_>, resp: &ResponseView) -> Outcomes {
+    match attempt.outcome {
+        Outcome::Response(s) => {
+            let kind = Outcomes::status(s);
+            if chain.any_grpc_status && resp.headers.contains_key("grpc-status") {
+                kind | Outcomes::GRPC_STATUS
+            } else {
+                kind
+            }
+        }
+        Outcome::LocalReply(_) => Outcomes::LOCAL_REPLY,
+        Outcome::ConnectFailure => Outcomes::CONNECT_FAILURE,
+        Outcome::Reset => Outcomes::RESET,
+        Outcome::Timeout => Outcomes::TIMEOUT,
+        Outcome::NoHealthyEndpoint => Outcomes::NO_HEALTHY_ENDPOINT,
+        Outcome::Overflow => Outcomes::OVERFLOW,
+    }
+}
+
 /// What `on-response` decided for one attempt, merged.
 #[derive(Default)]
 pub struct ResponseVerdict {
@@ -195,16 +228,22 @@ impl CompletionGuard {
     ) -> ResponseVerdict {
         let upto = upto.unwrap_or(self.reached);
         let chain = self.chain.clone();
+        let kind = outcome_kind(&chain, attempt, &resp);
         let mut resp = Some(resp);
-        let lowered = LoweredAttempt::new(attempt);
+        // Lowered once, for the first plugin called.
+        let mut lowered = None;
         let mut verdict = ResponseVerdict::default();
         for i in (0..upto).rev() {
             let p = &chain.plugins[i];
-            if !p.hooks.on_response || (self.failed | self.skipped) & (1 << i) != 0 {
+            if !p.hooks.on_response
+                || (self.failed | self.skipped) & (1 << i) != 0
+                || !(p.outcomes.passes_all() || p.outcomes.passes(kind, attempt.endpoint))
+            {
                 continue;
             }
             let span = hook_span(self.trace.as_ref(), p, "on_response");
-            let result = p.on_response(&mut self.req, &mut resp, &lowered);
+            let lowered = lowered.get_or_insert_with(|| LoweredAttempt::new(attempt));
+            let result = p.on_response(&mut self.req, &mut resp, lowered);
             let decided = result.as_ref().ok().map(|d| match (&d.reply, d.retry) {
                 (Some(_), _) => Decision::Reply,
                 (None, Some(_)) => Decision::Retry,
@@ -244,10 +283,7 @@ impl CompletionGuard {
                 }
             }
         }
-        if matches!(
-            attempt.outcome,
-            crate::runtime::types::Outcome::LocalReply(_)
-        ) {
+        if matches!(attempt.outcome, Outcome::LocalReply(_)) {
             verdict.retry = None;
         }
         verdict

@@ -9,13 +9,14 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use super::PluginFailure;
-use super::bindings::wit;
+use super::bindings::{wit, wit_host};
 use super::types::{
     Attempt, Completion, LocalReply, Outcome, Protocol, ReplyFlag, RequestDecision,
     ResponseDecision, Route,
 };
 use crate::flags::FLAGS_HEADER;
 use crate::http::headers::{HeaderEdit, lossy, parse_name, parse_value};
+use wasmesh_plugin_sdk as sdk;
 
 /// Most header operations one decision may carry (each side).
 pub const MAX_HEADER_OPS: usize = 1_000;
@@ -274,4 +275,29 @@ pub(crate) fn reply_flag(f: super::bindings::wit_host::ReplyFlag) -> ReplyFlag {
         W::Overflow => ReplyFlag::Overflow,
         W::RateLimited => ReplyFlag::RateLimited,
     }
+}
+
+/// The outcomes a plugin asked `on-response` for.
+pub(crate) fn outcomes(set: wit_host::OutcomeSet) -> sdk::Outcomes {
+    use wit_host::OutcomeSet as W;
+    let flags = [
+        W::STATUS_1XX,
+        W::STATUS_2XX,
+        W::STATUS_3XX,
+        W::STATUS_4XX,
+        W::STATUS_5XX,
+        W::GRPC_STATUS,
+        W::LOCAL_REPLY,
+        W::CONNECT_FAILURE,
+        W::RESET,
+        W::TIMEOUT,
+        W::NO_HEALTHY_ENDPOINT,
+        W::OVERFLOW,
+        W::NEXT_ON_ENDPOINT,
+    ];
+    sdk::Outcomes::NAMED
+        .iter()
+        .zip(flags)
+        .filter(|(_, flag)| set.contains(*flag))
+        .fold(sdk::Outcomes::NONE, |all, ((kind, _), _)| all | *kind)
 }

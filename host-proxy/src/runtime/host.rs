@@ -128,6 +128,9 @@ pub struct HostState {
     pub(crate) resp: Option<ResponseView>,
     /// What the current call asked its local reply to be flagged.
     pub(crate) reply_flag: ReplyFlag,
+    /// What the plugin asked `on-response` for (`on-response-for`), read
+    /// after its `configure`.
+    pub(crate) outcomes: Option<sdk::Outcomes>,
     scope: Arc<PluginScope>,
     rng: fastrand::Rng,
     pub(crate) deadline: super::Deadline,
@@ -153,6 +156,7 @@ impl HostState {
             req: None,
             resp: None,
             reply_flag: ReplyFlag::LocalReply,
+            outcomes: None,
             scope,
             rng: fastrand::Rng::new(),
             deadline: Default::default(),
@@ -556,6 +560,10 @@ impl wit_host::Host for HostState {
 
     fn set_reply_flag(&mut self, flag: wit_host::ReplyFlag) {
         self.reply_flag = convert::reply_flag(flag);
+    }
+
+    fn on_response_for(&mut self, outcomes: wit_host::OutcomeSet) {
+        self.outcomes = Some(convert::outcomes(outcomes));
     }
 
     fn endpoints(&mut self, service: Option<String>) -> Vec<wit_host::Endpoint> {

@@ -55,6 +55,9 @@ pub use wasmesh_api::OnFailure;
 /// Which hooks a component implements, or its configuration needs (the
 /// SDK's own type).
 pub use wasmesh_plugin_sdk::Hooks;
+/// Which attempts a plugin's `on-response` is called for (the SDK's own
+/// types, shared with its test harness).
+pub use wasmesh_plugin_sdk::{Outcomes, gate::OutcomeGate};
 
 /// How often the epoch advances while plugins run: the granularity of hook
 /// deadlines.
@@ -647,6 +650,8 @@ pub struct ConfiguredPlugin {
     /// The hooks the chain calls: those it implements that its
     /// configuration needs.
     pub hooks: Hooks,
+    /// The attempts its `on-response` is called for (`on-response-for`).
+    pub outcomes: OutcomeGate,
     /// The configuration (JSON text) it was given.
     pub config_json: String,
     /// The limits it runs under.
@@ -719,6 +724,7 @@ impl ConfiguredPlugin {
             source,
             on_failure,
             hooks: component.hooks,
+            outcomes: OutcomeGate::new(Outcomes::ALL),
             config_json,
             limits,
             component,
@@ -742,6 +748,13 @@ impl ConfiguredPlugin {
             .call_hooks(&mut first.store)
             .map_err(|e| plugin.classify(e))?;
         plugin.hooks = plugin.component.hooks.and(Hooks::from(needed));
+        // And its `on-response` may be for some outcomes only.
+        if let Some(wanted) = first.store.data_mut().outcomes.take() {
+            if wanted.is_empty() {
+                plugin.hooks.on_response = false;
+            }
+            plugin.outcomes = OutcomeGate::new(wanted);
+        }
         plugin.pool.lock().unwrap().push(first);
         Ok(plugin)
     }

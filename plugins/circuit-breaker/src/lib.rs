@@ -12,8 +12,8 @@ use serde::Deserialize;
 use wasmesh_istio::duration_ms;
 use wasmesh_plugin_sdk::host::{self, state};
 use wasmesh_plugin_sdk::{
-    Attempt, Hooks, Level, LocalReply, Outcome, Plugin, ReplyFlag, Request, RequestDecision,
-    Response, ResponseDecision, export,
+    Attempt, Hooks, Level, LocalReply, Outcome, Outcomes, Plugin, ReplyFlag, Request,
+    RequestDecision, Response, ResponseDecision, export,
 };
 
 /// The plugin's configuration: a DestinationRule `trafficPolicy` subset.
@@ -133,6 +133,16 @@ impl Plugin for CircuitBreaker {
             on_response: self.consecutive_5xx.is_some() || self.consecutive_gateway.is_some(),
             on_complete: true,
         })
+    }
+
+    /// The errors it counts, and the outcome after one on the same
+    /// endpoint (the success that ends a run of consecutive errors).
+    fn response_outcomes(&self) -> Outcomes {
+        Outcomes::STATUS_5XX
+            | Outcomes::CONNECT_FAILURE
+            | Outcomes::RESET
+            | Outcomes::TIMEOUT
+            | Outcomes::NEXT_ON_ENDPOINT
     }
 
     fn on_request(&self, _req: &Request<'_>) -> Result<RequestDecision, String> {

@@ -192,3 +192,28 @@ fn hooks_a_configuration_does_not_need_are_not_called() {
         on(true, false)
     );
 }
+
+#[test]
+fn on_response_is_asked_for_errors_and_the_success_that_ends_a_run() {
+    setup(&["a", "b"]);
+    let h = Harness::<CircuitBreaker>::new(
+        r#"{"outlierDetection":{"consecutive5xxErrors":2,"baseEjectionTime":"1s","maxEjectionPercent":100}}"#,
+    )
+    .unwrap();
+    let asked = h.response_outcomes();
+    assert!(asked.contains(Outcomes::STATUS_5XX | Outcomes::NEXT_ON_ENDPOINT));
+    assert!(!asked.intersects(Outcomes::STATUS_2XX));
+    // Runs on two endpoints interleaved: b's error run does not let a's
+    // success be missed, nor a's success end b's run.
+    outcome(&h, "a", Outcome::Response(200));
+    outcome(&h, "a", Outcome::Response(500));
+    outcome(&h, "b", Outcome::Response(500));
+    outcome(&h, "a", Outcome::Response(200));
+    outcome(&h, "b", Outcome::Response(200));
+    outcome(&h, "a", Outcome::Response(200));
+    outcome(&h, "a", Outcome::Response(500));
+    outcome(&h, "b", Outcome::Response(500));
+    assert!(!ejected("a") && !ejected("b"), "no run reached 2");
+    outcome(&h, "b", Outcome::Reset);
+    assert!(ejected("b") && !ejected("a"));
+}

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use wasmesh_istio::duration_ms;
 use wasmesh_plugin_sdk::host::{self, state};
 use wasmesh_plugin_sdk::{
-    Attempt, Hooks, Level, Outcome, Plugin, Request, RequestDecision, Response, ResponseDecision,
-    export,
+    Attempt, Hooks, Level, Outcome, Outcomes, Plugin, Request, RequestDecision, Response,
+    ResponseDecision, export,
 };
 
 /// The plugin's configuration (Istio `HTTPRetry`, extended).
@@ -105,6 +105,31 @@ impl RetryOn {
         !(self.any_5xx || self.gateway || self.connect_failure || self.reset || self.retriable_4xx)
             && self.codes.is_empty()
             && self.grpc.is_empty()
+    }
+
+    /// The kinds of outcome `wants` may say yes to: `on_response` is called
+    /// for no other.
+    fn outcomes(&self) -> Outcomes {
+        let mut o = Outcomes::NONE;
+        if self.connect_failure || self.any_5xx || self.gateway || self.reset {
+            o |= Outcomes::CONNECT_FAILURE | Outcomes::OVERFLOW;
+        }
+        if self.reset || self.any_5xx || self.gateway {
+            o |= Outcomes::RESET | Outcomes::TIMEOUT;
+        }
+        if self.any_5xx || self.gateway {
+            o |= Outcomes::STATUS_5XX;
+        }
+        if self.retriable_4xx {
+            o |= Outcomes::STATUS_4XX;
+        }
+        for code in &self.codes {
+            o |= Outcomes::status(*code);
+        }
+        if !self.grpc.is_empty() {
+            o |= Outcomes::GRPC_STATUS;
+        }
+        o
     }
 
     /// Whether this outcome is retriable, and whether it provably never
@@ -206,6 +231,12 @@ impl Plugin for Retry {
             on_response: self.attempts > 0 && !self.retry_on.is_empty(),
             on_complete: true,
         })
+    }
+
+    /// Only the failures it may retry: a request that goes well costs no
+    /// `on_response` call.
+    fn response_outcomes(&self) -> Outcomes {
+        self.retry_on.outcomes()
     }
 
     fn on_request(&self, _req: &Request<'_>) -> Result<RequestDecision, String> {

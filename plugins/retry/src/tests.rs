@@ -158,3 +158,56 @@ fn hooks_a_configuration_does_not_need_are_not_called() {
     assert_eq!(retry(r#"{"attempts":0}"#).hooks(), on(false, false));
     assert_eq!(retry(r#"{"retryOn":""}"#).hooks(), on(false, false));
 }
+
+#[test]
+fn on_response_is_asked_for_every_outcome_a_retry_may_be_made_for() {
+    let outcomes = [101, 200, 302, 404, 409, 418, 500, 502, 503, 504]
+        .map(Outcome::Response)
+        .into_iter()
+        .chain([
+            Outcome::LocalReply(503),
+            Outcome::ConnectFailure,
+            Outcome::Reset,
+            Outcome::Timeout,
+            Outcome::NoHealthyEndpoint,
+            Outcome::Overflow,
+        ]);
+    let outcomes: Vec<Outcome> = outcomes.collect();
+    for text in [
+        "",
+        "5xx",
+        "gateway-error",
+        "connect-failure",
+        "reset",
+        "refused-stream",
+        "retriable-4xx",
+        "retriable-status-codes,418,302",
+        "unavailable,cancelled",
+        "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+    ] {
+        let on = RetryOn::parse(text).unwrap();
+        let asked = on.outcomes();
+        for o in &outcomes {
+            for grpc in [None, Some(14), Some(1), Some(0)] {
+                let mut kind = Outcomes::of(o);
+                if grpc.is_some() && matches!(o, Outcome::Response(_)) {
+                    kind |= Outcomes::GRPC_STATUS;
+                }
+                if on.wants(o, grpc).0 {
+                    assert!(
+                        asked.intersects(kind),
+                        "retryOn {text:?}: {o:?} (grpc-status {grpc:?}) is retried but not asked for"
+                    );
+                }
+            }
+        }
+    }
+    // And nothing that goes well is.
+    let h = retry("{}");
+    assert!(!h.response_outcomes().intersects(Outcomes::STATUS_2XX));
+    assert!(
+        !retry(r#"{"retryOn":"5xx,retriable-4xx"}"#)
+            .response_outcomes()
+            .intersects(Outcomes::STATUS_2XX | Outcomes::STATUS_3XX)
+    );
+}
