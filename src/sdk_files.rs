@@ -18,6 +18,10 @@ const FILES: &[(&str, &str)] = &[
         include_str!("../plugin-sdk/src/bindings.rs"),
     ),
     (
+        "plugin-sdk/src/gate.rs",
+        include_str!("../plugin-sdk/src/gate.rs"),
+    ),
+    (
         "plugin-sdk/src/guest.rs",
         include_str!("../plugin-sdk/src/guest.rs"),
     ),
