@@ -29,7 +29,8 @@ pub fn hooks(h: Hooks) -> WitHooks {
 }
 
 /// Parse the configuration and build the plugin; tell the host which
-/// outcomes it wants `on_response` for, when not all of them.
+/// outcomes it wants `on_response` for, when not all of them, and what its
+/// `on_request` always decides, when it said.
 pub fn configure<P: Plugin>(config: &str) -> Result<P, String> {
     let plugin = P::new(parse_config::<P::Config>(config)?)?;
     let wanted = plugin.response_outcomes();
@@ -56,6 +57,20 @@ pub fn configure<P: Plugin>(config: &str) -> Result<P, String> {
             }
         }
         on_response_for(set);
+    }
+    if let Some(fixed) = plugin.fixed_on_request() {
+        use crate::bindings::wasmesh::plugin::host::{FixedHold, on_request_fixed};
+        on_request_fixed(
+            &request_decision(fixed.decision),
+            fixed
+                .hold
+                .as_ref()
+                .map(|h| FixedHold {
+                    key: h.key.clone(),
+                    limit: h.limit,
+                })
+                .as_ref(),
+        );
     }
     Ok(plugin)
 }

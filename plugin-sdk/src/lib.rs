@@ -95,7 +95,24 @@ pub trait Plugin: Sized + 'static {
         Outcomes::ALL
     }
 
-    /// Runs before the upstream is called, in chain order. Default: proceed.
+    /// What `on_request` decides for every request, when this
+    /// configuration makes it not depend on the request (it reads nothing
+    /// of it): the proxy applies the decision itself and does not call
+    /// `on_request`, saving the call on every request. Default: `None`
+    /// (called for every request). Asked once, right after [`Plugin::new`].
+    ///
+    /// A [`FixedRequest::holding`] counter is held for each request first,
+    /// as [`host::state::counter_hold`]`(key, 1)` would; a request that
+    /// would take it past its limit holds nothing and goes to `on_request`
+    /// as usual, so write `on_request` to do the same hold and decide:
+    /// the proxy's shortcut then changes nothing but the cost. The test
+    /// [`testing::Harness`] applies it as the proxy does.
+    fn fixed_on_request(&self) -> Option<FixedRequest> {
+        None
+    }
+
+    /// Runs before the upstream is called, in chain order, unless
+    /// [`Plugin::fixed_on_request`] decides instead. Default: proceed.
     /// An error counts as a plugin failure (the plugin's `on-failure` policy
     /// applies).
     fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {

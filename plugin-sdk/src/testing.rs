@@ -482,11 +482,14 @@ fn first(headers: &[Header], name: &str) -> Option<String> {
 /// returned).
 ///
 /// `on_response` likewise runs only for the outcomes the plugin asked for
-/// ([`Plugin::response_outcomes`]), decided as the proxy decides.
+/// ([`Plugin::response_outcomes`]), decided as the proxy decides, and
+/// `on_request` not at all where [`Plugin::fixed_on_request`] decides.
 pub struct Harness<P> {
     plugin: P,
     hooks: Hooks,
     outcomes: crate::gate::OutcomeGate,
+    fixed: Option<crate::FixedRequest>,
+    on_request_calls: std::cell::Cell<u64>,
 }
 
 impl<P: Plugin + Declared> Harness<P> {
@@ -498,11 +501,35 @@ impl<P: Plugin + Declared> Harness<P> {
         if wanted.is_empty() {
             hooks.on_response = false;
         }
+        let fixed = plugin.fixed_on_request();
+        if let Some(h) = fixed.as_ref().and_then(|f| f.hold.as_ref())
+            && (h.key.is_empty() || h.key.len() > 256)
+        {
+            return Err(format!(
+                "on-request-fixed: hold key {:?}: expected 1 to 256 bytes, got {}",
+                h.key,
+                h.key.len()
+            ));
+        }
         Ok(Self {
             plugin,
             hooks,
             outcomes: crate::gate::OutcomeGate::new(wanted),
+            fixed,
+            on_request_calls: Default::default(),
         })
+    }
+
+    /// What the plugin said its `on_request` decides for every request
+    /// ([`Plugin::fixed_on_request`]).
+    pub fn fixed_on_request(&self) -> Option<&crate::FixedRequest> {
+        self.fixed.as_ref()
+    }
+
+    /// How many times `on_request` was called (requests the fixed decision
+    /// took are not calls).
+    pub fn on_request_calls(&self) -> u64 {
+        self.on_request_calls.get()
     }
 
     /// The hooks the proxy would call for this configuration.
@@ -540,11 +567,29 @@ impl<P: Plugin + Declared> Harness<P> {
         with_host(f)
     }
 
-    /// Call `on_request`.
+    /// Decide for `req` as the proxy does: the fixed decision (taking its
+    /// hold) when the plugin gave one and the hold fits, else `on_request`.
     pub fn on_request(&self, req: &TestRequest) -> Result<RequestDecision, String> {
+        if let Some(fixed) = &self.fixed {
+            let held = match &fixed.hold {
+                None => true,
+                Some(h) => in_request(req, || {
+                    with_host(|host| match h.limit {
+                        Some(limit) => {
+                            matches!(host.counter_hold_within(&h.key, 1, limit), Ok(Some(_)))
+                        }
+                        None => host.counter_hold(&h.key, 1).is_ok(),
+                    })
+                }),
+            };
+            if held {
+                return Ok(fixed.decision.clone());
+            }
+        }
         if !self.hooks.on_request {
             return Ok(RequestDecision::default());
         }
+        self.on_request_calls.set(self.on_request_calls.get() + 1);
         in_request(req, || self.plugin.on_request(&Request { inner: req }))
     }
 

@@ -196,6 +196,56 @@ impl RequestDecision {
     }
 }
 
+/// What `on_request` decides for every request under a configuration that
+/// makes it not depend on the request ([`crate::Plugin::fixed_on_request`]):
+/// the proxy applies it without calling the plugin.
+///
+/// ```
+/// use wasmesh_plugin_sdk::{FixedRequest, RequestDecision};
+/// // A per-try timeout on every request:
+/// let fixed = FixedRequest::decide(RequestDecision { per_try_timeout_ms: Some(250), ..Default::default() });
+/// // A pending-request cap: hold a counter for each request; the plugin is
+/// // called (to reply 503) only for a request that finds it at 100.
+/// let capped = FixedRequest::decide(RequestDecision::proceed()).holding("in-flight", Some(100));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FixedRequest {
+    /// The decision.
+    pub decision: RequestDecision,
+    /// A counter held for each request first (as `counter_hold(key, 1)`),
+    /// and the most it may reach: a request that would take it past the
+    /// limit holds nothing and is given to `on_request` as usual.
+    pub hold: Option<FixedHold>,
+}
+
+/// The counter of a [`FixedRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FixedHold {
+    /// The key, in this plugin's shared state (1 to 256 bytes).
+    pub key: String,
+    /// The most the counter may reach; `None`: no limit.
+    pub limit: Option<i64>,
+}
+
+impl FixedRequest {
+    /// `decision` for every request.
+    pub fn decide(decision: RequestDecision) -> Self {
+        Self {
+            decision,
+            hold: None,
+        }
+    }
+
+    /// And hold the counter `key` for each request first, up to `limit`.
+    pub fn holding(mut self, key: impl Into<String>, limit: Option<i64>) -> Self {
+        self.hold = Some(FixedHold {
+            key: key.into(),
+            limit,
+        });
+        self
+    }
+}
+
 /// How an attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

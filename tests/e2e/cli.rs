@@ -76,6 +76,20 @@ fn bad_configuration_exits_2_naming_file_field_and_plugin() {
             "config.mode",
         ],
     );
+    // A fixed on-request decision the host would refuse from on-request
+    // refuses the configuration, naming the plugin and the header.
+    refused(
+        &format!(
+            "services:\n  reviews:\n    plugins:\n      - {{ source: {:?}, name: fixed, config: {{ mode: fixed-bad-header }} }}\n",
+            wasmesh_artifacts::PROBE
+        ),
+        &[
+            "services.reviews.plugins[0]",
+            "plugin fixed (",
+            "on-request-fixed: ",
+            "x-bad",
+        ],
+    );
     // A plugin's refusal names the operator's file and field first, then
     // the plugin, then its field in the plugin's terms — with no line and
     // column of the JSON the proxy made from the YAML.

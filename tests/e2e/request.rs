@@ -50,6 +50,27 @@ async fn a_route_timeout_and_a_per_try_timeout_answer_504_ut() {
     assert_eq!((r.status, r.header("x-wasmesh-flags")), (504, Some("UT")));
     assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
     assert_eq!(slow.arrived(), 3, "one try for `timed`, two for `tried`");
+    // Retry's per-try timeout is its `on-request-fixed` decision: applied
+    // with no call into the plugin.
+    let m = proxy.metrics().await;
+    let labels = [("plugin", "retry"), ("hook", "on_request")];
+    assert_eq!(
+        sample(&m, "wasmesh_plugin_calls_total", &labels).unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+    let cfg = proxy.config().await;
+    let tried = cfg["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "tried")
+        .unwrap();
+    assert_eq!(
+        tried["plugins"][0]["on_request_fixed"],
+        serde_json::json!({"decision": "proceed", "hold": null}),
+        "{cfg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

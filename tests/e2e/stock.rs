@@ -252,10 +252,12 @@ async fn a_hook_its_configuration_does_not_need_is_never_called() {
     // and that only for the failures it retries (none here).
     assert_eq!(calls("reviews", "retry", "on_request"), 0.0, "{m}");
     assert_eq!(calls("reviews", "retry", "on_response"), 0.0, "{m}");
-    // A breaker with a pending limit and no outlier detection.
+    // A breaker with a pending limit and no outlier detection: the host
+    // holds the in-flight count (`on-request-fixed`); the plugin would be
+    // called only for a request finding the cap (100) full.
     assert_eq!(
         calls("reviews", "circuit-breaker", "on_request"),
-        10.0,
+        0.0,
         "{m}"
     );
     assert_eq!(
@@ -668,7 +670,28 @@ async fn pending_request_overflow_is_answered_at_once() {
         }
     }
     assert_eq!((ok, overflow), (2, 8));
-    proxy.metrics_containing(r#"wasmesh_requests_total{destination_service="reviews",response_code="503",response_flags="UO"} 8"#).await;
+    let m = proxy.metrics_containing(r#"wasmesh_requests_total{destination_service="reviews",response_code="503",response_flags="UO"} 8"#).await;
+    // The host held the count for the two that fit (the breaker's
+    // `on-request-fixed`); the plugin was called for the 8 that found the
+    // cap full, and refused and counted each.
+    let labels = [("plugin", "circuit-breaker"), ("hook", "on_request")];
+    assert_eq!(
+        sample(&m, "wasmesh_plugin_calls_total", &labels),
+        Some(8.0),
+        "{m}"
+    );
+    let overflows = [("plugin", "circuit-breaker"), ("name", "overflow")];
+    assert_eq!(
+        sample(&m, "wasmesh_plugin_custom_total", &overflows),
+        Some(8.0),
+        "{m}"
+    );
+    let cfg = proxy.config().await;
+    assert_eq!(
+        cfg["services"][0]["plugins"][0]["on_request_fixed"],
+        serde_json::json!({"decision": "proceed", "hold": {"key": "in-flight", "limit": 2}}),
+        "{cfg}"
+    );
     // Every one of the 10 requests released its in-flight count when it
     // ended (the host undoes the plugin's holds): 2 more fit at once.
     let (a, b) = tokio::join!(via(&proxy, "reviews", "/"), via(&proxy, "reviews", "/"));

@@ -135,6 +135,12 @@ fn chain_json(chain: &Chain) -> Value {
                 },
                 // The outcomes its on-response is called for, when it is.
                 "on_response_for": outcome_names(p.outcomes.wanted()),
+                // What its on-request decides for every request without a
+                // call (`on-request-fixed`), and the counter it holds first.
+                "on_request_fixed": p.fixed.as_ref().map(|f| json!({
+                    "decision": crate::chain::decision_word(&f.decision),
+                    "hold": f.hold.as_ref().map(|(key, limit)| json!({"key": &**key, "limit": limit})),
+                })),
                 "version": p.version(),
                 "quarantined": p.is_quarantined(),
                 // What serves this plugin's hooks now: itself, its last

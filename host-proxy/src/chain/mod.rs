@@ -184,15 +184,21 @@ impl CompletionGuard {
                 self.skipped |= 1 << i;
                 continue;
             }
-            if !p.hooks.on_request {
-                continue;
-            }
-            let span = hook_span(self.trace.as_ref(), p, "on_request");
-            let result = p.on_request(&mut self.req);
-            let decided = result.as_ref().map(request_decision).map_err(|f| f.kind());
-            if let Some(span) = span {
-                span.end(decided);
-            }
+            // A decision the plugin gave once for every request
+            // (`on-request-fixed`) is applied without a call.
+            let result = match p.fixed_decision(self.request_mut()) {
+                Some(d) => Ok(d),
+                None if !p.hooks.on_request => continue,
+                None => {
+                    let span = hook_span(self.trace.as_ref(), p, "on_request");
+                    let result = p.on_request(&mut self.req);
+                    if let Some(span) = span {
+                        span.end(result.as_ref().map(decision_word).map_err(|f| f.kind()));
+                    }
+                    result
+                }
+            };
+            let decided = result.as_ref().map(decision_word).map_err(|f| f.kind());
             if self.access_log.is_some() {
                 let d = decided.unwrap_or_else(|kind| kind);
                 self.decisions.push((p.name.clone(), "on_request", d));
@@ -314,7 +320,7 @@ fn count_request_decision(m: &PluginMetrics, d: &RequestDecision) {
 
 /// What a plugin decided in `on-request`, in one word (for its span): a
 /// reply, else a route, else a delay, else proceed.
-fn request_decision(d: &RequestDecision) -> &'static str {
+pub(crate) fn decision_word(d: &RequestDecision) -> &'static str {
     match (&d.reply, &d.route, &d.delay) {
         (Some(_), _, _) => Decision::Reply.label(),
         (None, Some(_), _) => Decision::Route.label(),

@@ -131,6 +131,10 @@ pub struct HostState {
     /// What the plugin asked `on-response` for (`on-response-for`), read
     /// after its `configure`.
     pub(crate) outcomes: Option<sdk::Outcomes>,
+    /// What the plugin said its `on-request` always decides
+    /// (`on-request-fixed`), with the reply flag set before it; read after
+    /// its `configure`.
+    pub(crate) fixed: Option<(wit::RequestDecision, ReplyFlag, Option<wit_host::FixedHold>)>,
     scope: Arc<PluginScope>,
     rng: fastrand::Rng,
     pub(crate) deadline: super::Deadline,
@@ -157,6 +161,7 @@ impl HostState {
             resp: None,
             reply_flag: ReplyFlag::LocalReply,
             outcomes: None,
+            fixed: None,
             scope,
             rng: fastrand::Rng::new(),
             deadline: Default::default(),
@@ -357,7 +362,7 @@ fn write_options(o: wit_host::WriteOptions) -> state::WriteOptions {
 
 impl PluginScope {
     /// A write's result for the plugin; a full scope counted.
-    fn written<T>(
+    pub(crate) fn written<T>(
         &self,
         r: Result<state::Written<T>, state::StateError>,
     ) -> Result<T, wit_host::StateError> {
@@ -535,7 +540,7 @@ impl wit_host::Host for HostState {
         let Some(req) = self.req.as_mut() else {
             return Err(wit_host::StateError::NoRequest);
         };
-        let r = req.holds.hold(&self.scope.state, &key, delta);
+        let r = req.holds.hold(&self.scope.state, key, delta);
         self.scope.written(r.map(|value| state::Written {
             value,
             evicted: false,
@@ -551,7 +556,7 @@ impl wit_host::Host for HostState {
         let Some(req) = self.req.as_mut() else {
             return Err(wit_host::StateError::NoRequest);
         };
-        let r = req.holds.hold_within(&self.scope.state, &key, delta, limit);
+        let r = req.holds.hold_within(&self.scope.state, key, delta, limit);
         self.scope.written(r.map(|value| state::Written {
             value,
             evicted: false,
@@ -564,6 +569,17 @@ impl wit_host::Host for HostState {
 
     fn on_response_for(&mut self, outcomes: wit_host::OutcomeSet) {
         self.outcomes = Some(convert::outcomes(outcomes));
+    }
+
+    fn on_request_fixed(
+        &mut self,
+        decision: wit::RequestDecision,
+        hold: Option<wit_host::FixedHold>,
+    ) {
+        // Only `configure` runs without a request; elsewhere it is ignored.
+        if self.req.is_none() {
+            self.fixed = Some((decision, self.reply_flag, hold));
+        }
     }
 
     fn endpoints(&mut self, service: Option<String>) -> Vec<wit_host::Endpoint> {

@@ -652,6 +652,9 @@ pub struct ConfiguredPlugin {
     pub hooks: Hooks,
     /// The attempts its `on-response` is called for (`on-response-for`).
     pub outcomes: OutcomeGate,
+    /// What its `on-request` decides for every request, applied without a
+    /// call (`on-request-fixed`).
+    pub fixed: Option<FixedOnRequest>,
     /// The configuration (JSON text) it was given.
     pub config_json: String,
     /// The limits it runs under.
@@ -672,6 +675,17 @@ pub struct ConfiguredPlugin {
     /// called instead of the component.
     #[cfg(feature = "native-chain")]
     native: Option<native::NativePlugin>,
+}
+
+/// A plugin's `on-request-fixed`: the decision its `on-request` makes for
+/// every request, and the counter held for each request first.
+#[derive(Debug)]
+pub struct FixedOnRequest {
+    /// The decision, checked as one from `on-request` is.
+    pub decision: RequestDecision,
+    /// The counter held (by 1) for each request, and the most it may reach:
+    /// past it, `on-request` is called instead.
+    pub hold: Option<(Arc<str>, Option<i64>)>,
 }
 
 /// An attempt as plugins get it, lowered once however many plugins'
@@ -725,6 +739,7 @@ impl ConfiguredPlugin {
             on_failure,
             hooks: component.hooks,
             outcomes: OutcomeGate::new(Outcomes::ALL),
+            fixed: None,
             config_json,
             limits,
             component,
@@ -754,6 +769,30 @@ impl ConfiguredPlugin {
                 plugin.hooks.on_response = false;
             }
             plugin.outcomes = OutcomeGate::new(wanted);
+        }
+        // And what its `on-request` decides may not depend on the request.
+        if let Some((decision, flag, hold)) = first.store.data_mut().fixed.take() {
+            let refused = |why: String| {
+                PluginFailure::Error(format!(
+                    "on-request-fixed: {why} (the decision its configure gave for every request)"
+                ))
+            };
+            let decision = convert::request_decision(decision, flag).map_err(|f| match f {
+                PluginFailure::Invalid(why) => refused(why),
+                f => refused(f.to_string()),
+            })?;
+            let hold = match hold {
+                Some(h) if h.key.is_empty() || h.key.len() > 256 => {
+                    return Err(refused(format!(
+                        "hold key {:?}: expected 1 to 256 bytes, got {}",
+                        h.key,
+                        h.key.len()
+                    )));
+                }
+                Some(h) => Some((Arc::from(h.key), h.limit)),
+                None => None,
+            };
+            plugin.fixed = Some(FixedOnRequest { decision, hold });
         }
         plugin.pool.lock().unwrap().push(first);
         Ok(plugin)
@@ -984,6 +1023,32 @@ impl ConfiguredPlugin {
                 Err(self.fail(f, hook))
             }
         }
+    }
+
+    /// The decision of its `on-request-fixed` for `req`, taking its hold;
+    /// `None` when `on-request` must be called instead (no fixed decision,
+    /// or the hold would pass its limit). A quarantined plugin answers as
+    /// the version serving for it.
+    pub fn fixed_decision(&self, req: &mut RequestView) -> Option<RequestDecision> {
+        if self.is_quarantined() {
+            return self.fallback()?.fixed_decision(req);
+        }
+        let fixed = self.fixed.as_ref()?;
+        if let Some((key, limit)) = &fixed.hold {
+            let state = &self.scope.state;
+            let held = match *limit {
+                Some(limit) => req.holds.hold_within(state, key.clone(), 1, limit),
+                None => req.holds.hold(state, key.clone(), 1).map(Some),
+            };
+            let written = held.map(|n| state::Written {
+                value: n,
+                evicted: false,
+            });
+            if !matches!(self.scope.written(written), Ok(Some(_))) {
+                return None;
+            }
+        }
+        Some(fixed.decision.clone())
     }
 
     /// `on-request`: the plugin's decision, checked.

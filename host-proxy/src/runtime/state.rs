@@ -21,26 +21,32 @@ pub fn now() -> u64 {
 /// request's data is dropped, which is after every `on-complete` hook — or
 /// whenever the request ends, however it ends.
 #[derive(Debug, Default)]
-pub struct Holds(Vec<(Arc<Scope>, Box<str>, i64)>);
+pub struct Holds(Vec<(Arc<Scope>, Arc<str>, i64)>);
 
 impl Holds {
     /// Add `delta` to `key` in `scope` until the request ends.
-    pub fn hold(&mut self, scope: &Arc<Scope>, key: &str, delta: i64) -> Result<i64, StateError> {
-        let n = scope.counter_add(key, delta, WriteOptions::default(), now())?;
+    /// (A key given as `Arc<str>` is kept without a copy.)
+    pub fn hold<K: AsRef<str> + Into<Arc<str>>>(
+        &mut self,
+        scope: &Arc<Scope>,
+        key: K,
+        delta: i64,
+    ) -> Result<i64, StateError> {
+        let n = scope.counter_add(key.as_ref(), delta, WriteOptions::default(), now())?;
         self.0.push((scope.clone(), key.into(), delta));
         Ok(n.value)
     }
 
     /// Add `delta` to `key` in `scope` until the request ends, only if the
     /// counter stays at most `limit` ([`Scope::counter_add_within`]).
-    pub fn hold_within(
+    pub fn hold_within<K: AsRef<str> + Into<Arc<str>>>(
         &mut self,
         scope: &Arc<Scope>,
-        key: &str,
+        key: K,
         delta: i64,
         limit: i64,
     ) -> Result<Option<i64>, StateError> {
-        let n = scope.counter_add_within(key, delta, limit, now())?;
+        let n = scope.counter_add_within(key.as_ref(), delta, limit, now())?;
         if n.is_some() {
             self.0.push((scope.clone(), key.into(), delta));
         }

@@ -36,7 +36,7 @@ pub enum ReplyFlag {
 }
 
 /// A plugin's local reply, checked.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LocalReply {
     /// 200..=599.
     pub status: StatusCode,
@@ -50,7 +50,7 @@ pub struct LocalReply {
 
 /// Where a plugin sends the request, checked. A `None` keeps the earlier
 /// value.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Route {
     /// Another service of the mesh.
     pub service: Option<String>,
@@ -63,7 +63,7 @@ pub struct Route {
 }
 
 /// What one plugin decided in `on-request`, checked.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RequestDecision {
     /// Edits to the request headers sent upstream.
     pub request_headers: Vec<HeaderEdit>,

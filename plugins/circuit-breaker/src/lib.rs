@@ -12,7 +12,7 @@ use serde::Deserialize;
 use wasmesh_istio::duration_ms;
 use wasmesh_plugin_sdk::host::{self, state};
 use wasmesh_plugin_sdk::{
-    Attempt, Hooks, Level, LocalReply, Outcome, Outcomes, Plugin, ReplyFlag, Request,
+    Attempt, FixedRequest, Hooks, Level, LocalReply, Outcome, Outcomes, Plugin, ReplyFlag, Request,
     RequestDecision, Response, ResponseDecision, export,
 };
 
@@ -143,6 +143,14 @@ impl Plugin for CircuitBreaker {
             | Outcomes::RESET
             | Outcomes::TIMEOUT
             | Outcomes::NEXT_ON_ENDPOINT
+    }
+
+    /// Under the pending-request cap, its `on_request` only holds the
+    /// in-flight count: the proxy does that hold itself and calls the
+    /// plugin only for a request that finds the cap full.
+    fn fixed_on_request(&self) -> Option<FixedRequest> {
+        let max = self.max_in_flight?;
+        Some(FixedRequest::decide(RequestDecision::proceed()).holding(IN_FLIGHT, Some(max)))
     }
 
     fn on_request(&self, _req: &Request<'_>) -> Result<RequestDecision, String> {

@@ -113,9 +113,14 @@ fn in_flight_limit_overflows_fast_and_is_released_when_a_request_ends() {
     let (a, b, c) = (req("a"), req("b"), req("c"));
     assert!(h.on_request(&a).unwrap().reply.is_none());
     assert!(h.on_request(&b).unwrap().reply.is_none());
+    // Under the cap the proxy holds the count itself: no call.
+    assert_eq!(h.on_request_calls(), 0);
     let r = h.on_request(&c).unwrap().reply.unwrap();
     assert_eq!(r.status, 503);
     assert_eq!(r.flag, wasmesh_plugin_sdk::ReplyFlag::Overflow);
+    // The request that found the cap full is the plugin's to refuse.
+    assert_eq!(h.on_request_calls(), 1);
+    assert_eq!(h.host(|host| host.metrics["overflow"]), 1);
     let done = Completion {
         status: Some(200),
         attempts: 1,
@@ -131,6 +136,12 @@ fn in_flight_limit_overflows_fast_and_is_released_when_a_request_ends() {
     h.on_complete(&a, &done);
     let req = req("e");
     assert!(h.on_request(&req).unwrap().reply.is_none(), "released");
+    assert_eq!(
+        h.on_request_calls(),
+        2,
+        "d was refused by the plugin, e was not a call"
+    );
+    assert_eq!(h.host(|host| host.counter("in-flight")), 2, "b and e hold");
 }
 
 #[test]

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use wasmesh_istio::duration_ms;
 use wasmesh_plugin_sdk::host::{self, state};
 use wasmesh_plugin_sdk::{
-    Attempt, Hooks, Level, Outcome, Outcomes, Plugin, Request, RequestDecision, Response,
-    ResponseDecision, export,
+    Attempt, FixedRequest, Hooks, Level, Outcome, Outcomes, Plugin, Request, RequestDecision,
+    Response, ResponseDecision, export,
 };
 
 /// The plugin's configuration (Istio `HTTPRetry`, extended).
@@ -237,6 +237,23 @@ impl Plugin for Retry {
     /// `on_response` call.
     fn response_outcomes(&self) -> Outcomes {
         self.retry_on.outcomes()
+    }
+
+    /// Its `on_request` reads nothing of the request: the proxy applies
+    /// the per-try timeout (and holds the active count, with a budget)
+    /// without calling it.
+    fn fixed_on_request(&self) -> Option<FixedRequest> {
+        if self.per_try_ms.is_none() && self.budget.is_none() {
+            return None;
+        }
+        let fixed = FixedRequest::decide(RequestDecision {
+            per_try_timeout_ms: self.per_try_ms,
+            ..RequestDecision::default()
+        });
+        Some(match self.budget {
+            Some(_) => fixed.holding(ACTIVE, None),
+            None => fixed,
+        })
     }
 
     fn on_request(&self, _req: &Request<'_>) -> Result<RequestDecision, String> {

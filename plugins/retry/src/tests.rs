@@ -83,6 +83,8 @@ fn the_budget_caps_retries_in_flight_and_releases_them() {
     for r in &reqs {
         h.on_request(r).unwrap();
     }
+    // The proxy held the active count for each: no call.
+    assert_eq!(h.on_request_calls(), 0);
     let granted = reqs
         .iter()
         .filter(|r| decide(&h, r, 1, Outcome::Response(503)).is_some())
@@ -210,4 +212,19 @@ fn on_response_is_asked_for_every_outcome_a_retry_may_be_made_for() {
             .response_outcomes()
             .intersects(Outcomes::STATUS_2XX | Outcomes::STATUS_3XX)
     );
+}
+
+#[test]
+fn the_per_try_timeout_is_given_once_not_asked_for_on_each_request() {
+    let h = retry(r#"{"attempts":2,"perTryTimeout":"250ms"}"#);
+    let fixed = h.fixed_on_request().expect("a fixed decision");
+    assert_eq!(fixed.hold, None);
+    for _ in 0..3 {
+        let d = h.on_request(&TestRequest::get("/")).unwrap();
+        assert_eq!(d.per_try_timeout_ms, Some(250));
+    }
+    assert_eq!(h.on_request_calls(), 0);
+    // With nothing to decide there is no fixed decision (and no call).
+    let h = retry(r#"{"attempts":2}"#);
+    assert!(h.fixed_on_request().is_none());
 }
