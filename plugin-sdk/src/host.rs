@@ -28,8 +28,23 @@ mod imp {
     pub fn monotonic_ns() -> u64 {
         h::monotonic_ns()
     }
+    /// Drawn in the instance (wyrand, the generator `fastrand` uses),
+    /// seeded once from the host's `random-u64`: a draw is no host call.
     pub fn random_u64() -> u64 {
-        h::random_u64()
+        use std::cell::Cell;
+        thread_local! {
+            static STATE: Cell<u64> = const { Cell::new(0) };
+        }
+        STATE.with(|s| {
+            let mut x = s.get();
+            if x == 0 {
+                x = h::random_u64() | 1;
+            }
+            x = x.wrapping_add(0xa076_1d64_78bd_642f);
+            s.set(x);
+            let t = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
+            (t >> 64) as u64 ^ t as u64
+        })
     }
     fn state_error(e: h::StateError) -> StateError {
         match e {
@@ -238,7 +253,9 @@ pub fn monotonic_ns() -> u64 {
     imp::monotonic_ns()
 }
 
-/// A random number (not for cryptography).
+/// A random number (not for cryptography). In a component it comes from a
+/// generator in the instance, seeded from the host once, so drawing costs
+/// no call to the host.
 pub fn random_u64() -> u64 {
     imp::random_u64()
 }
