@@ -59,17 +59,11 @@ async fn a_route_timeout_and_a_per_try_timeout_answer_504_ut() {
         0.0,
         "{m}"
     );
-    let cfg = proxy.config().await;
-    let tried = cfg["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "tried")
-        .unwrap();
+    let tried = proxy.service_config("tried").await.unwrap();
     assert_eq!(
         tried["plugins"][0]["on_request_fixed"],
         serde_json::json!({"decision": "proceed", "hold": null}),
-        "{cfg}"
+        "{tried}"
     );
 }
 

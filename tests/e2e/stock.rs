@@ -266,13 +266,7 @@ async fn a_hook_its_configuration_does_not_need_is_never_called() {
         "{m}"
     );
     // /config shows the hooks the chain calls.
-    let cfg = proxy.config().await;
-    let reviews = cfg["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "reviews")
-        .unwrap();
+    let reviews = proxy.service_config("reviews").await.unwrap();
     let hooks = |i: usize| reviews["plugins"][i]["hooks"].clone();
     assert_eq!(
         hooks(0),
@@ -403,13 +397,7 @@ async fn on_response_runs_only_for_the_outcomes_a_plugin_asked_for() {
     assert_eq!(calls("steady", "circuit-breaker"), 1.0, "{m}");
     assert_eq!(calls("steady", "retry"), 0.0, "{m}");
     assert!(!m.contains(r#"name="ejections""#), "{m}");
-    let cfg = proxy.config().await;
-    let steady = cfg["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "steady")
-        .unwrap();
+    let steady = proxy.service_config("steady").await.unwrap();
     assert_eq!(
         steady["plugins"][0]["on_response_for"],
         serde_json::json!(["5xx", "connect-failure", "reset", "timeout", "overflow"])

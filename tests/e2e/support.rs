@@ -179,6 +179,16 @@ impl Proxy {
         serde_json::from_slice(&r.body).unwrap()
     }
 
+    /// The service `name` in `GET /config`, when there is one.
+    pub async fn service_config(&self, name: &str) -> Option<serde_json::Value> {
+        let cfg = self.config().await;
+        cfg["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+    }
+
     /// `GET /metrics`.
     pub async fn metrics(&self) -> String {
         let r = get(&format!("http://{}/metrics", self.admin))
