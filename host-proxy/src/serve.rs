@@ -30,7 +30,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::access_log::AccessLog;
-use crate::chain::{CompletionGuard, Plan, Reply};
+use crate::chain::{CompletionGuard, Plan, Reply, SeenResponse};
 use crate::config::{Live, Service, Snapshot};
 use crate::error::ProxyError;
 use crate::flags::ResponseFlag;
@@ -41,7 +41,7 @@ use crate::listener::Security;
 use crate::metrics::Metrics;
 use crate::metrics::istio::{Exchange, Reporter};
 use crate::runtime::RequestView;
-use crate::runtime::types::{Attempt, Outcome, Protocol, ResponseView};
+use crate::runtime::types::{Attempt, Outcome, Protocol};
 use crate::trace::{RequestTrace, Tracing};
 use crate::upstream::{self, Clients, Outgoing, UpstreamFailure};
 use opentelemetry::KeyValue;
@@ -424,9 +424,9 @@ async fn reply_locally(
         tokio::time::sleep(d).await;
     }
     let status = reply.response.status().as_u16();
-    let seen = ResponseView {
+    let seen = SeenResponse {
         status,
-        headers: reply.response.headers().clone(),
+        headers: Some(reply.response.headers()),
     };
     let attempt = Attempt {
         number: 1,
@@ -572,11 +572,11 @@ impl Attempts<'_> {
                 duration: t0.elapsed(),
             };
             let seen = match &result {
-                Ok(r) => ResponseView {
+                Ok(r) => SeenResponse {
                     status: r.status().as_u16(),
-                    headers: r.headers().clone(),
+                    headers: Some(r.headers()),
                 },
-                Err(_) => ResponseView::default(),
+                Err(_) => SeenResponse::default(),
             };
             let verdict = guard.run_on_response(None, seen, &attempt);
             if let Some(reply) = verdict.reply {

@@ -140,11 +140,12 @@ impl Reply {
 /// The kind of an attempt's outcome, as plugins' `on-response-for` name
 /// it. `grpc-status` is looked for in the response's headers only when a
 /// plugin of the chain asked for it.
-fn outcome_kind(chain: &Chain, attempt: &Attempt<'_>, resp: &ResponseView) -> Outcomes {
+fn outcome_kind(chain: &Chain, attempt: &Attempt<'_>, resp: SeenResponse<'_>) -> Outcomes {
     match attempt.outcome {
         Outcome::Response(s) => {
             let kind = Outcomes::status(s);
-            if chain.any_grpc_status && resp.headers.contains_key("grpc-status") {
+            if chain.any_grpc_status && resp.headers.is_some_and(|h| h.contains_key("grpc-status"))
+            {
                 kind | Outcomes::GRPC_STATUS
             } else {
                 kind
@@ -156,6 +157,26 @@ fn outcome_kind(chain: &Chain, attempt: &Attempt<'_>, resp: &ResponseView) -> Ou
         Outcome::Timeout => Outcomes::TIMEOUT,
         Outcome::NoHealthyEndpoint => Outcomes::NO_HEALTHY_ENDPOINT,
         Outcome::Overflow => Outcomes::OVERFLOW,
+    }
+}
+
+/// The response an attempt ended with, borrowed: copied into the
+/// [`ResponseView`] plugins read only when one is called (most outcomes
+/// call none: plugins ask for the outcomes they act on).
+#[derive(Clone, Copy, Default)]
+pub struct SeenResponse<'a> {
+    /// The status (0: there was no response).
+    pub status: u16,
+    /// Its headers, when there was a response.
+    pub headers: Option<&'a http::HeaderMap>,
+}
+
+impl SeenResponse<'_> {
+    fn view(self) -> ResponseView {
+        ResponseView {
+            status: self.status,
+            headers: self.headers.cloned().unwrap_or_default(),
+        }
     }
 }
 
@@ -229,14 +250,14 @@ impl CompletionGuard {
     pub fn run_on_response(
         &mut self,
         upto: Option<usize>,
-        resp: ResponseView,
+        seen: SeenResponse<'_>,
         attempt: &Attempt<'_>,
     ) -> ResponseVerdict {
         let upto = upto.unwrap_or(self.reached);
         let chain = self.chain.clone();
-        let kind = outcome_kind(&chain, attempt, &resp);
-        let mut resp = Some(resp);
-        // Lowered once, for the first plugin called.
+        let kind = outcome_kind(&chain, attempt, seen);
+        // Copied and lowered once, for the first plugin called.
+        let mut resp = None;
         let mut lowered = None;
         let mut verdict = ResponseVerdict::default();
         for i in (0..upto).rev() {
@@ -248,7 +269,10 @@ impl CompletionGuard {
                 continue;
             }
             let span = hook_span(self.trace.as_ref(), p, "on_response");
-            let lowered = lowered.get_or_insert_with(|| LoweredAttempt::new(attempt));
+            let lowered = lowered.get_or_insert_with(|| {
+                resp = Some(seen.view());
+                LoweredAttempt::new(attempt)
+            });
             let result = p.on_response(&mut self.req, &mut resp, lowered);
             let decided = result.as_ref().ok().map(|d| match (&d.reply, d.retry) {
                 (Some(_), _) => Decision::Reply,
