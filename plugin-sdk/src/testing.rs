@@ -503,7 +503,7 @@ impl<P: Plugin + Declared> Harness<P> {
         }
         let fixed = plugin.fixed_on_request();
         if let Some(h) = fixed.as_ref().and_then(|f| f.hold.as_ref())
-            && (h.key.is_empty() || h.key.len() > 256)
+            && (h.key.is_empty() || h.key.len() > wasmesh_state::KEY_LEN_CAP)
         {
             return Err(format!(
                 "on-request-fixed: hold key {:?}: expected 1 to 256 bytes, got {}",

@@ -207,19 +207,18 @@ impl CompletionGuard {
             }
             // A decision the plugin gave once for every request
             // (`on-request-fixed`) is applied without a call.
-            let result = match p.fixed_decision(self.request_mut()) {
-                Some(d) => Ok(d),
+            let (result, span) = match p.fixed_decision(self.request_mut()) {
+                Some(d) => (Ok(d), None),
                 None if !p.hooks.on_request => continue,
                 None => {
                     let span = hook_span(self.trace.as_ref(), p, "on_request");
-                    let result = p.on_request(&mut self.req);
-                    if let Some(span) = span {
-                        span.end(result.as_ref().map(decision_word).map_err(|f| f.kind()));
-                    }
-                    result
+                    (p.on_request(&mut self.req), span)
                 }
             };
             let decided = result.as_ref().map(decision_word).map_err(|f| f.kind());
+            if let Some(span) = span {
+                span.end(decided);
+            }
             if self.access_log.is_some() {
                 let d = decided.unwrap_or_else(|kind| kind);
                 self.decisions.push((p.name.clone(), "on_request", d));

@@ -782,7 +782,7 @@ impl ConfiguredPlugin {
                 f => refused(f.to_string()),
             })?;
             let hold = match hold {
-                Some(h) if h.key.is_empty() || h.key.len() > 256 => {
+                Some(h) if h.key.is_empty() || h.key.len() > state::KEY_LEN_CAP => {
                     return Err(refused(format!(
                         "hold key {:?}: expected 1 to 256 bytes, got {}",
                         h.key,

@@ -9,7 +9,9 @@
 use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub use wasmesh_state::{KEY_CAP, Scope, StateError, VALUE_CAP, WhenFull, WriteOptions, Written};
+pub use wasmesh_state::{
+    KEY_CAP, KEY_LEN_CAP, Scope, StateError, VALUE_CAP, WhenFull, WriteOptions, Written,
+};
 
 /// The clock shared state runs on: ms on the proxy's monotonic clock (the
 /// one `monotonic-ns` reads), the same for every instance.
