@@ -327,7 +327,7 @@ fn admit(
     let service = match side {
         Side::Outbound => authority
             .as_ref()
-            .and_then(|a| snapshot.service_for_host(a.host())),
+            .and_then(|a| snapshot.service_for_host(headers::authority_host(a))),
         Side::Inbound => snapshot.local_service.as_ref(),
     };
     match service {
@@ -367,7 +367,7 @@ fn prepare(
         },
         port: authority
             .as_ref()
-            .and_then(Authority::port_u16)
+            .and_then(headers::authority_port)
             .unwrap_or(80),
         authority,
         protocol,
