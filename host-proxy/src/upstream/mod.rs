@@ -282,8 +282,21 @@ async fn send_once(
     h2: bool,
     deadline: Option<Instant>,
 ) -> Result<Response<Incoming>, SendError> {
+    // Each branch awaits its future where it is made (`timeout!`): handed
+    // to a helper, it was stored twice in this future (the argument, then
+    // the timeout holding it), and every request's future moved the copy.
+    macro_rules! timeout {
+        ($fut:expr) => {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), $fut)
+                    .await
+                    .map_err(|_| SendError::Failed(UpstreamFailure::Timeout))?,
+                None => $fut.await,
+            }
+        };
+    }
     if h2 {
-        return match within(deadline, clients.h2c.request(up)).await? {
+        return match timeout!(clients.h2c.request(up)) {
             Ok(r) => Ok(r),
             Err(e) if cause::<connector::ConnectionLimit>(&e).is_some() => {
                 Err(SendError::Failed(UpstreamFailure::Overflow))
@@ -302,7 +315,7 @@ async fn send_once(
         };
     }
     let idempotent = up.method().is_idempotent();
-    match within(deadline, clients.http1.send(ep, up)).await? {
+    match timeout!(clients.http1.send(ep, up)) {
         Ok(r) => Ok(r),
         Err(UpstreamError::Limit(_)) => Err(SendError::Failed(UpstreamFailure::Overflow)),
         Err(UpstreamError::Connect(e)) => {
@@ -325,19 +338,6 @@ async fn send_once(
             tracing::debug!(endpoint = &*ep.address, "upstream error: {error:?}");
             Err(SendError::Failed(UpstreamFailure::Reset))
         }
-    }
-}
-
-/// `fut`, or a timeout once `deadline` passes.
-async fn within<T>(
-    deadline: Option<Instant>,
-    fut: impl std::future::Future<Output = T>,
-) -> Result<T, SendError> {
-    match deadline {
-        Some(d) => tokio::time::timeout_at(d.into(), fut)
-            .await
-            .map_err(|_| SendError::Failed(UpstreamFailure::Timeout)),
-        None => Ok(fut.await),
     }
 }
 

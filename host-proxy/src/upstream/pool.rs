@@ -114,7 +114,10 @@ impl H1Pool {
         loop {
             let (mut tx, pooled) = match self.take(conns, generation) {
                 Some(tx) => (tx, true),
-                None => (self.connect(ep).await?, false),
+                // Boxed: the connect future (TCP, then TLS for mesh
+                // endpoints) is large and rarely needed; inline, its size
+                // was moved with every request's future.
+                None => (Box::pin(self.connect(ep)).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
