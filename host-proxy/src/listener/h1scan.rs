@@ -293,7 +293,12 @@ fn may_frame(head: &[u8]) -> bool {
     };
     memchr::memchr_iter(b'\n', head).any(|i| {
         let line = &head[i + 1..];
-        starts(line, b"content-length") || starts(line, b"transfer-encoding")
+        // Most lines are ruled out by their first byte alone.
+        match line.first().map(u8::to_ascii_lowercase) {
+            Some(b'c') => starts(line, b"content-length"),
+            Some(b't') => starts(line, b"transfer-encoding"),
+            _ => false,
+        }
     })
 }
 
