@@ -72,6 +72,29 @@ pub fn configure<P: Plugin>(config: &str) -> Result<P, String> {
                 .as_ref(),
         );
     }
+    if let Some(table) = plugin.table_on_request() {
+        use crate::bindings::wasmesh::plugin::host::{
+            RequestRule, WeightedDecision, on_request_table,
+        };
+        let rules: Vec<RequestRule> = table
+            .rules
+            .into_iter()
+            .map(|r| RequestRule {
+                when: r.when,
+                decisions: r
+                    .decisions
+                    .into_iter()
+                    .map(|(weight, d)| WeightedDecision {
+                        weight,
+                        decision: request_decision(d),
+                    })
+                    .collect(),
+                count: r.count,
+                log: r.log,
+            })
+            .collect();
+        on_request_table(&rules, &request_decision(table.otherwise));
+    }
     Ok(plugin)
 }
 

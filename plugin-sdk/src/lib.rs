@@ -111,8 +111,31 @@ pub trait Plugin: Sized + 'static {
         None
     }
 
+    /// The table `on_request` decides by, when this configuration makes it
+    /// one (contract 0.1.5): the proxy evaluates it for each request and
+    /// does not call `on_request`, saving the call on every request. The
+    /// first [`TableRule`] whose `when` holds gives one of its decisions,
+    /// drawn by weight; [`RequestTable::otherwise`] decides when none
+    /// holds. `when` is a list of Istio `HTTPMatchRequest`s as JSON, read
+    /// by the same matcher as a chain entry's `match` (the stock plugins'
+    /// `wasmesh_istio`), against the request as it reaches the plugin. A
+    /// router whose routes match paths, methods and headers and split by
+    /// weight is such a table; one that rewrites a matched prefix or
+    /// splits by a header's hash is not. Default: `None`. Asked once,
+    /// right after [`Plugin::new`]; not with [`Plugin::fixed_on_request`]
+    /// (the proxy refuses a configuration that gives both).
+    ///
+    /// Write `on_request` to decide the same as the table: the shortcut
+    /// then changes nothing but the cost. The test [`testing::Harness`]
+    /// cannot read Istio matches, so it keeps calling `on_request`; check
+    /// the table against it in the plugin's own tests.
+    fn table_on_request(&self) -> Option<RequestTable> {
+        None
+    }
+
     /// Runs before the upstream is called, in chain order, unless
-    /// [`Plugin::fixed_on_request`] decides instead. Default: proceed.
+    /// [`Plugin::fixed_on_request`] or [`Plugin::table_on_request`]
+    /// decides instead. Default: proceed.
     /// An error counts as a plugin failure (the plugin's `on-failure` policy
     /// applies).
     fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {

@@ -489,6 +489,7 @@ pub struct Harness<P> {
     hooks: Hooks,
     outcomes: crate::gate::OutcomeGate,
     fixed: Option<crate::FixedRequest>,
+    table: Option<crate::RequestTable>,
     on_request_calls: std::cell::Cell<u64>,
 }
 
@@ -511,11 +512,13 @@ impl<P: Plugin + Declared> Harness<P> {
                 h.key.len()
             ));
         }
+        let table = plugin.table_on_request();
         Ok(Self {
             plugin,
             hooks,
             outcomes: crate::gate::OutcomeGate::new(wanted),
             fixed,
+            table,
             on_request_calls: Default::default(),
         })
     }
@@ -524,6 +527,13 @@ impl<P: Plugin + Declared> Harness<P> {
     /// ([`Plugin::fixed_on_request`]).
     pub fn fixed_on_request(&self) -> Option<&crate::FixedRequest> {
         self.fixed.as_ref()
+    }
+
+    /// The table the plugin said its `on_request` decides by
+    /// ([`Plugin::table_on_request`]). The harness does not evaluate it
+    /// (it cannot read Istio matches): `on_request` is called as before.
+    pub fn table_on_request(&self) -> Option<&crate::RequestTable> {
+        self.table.as_ref()
     }
 
     /// How many times `on_request` was called (requests the fixed decision

@@ -246,6 +246,97 @@ impl FixedRequest {
     }
 }
 
+/// The table `on_request` decides by ([`crate::Plugin::table_on_request`]):
+/// the proxy evaluates it without calling the plugin.
+///
+/// ```
+/// use wasmesh_plugin_sdk::{LocalReply, RequestDecision, RequestTable, Route, TableRule};
+/// let to = |subset: &str| RequestDecision {
+///     route: Some(Route { subset: Some(subset.into()), ..Default::default() }),
+///     ..Default::default()
+/// };
+/// let table = RequestTable {
+///     rules: vec![
+///         // `end-user: jason` goes to v2; everyone else 90/10 to v1/v3.
+///         TableRule::when(r#"[{"headers":{"end-user":{"exact":"jason"}}}]"#, to("v2")),
+///         TableRule::always(to("v1")).weight(90).or(10, to("v3")),
+///     ],
+///     otherwise: RequestDecision::reply(LocalReply::text(404, "no route\n")),
+/// };
+/// assert_eq!(table.rules[1].decisions.len(), 2);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestTable {
+    /// In order: the first whose `when` holds decides.
+    pub rules: Vec<TableRule>,
+    /// The decision when no rule holds.
+    pub otherwise: RequestDecision,
+}
+
+/// One rule of a [`RequestTable`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableRule {
+    /// The requests it is for: a JSON list of Istio `HTTPMatchRequest`s,
+    /// any of which may hold; empty (or `[]`): every request.
+    pub when: String,
+    /// Its decisions and their weights: one drawn per request, with
+    /// probability weight / (sum of the weights). At least one weight
+    /// above 0.
+    pub decisions: Vec<(u32, RequestDecision)>,
+    /// A plugin counter (as [`crate::host::metric_add`]) the proxy adds 1
+    /// to for each request this rule decides.
+    pub count: Option<String>,
+    /// A line the proxy logs at debug level, as this plugin's
+    /// [`crate::host::log`], for each request this rule decides, with
+    /// `{method}`, `{path}` (without the query) and `{source}` (the
+    /// caller's address) replaced by the request's.
+    pub log: Option<String>,
+}
+
+impl TableRule {
+    /// `decision` (weight 1) for the requests `when` holds for.
+    pub fn when(when: impl Into<String>, decision: RequestDecision) -> Self {
+        Self {
+            when: when.into(),
+            decisions: vec![(1, decision)],
+            count: None,
+            log: None,
+        }
+    }
+
+    /// `decision` (weight 1) for every request.
+    pub fn always(decision: RequestDecision) -> Self {
+        Self::when(String::new(), decision)
+    }
+
+    /// Set the weight of the last decision added.
+    pub fn weight(mut self, weight: u32) -> Self {
+        if let Some(last) = self.decisions.last_mut() {
+            last.0 = weight;
+        }
+        self
+    }
+
+    /// And `decision`, drawn with `weight`.
+    pub fn or(mut self, weight: u32, decision: RequestDecision) -> Self {
+        self.decisions.push((weight, decision));
+        self
+    }
+
+    /// And count the requests it decides in the plugin counter `name`.
+    pub fn counting(mut self, name: impl Into<String>) -> Self {
+        self.count = Some(name.into());
+        self
+    }
+
+    /// And log `line` at debug level for each request it decides
+    /// (`{method}`, `{path}` and `{source}` filled in by the proxy).
+    pub fn logging(mut self, line: impl Into<String>) -> Self {
+        self.log = Some(line.into());
+        self
+    }
+}
+
 /// How an attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

@@ -90,6 +90,20 @@ fn bad_configuration_exits_2_naming_file_field_and_plugin() {
             "x-bad",
         ],
     );
+    // So does an on-request-table the host cannot read, naming the rule
+    // and the field.
+    refused(
+        &format!(
+            "services:\n  reviews:\n    plugins:\n      - {{ source: {:?}, name: tabled, config: {{ mode: table-bad-match }} }}\n",
+            wasmesh_artifacts::PROBE
+        ),
+        &[
+            "services.reviews.plugins[0]",
+            "plugin tabled (",
+            "on-request-table: rules[1].when",
+            "urii",
+        ],
+    );
     // A plugin's refusal names the operator's file and field first, then
     // the plugin, then its field in the plugin's terms — with no line and
     // column of the JSON the proxy made from the YAML.

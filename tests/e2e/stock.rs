@@ -112,6 +112,68 @@ async fn router_splits_matches_and_sticks_as_configured() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_router_whose_routes_are_a_table_routes_without_being_called() {
+    // Header match, a direct response and a weighted split read nothing of
+    // the request but their match: the router gives them as its
+    // `on-request-table` and the proxy decides for it.
+    let (v1, v2) = (Upstream::echo("v1").await, Upstream::echo("v2").await);
+    let http = format!(
+        "            - match: [{{ headers: {{ end-user: {{ exact: jason }} }} }}]\n              route: [{{ destination: {{ subset: v2 }} }}]\n              headers: {{ response: {{ set: {{ x-route: jason }} }} }}\n            - match: [{{ uri: {{ exact: /gone }} }}]\n              directResponse: {{ status: 410, body: {{ string: \"gone for good\" }} }}\n            - match: [{{ uri: {{ prefix: /reviews }} }}]\n{}",
+        weights(90, 10).replacen("            - route:", "              route:", 1)
+    );
+    let proxy = Proxy::start(&reviews(&v1, &v2, &http)).await;
+
+    let counts = split(&proxy, 2000, None).await;
+    let s = share(&counts, "v2");
+    assert!(
+        (0.07..=0.13).contains(&s),
+        "90/10 split gave v2 {s:.3} ({counts:?}); tolerance ±3 points"
+    );
+    let counts = split(&proxy, 400, Some(("end-user", "jason".into()))).await;
+    assert_eq!(share(&counts, "v2"), 1.0, "{counts:?}");
+    let r = via(&proxy, "reviews", "/gone").await;
+    assert_eq!(
+        (r.status, &r.body[..], r.header("x-wasmesh-flags")),
+        (410, &b"gone for good"[..], Some("LR"))
+    );
+    // No route matched: the router's own 404.
+    let r = via(&proxy, "reviews", "/elsewhere").await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert!(r.body.starts_with(b"no route"), "{:?}", r.body);
+    assert_eq!(v1.hits() + v2.hits(), 2400);
+
+    // The router was never called for a request, and says so.
+    let m = proxy.metrics().await;
+    let labels = [("plugin", "router"), ("hook", "on_request")];
+    assert_eq!(
+        sample(&m, "wasmesh_plugin_calls_total", &labels).unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+    let cfg = proxy.service_config("reviews").await.unwrap();
+    let table = &cfg["plugins"][0]["on_request_table"];
+    assert_eq!(table["rules"].as_array().map(Vec::len), Some(3), "{cfg}");
+    assert_eq!(
+        table["rules"][0]["when"],
+        serde_json::json!([{"headers": {"end-user": {"exact": "jason"}}}]),
+        "{cfg}"
+    );
+    assert_eq!(
+        table["rules"][2]["decisions"],
+        serde_json::json!([
+            {"weight": 90, "decision": {"route": {"service": null, "subset": "v1"}}},
+            {"weight": 10, "decision": {"route": {"service": null, "subset": "v2"}}},
+        ]),
+        "{cfg}"
+    );
+    assert_eq!(
+        table["otherwise"],
+        serde_json::json!({"reply": 404}),
+        "{cfg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_canary_rolls_forward_and_back_by_reapplying_config() {
     let (v1, v2) = (Upstream::echo("v1").await, Upstream::echo("v2").await);
     let proxy = Proxy::start_with(&reviews(&v1, &v2, &weights(100, 0)), &["--watch"]).await;
@@ -781,6 +843,75 @@ services:
         .metrics_containing(r#"plugin="authz",name="dry_run_denied"} 1"#)
         .await;
     assert!(m.contains(r#"plugin="authz",name="denied"} 3"#), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authz_on_methods_and_paths_is_a_table_that_denies_counts_and_logs_without_a_call() {
+    // Policies naming only methods, paths and ports: the plugin gives them
+    // as its on-request-table; the proxy denies, counts and logs for it.
+    let up = Upstream::echo("local").await;
+    let inbound = free_port();
+    let proxy = Proxy::start(&format!(
+        r#"inbound: 127.0.0.1:{inbound}
+local-service: reviews
+services:
+  reviews:
+    endpoints: {{ v1: ["{}"] }}
+    inbound-plugins:
+      - source: builtin:authz
+        config:
+          policies:
+            - name: deny-admin
+              action: DENY
+              rules: [{{ to: [{{ operation: {{ paths: ["/app/admin*"] }} }}] }}]
+            - name: allow-app
+              action: ALLOW
+              rules:
+                - to: [{{ operation: {{ methods: ["GET", "HEAD"], paths: ["/app/*", "/health"] }} }}]
+"#,
+        up.addr
+    ))
+    .await;
+    let call = |method: &'static str, path: &'static str| async move {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{inbound}{path}"))
+            .header("host", "reviews")
+            .body(http_body_util::Full::default())
+            .unwrap();
+        send(http1(), req).await.unwrap()
+    };
+    assert_eq!(call("GET", "/app/page?x=1").await.status, 200);
+    assert_eq!(call("HEAD", "/health").await.status, 200);
+    let r = call("POST", "/app/page").await;
+    assert_eq!((r.status, r.header("x-wasmesh-flags")), (403, Some("LR")));
+    assert_eq!(String::from_utf8_lossy(&r.body), "RBAC: access denied\n");
+    assert_eq!(call("GET", "/app/admin/users").await.status, 403);
+    assert_eq!(call("GET", "/elsewhere").await.status, 403);
+    assert_eq!(up.hits(), 2, "only the allowed requests reach the app");
+
+    let m = proxy
+        .metrics_containing(r#"plugin="authz",name="denied"} 3"#)
+        .await;
+    let labels = [("plugin", "authz"), ("hook", "on_request")];
+    assert_eq!(
+        sample(&m, "wasmesh_plugin_calls_total", &labels).unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+    let log = proxy.log_text();
+    for line in [
+        "authz: denied POST /app/page from 127.0.0.1:",
+        "authz: denied GET /app/admin/users from 127.0.0.1:",
+        "by DENY deny-admin rules[0]",
+        "authz: denied GET /elsewhere from 127.0.0.1:",
+        ": no ALLOW policy matched",
+    ] {
+        assert!(log.contains(line), "{line:?} not logged: {log}");
+    }
+    let cfg = proxy.service_config("reviews").await.unwrap();
+    let table = &cfg["inbound_plugins"][0]["on_request_table"];
+    assert_eq!(table["rules"].as_array().map(Vec::len), Some(3), "{cfg}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

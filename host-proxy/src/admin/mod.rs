@@ -141,6 +141,10 @@ fn chain_json(chain: &Chain) -> Value {
                     "decision": crate::chain::decision_word(&f.decision),
                     "hold": f.hold.as_ref().map(|(key, limit)| json!({"key": &**key, "limit": limit})),
                 })),
+                // The table its on-request decides by without a call
+                // (`on-request-table`): each rule's match and weighted
+                // decisions, and the decision when none holds.
+                "on_request_table": p.table.as_ref().map(|t| &t.json),
                 "version": p.version(),
                 "quarantined": p.is_quarantined(),
                 // What serves this plugin's hooks now: itself, its last

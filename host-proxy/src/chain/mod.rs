@@ -206,8 +206,13 @@ impl CompletionGuard {
                 continue;
             }
             // A decision the plugin gave once for every request
-            // (`on-request-fixed`) is applied without a call.
-            let (result, span) = match p.fixed_decision(self.request_mut()) {
+            // (`on-request-fixed`), or by its table (`on-request-table`),
+            // is applied without a call.
+            let given = match p.fixed_decision(self.request_mut()) {
+                None => p.table_decision(self.request()),
+                fixed => fixed,
+            };
+            let (result, span) = match given {
                 Some(d) => (Ok(d), None),
                 None if !p.hooks.on_request => continue,
                 None => {

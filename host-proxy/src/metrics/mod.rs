@@ -390,12 +390,7 @@ impl Metrics {
     /// Add to a plugin's custom counter; names outside `[a-z0-9_]{1,64}` or
     /// past the per-plugin cap are dropped.
     pub fn plugin_custom_add(&self, service: &str, plugin: &str, name: &str, delta: u64) {
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !valid {
+        if !valid_custom_name(name) {
             return;
         }
         let labels = vec![
@@ -416,6 +411,16 @@ impl Metrics {
         }
         self.plugin_custom.get_or_create(&labels).inc_by(delta);
     }
+}
+
+/// Whether `name` may name a plugin's own counter (`metric-add`): 1 to 64
+/// lowercase letters, digits or `_`.
+pub fn valid_custom_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// The hooks, in the order of [`PluginMetrics`]' arrays.

@@ -76,7 +76,7 @@ pub struct PluginScope {
 }
 
 /// Largest log message kept from a plugin, in bytes.
-const LOG_CAP: usize = 4096;
+pub(crate) const LOG_CAP: usize = 4096;
 
 /// Log lines at info and above a plugin may write per second (in one
 /// chain); past it they are dropped and counted
@@ -119,6 +119,10 @@ impl LogBudget {
     }
 }
 
+/// An `on-request-table` as the plugin gave it: its rules, the decision
+/// when none holds, and the reply flag set before it.
+pub(crate) type RequestTableGiven = (Vec<wit_host::RequestRule>, wit::RequestDecision, ReplyFlag);
+
 /// The data of one plugin instance's store.
 pub struct HostState {
     wasi: WasiCtx,
@@ -135,6 +139,10 @@ pub struct HostState {
     /// (`on-request-fixed`), with the reply flag set before it; read after
     /// its `configure`.
     pub(crate) fixed: Option<(wit::RequestDecision, ReplyFlag, Option<wit_host::FixedHold>)>,
+    /// The table the plugin said its `on-request` decides by
+    /// (`on-request-table`): its rules, the decision when none holds, and
+    /// the reply flag set before it; read after its `configure`.
+    pub(crate) request_table: Option<RequestTableGiven>,
     scope: Arc<PluginScope>,
     rng: fastrand::Rng,
     pub(crate) deadline: super::Deadline,
@@ -162,6 +170,7 @@ impl HostState {
             reply_flag: ReplyFlag::LocalReply,
             outcomes: None,
             fixed: None,
+            request_table: None,
             scope,
             rng: fastrand::Rng::new(),
             deadline: Default::default(),
@@ -579,6 +588,17 @@ impl wit_host::Host for HostState {
         // Only `configure` runs without a request; elsewhere it is ignored.
         if self.req.is_none() {
             self.fixed = Some((decision, self.reply_flag, hold));
+        }
+    }
+
+    fn on_request_table(
+        &mut self,
+        rules: Vec<wit_host::RequestRule>,
+        otherwise: wit::RequestDecision,
+    ) {
+        // Only `configure` runs without a request; elsewhere it is ignored.
+        if self.req.is_none() {
+            self.request_table = Some((rules, otherwise, self.reply_flag));
         }
     }
 

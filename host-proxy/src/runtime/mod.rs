@@ -29,6 +29,7 @@ pub mod memory;
 #[cfg(feature = "native-chain")]
 pub mod native;
 pub mod state;
+mod table;
 pub mod types;
 mod wasi_io;
 
@@ -47,6 +48,7 @@ pub use self::compiler::Compiler;
 pub use self::convert::{MAX_DECISION_HEADER_BYTES, MAX_HEADER_OPS, MAX_REPLY_BODY, MAX_WAIT};
 use self::host::{HostState, RequestRes, ResponseRes};
 pub use self::host::{PluginScope, RequestView};
+pub use self::table::RequestTable;
 use self::types::{
     Attempt, Completion, ReplyFlag, RequestDecision, ResponseDecision, ResponseView,
 };
@@ -655,6 +657,9 @@ pub struct ConfiguredPlugin {
     /// What its `on-request` decides for every request, applied without a
     /// call (`on-request-fixed`).
     pub fixed: Option<FixedOnRequest>,
+    /// The rules its `on-request` decides by, evaluated without a call
+    /// (`on-request-table`).
+    pub table: Option<RequestTable>,
     /// The configuration (JSON text) it was given.
     pub config_json: String,
     /// The limits it runs under.
@@ -740,6 +745,7 @@ impl ConfiguredPlugin {
             hooks: component.hooks,
             outcomes: OutcomeGate::new(Outcomes::ALL),
             fixed: None,
+            table: None,
             config_json,
             limits,
             component,
@@ -793,6 +799,21 @@ impl ConfiguredPlugin {
                 None => None,
             };
             plugin.fixed = Some(FixedOnRequest { decision, hold });
+        }
+        // Or the table it decides by.
+        if let Some((rules, otherwise, flag)) = first.store.data_mut().request_table.take() {
+            if plugin.fixed.is_some() {
+                return Err(PluginFailure::Error(
+                    "on-request-table: its configure also gave on-request-fixed; give one of them"
+                        .into(),
+                ));
+            }
+            let table = RequestTable::new(rules, otherwise, flag).map_err(|why| {
+                PluginFailure::Error(format!(
+                    "on-request-table: {why} (the table its configure gave for on-request)"
+                ))
+            })?;
+            plugin.table = Some(table);
         }
         plugin.pool.lock().unwrap().push(first);
         Ok(plugin)
@@ -1049,6 +1070,28 @@ impl ConfiguredPlugin {
             }
         }
         Some(fixed.decision.clone())
+    }
+
+    /// The decision its `on-request-table` gives `req`, its rule's counter
+    /// counted; `None` when it has no table. A quarantined plugin answers
+    /// as the version serving for it.
+    pub fn table_decision(&self, req: &RequestView) -> Option<RequestDecision> {
+        if self.is_quarantined() {
+            return self.fallback()?.table_decision(req);
+        }
+        let decided = self.table.as_ref()?.decide(req);
+        let s = &self.scope;
+        if let Some(name) = decided.count {
+            s.metrics.plugin_custom_add(&s.service, &s.plugin, name, 1);
+        }
+        if let Some(template) = decided.log
+            && tracing::enabled!(target: "wasmesh::plugin", tracing::Level::DEBUG)
+        {
+            let (service, plugin, version) = (&*s.service, &*s.plugin, &*s.version);
+            let line = table::log_line(template, req);
+            tracing::debug!(target: "wasmesh::plugin", service, plugin, version, "{line}");
+        }
+        Some(decided.decision.clone())
     }
 
     /// `on-request`: the plugin's decision, checked.

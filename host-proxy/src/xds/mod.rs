@@ -37,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::metrics::istio::EdgeSample;
 
 /// The contract versions this proxy serves.
-pub const WIT_VERSIONS: &[&str] = &["wasmesh:plugin@0.1.4"];
+pub const WIT_VERSIONS: &[&str] = &["wasmesh:plugin@0.1.5"];
 
 /// How to reach control, and who this proxy is.
 #[derive(Clone, Debug)]

@@ -12,7 +12,8 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use wasmesh_plugin_sdk::host;
 use wasmesh_plugin_sdk::{
-    Level, LocalReply, Plugin, Request, RequestDecision, export, parse_config,
+    Level, LocalReply, Plugin, Request, RequestDecision, RequestTable, TableRule, export,
+    parse_config,
 };
 
 /// Several policies, combined as Istio combines a workload's policies. The
@@ -552,6 +553,55 @@ impl Plugin for Authz {
         })
     }
 
+    /// Policies that name only methods, paths (exact, `prefix*`, `*`) and
+    /// ports are a table the proxy evaluates itself: the DENY rules first
+    /// (a denial counted in `denied` and logged at debug level, as the
+    /// plugin would), then the ALLOW rules, then a denial for everything
+    /// else when there are ALLOW policies. Sources, `when` conditions,
+    /// hosts, negations, suffix paths, AUDIT and dry runs need the plugin.
+    fn table_on_request(&self) -> Option<RequestTable> {
+        if self
+            .policies
+            .iter()
+            .any(|p| p.dry_run || p.action == Action::Audit)
+        {
+            return None;
+        }
+        let mut rules = Vec::new();
+        for p in self.policies.iter().filter(|p| p.action == Action::Deny) {
+            for (i, r) in p.rules.iter().enumerate() {
+                if let Some(when) = r.scope()?.when() {
+                    rules.push(
+                        TableRule::when(when, deny())
+                            .counting("denied")
+                            .logging(format!(
+                                "authz: denied {{method}} {{path}} from {{source}} by DENY {} rules[{i}]",
+                                p.name
+                            )),
+                    );
+                }
+            }
+        }
+        if self.has_allow {
+            for p in self.policies.iter().filter(|p| p.action == Action::Allow) {
+                for r in &p.rules {
+                    if let Some(when) = r.scope()?.when() {
+                        rules.push(TableRule::when(when, RequestDecision::proceed()));
+                    }
+                }
+            }
+            rules.push(
+                TableRule::always(deny()).counting("denied").logging(
+                    "authz: denied {method} {path} from {source}: no ALLOW policy matched",
+                ),
+            );
+        }
+        Some(RequestTable {
+            rules,
+            otherwise: RequestDecision::proceed(),
+        })
+    }
+
     fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {
         let v = View {
             req,
@@ -639,6 +689,119 @@ impl Plugin for Authz {
             return Ok(deny());
         }
         Ok(RequestDecision::proceed())
+    }
+}
+
+/// The requests a policy's rules match, as Istio `HTTPMatchRequest`s.
+enum Scope {
+    /// None.
+    Nothing,
+    /// Every request.
+    Everything,
+    /// Those any of these match.
+    Some(Vec<serde_json::Value>),
+}
+
+impl Scope {
+    /// As a table rule's `when`; `None` for no request.
+    fn when(self) -> Option<String> {
+        match self {
+            Scope::Nothing => None,
+            Scope::Everything => Some(String::new()),
+            Scope::Some(m) => Some(serde_json::Value::Array(m).to_string()),
+        }
+    }
+}
+
+/// At most this many `HTTPMatchRequest`s per rule in a table (methods ×
+/// paths × ports of each operation); more, and the plugin decides.
+const MAX_TABLE_MATCHES: usize = 64;
+
+impl CRule {
+    /// The requests it matches, when it names only methods, paths (exact,
+    /// `prefix*`, `*`) and ports.
+    fn scope(&self) -> Option<Scope> {
+        let mut matches = Vec::new();
+        if !self.from.is_empty() || !self.when.is_empty() {
+            return None;
+        }
+        if self.to.is_empty() {
+            return Some(Scope::Everything);
+        }
+        for o in &self.to {
+            let op = &o.op;
+            if !op.hosts.is_empty()
+                || !op.not_hosts.is_empty()
+                || !op.not_methods.is_empty()
+                || !op.not_paths.is_empty()
+                || !o.not_ports.is_empty()
+            {
+                return None;
+            }
+            let methods: Vec<Option<serde_json::Value>> = if op.methods.is_empty() {
+                vec![None]
+            } else {
+                op.methods
+                    .iter()
+                    .map(|m| match m.as_str() {
+                        "*" => Some(None),
+                        m if m.contains('*') => None,
+                        m => Some(Some(serde_json::json!({"exact": m}))),
+                    })
+                    .collect::<Option<_>>()?
+            };
+            let paths: Vec<Option<serde_json::Value>> = if op.paths.is_empty() {
+                vec![None]
+            } else {
+                op.paths
+                    .iter()
+                    .map(|p| match p.as_str() {
+                        "*" => Some(None),
+                        p if p.starts_with('*') => None,
+                        p => match p.strip_suffix('*') {
+                            Some(prefix) if !prefix.contains('*') => {
+                                Some(Some(serde_json::json!({"prefix": prefix})))
+                            }
+                            Some(_) => None,
+                            None => Some(Some(serde_json::json!({"exact": p}))),
+                        },
+                    })
+                    .collect::<Option<_>>()?
+            };
+            let ports: Vec<Option<u16>> = if o.ports.is_empty() {
+                vec![None]
+            } else {
+                o.ports.iter().copied().map(Some).collect()
+            };
+            for m in &methods {
+                for p in &paths {
+                    for port in &ports {
+                        if m.is_none() && p.is_none() && port.is_none() {
+                            return Some(Scope::Everything);
+                        }
+                        let mut one = serde_json::Map::new();
+                        if let Some(m) = m {
+                            one.insert("method".into(), m.clone());
+                        }
+                        if let Some(p) = p {
+                            one.insert("uri".into(), p.clone());
+                        }
+                        if let Some(port) = port {
+                            one.insert("port".into(), (*port).into());
+                        }
+                        matches.push(serde_json::Value::Object(one));
+                        if matches.len() > MAX_TABLE_MATCHES {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+        Some(if matches.is_empty() {
+            Scope::Nothing
+        } else {
+            Scope::Some(matches)
+        })
     }
 }
 

@@ -227,3 +227,69 @@ fn audit_logs_only_and_negated_principals_and_principal_conditions() {
     // No identity: notPrincipals holds (nothing to exclude), as in Istio.
     assert!(allowed(&h, &TestRequest::get("/")));
 }
+
+#[test]
+fn policies_on_methods_paths_and_ports_are_a_table_that_decides_as_on_request() {
+    let configs = [
+        // One ALLOW on methods and path prefixes (the benchmark's shape).
+        r#"{"action":"ALLOW","rules":[{"to":[{"operation":{"methods":["GET","HEAD"],"paths":["/api/*","/health"]}}]}]}"#,
+        // DENY before ALLOW, ports, a rule for every request.
+        r#"{"policies":[
+            {"action":"DENY","rules":[{"to":[{"operation":{"paths":["/admin/*"]}}]},{"to":[{"operation":{"ports":["9090"]}}]}]},
+            {"action":"ALLOW","rules":[{"to":[{"operation":{"methods":["POST"]}}]}]},
+            {"action":"ALLOW","rules":[{"to":[{"operation":{"paths":["*"],"methods":["GET"]}}]}]}
+        ]}"#,
+        // Only DENY: everything else proceeds.
+        r#"{"action":"DENY","rules":[{"to":[{"operation":{"methods":["DELETE"]}}]}]}"#,
+        // An ALLOW without rules allows nothing.
+        r#"{"action":"ALLOW"}"#,
+        // A rule without `to` matches every request.
+        r#"{"action":"DENY","rules":[{}]}"#,
+    ];
+    let requests = [
+        TestRequest::get("/api/x?y=1"),
+        TestRequest::get("/api"),
+        TestRequest::get("/health").method("HEAD"),
+        TestRequest::get("/health").method("POST"),
+        TestRequest::get("/admin/users"),
+        TestRequest::get("/admin/users").method("POST"),
+        TestRequest::get("/other").method("DELETE"),
+        TestRequest::get("/other").method("PUT"),
+    ];
+    for config in configs {
+        let h = authz(config);
+        let table = h
+            .table_on_request()
+            .unwrap_or_else(|| panic!("{config} is a table"));
+        for req in &requests {
+            let want = h.on_request(req).unwrap();
+            let got = wasmesh_istio::table_decisions(table, &Request::native(req)).unwrap();
+            assert_eq!(got, vec![want], "{config}: {:?} {:?}", req.method, req.path);
+        }
+    }
+    // A port: the table matches the destination port as the plugin does.
+    let h = authz(
+        r#"{"action":"DENY","rules":[{"to":[{"operation":{"ports":["9090"],"methods":["GET"]}}]}]}"#,
+    );
+    let table = h.table_on_request().unwrap();
+    assert_eq!(
+        table.rules[0].when,
+        r#"[{"method":{"exact":"GET"},"port":9090}]"#
+    );
+    assert_eq!(table.rules[0].count.as_deref(), Some("denied"));
+}
+
+#[test]
+fn policies_that_read_more_are_no_table() {
+    for config in [
+        r#"{"action":"ALLOW","rules":[{"from":[{"source":{"principals":["cluster.local/ns/a/sa/b"]}}]}]}"#,
+        r#"{"action":"ALLOW","rules":[{"when":[{"key":"request.headers[x-token]","values":["secret"]}]}]}"#,
+        r#"{"action":"ALLOW","rules":[{"to":[{"operation":{"hosts":["example.com"]}}]}]}"#,
+        r#"{"action":"ALLOW","rules":[{"to":[{"operation":{"notPaths":["/x"]}}]}]}"#,
+        r#"{"action":"ALLOW","rules":[{"to":[{"operation":{"paths":["*.css"]}}]}]}"#,
+        r#"{"action":"AUDIT","rules":[{}]}"#,
+        r#"{"action":"DENY","dryRun":true,"rules":[{}]}"#,
+    ] {
+        assert!(authz(config).table_on_request().is_none(), "{config}");
+    }
+}

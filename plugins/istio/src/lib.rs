@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 
 use regex_lite::Regex;
-use serde::Deserialize;
-use wasmesh_plugin_sdk::Request;
+use serde::{Deserialize, Serialize};
+use wasmesh_plugin_sdk::{Request, RequestDecision, RequestTable};
 
 /// Istio `StringMatch`: at most one of exact, prefix, regex (RE2 syntax,
 /// matched against the whole value). None of them: the value is present.
@@ -19,44 +19,55 @@ use wasmesh_plugin_sdk::Request;
 /// refused at configure time. It keeps each plugin that matches strings
 /// about a third the size it is with the full `regex` crate (compiled plugin
 /// code is resident in every sidecar).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StringMatch {
     /// Equal to.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub exact: Option<String>,
     /// Starts with.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     /// Matches this regular expression in full.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub regex: Option<String>,
 }
 
 /// Istio `HTTPMatchRequest`: every given condition must hold.
-#[derive(Debug, Default, Deserialize)]
+/// Serialised (as the JSON it was read from, absent fields left out) for
+/// a plugin's `on-request-table`.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MatchRequest {
     /// A name, for logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The path (without the query string).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub uri: Option<StringMatch>,
     /// `http` or `https`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub scheme: Option<StringMatch>,
     /// The method.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<StringMatch>,
     /// The authority (`Host`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub authority: Option<StringMatch>,
     /// Headers (lowercase names) that must match.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, StringMatch>,
     /// Query parameters that must match.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub query_params: BTreeMap<String, StringMatch>,
     /// Headers that must *not* match (an empty match: must be absent).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub without_headers: BTreeMap<String, StringMatch>,
     /// Match `uri` case-insensitively.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_uri_case: bool,
     /// The destination port the client addressed.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
 }
 
@@ -323,6 +334,35 @@ pub fn first_match(
         .iter()
         .position(|c| c.matches(req, path))
         .map(Some)
+}
+
+/// The decisions `table` may give `req`, as the proxy evaluates an
+/// `on-request-table` (the same matcher, the first rule that holds, its
+/// decisions with a weight above 0; `otherwise` when none holds): for a
+/// plugin's tests, to check its table against its `on_request`. An error
+/// names a rule whose `when` does not parse.
+pub fn table_decisions(
+    table: &RequestTable,
+    req: &Request<'_>,
+) -> Result<Vec<RequestDecision>, String> {
+    let full = req.path();
+    let path = full.split_once('?').map_or(full.as_str(), |(p, _)| p);
+    for (i, rule) in table.rules.iter().enumerate() {
+        let at = format!("rules[{i}].when");
+        let json: serde_json::Value = match rule.when.trim() {
+            "" => serde_json::Value::Array(Vec::new()),
+            text => serde_json::from_str(text).map_err(|e| format!("{at}: {e}"))?,
+        };
+        if first_match(&parse_matches(&json, &at)?, req, path).is_some() {
+            return Ok(rule
+                .decisions
+                .iter()
+                .filter(|(w, _)| *w > 0)
+                .map(|(_, d)| d.clone())
+                .collect());
+        }
+    }
+    Ok(vec![table.otherwise.clone()])
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use wasmesh_istio::{Condition, MatchRequest, duration_ms};
 use wasmesh_plugin_sdk::{
-    Header, HeaderOp, LocalReply, Plugin, Request, RequestDecision, Route, export, host,
+    Header, HeaderOp, LocalReply, Plugin, Request, RequestDecision, RequestTable, Route, TableRule,
+    export, host,
 };
 
 /// The plugin's configuration: a VirtualService's `http` routes.
@@ -180,6 +181,8 @@ enum Action {
 
 struct CompiledRoute {
     conditions: Vec<Condition>,
+    /// Its `match` as JSON, for the proxy to evaluate (`on-request-table`).
+    when: String,
     action: Action,
     rewrite_uri: Option<String>,
     rewrite_authority: Option<String>,
@@ -324,6 +327,7 @@ fn compile(i: usize, r: &HttpRoute) -> Result<CompiledRoute, String> {
     };
     Ok(CompiledRoute {
         conditions,
+        when: serde_json::to_string(&r.matches).map_err(|e| format!("{at}.match: {e}"))?,
         action,
         rewrite_uri: r.rewrite.as_ref().and_then(|w| w.uri.clone()),
         rewrite_authority: r.rewrite.as_ref().and_then(|w| w.authority.clone()),
@@ -364,6 +368,39 @@ impl Plugin for Router {
         Ok(Self { routes })
     }
 
+    /// Routes that need nothing of the request but their `match` (no
+    /// prefix rewrite, redirect or sticky split) are a table the proxy
+    /// evaluates itself: the router is then not called for requests.
+    fn table_on_request(&self) -> Option<RequestTable> {
+        let mut rules = Vec::with_capacity(self.routes.len());
+        for route in &self.routes {
+            if route.rewrite_uri.is_some() {
+                return None;
+            }
+            let decisions = match &route.action {
+                Action::Redirect { .. }
+                | Action::Forward {
+                    sticky: Some(_), ..
+                } => return None,
+                Action::Reply(r) => vec![(1, Self::reply(route, r))],
+                Action::Forward { targets, .. } => targets
+                    .iter()
+                    .map(|t| (t.weight, Self::forward(route, t, None)))
+                    .collect(),
+            };
+            rules.push(TableRule {
+                when: route.when.clone(),
+                decisions,
+                count: None,
+                log: None,
+            });
+        }
+        Some(RequestTable {
+            rules,
+            otherwise: no_route(),
+        })
+    }
+
     fn on_request(&self, req: &Request<'_>) -> Result<RequestDecision, String> {
         let full = req.path();
         let (path, query) = match full.split_once('?') {
@@ -376,14 +413,57 @@ impl Plugin for Router {
             let Some(prefix) = hit else { continue };
             return Ok(self.apply(route, req, path, query, prefix));
         }
-        Ok(RequestDecision::reply(LocalReply::text(
-            404,
-            "no route: no router rule matched this request\n",
-        )))
+        Ok(no_route())
     }
 }
 
+/// The answer when no route matches.
+fn no_route() -> RequestDecision {
+    RequestDecision::reply(LocalReply::text(
+        404,
+        "no route: no router rule matched this request\n",
+    ))
+}
+
 impl Router {
+    /// What every decision of `route` carries: its header edits and
+    /// timeout.
+    fn base(route: &CompiledRoute) -> RequestDecision {
+        RequestDecision {
+            request_headers: route.request_headers.clone(),
+            response_headers: route.response_headers.clone(),
+            timeout_ms: route.timeout_ms,
+            ..RequestDecision::default()
+        }
+    }
+
+    /// `route`'s direct response.
+    fn reply(route: &CompiledRoute, r: &LocalReply) -> RequestDecision {
+        RequestDecision {
+            reply: Some(r.clone()),
+            ..Self::base(route)
+        }
+    }
+
+    /// `route` forwarding to `target`, with the path rewritten to
+    /// `new_path` when given.
+    fn forward(
+        route: &CompiledRoute,
+        target: &Target,
+        new_path: Option<String>,
+    ) -> RequestDecision {
+        let mut d = Self::base(route);
+        let mut r = target.route.clone();
+        r.path = new_path;
+        r.authority = route.rewrite_authority.clone();
+        d.route = Some(r);
+        d.request_headers
+            .extend(target.request_headers.iter().cloned());
+        d.response_headers
+            .extend(target.response_headers.iter().cloned());
+        d
+    }
+
     fn apply(
         &self,
         route: &CompiledRoute,
@@ -392,12 +472,6 @@ impl Router {
         query: Option<&str>,
         matched_prefix: Option<&str>,
     ) -> RequestDecision {
-        let mut d = RequestDecision {
-            request_headers: route.request_headers.clone(),
-            response_headers: route.response_headers.clone(),
-            timeout_ms: route.timeout_ms,
-            ..RequestDecision::default()
-        };
         let new_path = route.rewrite_uri.as_ref().map(|uri| {
             let rest = matched_prefix.and_then(|p| path.strip_prefix(p));
             let base = match rest {
@@ -420,17 +494,20 @@ impl Router {
                 let scheme = scheme.clone().unwrap_or_else(|| req.scheme());
                 let authority = authority.clone().unwrap_or_else(|| req.authority());
                 let uri = uri.clone().unwrap_or_else(|| req.path());
-                d.reply = Some(
-                    LocalReply {
-                        status: *code,
-                        headers: Vec::new(),
-                        body: Vec::new(),
-                        flag: Default::default(),
-                    }
-                    .with_header("location", format!("{scheme}://{authority}{uri}")),
-                );
+                RequestDecision {
+                    reply: Some(
+                        LocalReply {
+                            status: *code,
+                            headers: Vec::new(),
+                            body: Vec::new(),
+                            flag: Default::default(),
+                        }
+                        .with_header("location", format!("{scheme}://{authority}{uri}")),
+                    ),
+                    ..Self::base(route)
+                }
             }
-            Action::Reply(r) => d.reply = Some(r.clone()),
+            Action::Reply(r) => Self::reply(route, r),
             Action::Forward {
                 targets,
                 total,
@@ -448,17 +525,9 @@ impl Router {
                         point < acc
                     })
                     .unwrap_or(&targets[targets.len() - 1]);
-                let mut r = target.route.clone();
-                r.path = new_path;
-                r.authority = route.rewrite_authority.clone();
-                d.route = Some(r);
-                d.request_headers
-                    .extend(target.request_headers.iter().cloned());
-                d.response_headers
-                    .extend(target.response_headers.iter().cloned());
+                Self::forward(route, target, new_path)
             }
         }
-        d
     }
 }
 

@@ -229,3 +229,71 @@ fn scheme_authority_and_port_match_and_redirect_keeps_what_it_leaves_out() {
         vec![Header::new("location", "https://new.example/go/there?q=1")]
     );
 }
+
+fn table_decisions(table: &RequestTable, req: &TestRequest) -> Vec<RequestDecision> {
+    wasmesh_istio::table_decisions(table, &Request::native(req)).unwrap()
+}
+
+#[test]
+fn matching_and_weighted_routes_are_a_table_that_decides_as_on_request() {
+    let h = router(
+        r#"{"http":[
+            {"match":[{"headers":{"end-user":{"exact":"jason"}}},{"uri":{"prefix":"/canary"},"method":{"exact":"POST"}}],
+             "route":[{"destination":{"subset":"v2"},"headers":{"request":{"set":{"x-canary":"1"}}}}],
+             "timeout":"2s"},
+            {"match":[{"uri":{"exact":"/gone"}}],"directResponse":{"status":410,"body":{"string":"gone\n"}}},
+            {"match":[{"uri":{"regex":"/api/v[0-9]+/.*"},"ignoreUriCase":true}],
+             "route":[{"destination":{"subset":"v1"},"weight":90},{"destination":{"host":"reviews","subset":"v3"},"weight":10},{"destination":{"subset":"v9"},"weight":0}],
+             "rewrite":{"authority":"reviews.internal"},
+             "headers":{"response":{"add":{"x-route":"api"}}}}
+        ]}"#,
+    );
+    let table = h.table_on_request().expect("these routes are a table");
+    assert_eq!(table.rules.len(), 3);
+    let requests = [
+        TestRequest::get("/").header("end-user", "jason"),
+        TestRequest::get("/canary/x").method("POST"),
+        TestRequest::get("/canary/x"),
+        TestRequest::get("/gone"),
+        TestRequest::get("/gone?x=1"),
+        TestRequest::get("/API/V2/items?page=3"),
+        TestRequest::get("/elsewhere"),
+    ];
+    for req in &requests {
+        let possible = table_decisions(table, req);
+        for _ in 0..50 {
+            let d = h.on_request(req).unwrap();
+            assert!(
+                possible.contains(&d),
+                "on_request decided {d:?}, the table one of {possible:?}"
+            );
+        }
+    }
+    // The weighted rule offers exactly its two drawable destinations.
+    let api = table_decisions(table, &TestRequest::get("/api/v1/x"));
+    let subsets: Vec<_> = api.iter().map(subset).collect();
+    assert_eq!(subsets, [Some("v1"), Some("v3")]);
+    assert_eq!(table.rules[2].decisions[0].0, 90);
+    assert_eq!(table.rules[2].decisions[1].0, 10);
+    assert_eq!(
+        table_decisions(table, &TestRequest::get("/elsewhere"))[0]
+            .reply
+            .as_ref()
+            .map(|r| r.status),
+        Some(404)
+    );
+}
+
+#[test]
+fn routes_that_read_more_than_their_match_are_no_table() {
+    for config in [
+        // A prefix rewrite reads the path.
+        r#"{"http":[{"match":[{"uri":{"prefix":"/v1"}}],"rewrite":{"uri":"/v2"},"route":[{"destination":{"subset":"v1"}}]}]}"#,
+        // A redirect keeps what the request had.
+        r#"{"http":[{"redirect":{"uri":"/new"}}]}"#,
+        // A sticky split hashes a header.
+        r#"{"http":[{"sticky":{"header":"end-user"},"route":[{"destination":{"subset":"v1"},"weight":50},{"destination":{"subset":"v2"},"weight":50}]}]}"#,
+    ] {
+        assert!(router(config).table_on_request().is_none(), "{config}");
+    }
+}
