@@ -34,7 +34,7 @@ pub fn request_decision(data: &[u8]) {
     let mut req = plain_request(parts);
     let mut plan = Plan::default();
     let mut edits = Vec::new();
-    if let Some(reply) = plan.merge(&mut req, &mut edits, d) {
+    if let Some(reply) = plan.merge(&mut req, &mut edits, std::borrow::Cow::Owned(d)) {
         assert!((200..=599).contains(&reply.status.as_u16()));
     }
     if let Some(d) = plan.delay {
@@ -71,7 +71,7 @@ pub fn head_roundtrip(head: &[u8]) {
     let mut rebuilt = plain_request(empty);
     assert!(
         Plan::default()
-            .merge(&mut rebuilt, &mut Vec::new(), d)
+            .merge(&mut rebuilt, &mut Vec::new(), std::borrow::Cow::Owned(d))
             .is_none()
     );
     assert_eq!(rebuilt.parts.headers.len(), original.len());

@@ -26,7 +26,11 @@ async fn istio_metrics_pass_promtool_and_count_mixed_traffic_exactly() {
           http:
             - match: [{{ headers: {{ end-user: {{ exact: jason }} }} }}]
               route: [{{ destination: {{ subset: v2 }} }}]
+            # Sticky (one destination: always v1) makes the router read the
+            # request, so it is called for each (routes that are a table
+            # are decided by the proxy without a call or a call metric).
             - route: [{{ destination: {{ subset: v1 }} }}]
+              sticky: {{ header: end-user }}
 "#,
             v1.addr, v2.addr
         ),
@@ -429,8 +433,10 @@ services:
   reviews:
     endpoints: {{ v1: ["{}"] }}
     inbound-plugins:
+      # A source block makes authz read the request, so it is called (a
+      # policy on methods alone is a table: no call, no hook span).
       - source: builtin:authz
-        config: {{ action: ALLOW, rules: [{{ to: [{{ operation: {{ methods: [GET] }} }}] }}] }}
+        config: {{ action: ALLOW, rules: [{{ from: [{{ source: {{ ipBlocks: ["127.0.0.0/8"] }} }}], to: [{{ operation: {{ methods: [GET] }} }}] }}] }}
 "#,
             app.addr
         ),
@@ -446,7 +452,10 @@ services:
       - source: builtin:router
         config:
           http:
+            # Sticky: the router reads the request, so it is called (a
+            # table would be decided by the proxy, with no hook span).
             - route: [{{ destination: {{ subset: v1 }} }}]
+              sticky: {{ header: end-user }}
 "#
         ),
         &[&tracing[..], &["--access-log", access.to_str().unwrap()]].concat(),

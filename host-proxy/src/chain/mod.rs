@@ -14,6 +14,7 @@
 pub mod completion;
 pub mod plan;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,15 +213,18 @@ impl CompletionGuard {
                 None => p.table_decision(self.request()),
                 fixed => fixed,
             };
-            let (result, span) = match given {
-                Some(d) => (Ok(d), None),
+            let (result, span) = match &given {
+                Some(d) => (Ok(Cow::Borrowed(&**d)), None),
                 None if !p.hooks.on_request => continue,
                 None => {
                     let span = hook_span(self.trace.as_ref(), p, "on_request");
-                    (p.on_request(&mut self.req), span)
+                    (p.on_request(&mut self.req).map(Cow::Owned), span)
                 }
             };
-            let decided = result.as_ref().map(decision_word).map_err(|f| f.kind());
+            let decided = result
+                .as_ref()
+                .map(|d| decision_word(d))
+                .map_err(|f| f.kind());
             if let Some(span) = span {
                 span.end(decided);
             }

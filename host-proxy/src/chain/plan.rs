@@ -3,6 +3,7 @@
 //! delay overrides an earlier one, a route field by field; the first reply
 //! ends the pass).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -39,11 +40,26 @@ impl Plan {
         &mut self,
         req: &mut RequestView,
         response_edits: &mut Vec<HeaderEdit>,
-        d: RequestDecision,
+        d: Cow<'_, RequestDecision>,
     ) -> Option<LocalReply> {
         headers::apply(&mut req.parts.headers, &d.request_headers);
-        response_edits.extend(d.response_headers);
-        if let Some(r) = d.route {
+        if let Some(t) = d.timeout {
+            self.timeout = t;
+        }
+        if let Some(t) = d.per_try_timeout {
+            self.per_try_timeout = t;
+        }
+        if let Some(t) = d.delay {
+            self.delay = Some(t);
+        }
+        // A decision given once for every request (`on-request-fixed`,
+        // `on-request-table`) is shared: only what it sets is copied.
+        let (response_headers, route, reply) = match d {
+            Cow::Owned(d) => (d.response_headers, d.route, d.reply),
+            Cow::Borrowed(d) => (d.response_headers.clone(), d.route.clone(), d.reply.clone()),
+        };
+        response_edits.extend(response_headers);
+        if let Some(r) = route {
             if r.service.is_some() {
                 self.service = r.service;
             }
@@ -57,15 +73,6 @@ impl Plan {
                 self.authority = r.authority;
             }
         }
-        if let Some(t) = d.timeout {
-            self.timeout = t;
-        }
-        if let Some(t) = d.per_try_timeout {
-            self.per_try_timeout = t;
-        }
-        if let Some(t) = d.delay {
-            self.delay = Some(t);
-        }
-        d.reply
+        reply
     }
 }

@@ -687,7 +687,7 @@ pub struct ConfiguredPlugin {
 #[derive(Debug)]
 pub struct FixedOnRequest {
     /// The decision, checked as one from `on-request` is.
-    pub decision: RequestDecision,
+    pub decision: Arc<RequestDecision>,
     /// The counter held (by 1) for each request, and the most it may reach:
     /// past it, `on-request` is called instead.
     pub hold: Option<(Arc<str>, Option<i64>)>,
@@ -798,7 +798,10 @@ impl ConfiguredPlugin {
                 Some(h) => Some((Arc::from(h.key), h.limit)),
                 None => None,
             };
-            plugin.fixed = Some(FixedOnRequest { decision, hold });
+            plugin.fixed = Some(FixedOnRequest {
+                decision: Arc::new(decision),
+                hold,
+            });
         }
         // Or the table it decides by.
         if let Some((rules, otherwise, flag)) = first.store.data_mut().request_table.take() {
@@ -1050,7 +1053,7 @@ impl ConfiguredPlugin {
     /// `None` when `on-request` must be called instead (no fixed decision,
     /// or the hold would pass its limit). A quarantined plugin answers as
     /// the version serving for it.
-    pub fn fixed_decision(&self, req: &mut RequestView) -> Option<RequestDecision> {
+    pub fn fixed_decision(&self, req: &mut RequestView) -> Option<Arc<RequestDecision>> {
         if self.is_quarantined() {
             return self.fallback()?.fixed_decision(req);
         }
@@ -1075,7 +1078,7 @@ impl ConfiguredPlugin {
     /// The decision its `on-request-table` gives `req`, its rule's counter
     /// counted; `None` when it has no table. A quarantined plugin answers
     /// as the version serving for it.
-    pub fn table_decision(&self, req: &RequestView) -> Option<RequestDecision> {
+    pub fn table_decision(&self, req: &RequestView) -> Option<Arc<RequestDecision>> {
         if self.is_quarantined() {
             return self.fallback()?.table_decision(req);
         }

@@ -5,6 +5,8 @@
 //! `match`) holds gives one of its decisions, drawn by weight; `otherwise`
 //! decides when none holds.
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 use wasmesh_plugin_sdk::{Request, RequestSource};
 
@@ -13,11 +15,12 @@ use super::bindings::{wit, wit_host};
 use super::convert;
 use super::host::RequestView;
 use super::types::{ReplyFlag, RequestDecision};
+use crate::metrics::Decision;
 
 /// A checked `on-request-table`.
 pub struct RequestTable {
     rules: Vec<Rule>,
-    otherwise: RequestDecision,
+    otherwise: Arc<RequestDecision>,
     /// As the plugin gave it (decisions in one word), for `/config`.
     pub json: Value,
 }
@@ -25,7 +28,7 @@ pub struct RequestTable {
 struct Rule {
     when: Vec<wasmesh_istio::Condition>,
     /// Each decision with the running sum of the weights up to it.
-    decisions: Vec<(u64, RequestDecision)>,
+    decisions: Vec<(u64, Arc<RequestDecision>)>,
     /// The sum of the weights (> 0).
     total: u64,
     count: Option<Box<str>>,
@@ -81,7 +84,7 @@ impl RequestTable {
                 let d = decision(w.decision, &format!("{at}.decisions[{j}]"))?;
                 total += u64::from(w.weight);
                 shown_decisions.push(json!({"weight": w.weight, "decision": shown_decision(&d)}));
-                decisions.push((total, d));
+                decisions.push((total, Arc::new(d)));
             }
             if total == 0 {
                 return Err(format!(
@@ -117,7 +120,7 @@ impl RequestTable {
         let json = json!({"rules": shown, "otherwise": shown_decision(&otherwise)});
         Ok(Self {
             rules: checked,
-            otherwise,
+            otherwise: Arc::new(otherwise),
             json,
         })
     }
@@ -157,7 +160,7 @@ impl RequestTable {
 /// What a table decided for a request.
 pub struct Decided<'a> {
     /// The decision.
-    pub decision: &'a RequestDecision,
+    pub decision: &'a Arc<RequestDecision>,
     /// The plugin counter to add 1 to.
     pub count: Option<&'a str>,
     /// The line to log at debug level, its fields not yet filled in.
@@ -173,13 +176,14 @@ pub fn log_line(template: &str, req: &RequestView) -> String {
         .replace("{source}", &req.source_address)
 }
 
-/// A decision for `/config`: its word, and where it routes.
+/// A decision for `/config`: the reply's status, else where it routes,
+/// else its word (as in the plugin's decision metrics).
 fn shown_decision(d: &RequestDecision) -> Value {
-    let word = crate::chain::decision_word(d);
-    match (&d.reply, &d.route) {
-        (Some(r), _) => json!({"reply": r.status.as_u16()}),
-        (None, Some(r)) => json!({"route": {"service": r.service, "subset": r.subset}}),
-        _ => json!(word),
+    match (&d.reply, &d.route, &d.delay) {
+        (Some(r), _, _) => json!({"reply": r.status.as_u16()}),
+        (None, Some(r), _) => json!({"route": {"service": r.service, "subset": r.subset}}),
+        (None, None, Some(_)) => json!(Decision::Delay.label()),
+        (None, None, None) => json!(Decision::Proceed.label()),
     }
 }
 
