@@ -70,6 +70,19 @@ fn weights(v1: u32, v2: u32) -> String {
     )
 }
 
+/// 2,000 requests split 90/10 between v1 and v2 (±3 points), and `jason`
+/// more with `end-user: jason` all on v2.
+async fn split_90_10_and_jason_on_v2(proxy: &Proxy, jason: usize) {
+    let counts = split(proxy, 2000, None).await;
+    let s = share(&counts, "v2");
+    assert!(
+        (0.07..=0.13).contains(&s),
+        "90/10 split gave v2 {s:.3} ({counts:?}); tolerance ±3 points"
+    );
+    let counts = split(proxy, jason, Some(("end-user", "jason".into()))).await;
+    assert_eq!(share(&counts, "v2"), 1.0, "{counts:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn router_splits_matches_and_sticks_as_configured() {
     let (v1, v2) = (Upstream::echo("v1").await, Upstream::echo("v2").await);
@@ -79,15 +92,7 @@ async fn router_splits_matches_and_sticks_as_configured() {
     );
     let proxy = Proxy::start(&reviews(&v1, &v2, &http)).await;
 
-    let counts = split(&proxy, 2000, None).await;
-    let s = share(&counts, "v2");
-    assert!(
-        (0.07..=0.13).contains(&s),
-        "90/10 split gave v2 {s:.3} ({counts:?}); tolerance ±3 points"
-    );
-
-    let counts = split(&proxy, 2000, Some(("end-user", "jason".into()))).await;
-    assert_eq!(share(&counts, "v2"), 1.0, "{counts:?}");
+    split_90_10_and_jason_on_v2(&proxy, 2000).await;
 
     // Sticky: every user stays on one subset across repeated requests.
     let mut placed: HashMap<usize, String> = HashMap::new();
@@ -123,14 +128,7 @@ async fn a_router_whose_routes_are_a_table_routes_without_being_called() {
     );
     let proxy = Proxy::start(&reviews(&v1, &v2, &http)).await;
 
-    let counts = split(&proxy, 2000, None).await;
-    let s = share(&counts, "v2");
-    assert!(
-        (0.07..=0.13).contains(&s),
-        "90/10 split gave v2 {s:.3} ({counts:?}); tolerance ±3 points"
-    );
-    let counts = split(&proxy, 400, Some(("end-user", "jason".into()))).await;
-    assert_eq!(share(&counts, "v2"), 1.0, "{counts:?}");
+    split_90_10_and_jason_on_v2(&proxy, 400).await;
     let r = via(&proxy, "reviews", "/gone").await;
     assert_eq!(
         (r.status, &r.body[..], r.header("x-wasmesh-flags")),
@@ -750,50 +748,57 @@ async fn pending_request_overflow_is_answered_at_once() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn authz_on_the_inbound_side_allows_denies_and_dry_runs_as_istio() {
-    let up = Upstream::echo("local").await;
+/// A sidecar for `reviews` whose inbound listener (on a free port) runs
+/// `builtin:authz` with these `policies` (YAML list items, indented for
+/// the config) in front of `up`; and the inbound port.
+async fn inbound_authz(up: &Upstream, policies: &str) -> (Proxy, u16) {
     let inbound = free_port();
     let proxy = Proxy::start(&format!(
-        r#"inbound: 127.0.0.1:{inbound}
-local-service: reviews
-services:
-  reviews:
-    endpoints: {{ v1: ["{}"] }}
-    inbound-plugins:
-      - source: builtin:authz
-        config:
-          policies:
-            - name: deny-admin
-              action: DENY
-              rules: [{{ to: [{{ operation: {{ paths: ["/admin*"] }} }}] }}]
-            - name: would-deny-debug
-              action: DENY
-              dryRun: true
-              rules: [{{ to: [{{ operation: {{ paths: ["/debug"] }} }}] }}]
-            - name: allow-app
-              action: ALLOW
-              rules:
-                - to: [{{ operation: {{ methods: ["GET"], paths: ["/app/*", "/debug"] }} }}]
-                - when: [{{ key: "request.headers[x-token]", values: ["let-me-in"] }}]
-                - from: [{{ source: {{ ipBlocks: ["127.0.0.0/8"] }} }}]
-                  to: [{{ operation: {{ paths: ["/local-only"] }} }}]
-"#,
+        "inbound: 127.0.0.1:{inbound}\nlocal-service: reviews\nservices:\n  reviews:\n    endpoints: {{ v1: [\"{}\"] }}\n    inbound-plugins:\n      - source: builtin:authz\n        config:\n          policies:\n{policies}",
         up.addr
     ))
     .await;
-    let call = |method: &'static str, path: &'static str, token: Option<&'static str>| async move {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://127.0.0.1:{inbound}{path}"))
-            .header("host", "reviews");
-        if let Some(t) = token {
-            req = req.header("x-token", t);
-        }
-        send(http1(), req.body(http_body_util::Full::default()).unwrap())
-            .await
-            .unwrap()
-    };
+    (proxy, inbound)
+}
+
+/// `method path` to the inbound listener on `port`, with `x-token` when
+/// given.
+async fn call_inbound(port: u16, method: &str, path: &str, token: Option<&str>) -> Got {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://127.0.0.1:{port}{path}"))
+        .header("host", "reviews");
+    if let Some(t) = token {
+        req = req.header("x-token", t);
+    }
+    send(http1(), req.body(http_body_util::Full::default()).unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authz_on_the_inbound_side_allows_denies_and_dry_runs_as_istio() {
+    let up = Upstream::echo("local").await;
+    let (proxy, inbound) = inbound_authz(
+        &up,
+        r#"            - name: deny-admin
+              action: DENY
+              rules: [{ to: [{ operation: { paths: ["/admin*"] } }] }]
+            - name: would-deny-debug
+              action: DENY
+              dryRun: true
+              rules: [{ to: [{ operation: { paths: ["/debug"] } }] }]
+            - name: allow-app
+              action: ALLOW
+              rules:
+                - to: [{ operation: { methods: ["GET"], paths: ["/app/*", "/debug"] } }]
+                - when: [{ key: "request.headers[x-token]", values: ["let-me-in"] }]
+                - from: [{ source: { ipBlocks: ["127.0.0.0/8"] } }]
+                  to: [{ operation: { paths: ["/local-only"] } }]
+"#,
+    )
+    .await;
+    let call = |method, path, token| call_inbound(inbound, method, path, token);
     assert_eq!(
         call("GET", "/app/page", None).await.status,
         200,
@@ -850,37 +855,19 @@ async fn authz_on_methods_and_paths_is_a_table_that_denies_counts_and_logs_witho
     // Policies naming only methods, paths and ports: the plugin gives them
     // as its on-request-table; the proxy denies, counts and logs for it.
     let up = Upstream::echo("local").await;
-    let inbound = free_port();
-    let proxy = Proxy::start(&format!(
-        r#"inbound: 127.0.0.1:{inbound}
-local-service: reviews
-services:
-  reviews:
-    endpoints: {{ v1: ["{}"] }}
-    inbound-plugins:
-      - source: builtin:authz
-        config:
-          policies:
-            - name: deny-admin
+    let (proxy, inbound) = inbound_authz(
+        &up,
+        r#"            - name: deny-admin
               action: DENY
-              rules: [{{ to: [{{ operation: {{ paths: ["/app/admin*"] }} }}] }}]
+              rules: [{ to: [{ operation: { paths: ["/app/admin*"] } }] }]
             - name: allow-app
               action: ALLOW
               rules:
-                - to: [{{ operation: {{ methods: ["GET", "HEAD"], paths: ["/app/*", "/health"] }} }}]
+                - to: [{ operation: { methods: ["GET", "HEAD"], paths: ["/app/*", "/health"] } }]
 "#,
-        up.addr
-    ))
+    )
     .await;
-    let call = |method: &'static str, path: &'static str| async move {
-        let req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://127.0.0.1:{inbound}{path}"))
-            .header("host", "reviews")
-            .body(http_body_util::Full::default())
-            .unwrap();
-        send(http1(), req).await.unwrap()
-    };
+    let call = |method, path| call_inbound(inbound, method, path, None);
     assert_eq!(call("GET", "/app/page?x=1").await.status, 200);
     assert_eq!(call("HEAD", "/health").await.status, 200);
     let r = call("POST", "/app/page").await;
