@@ -21,7 +21,8 @@ use crate::metrics::Decision;
 pub struct RequestTable {
     rules: Vec<Rule>,
     otherwise: Arc<RequestDecision>,
-    /// As the plugin gave it (decisions in one word), for `/config`.
+    /// As the plugin gave it, for `/config`: each rule's `when`, its
+    /// decisions (a reply's status, a route, or one word) and counter.
     pub json: Value,
 }
 
