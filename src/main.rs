@@ -408,6 +408,12 @@ fn parse_memory(s: &str) -> Result<usize, String> {
     wasmesh_api::MemoryLimit::parse(s).map(|m| m.get() as usize)
 }
 
+/// The system allocator, keeping a few freed 8 KiB blocks (hyper's read
+/// buffers) for the next request.
+#[global_allocator]
+static ALLOCATOR: wasmesh_proxy::runtime::memory::Allocator =
+    wasmesh_proxy::runtime::memory::Allocator;
+
 fn main() -> ExitCode {
     // The proxy compiles components in a child process running this same
     // executable (see host-proxy/src/runtime/compiler.rs).
