@@ -265,7 +265,7 @@ impl Proxy {
     pub async fn run(self, drain: Duration) -> anyhow::Result<()> {
         let shared = self.shared;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+        let drain_all = Arc::new(listener::Drain::default());
         let limits = shared.live.load().listeners.downstream;
         let mut tasks = Vec::new();
         for (listener, side) in self.listeners {
@@ -279,7 +279,7 @@ impl Proxy {
                 shared.metrics.clone(),
                 handler,
                 stop_rx.clone(),
-                graceful.clone(),
+                drain_all.clone(),
             )));
         }
         // Before the admin server: `/ready` means changes are watched.
@@ -327,9 +327,7 @@ impl Proxy {
         for t in tasks {
             let _ = t.await;
         }
-        let graceful =
-            Arc::try_unwrap(graceful).map_err(|_| anyhow::anyhow!("listener still running"))?;
-        if tokio::time::timeout(drain, graceful.shutdown())
+        if tokio::time::timeout(drain, drain_all.drained())
             .await
             .is_err()
         {
