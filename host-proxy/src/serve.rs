@@ -625,7 +625,15 @@ impl Attempts<'_> {
             h2: self.h2,
         };
         let max = self.snapshot.upstream.max_requests_per_endpoint;
-        upstream::send(&self.shared.clients, ep, max, &out, &mut self.body, limit).await
+        upstream::send(
+            &self.shared.clients,
+            ep,
+            max,
+            &out,
+            &mut self.body,
+            (now, limit),
+        )
+        .await
     }
 
     /// Step 5's end: the answer from how the last attempt ended.

@@ -171,15 +171,15 @@ pub struct Outgoing<'a> {
     pub h2: bool,
 }
 
-/// One attempt: send to `ep` within `limit`, counted against the
-/// endpoint's `max_requests` while in flight.
+/// One attempt, begun at `now`: send to `ep` within `limit`, counted
+/// against the endpoint's `max_requests` while in flight.
 pub async fn send(
     clients: &Clients,
     ep: &Endpoint,
     max_requests: usize,
     out: &Outgoing<'_>,
     body: &mut ReqBody,
-    limit: Option<Duration>,
+    (now, limit): (Instant, Option<Duration>),
 ) -> Result<Response<Incoming>, UpstreamFailure> {
     if ep.state.inflight.fetch_add(1, Ordering::Relaxed) >= max_requests {
         ep.state.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -210,7 +210,7 @@ pub async fn send(
     } else {
         Uri::from(path)
     };
-    let deadline = limit.map(|l| Instant::now() + l);
+    let deadline = limit.map(|l| now + l);
     // A request the upstream refused unprocessed (HTTP/2 REFUSED_STREAM)
     // provably never reached it, and an idempotent one lost to a keep-alive
     // connection the upstream was closing may be sent again (RFC 9112
@@ -220,7 +220,7 @@ pub async fn send(
     let mut resends = 0;
     loop {
         let req = request(out, uri.clone(), body.take());
-        match send_once(clients, ep, req, out.h2, deadline).await {
+        match send_once(clients, ep, req, out.h2, (now, deadline)).await {
             Err(SendError::Unprocessed) if resends < 2 && body.is_replayable() => {
                 resends += 1;
                 tracing::debug!(
@@ -280,7 +280,7 @@ async fn send_once(
     ep: &Endpoint,
     up: Request<ProxyBody>,
     h2: bool,
-    deadline: Option<Instant>,
+    (now, deadline): (Instant, Option<Instant>),
 ) -> Result<Response<Incoming>, SendError> {
     // Each branch awaits its future where it is made (`timeout!`): handed
     // to a helper, it was stored twice in this future (the argument, then
@@ -315,7 +315,7 @@ async fn send_once(
         };
     }
     let idempotent = up.method().is_idempotent();
-    match timeout!(clients.http1.send(ep, up)) {
+    match timeout!(clients.http1.send(ep, up, now)) {
         Ok(r) => Ok(r),
         Err(UpstreamError::Limit(_)) => Err(SendError::Failed(UpstreamFailure::Overflow)),
         Err(UpstreamError::Connect(e)) => {

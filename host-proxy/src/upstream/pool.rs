@@ -99,11 +99,16 @@ impl H1Pool {
     }
 
     /// Send `req` (origin-form URI) to `ep` on a pooled connection or a new
-    /// one.
+    /// one. `now` is when the attempt began (read once per attempt by the
+    /// caller): idle connections are judged by it, and the one that carries
+    /// this request counts as idle since then when it goes back to the
+    /// pool — earlier than its response, so it expires no later than it
+    /// should.
     pub async fn send(
         &self,
         ep: &Endpoint,
         mut req: Request<ProxyBody>,
+        now: Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let conns = &ep.state.h1;
         let generation = match (&ep.identity, &self.tls) {
@@ -112,7 +117,7 @@ impl H1Pool {
         };
         let mut resent = 0;
         loop {
-            let (mut tx, pooled) = match self.take(conns, generation) {
+            let (mut tx, pooled) = match self.take(conns, generation, now) {
                 Some(tx) => (tx, true),
                 // Boxed: the connect future (TCP, then TLS for mesh
                 // endpoints) is large and rarely needed; inline, its size
@@ -121,7 +126,7 @@ impl H1Pool {
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
-                    self.put(conns, tx, generation);
+                    self.put(conns, tx, generation, now);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -160,9 +165,13 @@ impl H1Pool {
     /// A pooled connection ready for a request, if any; closed, expired
     /// and superseded (made under an older `generation` of credentials)
     /// ones are dropped on the way.
-    fn take(&self, conns: &H1Conns, generation: u64) -> Option<SendRequest<ProxyBody>> {
+    fn take(
+        &self,
+        conns: &H1Conns,
+        generation: u64,
+        now: Instant,
+    ) -> Option<SendRequest<ProxyBody>> {
         let mut idle = conns.idle.lock().unwrap();
-        let now = Instant::now();
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
@@ -182,13 +191,13 @@ impl H1Pool {
     /// Keep a connection for later requests (it becomes ready once the
     /// response it carries has been read); past `max_idle`, it closes once
     /// that response is done.
-    fn put(&self, conns: &H1Conns, tx: SendRequest<ProxyBody>, generation: u64) {
+    fn put(&self, conns: &H1Conns, tx: SendRequest<ProxyBody>, generation: u64, since: Instant) {
         if tx.is_closed() {
             return;
         }
         let mut idle = conns.idle.lock().unwrap();
         if idle.len() < self.max_idle {
-            idle.push((tx, Instant::now(), generation));
+            idle.push((tx, since, generation));
         }
     }
 
