@@ -462,7 +462,7 @@ async fn forward(
         },
     };
     guard.exchange.destination = Some(target.name.clone());
-    let broken = BodyWatch::default();
+    let broken = BodyWatch::of(&incoming.body);
     guard.watch_body(broken.clone());
     let replay = guard.chain().any_on_response;
     let body = match body::read(incoming.body, replay, &broken).await {

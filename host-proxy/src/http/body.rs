@@ -52,8 +52,9 @@ impl ReqBody {
 /// What became of the client's body: whether it failed (bad framing, a
 /// reset) after forwarding began, so the failure is answered as the
 /// client's; and how many bytes of it were read (`istio_request_bytes`).
-#[derive(Clone, Default)]
-pub struct BodyWatch(Arc<Watched>);
+/// A request without a body has nothing to watch (and allocates nothing).
+#[derive(Clone)]
+pub struct BodyWatch(Option<Arc<Watched>>);
 
 #[derive(Default)]
 struct Watched {
@@ -62,19 +63,34 @@ struct Watched {
 }
 
 impl BodyWatch {
+    /// A watch on `body` (none when it has ended already: no body).
+    pub fn of(body: &Incoming) -> Self {
+        Self((!body.is_end_stream()).then(Arc::default))
+    }
+
     /// Whether it broke.
     pub fn is_broken(&self) -> bool {
-        self.0.broken.load(Ordering::Acquire)
+        self.0
+            .as_ref()
+            .is_some_and(|w| w.broken.load(Ordering::Acquire))
     }
 
     /// Bytes of it read from the client so far.
     pub fn bytes(&self) -> u64 {
-        self.0.bytes.load(Ordering::Relaxed)
+        self.0
+            .as_ref()
+            .map_or(0, |w| w.bytes.load(Ordering::Relaxed))
     }
 
     fn read(&self, frame: &Frame<Bytes>) {
-        if let Some(d) = frame.data_ref() {
-            self.0.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        if let (Some(w), Some(d)) = (&self.0, frame.data_ref()) {
+            w.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn broke(&self) {
+        if let Some(w) = &self.0 {
+            w.broken.store(true, Ordering::Release);
         }
     }
 }
@@ -101,7 +117,7 @@ impl Body for PrefixedBody {
             .poll_frame(cx)
             .map_err(BoxError::from);
         match &r {
-            Poll::Ready(Some(Err(_))) => self.broken.0.broken.store(true, Ordering::Release),
+            Poll::Ready(Some(Err(_))) => self.broken.broke(),
             Poll::Ready(Some(Ok(f))) => self.broken.read(f),
             _ => {}
         }

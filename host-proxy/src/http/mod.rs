@@ -12,7 +12,7 @@ pub mod headers;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 
 use crate::flags::{FLAGS_HEADER, ResponseFlag};
 
@@ -21,9 +21,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// A body of these bytes.
+/// A body of these bytes. An empty one is boxed without an allocation
+/// (most requests have no body, and each attempt sends one).
 pub fn full(b: impl Into<Bytes>) -> ProxyBody {
-    Full::new(b.into()).map_err(|e| match e {}).boxed()
+    let b = b.into();
+    if b.is_empty() {
+        return Empty::new().map_err(|e| match e {}).boxed();
+    }
+    Full::new(b).map_err(|e| match e {}).boxed()
 }
 
 /// A response the proxy makes itself: a status, its flag (if any) and a
