@@ -65,13 +65,7 @@ impl RequestTable {
         let mut shown = Vec::with_capacity(rules.len());
         for (i, r) in rules.into_iter().enumerate() {
             let at = format!("rules[{i}]");
-            let when_json: Value = match r.when.trim() {
-                "" => Value::Array(Vec::new()),
-                text => serde_json::from_str(text).map_err(|e| {
-                    format!("{at}.when: not JSON ({e}); expected a list of HTTPMatchRequest")
-                })?,
-            };
-            let when = wasmesh_istio::parse_matches(&when_json, &format!("{at}.when"))?;
+            let (when_json, when) = wasmesh_istio::parse_when(&r.when, &format!("{at}.when"))?;
             if r.decisions.is_empty() || r.decisions.len() > MAX_DECISIONS {
                 return Err(format!(
                     "{at}.decisions: {} decisions; expected 1 to {MAX_DECISIONS}",

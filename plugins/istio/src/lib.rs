@@ -283,6 +283,21 @@ impl Percent {
     }
 }
 
+/// Parse and compile a table rule's `when` (`on-request-table`) as its
+/// text gives it: empty is every request (`[]`), anything else a JSON list
+/// of HTTPMatchRequests. Returns the JSON (what `/config` shows) and the
+/// compiled conditions; `at` is its path in errors (`rules[1].when`).
+pub fn parse_when(text: &str, at: &str) -> Result<(serde_json::Value, Vec<Condition>), String> {
+    let json = match text.trim() {
+        "" => serde_json::Value::Array(Vec::new()),
+        text => serde_json::from_str(text).map_err(|e| {
+            format!("{at}: not JSON ({e}); expected a list of HTTPMatchRequest")
+        })?,
+    };
+    let conditions = parse_matches(&json, at)?;
+    Ok((json, conditions))
+}
+
 /// Parse and compile a `match` list given as JSON (a chain entry's, as the
 /// proxy and control read it); `at` is the list's path in errors
 /// (`services.reviews.plugins[0].match[1].uri: unknown field ...`).
@@ -348,12 +363,8 @@ pub fn table_decisions(
     let full = req.path();
     let path = full.split_once('?').map_or(full.as_str(), |(p, _)| p);
     for (i, rule) in table.rules.iter().enumerate() {
-        let at = format!("rules[{i}].when");
-        let json: serde_json::Value = match rule.when.trim() {
-            "" => serde_json::Value::Array(Vec::new()),
-            text => serde_json::from_str(text).map_err(|e| format!("{at}: {e}"))?,
-        };
-        if first_match(&parse_matches(&json, &at)?, req, path).is_some() {
+        let (_, when) = parse_when(&rule.when, &format!("rules[{i}].when"))?;
+        if first_match(&when, req, path).is_some() {
             return Ok(rule
                 .decisions
                 .iter()
