@@ -290,9 +290,8 @@ impl Percent {
 pub fn parse_when(text: &str, at: &str) -> Result<(serde_json::Value, Vec<Condition>), String> {
     let json = match text.trim() {
         "" => serde_json::Value::Array(Vec::new()),
-        text => serde_json::from_str(text).map_err(|e| {
-            format!("{at}: not JSON ({e}); expected a list of HTTPMatchRequest")
-        })?,
+        text => serde_json::from_str(text)
+            .map_err(|e| format!("{at}: not JSON ({e}); expected a list of HTTPMatchRequest"))?,
     };
     let conditions = parse_matches(&json, at)?;
     Ok((json, conditions))
