@@ -37,19 +37,20 @@ static KEPT_BLOCKS: [AtomicPtr<u8>; KEPT] = [const { AtomicPtr::new(null_mut()) 
 /// (jemalloc, mimalloc: benches/RESULTS.md); these slots keep at most
 /// 64 KiB.
 ///
-/// Every block handed out or kept is the system allocator's own (align
-/// ≤ 16, which `malloc` always gives), so whichever path frees it, it goes
-/// back where it came from.
+/// Only byte-aligned blocks are kept (a `Vec<u8>`'s, as hyper's buffers
+/// are), so a kept block always suits the next request for one, on any
+/// target; each is the system allocator's own, so whichever path frees it,
+/// it goes back where it came from.
 pub struct Allocator;
 
-/// Whether `layout` is the kept size, served by `malloc`'s alignment.
+/// Whether `layout` is the kept one: 8 KiB of bytes.
 fn kept_size(layout: Layout) -> bool {
-    layout.size() == BLOCK && layout.align() <= 16
+    layout.size() == BLOCK && layout.align() == 1
 }
 
 // SAFETY: every pointer returned is either `System`'s answer for the same
-// layout or a block `System` allocated for an identical size and alignment
-// class and that was freed to us (so no one else holds it); each kept block
+// layout or a block `System` allocated for the identical layout (8 KiB,
+// align 1) and that was freed to us (so no one else holds it); each kept block
 // sits in exactly one slot (taken with a swap, put with a compare-exchange
 // from null), so it is handed out at most once.
 unsafe impl GlobalAlloc for Allocator {
@@ -83,7 +84,7 @@ unsafe impl GlobalAlloc for Allocator {
             }
         }
         // SAFETY: `ptr` came from `System` (directly or through a slot) for
-        // this layout's size and alignment class.
+        // this layout.
         unsafe { System.dealloc(ptr, layout) }
     }
 
@@ -266,9 +267,13 @@ mod tests {
                 a.dealloc(p, block);
             }
             assert_eq!(kept(), KEPT);
-            // Other sizes pass through.
+            // Other sizes and alignments pass through.
             let q = a.alloc(other);
             a.dealloc(q, other);
+            let aligned = Layout::from_size_align(BLOCK, 16).unwrap();
+            let r = a.alloc(aligned);
+            assert_eq!(r as usize % 16, 0);
+            a.dealloc(r, aligned);
             assert_eq!(kept(), KEPT);
             let grown = a.realloc(a.alloc(block), block, 2 * BLOCK);
             a.dealloc(grown, Layout::from_size_align(2 * BLOCK, 1).unwrap());
