@@ -43,7 +43,7 @@ use crate::metrics::istio::{Exchange, Reporter};
 use crate::runtime::RequestView;
 use crate::runtime::types::{Attempt, Outcome, Protocol};
 use crate::trace::{RequestTrace, Tracing};
-use crate::upstream::{self, Clients, Outgoing, UpstreamFailure};
+use crate::upstream::{self, Clients, Outgoing, UpBody, UpstreamFailure};
 use opentelemetry::KeyValue;
 use wasmesh_api::MtlsMode;
 
@@ -479,6 +479,7 @@ async fn forward(
             incoming.client_h2,
             guard.request().protocol == Protocol::Grpc,
         ),
+        upgrade: incoming.on_upgrade.is_some(),
         deadline: plan.timeout.map(|t| incoming.started + t),
     };
     let last = attempts.run(guard).await;
@@ -494,6 +495,8 @@ struct Attempts<'a> {
     body: ReqBody,
     /// HTTP/2 upstream, else HTTP/1.1.
     h2: bool,
+    /// The client asked to switch protocols.
+    upgrade: bool,
     /// The request's own deadline (`timeout-ms`).
     deadline: Option<Instant>,
 }
@@ -501,7 +504,7 @@ struct Attempts<'a> {
 /// How the last attempt ended: the upstream's response, a reply instead of
 /// it, or a failure.
 enum Last {
-    Response(Response<Incoming>),
+    Response(Response<UpBody>),
     Reply(Reply),
     Failed(UpstreamFailure),
 }
@@ -612,7 +615,7 @@ impl Attempts<'_> {
         req: &RequestView,
         ep: &upstream::cluster::Endpoint,
         now: Instant,
-    ) -> Result<Response<Incoming>, UpstreamFailure> {
+    ) -> Result<Response<UpBody>, UpstreamFailure> {
         let remaining = self.deadline.map(|d| d.saturating_duration_since(now));
         let limit = match (self.plan.per_try_timeout, remaining) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -623,6 +626,7 @@ impl Attempts<'_> {
             path: self.plan.path.as_ref(),
             authority: self.plan.authority.as_ref(),
             h2: self.h2,
+            upgrade: self.upgrade,
         };
         let max = self.snapshot.upstream.max_requests_per_endpoint;
         upstream::send(
@@ -660,7 +664,7 @@ impl Attempts<'_> {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers, false);
                 Answer {
-                    response: Response::from_parts(parts, body.map_err(Into::into).boxed()),
+                    response: Response::from_parts(parts, body.boxed()),
                     flag: None,
                 }
             }
@@ -678,7 +682,7 @@ impl Attempts<'_> {
 }
 
 /// How an attempt ended, as plugins are told.
-fn outcome(result: &Result<Response<Incoming>, UpstreamFailure>) -> Outcome {
+fn outcome(result: &Result<Response<UpBody>, UpstreamFailure>) -> Outcome {
     match result {
         Ok(r) => Outcome::Response(r.status().as_u16()),
         Err(UpstreamFailure::NoHealthyEndpoint) => Outcome::NoHealthyEndpoint,

@@ -630,3 +630,97 @@ async fn an_http10_upstream_answers_an_http11_client_in_http11_on_one_kept_conne
     let r = raw(&proxy, b"GET /hello.txt HTTP/1.0\r\nHost: files\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.0 200"), "{r}");
 }
+
+/// Requests without a body go out on the proxy's own HTTP/1.1 exchange:
+/// whatever framing the upstream answers in reaches a real client (`curl`)
+/// whole — chunked with its trailers, after an informational head, with a
+/// reason phrase of its own, to `HEAD`, or until the upstream closes — and
+/// the connection is kept exactly when the response allows it. A
+/// malformed answer is refused, never passed on.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_response_framing_reaches_the_client_whole_on_kept_connections() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    let up = raw_upstream(move |mut s| {
+        a.fetch_add(1, Ordering::SeqCst);
+        async move {
+            while let Some(head) = read_head(&mut s).await {
+                let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                let resp: &[u8] = match path.as_str() {
+                    "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+                    "/early" => b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 Fine Thanks\r\ncontent-length: 2\r\n\r\nok",
+                    "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
+                    "/eof" => b"HTTP/1.1 200 OK\r\n\r\nuntil the end",
+                    _ => b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nxx",
+                };
+                if s.write_all(resp).await.is_err() || path == "/eof" {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start_with(
+        &format!(
+            "services:\n  reviews:\n    protocol: http1\n    endpoints: {{ v1: [\"{up}\"] }}\n"
+        ),
+        &["--workers", "1"],
+    )
+    .await;
+    let curl = |args: &[&str], path: &str| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "-i",
+                "--raw",
+                "--max-time",
+                "10",
+                "-H",
+                "host: reviews",
+            ])
+            .args(args)
+            .arg(format!("http://{}{path}", proxy.listen))
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "curl {path}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().replace("\r\n", "\n")
+    };
+    let got = curl(&["-H", "te: trailers"], "/chunked");
+    assert!(got.starts_with("HTTP/1.1 200 OK\n"), "{got}");
+    assert!(
+        got.ends_with("\n\n5\nhello\n6\n world\n0\nx-sum: 11\n\n"),
+        "chunked, with its trailer: {got}"
+    );
+    let got = curl(&[], "/early");
+    assert!(got.starts_with("HTTP/1.1 200 Fine Thanks\n"), "{got}");
+    assert!(got.ends_with("\n\nok"), "{got}");
+    let got = curl(&["-I"], "/head");
+    assert!(got.starts_with("HTTP/1.1 200 OK\n"), "{got}");
+    assert!(got.contains("\ncontent-length: 100\n"), "{got}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one kept connection so far"
+    );
+    let got = curl(&[], "/eof");
+    assert!(
+        got.ends_with("\n\nD\nuntil the end\n0\n\n"),
+        "read to the upstream's close, sent on chunked: {got}"
+    );
+    let got = curl(&[], "/early");
+    assert!(got.ends_with("\n\nok"), "{got}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a response read to the connection's close leaves it closed"
+    );
+    let got = curl(&[], "/two-lengths");
+    assert!(
+        got.starts_with("HTTP/1.1 502") && got.contains("\nx-wasmesh-flags: UR\n"),
+        "differing Content-Length refused: {got}"
+    );
+    assert!(!got.contains("xx"), "{got}");
+}

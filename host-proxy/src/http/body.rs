@@ -43,6 +43,11 @@ impl ReqBody {
         }
     }
 
+    /// Whether it is empty (a request without a body).
+    pub fn is_empty(&self) -> bool {
+        matches!(self, ReqBody::Replayable(b) if b.is_empty())
+    }
+
     /// Whether it can be sent again.
     pub fn is_replayable(&self) -> bool {
         matches!(self, ReqBody::Replayable(_))

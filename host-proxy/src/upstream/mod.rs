@@ -12,16 +12,22 @@
 
 pub mod cluster;
 pub mod connector;
+pub mod h1;
 pub mod pool;
 pub mod tls;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -31,8 +37,8 @@ use self::cluster::Endpoint;
 use self::connector::LimitedConnector;
 use self::pool::UpstreamError;
 use crate::flags::ResponseFlag;
-use crate::http::ProxyBody;
 use crate::http::body::ReqBody;
+use crate::http::{BoxError, ProxyBody};
 
 /// Upstream connection settings; fixed for the life of the process, except
 /// the per-endpoint request limit.
@@ -169,6 +175,48 @@ pub struct Outgoing<'a> {
     pub authority: Option<&'a HeaderValue>,
     /// HTTP/2 with prior knowledge, else HTTP/1.1.
     pub h2: bool,
+    /// The client asked to switch protocols (`Upgrade`).
+    pub upgrade: bool,
+}
+
+/// An upstream response's body: from hyper's client, or from the proxy's
+/// own HTTP/1.1 exchange ([`h1`]).
+pub enum UpBody {
+    /// From hyper's HTTP/1.1 or HTTP/2 client.
+    Hyper(Incoming),
+    /// From the proxy's own HTTP/1.1 exchange.
+    Own(h1::H1Body),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            UpBody::Own(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Hyper(b) => b.is_end_stream(),
+            UpBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Hyper(b) => b.size_hint(),
+            UpBody::Own(b) => b.size_hint(),
+        }
+    }
 }
 
 /// One attempt, begun at `now`: send to `ep` within `limit`, counted
@@ -180,12 +228,42 @@ pub async fn send(
     out: &Outgoing<'_>,
     body: &mut ReqBody,
     (now, limit): (Instant, Option<Duration>),
-) -> Result<Response<Incoming>, UpstreamFailure> {
+) -> Result<Response<UpBody>, UpstreamFailure> {
     if ep.state.inflight.fetch_add(1, Ordering::Relaxed) >= max_requests {
         ep.state.inflight.fetch_sub(1, Ordering::Relaxed);
         return Err(UpstreamFailure::Overflow);
     }
     let _inflight = Inflight(ep);
+    let deadline = limit.map(|l| now + l);
+    // The common request (no body, no upgrade, HTTP/1.1) goes out on the
+    // proxy's own exchange, its head written from the request as it is.
+    if !out.h2 && !out.upgrade && out.parts.method != Method::CONNECT && body.is_empty() {
+        let slash = PathAndQuery::from_static("/");
+        let head = h1::Head {
+            method: &out.parts.method,
+            path: out
+                .path
+                .or(out.parts.uri.path_and_query())
+                .unwrap_or(&slash),
+            headers: &out.parts.headers,
+            authority: out.authority,
+        };
+        let mut resends = 0;
+        loop {
+            match send_once(clients, ep, Via::Own(&head), (now, deadline)).await {
+                Err(SendError::Unprocessed) if resends < 2 => {
+                    resends += 1;
+                    tracing::debug!(
+                        endpoint = &*ep.address,
+                        "the upstream did not process the request; sending it again"
+                    );
+                }
+                Err(SendError::Unprocessed) => return Err(UpstreamFailure::Reset),
+                Err(SendError::Failed(f)) => return Err(f),
+                Ok(r) => return Ok(r),
+            }
+        }
+    }
     let path = match out.path {
         Some(p) => p.clone(),
         None => out
@@ -210,7 +288,6 @@ pub async fn send(
     } else {
         Uri::from(path)
     };
-    let deadline = limit.map(|l| now + l);
     // A request the upstream refused unprocessed (HTTP/2 REFUSED_STREAM)
     // provably never reached it, and an idempotent one lost to a keep-alive
     // connection the upstream was closing may be sent again (RFC 9112
@@ -220,7 +297,12 @@ pub async fn send(
     let mut resends = 0;
     loop {
         let req = request(out, uri.clone(), body.take());
-        match send_once(clients, ep, req, out.h2, (now, deadline)).await {
+        let via = if out.h2 {
+            Via::H2(req)
+        } else {
+            Via::Http1(req)
+        };
+        match send_once(clients, ep, via, (now, deadline)).await {
             Err(SendError::Unprocessed) if resends < 2 && body.is_replayable() => {
                 resends += 1;
                 tracing::debug!(
@@ -275,13 +357,22 @@ fn cause<'a, E: std::error::Error + 'static>(
     std::iter::successors(Some(e), |err| err.source()).find_map(|err| err.downcast_ref::<E>())
 }
 
+/// Which client an attempt goes out on.
+enum Via<'a> {
+    /// hyper-util's HTTP/2 client.
+    H2(Request<ProxyBody>),
+    /// hyper's HTTP/1.1 client on this proxy's pool.
+    Http1(Request<ProxyBody>),
+    /// The proxy's own HTTP/1.1 exchange on the same pool.
+    Own(&'a h1::Head<'a>),
+}
+
 async fn send_once(
     clients: &Clients,
     ep: &Endpoint,
-    up: Request<ProxyBody>,
-    h2: bool,
+    via: Via<'_>,
     (now, deadline): (Instant, Option<Instant>),
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<UpBody>, SendError> {
     // Each branch awaits its future where it is made (`timeout!`): handed
     // to a helper, it was stored twice in this future (the argument, then
     // the timeout holding it), and every request's future moved the copy.
@@ -295,27 +386,48 @@ async fn send_once(
             }
         };
     }
-    if h2 {
-        return match timeout!(clients.h2c.request(up)) {
-            Ok(r) => Ok(r),
-            Err(e) if cause::<connector::ConnectionLimit>(&e).is_some() => {
-                Err(SendError::Failed(UpstreamFailure::Overflow))
-            }
-            Err(e) if e.is_connect() => Err(SendError::Failed(UpstreamFailure::ConnectFailure)),
-            Err(e)
-                if cause::<h2::Error>(&e)
-                    .is_some_and(|h2| h2.reason() == Some(h2::Reason::REFUSED_STREAM)) =>
-            {
-                Err(SendError::Unprocessed)
-            }
-            Err(e) => {
-                tracing::debug!(endpoint = &*ep.address, "upstream error: {e:?}");
-                Err(SendError::Failed(UpstreamFailure::Reset))
-            }
-        };
+    let up = match via {
+        Via::H2(up) => up,
+        Via::Http1(up) => {
+            let idempotent = up.method().is_idempotent();
+            let sent = timeout!(clients.http1.send(ep, up, now));
+            return h1_result(ep, sent.map(|r| r.map(UpBody::Hyper)), idempotent);
+        }
+        Via::Own(head) => {
+            let sent = timeout!(clients.http1.send_own(ep, head, now));
+            return h1_result(
+                ep,
+                sent.map(|r| r.map(UpBody::Own)),
+                head.method.is_idempotent(),
+            );
+        }
+    };
+    match timeout!(clients.h2c.request(up)) {
+        Ok(r) => Ok(r.map(UpBody::Hyper)),
+        Err(e) if cause::<connector::ConnectionLimit>(&e).is_some() => {
+            Err(SendError::Failed(UpstreamFailure::Overflow))
+        }
+        Err(e) if e.is_connect() => Err(SendError::Failed(UpstreamFailure::ConnectFailure)),
+        Err(e)
+            if cause::<h2::Error>(&e)
+                .is_some_and(|h2| h2.reason() == Some(h2::Reason::REFUSED_STREAM)) =>
+        {
+            Err(SendError::Unprocessed)
+        }
+        Err(e) => {
+            tracing::debug!(endpoint = &*ep.address, "upstream error: {e:?}");
+            Err(SendError::Failed(UpstreamFailure::Reset))
+        }
     }
-    let idempotent = up.method().is_idempotent();
-    match timeout!(clients.http1.send(ep, up, now)) {
+}
+
+/// An HTTP/1.1 attempt's result, its errors as the attempt loop sees them.
+fn h1_result(
+    ep: &Endpoint,
+    sent: Result<Response<UpBody>, UpstreamError>,
+    idempotent: bool,
+) -> Result<Response<UpBody>, SendError> {
+    match sent {
         Ok(r) => Ok(r),
         Err(UpstreamError::Limit(_)) => Err(SendError::Failed(UpstreamFailure::Overflow)),
         Err(UpstreamError::Connect(e)) => {

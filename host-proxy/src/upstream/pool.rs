@@ -18,6 +18,11 @@
 //! A mesh (mTLS) connection is not reused once this proxy's certificate
 //! has been renewed: the next request opens a connection that presents the
 //! new one, and the old connection closes when its response is done.
+//!
+//! A request without a body that asks for no upgrade goes out on the
+//! proxy's own HTTP/1.1 exchange ([`super::h1`]) instead of hyper's
+//! client: the same pool holds both kinds of connection, under the same
+//! limits, and each request takes a connection of its own kind.
 
 use std::fmt;
 use std::sync::atomic::AtomicUsize;
@@ -26,9 +31,10 @@ use std::time::{Duration, Instant};
 
 use super::UpstreamSettings;
 use super::cluster::Endpoint;
-use super::connector::{ConnectionLimit, Counted, take_slot};
+use super::connector::{ConnectionLimit, Counted, Slot, take_slot};
+use super::h1::{ExchangeError, H1Body, H1Conn, Head, Home};
 use super::tls::{MaybeTls, MeshTls};
-use crate::http::ProxyBody;
+use crate::http::{BoxError, ProxyBody};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -54,9 +60,47 @@ impl fmt::Debug for H1Conns {
     }
 }
 
-/// A pooled connection: its sender, since when it is idle, the credentials'
-/// generation it was made under.
-type Pooled = (SendRequest<ProxyBody>, Instant, u64);
+/// A pooled connection, with since when it is idle: hyper's (its sender
+/// and the credentials' generation it was made under), or the proxy's own
+/// (which knows its generation).
+enum Pooled {
+    Hyper(SendRequest<ProxyBody>, Instant, u64),
+    Own(H1Conn, Instant),
+}
+
+impl H1Conns {
+    /// Keep a connection whose response has been read, idle since `since`,
+    /// unless `max_idle` are kept already (then it closes).
+    pub(crate) fn put_conn(&self, conn: H1Conn, since: Instant, max_idle: usize) {
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() < max_idle {
+            idle.push(Pooled::Own(conn, since));
+        }
+    }
+
+    /// One of the proxy's own connections, made under `generation`, not
+    /// expired by `now` and not closed by the upstream; closed, expired and
+    /// superseded ones are dropped on the way.
+    fn take_conn(&self, generation: u64, now: Instant, idle_timeout: Duration) -> Option<H1Conn> {
+        let mut idle = self.idle.lock().unwrap();
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let Pooled::Own(conn, since) = &mut idle[i] else {
+                continue;
+            };
+            if now.duration_since(*since) > idle_timeout
+                || conn.generation != generation
+                || conn.is_closed()
+            {
+                idle.swap_remove(i);
+            } else if let Pooled::Own(conn, _) = idle.swap_remove(i) {
+                return Some(conn);
+            }
+        }
+        None
+    }
+}
 
 /// Why an upstream request got no response.
 #[derive(Debug)]
@@ -68,7 +112,7 @@ pub enum UpstreamError {
     /// The connection failed before a response head came back.
     Http {
         /// What failed.
-        error: hyper::Error,
+        error: BoxError,
         /// The connection had served requests before: it may have been one
         /// the upstream was closing as the request went out.
         reused: bool,
@@ -138,11 +182,54 @@ impl H1Pool {
                     }
                     _ => {
                         return Err(UpstreamError::Http {
-                            error: e.into_error(),
+                            error: e.into_error().into(),
                             reused: pooled,
                         });
                     }
                 },
+            }
+        }
+    }
+
+    /// Send a request without a body on one of the proxy's own connections
+    /// to `ep` ([`super::h1`]), pooled or new; `now` as for
+    /// [`H1Pool::send`]. The response's body puts its connection back.
+    pub async fn send_own(
+        &self,
+        ep: &Endpoint,
+        req: &Head<'_>,
+        now: Instant,
+    ) -> Result<http::Response<H1Body>, UpstreamError> {
+        let conns = &ep.state.h1;
+        let generation = match (&ep.identity, &self.tls) {
+            (Some(_), Some(tls)) => tls.generation(),
+            _ => 0,
+        };
+        let mut resent = 0;
+        loop {
+            let (conn, pooled) = match conns.take_conn(generation, now, self.idle_timeout) {
+                Some(conn) => (conn, true),
+                None => {
+                    let (io, slot) = Box::pin(self.open(ep)).await?;
+                    (H1Conn::new(io, slot, generation), false)
+                }
+            };
+            let home = Home {
+                state: ep.state.clone(),
+                max_idle: self.max_idle,
+                since: now,
+            };
+            match conn.exchange(req, home).await {
+                Ok(resp) => return Ok(resp),
+                // Not written whole: a pooled connection the upstream had
+                // closed meanwhile. Another connection gets it.
+                Err(ExchangeError::Unwritten(_)) if pooled && resent < 3 => resent += 1,
+                Err(e) => {
+                    return Err(UpstreamError::Http {
+                        error: e.to_string().into(),
+                        reused: pooled,
+                    });
+                }
             }
         }
     }
@@ -152,8 +239,13 @@ impl H1Pool {
     /// more requests does not keep upstream sockets open).
     pub fn sweep(&self, conns: &H1Conns) {
         let now = Instant::now();
-        conns.idle.lock().unwrap().retain(|(tx, since, _)| {
-            !(tx.is_closed() || tx.is_ready() && now.duration_since(*since) > self.idle_timeout)
+        conns.idle.lock().unwrap().retain_mut(|p| match p {
+            Pooled::Hyper(tx, since, _) => {
+                !(tx.is_closed() || tx.is_ready() && now.duration_since(*since) > self.idle_timeout)
+            }
+            Pooled::Own(conn, since) => {
+                !(conn.is_closed() || now.duration_since(*since) > self.idle_timeout)
+            }
         });
     }
 
@@ -175,14 +267,18 @@ impl H1Pool {
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
-            let (tx, since, made) = &idle[i];
+            let Pooled::Hyper(tx, since, made) = &idle[i] else {
+                continue;
+            };
             if tx.is_closed()
                 || now.duration_since(*since) > self.idle_timeout
                 || *made != generation
             {
                 idle.swap_remove(i);
-            } else if tx.is_ready() {
-                return Some(idle.swap_remove(i).0);
+            } else if tx.is_ready()
+                && let Pooled::Hyper(tx, ..) = idle.swap_remove(i)
+            {
+                return Some(tx);
             }
         }
         None
@@ -197,11 +293,29 @@ impl H1Pool {
         }
         let mut idle = conns.idle.lock().unwrap();
         if idle.len() < self.max_idle {
-            idle.push((tx, since, generation));
+            idle.push(Pooled::Hyper(tx, since, generation));
         }
     }
 
     async fn connect(&self, ep: &Endpoint) -> Result<SendRequest<ProxyBody>, UpstreamError> {
+        let (stream, slot) = self.open(ep).await?;
+        let (tx, conn) = http1::handshake(Counted::new(stream, slot))
+            .await
+            .map_err(|error| UpstreamError::Http {
+                error: error.into(),
+                reused: false,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// A new connection to `ep` (TCP, then mesh TLS if it has an
+    /// identity), counted against its open connections.
+    async fn open(&self, ep: &Endpoint) -> Result<(MaybeTls, Slot), UpstreamError> {
         let slot = take_slot(&ep.state.h1.open, self.max_open, &ep.address)
             .map_err(UpstreamError::Limit)?;
         let connect = async {
@@ -221,17 +335,6 @@ impl H1Pool {
                 ))
             })?
             .map_err(UpstreamError::Connect)?;
-        let (tx, conn) = http1::handshake(Counted::new(stream, slot))
-            .await
-            .map_err(|error| UpstreamError::Http {
-                error,
-                reused: false,
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!("upstream connection ended: {e}");
-            }
-        });
-        Ok(tx)
+        Ok((stream, slot))
     }
 }
