@@ -134,18 +134,17 @@ impl H1Conn {
         let mut cx = Context::from_waker(Waker::noop());
         let mut byte = [MaybeUninit::uninit()];
         let mut rb = ReadBuf::uninit(&mut byte);
-        match Pin::new(&mut self.io).poll_read(&mut cx, &mut rb) {
-            Poll::Pending => false,
-            // End of stream, bytes nobody asked for, or an error.
-            Poll::Ready(_) => true,
-        }
+        // Ready: the end of the stream, bytes nobody asked for, or an error.
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut rb)
+            .is_ready()
     }
 
     /// Write `req`, read the response head, and hand the connection to the
     /// response's body, which sends it `home` when the response ends (if
     /// both sides keep it alive).
     pub async fn exchange(
-        mut self,
+        mut self: Box<Self>,
         req: &Head<'_>,
         home: Home,
     ) -> Result<Response<H1Body>, ExchangeError> {
@@ -422,12 +421,14 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
 /// A response body read from its connection as the client's side asks for
 /// it; the connection goes back to its pool at the body's end.
 pub struct H1Body {
-    conn: Option<H1Conn>,
+    /// Boxed (once, when it was opened): the body is moved with the
+    /// response, and the connection is most of its size.
+    conn: Option<Box<H1Conn>>,
     framing: Framing,
     /// The pool to go back to, if the connection may be reused.
     home: Option<Home>,
     /// A chunked body's trailers, to yield after its data.
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl H1Body {
@@ -447,10 +448,10 @@ impl H1Body {
             return;
         };
         self.framing = Framing::Length(0);
-        if let Some(home) = self.home.take() {
-            if conn.buf.is_empty() {
-                home.state.h1.put_conn(conn, home.since, home.max_idle);
-            }
+        if let Some(home) = self.home.take()
+            && conn.buf.is_empty()
+        {
+            home.state.h1.put_conn(conn, home.since, home.max_idle);
         }
     }
 
@@ -479,7 +480,7 @@ impl H1Body {
                 Decoded::More => Ok(None),
                 Decoded::End => {
                     self.finish();
-                    Ok(self.trailers.take().map(Frame::trailers))
+                    Ok(self.trailers.take().map(|t| Frame::trailers(*t)))
                 }
             },
         }
@@ -498,7 +499,7 @@ enum Decoded {
 fn decode_chunked(
     chunk: &mut Chunk,
     buf: &mut BytesMut,
-    trailers: &mut Option<HeaderMap>,
+    trailers: &mut Option<Box<HeaderMap>>,
 ) -> Result<Decoded, BoxError> {
     loop {
         match chunk {
@@ -600,7 +601,7 @@ impl Body for H1Body {
                 }
             }
             if let Some(t) = this.trailers.take() {
-                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                return Poll::Ready(Some(Ok(Frame::trailers(*t))));
             }
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);

@@ -1,7 +1,9 @@
 //! The upstream side: services' endpoints and their live state (in-flight
 //! counts, ejections), load balancing, pooled connections (HTTP/1.1 in each
 //! endpoint's own pool, HTTP/2 through hyper-util's client), and one attempt
-//! at an endpoint with its limits and timeout.
+//! at an endpoint with its limits and timeout. HTTP/1.1 requests without a
+//! body go out on the proxy's own exchange ([`h1`]); the rest on hyper's
+//! client.
 //!
 //! Mesh endpoints (with identities) are reached over mutual TLS
 //! ([`tls`]) when this proxy has an identity.

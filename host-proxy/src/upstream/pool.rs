@@ -65,13 +65,13 @@ impl fmt::Debug for H1Conns {
 /// (which knows its generation).
 enum Pooled {
     Hyper(SendRequest<ProxyBody>, Instant, u64),
-    Own(H1Conn, Instant),
+    Own(Box<H1Conn>, Instant),
 }
 
 impl H1Conns {
     /// Keep a connection whose response has been read, idle since `since`,
     /// unless `max_idle` are kept already (then it closes).
-    pub(crate) fn put_conn(&self, conn: H1Conn, since: Instant, max_idle: usize) {
+    pub(crate) fn put_conn(&self, conn: Box<H1Conn>, since: Instant, max_idle: usize) {
         let mut idle = self.idle.lock().unwrap();
         if idle.len() < max_idle {
             idle.push(Pooled::Own(conn, since));
@@ -81,7 +81,12 @@ impl H1Conns {
     /// One of the proxy's own connections, made under `generation`, not
     /// expired by `now` and not closed by the upstream; closed, expired and
     /// superseded ones are dropped on the way.
-    fn take_conn(&self, generation: u64, now: Instant, idle_timeout: Duration) -> Option<H1Conn> {
+    fn take_conn(
+        &self,
+        generation: u64,
+        now: Instant,
+        idle_timeout: Duration,
+    ) -> Option<Box<H1Conn>> {
         let mut idle = self.idle.lock().unwrap();
         let mut i = idle.len();
         while i > 0 {
@@ -211,7 +216,7 @@ impl H1Pool {
                 Some(conn) => (conn, true),
                 None => {
                     let (io, slot) = Box::pin(self.open(ep)).await?;
-                    (H1Conn::new(io, slot, generation), false)
+                    (Box::new(H1Conn::new(io, slot, generation)), false)
                 }
             };
             let home = Home {
