@@ -237,47 +237,26 @@ pub async fn send(
     }
     let _inflight = Inflight(ep);
     let deadline = limit.map(|l| now + l);
+    let slash = PathAndQuery::from_static("/");
+    let path = out
+        .path
+        .or(out.parts.uri.path_and_query())
+        .unwrap_or(&slash);
     // The common request (no body, no upgrade, HTTP/1.1) goes out on the
-    // proxy's own exchange, its head written from the request as it is.
-    if !out.h2 && !out.upgrade && out.parts.method != Method::CONNECT && body.is_empty() {
-        let slash = PathAndQuery::from_static("/");
-        let head = h1::Head {
-            method: &out.parts.method,
-            path: out
-                .path
-                .or(out.parts.uri.path_and_query())
-                .unwrap_or(&slash),
-            headers: &out.parts.headers,
-            authority: out.authority,
-        };
-        let mut resends = 0;
-        loop {
-            match send_once(clients, ep, Via::Own(&head), (now, deadline)).await {
-                Err(SendError::Unprocessed) if resends < 2 => {
-                    resends += 1;
-                    tracing::debug!(
-                        endpoint = &*ep.address,
-                        "the upstream did not process the request; sending it again"
-                    );
-                }
-                Err(SendError::Unprocessed) => return Err(UpstreamFailure::Reset),
-                Err(SendError::Failed(f)) => return Err(f),
-                Ok(r) => return Ok(r),
-            }
-        }
-    }
-    let path = match out.path {
-        Some(p) => p.clone(),
-        None => out
-            .parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    };
-    // Origin form on our own HTTP/1.1 connections; absolute form for
-    // hyper-util's HTTP/2 client, which picks its connection by authority.
-    let uri = if out.h2 {
+    // proxy's own exchange, its head written from the request as it is;
+    // the rest as a request for hyper's clients, in origin form on our
+    // HTTP/1.1 connections and in absolute form for hyper-util's HTTP/2
+    // client, which picks its connection by authority.
+    let own = !out.h2 && !out.upgrade && out.parts.method != Method::CONNECT && body.is_empty();
+    let head = own.then_some(h1::Head {
+        method: &out.parts.method,
+        path,
+        headers: &out.parts.headers,
+        authority: out.authority,
+    });
+    let uri = if own {
+        Uri::default()
+    } else if out.h2 {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(if clients.mesh && ep.identity.is_some() {
             http::uri::Scheme::HTTPS
@@ -285,10 +264,10 @@ pub async fn send(
             http::uri::Scheme::HTTP
         });
         parts.authority = Some(ep.authority.clone());
-        parts.path_and_query = Some(path);
+        parts.path_and_query = Some(path.clone());
         Uri::from_parts(parts).map_err(|_| UpstreamFailure::Reset)?
     } else {
-        Uri::from(path)
+        Uri::from(path.clone())
     };
     // A request the upstream refused unprocessed (HTTP/2 REFUSED_STREAM)
     // provably never reached it, and an idempotent one lost to a keep-alive
@@ -298,11 +277,10 @@ pub async fn send(
     // that a closed pooled connection never wrote.)
     let mut resends = 0;
     loop {
-        let req = request(out, uri.clone(), body.take());
-        let via = if out.h2 {
-            Via::H2(req)
-        } else {
-            Via::Http1(req)
+        let via = match &head {
+            Some(head) => Via::Own(head),
+            None if out.h2 => Via::H2(request(out, uri.clone(), body.take())),
+            None => Via::Http1(request(out, uri.clone(), body.take())),
         };
         match send_once(clients, ep, via, (now, deadline)).await {
             Err(SendError::Unprocessed) if resends < 2 && body.is_replayable() => {
