@@ -47,8 +47,9 @@ use crate::http::BoxError;
 
 /// Most header lines a response head may have (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// Largest response head (status line and headers) read.
-const MAX_HEAD: usize = 64 * 1024;
+/// Largest response head (status line and headers) read: hyper's client's
+/// read buffer limit, so that no head it took is refused here.
+const MAX_HEAD: usize = 8 * 1024 + 4096 * 100;
 /// Largest chunk-size line or trailer section in a chunked body.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
