@@ -27,14 +27,13 @@ use http::header::{self, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::access_log::AccessLog;
 use crate::chain::{CompletionGuard, Plan, Reply, SeenResponse};
 use crate::config::{Live, Service, Snapshot};
 use crate::error::ProxyError;
 use crate::flags::ResponseFlag;
-use crate::http::body::{self, BodyWatch, ReqBody};
+use crate::http::body::{self, BodyWatch, ClientBody, ReqBody};
 use crate::http::headers::{self, Remote, X_REQUEST_ID};
 use crate::http::{ProxyBody, full};
 use crate::listener::Security;
@@ -98,7 +97,7 @@ pub struct Handler {
 impl crate::listener::Handler for Handler {
     fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         remote: Arc<Remote>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
         handle(self.shared.clone(), self.side, remote, req)
@@ -165,7 +164,7 @@ struct Rest {
 
 /// What forwarding needs of the request besides its view.
 struct BodyParts {
-    body: Incoming,
+    body: ClientBody,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     client_h2: bool,
     started: Instant,
@@ -176,7 +175,7 @@ pub async fn handle(
     shared: Arc<Shared>,
     side: Side,
     remote: Arc<Remote>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let snapshot = shared.live.load();
@@ -238,7 +237,7 @@ pub async fn handle(
 /// The request's server span, a child of the caller's (from its headers).
 fn start_trace(
     t: &Arc<Tracing>,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     side: Side,
     service: &Service,
     remote: &Remote,
@@ -266,7 +265,7 @@ fn refuse(
     shared: &Shared,
     side: Side,
     snapshot: &Snapshot,
-    (remote, req): (&Remote, &Request<Incoming>),
+    (remote, req): (&Remote, &Request<ClientBody>),
     started: Instant,
     e: ProxyError,
 ) -> Response<ProxyBody> {
@@ -314,7 +313,7 @@ fn refuse(
 fn admit(
     snapshot: &Snapshot,
     side: Side,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
 ) -> Result<(Arc<Service>, Option<Authority>), ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::ConnectUnsupported);
@@ -341,7 +340,7 @@ fn admit(
 /// Step 2: the request as plugins see it (hop-by-hop headers removed,
 /// forwarding headers and the request id added), and the rest.
 fn prepare(
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     remote: &Remote,
     service: &Service,
     authority: Option<Authority>,

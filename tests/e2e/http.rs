@@ -724,3 +724,70 @@ async fn every_response_framing_reaches_the_client_whole_on_kept_connections() {
     );
     assert!(!got.contains("xx"), "{got}");
 }
+
+/// The proxy serves plain HTTP/1.1 requests (no body, no upgrade) on its
+/// own loop and hands a connection to hyper at its first other request:
+/// one kept connection carries pipelined GETs, then a POST with a body,
+/// then GETs again, each answered in order and whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_connection_serves_plain_requests_then_bodies_then_plain_again_in_order() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::echo("v1").await;
+    let proxy = Proxy::start(&services(&up)).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
+    // Two requests in one write: both answered, in order.
+    s.write_all(
+        b"GET /one HTTP/1.1\r\nhost: reviews\r\n\r\nHEAD /two HTTP/1.1\r\nhost: reviews\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+    assert!(body.contains(r#""path":"/one""#), "{body}");
+    // HEAD: the length of the body a GET would get, and no body (the next
+    // response starts right after the head).
+    let (head, _) = read_response_head_only(&mut s).await;
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("\r\ncontent-length: "), "{head}");
+    // A body: hyper's from here on, on the same connection.
+    s.write_all(b"POST /three HTTP/1.1\r\nhost: reviews\r\ncontent-length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(body.contains(r#""path":"/three""#), "{body}");
+    s.write_all(b"GET /four HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.contains("\r\nconnection: close"), "{head}");
+    assert!(body.contains(r#""path":"/four""#), "{body}");
+    assert_eq!(up.hits(), 4);
+
+    // `Connection: close` on the own loop: answered with it, then closed.
+    let r = raw(
+        &proxy,
+        b"GET /five HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+    assert!(r.contains("\r\nconnection: close\r\n"), "{r}");
+    assert!(r.contains(r#""path":"/five""#), "{r}");
+}
+
+/// One response head from `s` (a response to `HEAD`: no body follows).
+async fn read_response_head_only(s: &mut tokio::net::TcpStream) -> (String, ()) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("a response within 10 s")
+            .unwrap();
+        assert!(n > 0, "the proxy closed the connection after: {got:?}");
+        got.push(byte[0]);
+    }
+    (String::from_utf8_lossy(&got).to_lowercase(), ())
+}

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body, Frame};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -24,6 +24,44 @@ pub const RETRY_BUFFER: usize = 64 * 1024;
 /// calls the upstream anyway (a client may hold its body until it sees the
 /// response head).
 const FIRST_FRAME_WAIT: Duration = Duration::from_millis(250);
+
+/// A client's request body: none (a head that frames no body, read by the
+/// listener's own HTTP/1.1 loop), or hyper's.
+pub enum ClientBody {
+    /// No body.
+    Empty,
+    /// The body hyper reads.
+    Hyper(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
 
 /// The request body as the attempt loop sees it.
 pub enum ReqBody {
@@ -69,7 +107,7 @@ struct Watched {
 
 impl BodyWatch {
     /// A watch on `body` (none when it has ended already: no body).
-    pub fn of(body: &Incoming) -> Self {
+    pub fn of(body: &ClientBody) -> Self {
         Self((!body.is_end_stream()).then(Arc::default))
     }
 
@@ -104,7 +142,7 @@ impl BodyWatch {
 /// buffer), followed by the rest of the stream.
 struct PrefixedBody {
     prefix: VecDeque<Frame<Bytes>>,
-    rest: Incoming,
+    rest: ClientBody,
     broken: BodyWatch,
 }
 
@@ -130,7 +168,7 @@ impl Body for PrefixedBody {
     }
 }
 
-fn streamed(prefix: VecDeque<Frame<Bytes>>, rest: Incoming, broken: &BodyWatch) -> ReqBody {
+fn streamed(prefix: VecDeque<Frame<Bytes>>, rest: ClientBody, broken: &BodyWatch) -> ReqBody {
     ReqBody::Once(Some(
         PrefixedBody {
             prefix,
@@ -146,7 +184,7 @@ fn streamed(prefix: VecDeque<Frame<Bytes>>, rest: Incoming, broken: &BodyWatch) 
 /// from its first bytes is refused before anything is forwarded. The rest
 /// streams.
 pub async fn read(
-    body: Incoming,
+    body: ClientBody,
     replay: bool,
     broken: &BodyWatch,
 ) -> Result<ReqBody, hyper::Error> {
@@ -157,7 +195,7 @@ pub async fn read(
     }
 }
 
-async fn first_frame(mut body: Incoming, broken: &BodyWatch) -> Result<ReqBody, hyper::Error> {
+async fn first_frame(mut body: ClientBody, broken: &BodyWatch) -> Result<ReqBody, hyper::Error> {
     if body.is_end_stream() {
         return Ok(ReqBody::Replayable(Bytes::new()));
     }
@@ -173,7 +211,7 @@ async fn first_frame(mut body: Incoming, broken: &BodyWatch) -> Result<ReqBody, 
     Ok(streamed(prefix, body, broken))
 }
 
-async fn buffer(mut body: Incoming, broken: &BodyWatch) -> Result<ReqBody, hyper::Error> {
+async fn buffer(mut body: ClientBody, broken: &BodyWatch) -> Result<ReqBody, hyper::Error> {
     let mut data = bytes::BytesMut::new();
     let mut size = 0usize;
     loop {

@@ -15,6 +15,7 @@
 //! handler does; it depends on [`crate::http`], [`crate::error`] and
 //! [`crate::metrics`].
 
+mod h1;
 pub mod h1scan;
 
 use std::convert::Infallible;
@@ -34,6 +35,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
+
+use crate::http::body::ClientBody;
 
 use self::h1scan::{Scanner, Violation};
 use crate::error::ProxyError;
@@ -94,7 +97,7 @@ pub trait Handler: Clone + Send + Sync + 'static {
     /// Answer one request from `remote`.
     fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         remote: Arc<Remote>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
 
@@ -327,15 +330,17 @@ impl Conn {
         } = self;
         let activity = Arc::new(Activity::default());
         let heads = Arc::new(h1scan::Shared::new());
-        let io = Tracked {
-            inner: io,
-            activity: activity.clone(),
-            scanner: Some(Scanner::default()),
-            heads: heads.clone(),
+        let io = Tracked::new(io, activity.clone(), heads.clone());
+        let peer = Arc::new(remote);
+        let finish = Arc::new(Finish::default());
+        let own = h1::Own {
+            handler: handler.clone(),
+            peer: peer.clone(),
+            max_headers: limits.max_headers,
+            finish: finish.clone(),
         };
         let svc = {
             let metrics = metrics.clone();
-            let peer = Arc::new(remote);
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 let bad = if req.version() < Version::HTTP_2 {
                     heads.next_request()
@@ -346,19 +351,30 @@ impl Conn {
                 async move {
                     Ok::<_, Infallible>(match bad {
                         Some(why) => refuse_head(&metrics, why),
-                        None => handler.handle(req, peer).await,
+                        None => handler.handle(req.map(ClientBody::Hyper), peer).await,
                     })
                 }
             })
         };
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .into_owned();
-        let finish = Arc::new(Finish::default());
         let serving = tokio::spawn({
             let finish = finish.clone();
             async move {
                 let _slot = slot;
+                let mut io = io;
+                // The plain HTTP/1.1 requests first; hyper takes over at the
+                // first request the own loop does not serve.
+                let rest = match own.serve(&mut io).await {
+                    Ok(h1::Ended::Handoff(rest)) => rest,
+                    Ok(h1::Ended::Closed) => return,
+                    Err(e) => {
+                        tracing::debug!(remote = %addr, "connection ended: {e}");
+                        return;
+                    }
+                };
+                drop(own);
+                io.scan_from(&rest);
+                let io = Prefixed { rest, inner: io };
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
                 let mut conn = std::pin::pin!(conn);
                 let mut finishing = false;
                 let r = std::future::poll_fn(|cx| {
@@ -546,14 +562,93 @@ impl Activity {
     }
 }
 
+/// A connection whose first bytes were already read (by the own HTTP/1.1
+/// loop): they are read again, then the connection's own.
+struct Prefixed<S> {
+    rest: bytes::Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if me.rest.is_empty() {
+            return Pin::new(&mut me.inner).poll_read(cx, buf);
+        }
+        let n = me.rest.len().min(buf.remaining());
+        buf.put_slice(&me.rest.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// A client connection that notes when it last moved bytes, and shows what
 /// it reads (after TLS) to the raw HTTP/1 head check.
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
-    /// None once the scanner has given up or flagged a head.
+    /// None until hyper serves the connection, and once the scanner has
+    /// given up or flagged a head.
     scanner: Option<Scanner>,
     heads: Arc<h1scan::Shared>,
+}
+
+impl<S> Tracked<S> {
+    /// `inner`, its heads unchecked until hyper serves it.
+    fn new(inner: S, activity: Arc<Activity>, heads: Arc<h1scan::Shared>) -> Self {
+        Self {
+            inner,
+            activity,
+            scanner: None,
+            heads,
+        }
+    }
+
+    /// Check the heads hyper reads from here on, the first of which begins
+    /// `rest` (read already). hyper counts its requests from 0 for the
+    /// check, and the scanner its heads from `rest`.
+    fn scan_from(&mut self, rest: &[u8]) {
+        let mut scanner = Scanner::default();
+        scanner.feed(rest);
+        if scanner.verdict().is_some() {
+            self.heads.publish(&scanner);
+        } else if !scanner.is_done() {
+            self.scanner = Some(scanner);
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
