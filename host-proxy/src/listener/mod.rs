@@ -11,6 +11,10 @@
 //! never reaches the app); `PERMISSIVE` takes plaintext too, told apart by
 //! the first byte. Each refusal is logged with its reason and counted.
 //!
+//! An HTTP/1.1 request without a body is read and answered by the
+//! connection's own loop (`h1`); at a connection's first other request
+//! hyper's server (HTTP/1 and HTTP/2) takes the connection over.
+//!
 //! It hands each request to a [`Handler`] and knows nothing of what the
 //! handler does; it depends on [`crate::http`], [`crate::error`] and
 //! [`crate::metrics`].
@@ -36,11 +40,10 @@ use tokio::net::{TcpListener, TcpStream};
 use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 
-use crate::http::body::ClientBody;
-
 use self::h1scan::{Scanner, Violation};
 use crate::error::ProxyError;
 use crate::http::ProxyBody;
+use crate::http::body::ClientBody;
 use crate::http::headers::{Peer, Remote};
 use crate::metrics::Metrics;
 use std::net::SocketAddr;
