@@ -375,8 +375,7 @@ impl Conn {
                     }
                 };
                 drop(own);
-                io.scan_from(&rest);
-                let io = Prefixed { rest, inner: io };
+                io.hand_over(rest);
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
                 let mut conn = std::pin::pin!(conn);
                 let mut finishing = false;
@@ -565,59 +564,6 @@ impl Activity {
     }
 }
 
-/// A connection whose first bytes were already read (by the own HTTP/1.1
-/// loop): they are read again, then the connection's own.
-struct Prefixed<S> {
-    rest: bytes::Bytes,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let me = self.get_mut();
-        if me.rest.is_empty() {
-            return Pin::new(&mut me.inner).poll_read(cx, buf);
-        }
-        let n = me.rest.len().min(buf.remaining());
-        buf.put_slice(&me.rest.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 /// A client connection that notes when it last moved bytes, and shows what
 /// it reads (after TLS) to the raw HTTP/1 head check.
 struct Tracked<S> {
@@ -626,6 +572,9 @@ struct Tracked<S> {
     /// None until hyper serves the connection, and once the scanner has
     /// given up or flagged a head.
     scanner: Option<Scanner>,
+    /// Bytes the own HTTP/1.1 loop read and handed over: read again (by
+    /// hyper) before the connection's next.
+    rest: bytes::Bytes,
     heads: Arc<h1scan::Shared>,
 }
 
@@ -637,20 +586,24 @@ impl<S> Tracked<S> {
             activity,
             scanner: None,
             heads,
+            rest: bytes::Bytes::new(),
         }
     }
 
-    /// Check the heads hyper reads from here on, the first of which begins
-    /// `rest` (read already). hyper counts its requests from 0 for the
-    /// check, and the scanner its heads from `rest`.
-    fn scan_from(&mut self, rest: &[u8]) {
+    /// Hand the connection to hyper with `rest`, the bytes the own loop
+    /// read (a request head begins them): they are read again first, and
+    /// the heads hyper reads from here on are checked. hyper counts its
+    /// requests from 0 for the check, and the scanner its heads from
+    /// `rest`.
+    fn hand_over(&mut self, rest: bytes::Bytes) {
         let mut scanner = Scanner::default();
-        scanner.feed(rest);
+        scanner.feed(&rest);
         if scanner.verdict().is_some() {
             self.heads.publish(&scanner);
         } else if !scanner.is_done() {
             self.scanner = Some(scanner);
         }
+        self.rest = rest;
     }
 }
 
@@ -661,6 +614,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
+        if !me.rest.is_empty() {
+            // Seen by the scanner already.
+            let n = me.rest.len().min(buf.remaining());
+            buf.put_slice(&me.rest.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut me.inner).poll_read(cx, buf);
         if buf.filled().len() != before {
