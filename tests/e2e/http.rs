@@ -747,7 +747,7 @@ async fn a_kept_connection_serves_plain_requests_then_bodies_then_plain_again_in
     assert!(body.contains(r#""path":"/one""#), "{body}");
     // HEAD: the length of the body a GET would get, and no body (the next
     // response starts right after the head).
-    let (head, _) = read_response_head_only(&mut s).await;
+    let head = read_response_head_only(&mut s).await;
     assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
     assert!(head.contains("\r\ncontent-length: "), "{head}");
     // A body: hyper's from here on, on the same connection.
@@ -777,7 +777,7 @@ async fn a_kept_connection_serves_plain_requests_then_bodies_then_plain_again_in
 }
 
 /// One response head from `s` (a response to `HEAD`: no body follows).
-async fn read_response_head_only(s: &mut tokio::net::TcpStream) -> (String, ()) {
+async fn read_response_head_only(s: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt;
     let mut got = Vec::new();
     let mut byte = [0u8; 1];
@@ -789,5 +789,5 @@ async fn read_response_head_only(s: &mut tokio::net::TcpStream) -> (String, ()) 
         assert!(n > 0, "the proxy closed the connection after: {got:?}");
         got.push(byte[0]);
     }
-    (String::from_utf8_lossy(&got).to_lowercase(), ())
+    String::from_utf8_lossy(&got).to_lowercase()
 }

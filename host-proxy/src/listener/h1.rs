@@ -77,7 +77,10 @@ enum Start {
 pub(super) struct Own<H> {
     pub handler: H,
     pub peer: Arc<Remote>,
+    /// `downstream.max-headers` and `max-header-bytes`: a head past either
+    /// is hyper's to answer.
     pub max_headers: usize,
+    pub max_head_bytes: usize,
     pub finish: Arc<Finish>,
 }
 
@@ -111,7 +114,9 @@ impl<H: Handler> Own<H> {
                     }
                 }
             }
-            let Some(parsed) = parse(&buf, self.max_headers, &mut offsets) else {
+            let parsed = parse(&buf, self.max_headers, &mut offsets)
+                .filter(|p| p.len <= self.max_head_bytes);
+            let Some(parsed) = parsed else {
                 return Ok(Ended::Handoff(buf.split().freeze()));
             };
             let head = buf.split_to(parsed.len).freeze();
@@ -839,6 +844,62 @@ mod tests {
         let (h, f, _) = head_of(r, false);
         assert_eq!(h, "HTTP/1.0 200 OK\r\n\r\n");
         assert_eq!(f, Framing::Close);
+    }
+
+    #[derive(Clone)]
+    struct Hello;
+
+    impl Handler for Hello {
+        fn handle(
+            &self,
+            req: Request<ClientBody>,
+            _remote: Arc<Remote>,
+        ) -> impl Future<Output = Response<ProxyBody>> + Send {
+            let path = req.uri().path().to_string();
+            async move { Response::new(crate::http::full(path)) }
+        }
+    }
+
+    /// The loop serves plain heads one after the other on one connection,
+    /// and hands over the bytes from the first head it does not serve.
+    #[tokio::test]
+    async fn the_loop_serves_until_a_head_it_hands_over_with_its_bytes() {
+        let own = Own {
+            handler: Hello,
+            peer: Arc::new(Remote::new("127.0.0.1:1".parse().unwrap())),
+            max_headers: 100,
+            max_head_bytes: 200,
+            finish: Arc::default(),
+        };
+        let big = format!("GET /big HTTP/1.1\r\nx: {}\r\n\r\n", "y".repeat(200));
+        for rest in [
+            "POST /p HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi".to_string(),
+            big,
+            "GET /partial HTTP/1.1\r\nhost".to_string(),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(1 << 16);
+            let sent = format!("GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n{rest}");
+            client.write_all(sent.as_bytes()).await.unwrap();
+            let ended = own.serve(&mut server).await.unwrap();
+            let Ended::Handoff(handed) = ended else {
+                panic!("{rest:?} was served")
+            };
+            assert_eq!(handed, rest.as_bytes());
+            drop(server);
+            let mut got = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut client, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(got.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{got}");
+            assert!(got.ends_with("\r\n\r\n/b"), "{got}");
+        }
+        // The client's close between requests ends the loop.
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        drop(client);
+        assert!(matches!(
+            own.serve(&mut server).await.unwrap(),
+            Ended::Closed
+        ));
     }
 
     #[tokio::test]

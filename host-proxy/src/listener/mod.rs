@@ -340,6 +340,7 @@ impl Conn {
             handler: handler.clone(),
             peer: peer.clone(),
             max_headers: limits.max_headers,
+            max_head_bytes: limits.max_header_bytes,
             finish: finish.clone(),
         };
         let svc = {
