@@ -106,6 +106,33 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
         })
 }
 
+/// Whether a comma-separated header value (`Connection`,
+/// `Transfer-Encoding`) lists `token`, in any case.
+pub fn lists_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Whether the last token of a comma-separated header value is `token`, in
+/// any case (`chunked` must be a `Transfer-Encoding`'s last coding).
+pub fn ends_with_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// A `Content-Length` value: digits only (no sign, no spaces), at most 19.
+pub fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
 /// A fresh request id: 32 lowercase hex digits.
 pub fn request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -44,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{Finish, Handler};
 use crate::http::ProxyBody;
 use crate::http::body::ClientBody;
-use crate::http::headers::Remote;
+use crate::http::headers::{Remote, ends_with_token, lists_token, parse_length};
 
 /// Bytes asked of each read.
 const READ_SIZE: usize = 8 * 1024;
@@ -238,7 +238,7 @@ fn parse(buf: &[u8], max_headers: usize, offsets: &mut Vec<[usize; 4]>) -> Optio
         if hands_off {
             return None;
         }
-        if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, b"close") {
+        if name.eq_ignore_ascii_case(b"connection") && lists_token(h.value, b"close") {
             close = true;
         }
         let (n, v) = (at(name), at(h.value));
@@ -250,13 +250,6 @@ fn parse(buf: &[u8], max_headers: usize, offsets: &mut Vec<[usize; 4]>) -> Optio
         target,
         close,
     })
-}
-
-/// Whether a comma-separated header value lists `token` (any case).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// The request of a parsed head, its headers and target sharing `head`'s
@@ -343,7 +336,7 @@ fn say_close(headers: &mut HeaderMap) {
     let close = HeaderValue::from_static("close");
     match headers.entry(header::CONNECTION) {
         header::Entry::Occupied(mut e) => {
-            if !e.iter().any(|v| has_token(v.as_bytes(), b"close")) {
+            if !e.iter().any(|v| lists_token(v.as_bytes(), b"close")) {
                 e.append(close);
             }
         }
@@ -537,7 +530,7 @@ impl<'a> Special<'a> {
                     }
                 }
                 header::CONNECTION | header::TRAILER => {
-                    if *name == header::CONNECTION && has_token(value.as_bytes(), b"close") {
+                    if *name == header::CONNECTION && lists_token(value.as_bytes(), b"close") {
                         me.last = true;
                     }
                     if *name == header::TRAILER && !rules.can_chunk {
@@ -565,10 +558,7 @@ impl<'a> Special<'a> {
                 self.content_length.get_or_insert((0, value));
             }
             Some(None) => {
-                let n = std::str::from_utf8(value.as_bytes())
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or(BadHead)?;
+                let n = parse_length(value.as_bytes().trim_ascii()).ok_or(BadHead)?;
                 match self.content_length {
                     Some((prev, _)) if prev != n => return Err(BadHead),
                     Some(_) => {}
@@ -592,7 +582,7 @@ impl<'a> Special<'a> {
             });
         } else if let Some(last) = self.transfer_encoding.last() {
             joined_line(out, b"transfer-encoding", &self.transfer_encoding);
-            if !has_last_token(last.as_bytes(), b"chunked") {
+            if !ends_with_token(last.as_bytes(), b"chunked") {
                 // Chunked must be the last coding: added, as hyper does.
                 out.truncate(out.len() - 2);
                 out.extend_from_slice(b", chunked\r\n");
@@ -641,14 +631,6 @@ fn joined_line(out: &mut Vec<u8>, name: &[u8], values: &[&HeaderValue]) {
         out.extend_from_slice(v.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// Whether the last comma-separated token of `value` is `token` (any case).
-fn has_last_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .rsplit(|b| *b == b',')
-        .next()
-        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// `<size in hex>\r\n`, a chunk's first line (upper case, as hyper

@@ -44,6 +44,7 @@ use super::cluster::EndpointState;
 use super::connector::Slot;
 use super::tls::MaybeTls;
 use crate::http::BoxError;
+use crate::http::headers::{ends_with_token, lists_token, parse_length};
 
 /// Most header lines a response head may have (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -229,7 +230,7 @@ fn encode(req: &Head<'_>, dst: &mut Vec<u8>) -> bool {
         } else if name == header::TRANSFER_ENCODING {
             continue;
         } else {
-            if name == header::CONNECTION && has_token(value, "close") {
+            if name == header::CONNECTION && lists_token(value.as_bytes(), b"close") {
                 keep_alive = false;
             }
             value
@@ -329,11 +330,11 @@ fn parse_head(
             if name == header::CONNECTION {
                 // Once any line asks to close, a later keep-alive does not
                 // undo it.
-                if close || has_token(&value, "close") {
+                if close || lists_token(value.as_bytes(), b"close") {
                     close = true;
                     keep_alive = false;
                 } else if !keep_alive {
-                    keep_alive = has_token(&value, "keep-alive");
+                    keep_alive = lists_token(value.as_bytes(), b"keep-alive");
                 }
             }
             map.append(name, value);
@@ -377,12 +378,9 @@ fn framing(
         if version == Version::HTTP_10 {
             return Err("an HTTP/1.0 response with Transfer-Encoding".into());
         }
-        let chunked = te.last().is_some_and(|v| {
-            v.as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-        });
+        let chunked = te
+            .last()
+            .is_some_and(|v| ends_with_token(v.as_bytes(), b"chunked"));
         return Ok(if chunked {
             Framing::Chunked(Chunk::Size)
         } else {
@@ -400,23 +398,6 @@ fn framing(
         }
     }
     Ok(length.map_or(Framing::Close, Framing::Length))
-}
-
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
-    })
-}
-
-/// Whether a `Connection` value lists `token`.
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// A response body read from its connection as the client's side asks for
