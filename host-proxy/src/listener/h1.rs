@@ -415,6 +415,14 @@ where
         if framing == Framing::Chunked {
             out.extend_from_slice(b"\r\n");
         }
+        if !matches!(framing, Framing::Length(_)) || remaining > 0 || out.is_empty() {
+            continue;
+        }
+        // The whole response is here: the client gets it now, and the
+        // body's end (where the request's completion and metrics run, and
+        // the upstream connection goes back to its pool) is polled after.
+        io.write_all(out).await?;
+        out.clear();
     }
     let whole = match framing {
         Framing::Chunked => {
@@ -957,5 +965,71 @@ mod tests {
             "{got}"
         );
         assert!(!kept);
+    }
+
+    /// A response whose body has given all of its content-length is
+    /// written before the body's end is polled (where the request's
+    /// completion and metrics run), not after.
+    #[tokio::test]
+    async fn a_whole_length_body_is_written_before_its_end_is_polled() {
+        use std::sync::Mutex;
+        use std::task::Context;
+        type Log = Arc<Mutex<Vec<String>>>;
+        struct Whole(Option<Bytes>, Log);
+        impl http_body::Body for Whole {
+            type Data = Bytes;
+            type Error = crate::http::BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+                Poll::Ready(match self.0.take() {
+                    Some(d) => Some(Ok(http_body::Frame::data(d))),
+                    None => {
+                        self.1.lock().unwrap().push("end".into());
+                        None
+                    }
+                })
+            }
+            fn size_hint(&self) -> http_body::SizeHint {
+                http_body::SizeHint::with_exact(5)
+            }
+        }
+        struct Wire(Vec<u8>, Log);
+        impl AsyncWrite for Wire {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                self.0.extend_from_slice(buf);
+                let whole = self.0.ends_with(b"\r\n\r\nwhole");
+                self.1
+                    .lock()
+                    .unwrap()
+                    .push(format!("wrote, whole: {whole}"));
+                Poll::Ready(Ok(buf.len()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let log = Log::default();
+        let body = Whole(Some(Bytes::from_static(b"whole")), log.clone());
+        let mut wire = Wire(Vec::new(), log.clone());
+        let kept = write_response(
+            &mut wire,
+            &mut Vec::new(),
+            Response::new(body.boxed()),
+            false,
+            true,
+        )
+        .await
+        .unwrap();
+        assert!(kept);
+        assert_eq!(*log.lock().unwrap(), ["wrote, whole: true", "end"]);
     }
 }
