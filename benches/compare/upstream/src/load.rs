@@ -7,7 +7,17 @@
 //! ```text
 //! bench-load --rate 1000 --seconds 8 --connections 32 -H 'Host: reviews' http://127.0.0.1:19104/reviews/1
 //! bench-load --requests 2000 --connections 4 http://127.0.0.1:19104/reviews/1
+//! bench-load --rate 1000 --seconds 48 --slice-ms 1000 http://127.0.0.1:19100/r http://127.0.0.1:19101/r
 //! ```
+//!
+//! With more than one URL (needs `--rate`), the schedule is cut into slices
+//! of `--slice-ms` and each slice's requests all go to one URL, the URLs
+//! taking turns (in an order shuffled every round), each over its own
+//! connections, opened and used once before the schedule starts. Each URL
+//! sees the whole rate during its slices, and whatever the machine does
+//! over the run falls on all of them alike: the way to compare the latency
+//! of several arms on a machine whose speed drifts. The output then has one
+//! object per URL under `targets`.
 //!
 //! With `--rate`, a pacing thread schedules one request every 1/rate seconds
 //! (it sleeps with `nanosleep`, not tokio's 1 ms timer wheel) and the
@@ -32,7 +42,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
-use tokio::sync::mpsc;
+use tokio::sync::{Barrier, mpsc};
 
 #[derive(Parser)]
 #[command(
@@ -59,8 +69,12 @@ struct Args {
     /// A request header, `Name: value`; repeatable.
     #[arg(short = 'H', long = "header")]
     headers: Vec<String>,
-    /// `http://host:port/path`
-    url: Uri,
+    /// With several URLs: how long each URL's turn lasts.
+    #[arg(long, default_value_t = 1000)]
+    slice_ms: u64,
+    /// `http://host:port/path`; several take turns (see above).
+    #[arg(required = true)]
+    urls: Vec<Uri>,
 }
 
 /// What one run saw, shared by the connections.
@@ -73,10 +87,9 @@ struct Tally {
 
 fn main() {
     let args = Args::parse();
-    let authority = match args.url.authority() {
-        Some(a) if args.url.scheme_str() == Some("http") => a.as_str().to_string(),
-        _ => fail(&format!("{}: only http://host:port/path URLs", args.url)),
-    };
+    if args.urls.len() > 1 && args.rate.is_none() {
+        fail("several URLs take turns in a --rate run only");
+    }
     let mut headers = Vec::new();
     for h in &args.headers {
         let Some((name, value)) = h.split_once(':') else {
@@ -88,30 +101,59 @@ fn main() {
             .unwrap_or_else(|e| fail(&format!("header {h:?}: {e}")));
         headers.push((name, value));
     }
+    let targets: Vec<Arc<Target>> = args
+        .urls
+        .iter()
+        .map(|url| Arc::new(target(url, &headers)))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("tokio runtime: {e}")));
+    let tallies: Vec<_> = targets
+        .iter()
+        .map(|_| Arc::new(Mutex::new(Tally::default())))
+        .collect();
+    let started = Instant::now();
+    runtime.block_on(run(&args, &targets, &tallies));
+    let elapsed = started.elapsed();
+    let mut summaries: Vec<_> = tallies
+        .iter()
+        .map(|t| summary(std::mem::take(&mut *t.lock().expect("tally lock")), elapsed))
+        .collect();
+    let out = if summaries.len() == 1 {
+        summaries.remove(0)
+    } else {
+        serde_json::json!({
+            "seconds": elapsed.as_secs_f64(),
+            "targets": args.urls.iter().map(ToString::to_string).zip(summaries).collect::<serde_json::Map<_, _>>(),
+        })
+    };
+    println!("{out}");
+}
+
+fn target(
+    url: &Uri,
+    headers: &[(hyper::header::HeaderName, hyper::header::HeaderValue)],
+) -> Target {
+    let authority = match url.authority() {
+        Some(a) if url.scheme_str() == Some("http") => a.as_str().to_string(),
+        _ => fail(&format!("{url}: only http://host:port/path URLs")),
+    };
+    let mut headers = headers.to_vec();
     if !headers.iter().any(|(n, _)| n == hyper::header::HOST) {
         let host = hyper::header::HeaderValue::from_str(&authority)
             .expect("an authority is a valid header");
         headers.push((hyper::header::HOST, host));
     }
-    let path = args
-        .url
+    let path = url
         .path_and_query()
         .map_or("/".to_string(), |p| p.as_str().to_string());
-    let target = Arc::new(Target {
+    Target {
         authority,
         path,
         headers,
-    });
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| fail(&format!("tokio runtime: {e}")));
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let started = Instant::now();
-    runtime.block_on(run(&args, target, tally.clone()));
-    let elapsed = started.elapsed();
-    let tally = std::mem::take(&mut *tally.lock().expect("tally lock"));
-    report(tally, elapsed);
+    }
 }
 
 struct Target {
@@ -120,66 +162,127 @@ struct Target {
     headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
 }
 
-async fn run(args: &Args, target: Arc<Target>, tally: Arc<Mutex<Tally>>) {
-    let (tx, rx) = mpsc::unbounded_channel::<Instant>();
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+async fn run(args: &Args, targets: &[Arc<Target>], tallies: &[Arc<Mutex<Tally>>]) {
+    let turns = targets.len() > 1;
+    let paced = args.rate.is_some();
+    let connections = args.connections.max(1);
     let remaining = Arc::new(AtomicU64::new(args.requests.unwrap_or(u64::MAX)));
+    // Taking turns: every connection is opened and used once before the
+    // schedule starts, so no URL's first slice pays for its connects.
+    let warmed = turns.then(|| Arc::new(Barrier::new(targets.len() * connections + 1)));
+    let mut senders = Vec::new();
+    let mut queues = Vec::new();
     let mut workers = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        let (target, tally, rx, remaining) =
-            (target.clone(), tally.clone(), rx.clone(), remaining.clone());
-        let paced = args.rate.is_some();
-        workers.push(tokio::spawn(async move {
-            connection(&target, &tally, paced.then_some(&*rx), &remaining).await
-        }));
-    }
-    if let Some(rate) = args.rate {
-        // The pacer: a timerfd on this thread's epoll, so a tick wakes the
-        // runtime directly, with no tokio 1 ms timer rounding and no second
-        // thread to switch to.
-        let ticks = rate.saturating_mul(args.seconds);
-        let mut timer = Ticker::new(rate).unwrap_or_else(|e| fail(&format!("timerfd: {e}")));
-        let mut sent = 0;
-        while sent < ticks {
-            for at in timer
-                .next()
-                .await
-                .unwrap_or_else(|e| fail(&format!("timerfd: {e}")))
-            {
-                if sent < ticks && tx.send(at).is_ok() {
-                    sent += 1;
+    for (i, (target, tally)) in targets.iter().zip(tallies).enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel::<Instant>();
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        senders.push(tx);
+        queues.push(rx.clone());
+        for _ in 0..connections {
+            let (target, tally, rx, remaining, warmed) = (
+                target.clone(),
+                tally.clone(),
+                rx.clone(),
+                remaining.clone(),
+                warmed.clone(),
+            );
+            let worker = tokio::spawn(async move {
+                let mut sender = None;
+                if let Some(warmed) = warmed {
+                    if let Err(e) = one_request(&target, &mut sender).await {
+                        *tally
+                            .lock()
+                            .expect("tally lock")
+                            .errors
+                            .entry(format!("warm-up: {e}"))
+                            .or_default() += 1;
+                        sender = None;
+                    }
+                    warmed.wait().await;
                 }
+                let schedule = paced.then_some(&*rx);
+                connection(&target, &tally, schedule, &remaining, sender).await;
+            });
+            workers.push((i, worker));
+        }
+    }
+    let Some(rate) = args.rate else {
+        drop(senders);
+        for (_, w) in workers {
+            let _ = w.await;
+        }
+        return;
+    };
+    if let Some(warmed) = warmed {
+        warmed.wait().await;
+    }
+    // The pacer: a timerfd on this thread's epoll, so a tick wakes the
+    // runtime directly, with no tokio 1 ms timer rounding and no second
+    // thread to switch to.
+    let ticks = rate.saturating_mul(args.seconds);
+    let slice = Duration::from_millis(args.slice_ms.max(1));
+    let mut timer = Ticker::new(rate).unwrap_or_else(|e| fail(&format!("timerfd: {e}")));
+    let mut sent = 0;
+    while sent < ticks {
+        for at in timer
+            .next()
+            .await
+            .unwrap_or_else(|e| fail(&format!("timerfd: {e}")))
+        {
+            let turn = turn(at.duration_since(timer.start), slice, targets.len());
+            if sent < ticks && senders[turn].send(at).is_ok() {
+                sent += 1;
             }
         }
-        drop(tx);
-        // The schedule is over: what is still in flight gets 2 s.
-        let grace = tokio::time::sleep(Duration::from_secs(2));
-        tokio::pin!(grace);
-        for w in &mut workers {
-            tokio::select! {
-                _ = &mut grace => break,
-                _ = w => {}
-            }
+    }
+    drop(senders);
+    // The schedule is over: what is still in flight gets 2 s.
+    let grace = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(grace);
+    for (_, w) in &mut workers {
+        tokio::select! {
+            _ = &mut grace => break,
+            _ = w => {}
         }
-        let left = rx.lock().await.len() as u64;
+    }
+    for (i, (queue, tally)) in queues.iter().zip(tallies).enumerate() {
+        let left = queue.lock().await.len() as u64;
+        let stuck = workers
+            .iter()
+            .filter(|(t, w)| *t == i && !w.is_finished())
+            .count() as u64;
         let mut t = tally.lock().expect("tally lock");
         if left > 0 {
             *t.errors
                 .entry("not sent before the end (overloaded)".into())
                 .or_default() += left;
         }
-        let stuck = workers.iter().filter(|w| !w.is_finished()).count() as u64;
         if stuck > 0 {
             *t.errors
                 .entry("no response within 2 s of the end".into())
                 .or_default() += stuck;
         }
-    } else {
-        drop(tx);
-        for w in workers {
-            let _ = w.await;
-        }
     }
+}
+
+/// Whose turn it is `since` the schedule started: slices of `slice` go
+/// round the `n` targets, each round in its own shuffled order (so no
+/// target always follows the same one: a proxy that keeps a timer running
+/// for a while after its turn would always warm the same successor).
+fn turn(since: Duration, slice: Duration, n: usize) -> usize {
+    let k = since.as_nanos() / slice.as_nanos().max(1);
+    let (round, pos) = ((k / n as u128) as u64, (k % n as u128) as usize);
+    let mut order: Vec<usize> = (0..n).collect();
+    // xorshift64*, seeded by the round: the same order every run.
+    let mut x = round.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for i in (1..n).rev() {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let j = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % (i + 1);
+        order.swap(i, j);
+    }
+    order[pos]
 }
 
 /// One keep-alive connection: takes scheduled requests (or, unpaced, the
@@ -189,8 +292,8 @@ async fn connection(
     tally: &Mutex<Tally>,
     schedule: Option<&tokio::sync::Mutex<mpsc::UnboundedReceiver<Instant>>>,
     remaining: &AtomicU64,
+    mut sender: Option<http1::SendRequest<Empty<Bytes>>>,
 ) {
-    let mut sender: Option<http1::SendRequest<Empty<Bytes>>> = None;
     loop {
         let scheduled = match schedule {
             Some(rx) => match rx.lock().await.recv().await {
@@ -262,7 +365,7 @@ async fn one_request(
     Ok(status)
 }
 
-fn report(mut t: Tally, elapsed: Duration) {
+fn summary(mut t: Tally, elapsed: Duration) -> serde_json::Value {
     t.latencies_ns.sort_unstable();
     let pct = |p: f64| -> f64 {
         if t.latencies_ns.is_empty() {
@@ -272,7 +375,7 @@ fn report(mut t: Tally, elapsed: Duration) {
         t.latencies_ns[i.clamp(1, t.latencies_ns.len()) - 1] as f64 / 1000.0
     };
     let completed: u64 = t.status.values().sum();
-    let out = serde_json::json!({
+    serde_json::json!({
         "completed": completed,
         "seconds": elapsed.as_secs_f64(),
         "status": t.status.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
@@ -281,8 +384,7 @@ fn report(mut t: Tally, elapsed: Duration) {
         "p99_us": pct(99.0),
         "p99.9_us": pct(99.9),
         "max_us": pct(100.0),
-    });
-    println!("{out}");
+    })
 }
 
 /// A periodic Linux timerfd (one tick every 1/rate s) read through tokio:
@@ -374,4 +476,35 @@ impl Ticker {
 fn fail(msg: &str) -> ! {
     eprintln!("bench-load: {msg}");
     std::process::exit(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_target_gets_one_slice_a_round_in_an_order_that_varies() {
+        let slice = Duration::from_secs(1);
+        let mut orders = std::collections::BTreeSet::new();
+        let mut follows_5 = std::collections::BTreeSet::new();
+        let mut last = None;
+        for round in 0..12u64 {
+            let order: Vec<usize> = (0..6)
+                .map(|pos| turn(slice * (round * 6 + pos) as u32 + slice / 2, slice, 6))
+                .collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, [0, 1, 2, 3, 4, 5], "round {round}: {order:?}");
+            for t in order.iter().copied() {
+                if last == Some(5) {
+                    follows_5.insert(t);
+                }
+                last = Some(t);
+            }
+            orders.insert(order);
+        }
+        assert!(orders.len() >= 10, "{orders:?}");
+        assert!(follows_5.len() >= 4, "target 5 followed by {follows_5:?}");
+        assert_eq!(turn(Duration::ZERO, slice, 1), 0);
+    }
 }
