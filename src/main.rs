@@ -408,8 +408,8 @@ fn parse_memory(s: &str) -> Result<usize, String> {
     wasmesh_api::MemoryLimit::parse(s).map(|m| m.get() as usize)
 }
 
-/// The system allocator, keeping a few freed 8 KiB blocks (hyper's read
-/// buffers) for the next request.
+/// The system allocator, keeping a few freed blocks of 1–8 KiB (hyper's
+/// read buffers, header maps) for the next request.
 #[global_allocator]
 static ALLOCATOR: wasmesh_proxy::runtime::memory::Allocator =
     wasmesh_proxy::runtime::memory::Allocator;

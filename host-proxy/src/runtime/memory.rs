@@ -6,97 +6,187 @@
 //! stays ≈ 80 MiB resident for its whole life instead of ≈ 25 MiB.
 //!
 //! Also the process's allocator ([`Allocator`]): the system's, with a few
-//! freed 8 KiB blocks kept for the next request.
+//! freed blocks of 1–8 KiB kept for the next request.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-/// The size of the blocks [`Allocator`] keeps: hyper's HTTP/1 read buffer.
-const BLOCK: usize = 8 * 1024;
+/// The sizes [`Allocator`] keeps: above glibc's per-thread cache, which
+/// serves up to 1,032 bytes, up to hyper's 8 KiB HTTP/1 read buffer.
+const SMALLEST: usize = 1033;
+const LARGEST: usize = 8 * 1024;
 
-/// Freed blocks kept at most (64 KiB).
+/// Kept sizes are rounded up to a multiple of this: each class's blocks
+/// are all of its size, so any request of the class fits any of them.
+const CLASS: usize = 512;
+
+/// The classes: sizes up to 512, 1,024, … 8,192 bytes (the first two
+/// unused, below [`SMALLEST`]).
+const CLASSES: usize = LARGEST / CLASS;
+
+/// Freed blocks kept at most per class (at most 8 × (1.5 + 2 + … + 8) KiB
+/// ≈ 0.5 MiB in all, 64 KiB of it 8 KiB blocks).
 const KEPT: usize = 8;
 
-/// The freed blocks kept, each slot empty (null) or holding one.
-static KEPT_BLOCKS: [AtomicPtr<u8>; KEPT] = [const { AtomicPtr::new(null_mut()) }; KEPT];
+/// The alignment every kept block is allocated with (the system's own for
+/// such sizes on 64-bit glibc), so that it suits any request of its class
+/// up to that alignment.
+const ALIGN: usize = 16;
 
-/// The system allocator, keeping up to [`KEPT`] freed 8 KiB blocks for
-/// the next allocation of that size.
+/// The freed blocks kept, per class, each slot empty (null) or holding one.
+static KEPT_BLOCKS: [[AtomicPtr<u8>; KEPT]; CLASSES] =
+    [const { [const { AtomicPtr::new(null_mut()) }; KEPT] }; CLASSES];
+
+/// The system allocator, keeping up to [`KEPT`] freed blocks of each size
+/// class between 1,033 bytes and 8 KiB for the next allocation of that
+/// class.
 ///
-/// hyper reads each HTTP/1 connection into an 8 KiB buffer, and when it
-/// makes room for the next message while the previous one's bytes are
-/// still shared (the request's headers live until its response ends; a
-/// response's until the client has it) it allocates a new buffer: ≈ 1.7
-/// times a request on a proxied keep-alive exchange. glibc serves 8 KiB
-/// from its unsorted and large bins, not its per-thread cache (which stops
-/// at 1,032 bytes), at ≈ 430 instructions a `malloc`, plus the `free`'s
-/// coalescing (`benches/compare/instructions`). Another allocator took
-/// that cost off but raised an idle sidecar's RSS by 1–35 MB
-/// (jemalloc, mimalloc: benches/RESULTS.md); these slots keep at most
-/// 64 KiB.
+/// glibc serves those sizes from its unsorted and large bins, not its
+/// per-thread cache (which stops at 1,032 bytes), at ≈ 430 instructions a
+/// `malloc`, plus the `free`'s coalescing and, now and then, a
+/// `malloc_consolidate` of its fast bins (`benches/compare/instructions`).
+/// A request on the proxy's path makes several: hyper reads each HTTP/1
+/// connection into an 8 KiB buffer and allocates a new one when it makes
+/// room for the next message while the previous one's bytes are still
+/// shared (≈ 1.7 times a request on a proxied keep-alive exchange); a
+/// request's and a response's `http::HeaderMap` each hold their headers in
+/// one vector of ≈ 100 bytes an entry, over 1 KiB from about ten headers (a
+/// request between two sidecars carries the forwarding headers too).
+/// Another allocator took that cost off but raised an idle sidecar's RSS
+/// by 1–35 MB (jemalloc, mimalloc: benches/RESULTS.md); these slots keep
+/// at most ≈ 0.5 MiB.
 ///
-/// Only byte-aligned blocks are kept (a `Vec<u8>`'s, as hyper's buffers
-/// are), so a kept block always suits the next request for one, on any
-/// target; each is the system allocator's own, so whichever path frees it,
-/// it goes back where it came from.
+/// Every block of a class is allocated from the system at the class's size
+/// and [`ALIGN`], whether it is first handed out or comes from a slot, and
+/// goes back to the system with that layout: whichever path frees it, it
+/// goes back where it came from.
 pub struct Allocator;
 
-/// Whether `layout` is the kept one: 8 KiB of bytes.
-fn kept_size(layout: Layout) -> bool {
-    layout.size() == BLOCK && layout.align() == 1
+/// The class of `layout` when its blocks are kept: its index in
+/// [`KEPT_BLOCKS`].
+#[inline]
+fn class_of(layout: Layout) -> Option<usize> {
+    let size = layout.size();
+    (size.wrapping_sub(SMALLEST) <= LARGEST - SMALLEST && layout.align() <= ALIGN)
+        .then(|| (size - 1) / CLASS)
 }
 
-// SAFETY: every pointer returned is either `System`'s answer for the same
-// layout or a block `System` allocated for the identical layout (8 KiB,
-// align 1) and that was freed to us (so no one else holds it); each kept block
-// sits in exactly one slot (taken with a swap, put with a compare-exchange
-// from null), so it is handed out at most once.
-unsafe impl GlobalAlloc for Allocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if kept_size(layout) {
-            for slot in &KEPT_BLOCKS {
-                // A plain load first: an empty slot costs no locked
-                // instruction.
-                if !slot.load(Ordering::Relaxed).is_null() {
-                    let p = slot.swap(null_mut(), Ordering::Acquire);
-                    if !p.is_null() {
-                        return p;
-                    }
-                }
+/// The layout every block of `class` is allocated with.
+fn block(class: usize) -> Layout {
+    // SAFETY: for a class below CLASSES, a non-zero size of at most 8 KiB
+    // and a power-of-two alignment: a valid layout.
+    unsafe { Layout::from_size_align_unchecked((class + 1) * CLASS, ALIGN) }
+}
+
+/// A kept block of `class`, or a new one from the system.
+#[inline(never)]
+fn take(class: usize) -> *mut u8 {
+    for slot in &KEPT_BLOCKS[class] {
+        // A plain load first: an empty slot costs no locked instruction.
+        if !slot.load(Ordering::Relaxed).is_null() {
+            let p = slot.swap(null_mut(), Ordering::Acquire);
+            if !p.is_null() {
+                return p;
             }
         }
-        // SAFETY: the caller's layout, as given.
-        unsafe { System.alloc(layout) }
+    }
+    // SAFETY: a valid, non-zero-sized layout.
+    unsafe { System.alloc(block(class)) }
+}
+
+/// Keep `ptr`, a freed block of `class`, or give it back to the system.
+///
+/// # Safety
+///
+/// `ptr` is a block of `class` (allocated with [`block`]`(class)`) that no
+/// one holds any more.
+#[inline(never)]
+unsafe fn keep(class: usize, ptr: *mut u8) {
+    for slot in &KEPT_BLOCKS[class] {
+        if slot.load(Ordering::Relaxed).is_null()
+            && slot
+                .compare_exchange(null_mut(), ptr, Ordering::Release, Ordering::Relaxed)
+                .is_ok()
+        {
+            return;
+        }
+    }
+    // SAFETY: every block of the class came from `System` with its layout.
+    unsafe { System.dealloc(ptr, block(class)) }
+}
+
+// SAFETY: every pointer returned is either `System`'s answer for the
+// caller's layout, or (for a kept class) a block `System` allocated with the
+// class's layout — at least as large and as aligned as the caller's — that
+// is either new or was freed to us (so no one else holds it); each kept
+// block sits in exactly one slot (taken with a swap, put with a
+// compare-exchange from null), so it is handed out at most once. Every
+// block is freed to `System` with the layout it was allocated with.
+unsafe impl GlobalAlloc for Allocator {
+    // The checks inline at every call site; a kept class's work does not.
+    #[inline(always)]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match class_of(layout) {
+            // SAFETY: the caller's layout, as given.
+            None => unsafe { System.alloc(layout) },
+            Some(class) => take(class),
+        }
     }
 
+    #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if kept_size(layout) {
-            for slot in &KEPT_BLOCKS {
-                if slot.load(Ordering::Relaxed).is_null()
-                    && slot
-                        .compare_exchange(null_mut(), ptr, Ordering::Release, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    return;
-                }
-            }
+        match class_of(layout) {
+            // SAFETY: `ptr` came from `System` for this layout.
+            None => unsafe { System.dealloc(ptr, layout) },
+            // SAFETY: the caller frees `ptr`, a block of `class`, once.
+            Some(class) => unsafe { keep(class, ptr) },
         }
-        // SAFETY: `ptr` came from `System` (directly or through a slot) for
-        // this layout.
-        unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's layout, as given.
-        unsafe { System.alloc_zeroed(layout) }
+        if class_of(layout).is_none() {
+            // SAFETY: the caller's layout, as given.
+            return unsafe { System.alloc_zeroed(layout) };
+        }
+        // SAFETY: the caller's layout; the block holds at least its size.
+        unsafe {
+            let p = self.alloc(layout);
+            if !p.is_null() {
+                p.write_bytes(0, layout.size());
+            }
+            p
+        }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr` is a `System` block (kept blocks are too), and
-        // `System.realloc` takes any of its blocks with its layout.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        // `GlobalAlloc::realloc`'s contract makes `new_size` with
+        // `layout`'s alignment a valid layout.
+        let new = Layout::from_size_align(new_size, layout.align()).ok();
+        let (old_class, new_class) = (class_of(layout), new.and_then(class_of));
+        if old_class.is_none() && new_class.is_none() {
+            // SAFETY: `ptr` came from `System` for `layout`.
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        if old_class.is_some() && old_class == new_class {
+            // The block is the class's size: the new size fits as it is.
+            return ptr;
+        }
+        let Some(new) = new else {
+            return null_mut();
+        };
+        // SAFETY: a fresh block for `new`; `ptr` holds `layout.size()`
+        // readable bytes and the two do not overlap; `ptr` is then freed
+        // once, with its own layout.
+        unsafe {
+            let p = self.alloc(new);
+            if !p.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            p
+        }
     }
 }
 
@@ -239,45 +329,74 @@ mod tests {
     use super::*;
 
     #[test]
-    fn freed_8_kib_blocks_are_kept_up_to_the_cap_and_handed_out_again() {
+    fn freed_blocks_of_1_to_8_kib_are_kept_per_class_up_to_the_cap_and_handed_out_again() {
         // The test process's own allocator is the system's: this one is
         // used directly, by this test alone.
         let a = Allocator;
-        let block = Layout::from_size_align(BLOCK, 1).unwrap();
-        let other = Layout::from_size_align(BLOCK + 1, 1).unwrap();
-        let kept = || {
-            KEPT_BLOCKS
+        let layout = |size, align| Layout::from_size_align(size, align).unwrap();
+        let block = layout(LARGEST, 1);
+        let kept = |class: usize| {
+            KEPT_BLOCKS[class]
                 .iter()
                 .filter(|s| !s.load(Ordering::Relaxed).is_null())
                 .count()
         };
+        let top = CLASSES - 1;
         // SAFETY: each pointer is freed once, with the layout it was
-        // allocated with, and written only within it.
+        // allocated (or last reallocated) with, and written only within it.
         unsafe {
             let p = a.alloc(block);
-            p.write_bytes(7, BLOCK);
+            p.write_bytes(7, LARGEST);
             a.dealloc(p, block);
-            assert_eq!(kept(), 1);
+            assert_eq!(kept(top), 1);
             assert_eq!(a.alloc(block), p, "the kept block is handed out again");
-            assert_eq!(kept(), 0);
+            assert_eq!(kept(top), 0);
             a.dealloc(p, block);
             // More freed than kept: the rest go back to the system.
             let many: Vec<_> = (0..KEPT + 3).map(|_| a.alloc(block)).collect();
             for p in many {
                 a.dealloc(p, block);
             }
-            assert_eq!(kept(), KEPT);
+            assert_eq!(kept(top), KEPT);
+
+            // One class, 1,025–1,536 bytes (from 1,033): any size of it,
+            // any alignment up to 16, gets the same block, zeroed on demand.
+            let entries = layout(1400, 8);
+            let q = a.alloc(entries);
+            q.write_bytes(1, 1400);
+            a.dealloc(q, entries);
+            assert_eq!(kept(2), 1);
+            let z = a.alloc_zeroed(layout(1536, 16));
+            assert_eq!(z, q);
+            assert!(std::slice::from_raw_parts(z, 1536).iter().all(|b| *b == 0));
+            // Grown within its class: the same block; past it: moved, the
+            // bytes with it, and the old block kept.
+            z.write_bytes(9, 1536);
+            assert_eq!(a.realloc(z, layout(1536, 16), 1100), z);
+            let moved = a.realloc(z, layout(1100, 16), 3000);
+            assert_ne!(moved, z);
+            assert!(
+                std::slice::from_raw_parts(moved, 1100)
+                    .iter()
+                    .all(|b| *b == 9)
+            );
+            assert_eq!((kept(2), kept(5)), (1, 0));
+            a.dealloc(moved, layout(3000, 16));
+            assert_eq!(kept(5), 1);
+
             // Other sizes and alignments pass through.
-            let q = a.alloc(other);
-            a.dealloc(q, other);
-            let aligned = Layout::from_size_align(BLOCK, 16).unwrap();
-            let r = a.alloc(aligned);
-            assert_eq!(r as usize % 16, 0);
-            a.dealloc(r, aligned);
-            assert_eq!(kept(), KEPT);
-            let grown = a.realloc(a.alloc(block), block, 2 * BLOCK);
-            a.dealloc(grown, Layout::from_size_align(2 * BLOCK, 1).unwrap());
-            assert_eq!(kept(), KEPT - 1, "one kept block was taken and grown");
+            for other in [layout(1032, 8), layout(LARGEST + 1, 1), layout(2048, 32)] {
+                let r = a.alloc(other);
+                assert_eq!(r as usize % other.align(), 0);
+                a.dealloc(r, other);
+            }
+            assert_eq!((kept(top), kept(2), kept(3), kept(4)), (KEPT, 1, 0, 0));
+            // Out of the range both ways, through the system's realloc.
+            let small = a.realloc(a.alloc(layout(100, 1)), layout(100, 1), 900);
+            a.dealloc(small, layout(900, 1));
+            let grown = a.realloc(a.alloc(block), block, 2 * LARGEST);
+            a.dealloc(grown, layout(2 * LARGEST, 1));
+            assert_eq!(kept(top), KEPT, "the block it moved from is kept again");
         }
     }
 
