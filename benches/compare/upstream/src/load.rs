@@ -220,7 +220,7 @@ async fn run(args: &Args, targets: &[Arc<Target>], tallies: &[Arc<Mutex<Tally>>]
     // runtime directly, with no tokio 1 ms timer rounding and no second
     // thread to switch to.
     let ticks = rate.saturating_mul(args.seconds);
-    let slice = Duration::from_millis(args.slice_ms.max(1));
+    let mut turns = Turns::new(Duration::from_millis(args.slice_ms.max(1)), targets.len());
     let mut timer = Ticker::new(rate).unwrap_or_else(|e| fail(&format!("timerfd: {e}")));
     let mut sent = 0;
     while sent < ticks {
@@ -229,7 +229,7 @@ async fn run(args: &Args, targets: &[Arc<Target>], tallies: &[Arc<Mutex<Tally>>]
             .await
             .unwrap_or_else(|e| fail(&format!("timerfd: {e}")))
         {
-            let turn = turn(at.duration_since(timer.start), slice, targets.len());
+            let turn = turns.at(at.duration_since(timer.start));
             if sent < ticks && senders[turn].send(at).is_ok() {
                 sent += 1;
             }
@@ -265,24 +265,45 @@ async fn run(args: &Args, targets: &[Arc<Target>], tallies: &[Arc<Mutex<Tally>>]
     }
 }
 
-/// Whose turn it is `since` the schedule started: slices of `slice` go
-/// round the `n` targets, each round in its own shuffled order (so no
-/// target always follows the same one: a proxy that keeps a timer running
-/// for a while after its turn would always warm the same successor).
-fn turn(since: Duration, slice: Duration, n: usize) -> usize {
-    let k = since.as_nanos() / slice.as_nanos().max(1);
-    let (round, pos) = ((k / n as u128) as u64, (k % n as u128) as usize);
-    let mut order: Vec<usize> = (0..n).collect();
-    // xorshift64*, seeded by the round: the same order every run.
-    let mut x = round.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for i in (1..n).rev() {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let j = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % (i + 1);
-        order.swap(i, j);
+/// Whose turn it is: slices of `slice` go round the `n` targets, each
+/// round in its own shuffled order (so no target always follows the same
+/// one: a proxy that keeps a timer running for a while after its turn would
+/// always warm the same successor). The order is made once a round.
+struct Turns {
+    slice: Duration,
+    round: Option<u64>,
+    order: Vec<usize>,
+}
+
+impl Turns {
+    fn new(slice: Duration, n: usize) -> Self {
+        Turns {
+            slice,
+            round: None,
+            order: (0..n.max(1)).collect(),
+        }
     }
-    order[pos]
+
+    /// The target whose turn it is `since` the schedule started.
+    fn at(&mut self, since: Duration) -> usize {
+        let n = self.order.len() as u128;
+        let k = since.as_nanos() / self.slice.as_nanos().max(1);
+        let (round, pos) = ((k / n) as u64, (k % n) as usize);
+        if self.round != Some(round) {
+            self.round = Some(round);
+            self.order.sort_unstable();
+            // xorshift64*, seeded by the round: the same order every run.
+            let mut x = round.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            for i in (1..self.order.len()).rev() {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                let j = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % (i + 1);
+                self.order.swap(i, j);
+            }
+        }
+        self.order[pos]
+    }
 }
 
 /// One keep-alive connection: takes scheduled requests (or, unpaced, the
@@ -488,9 +509,10 @@ mod tests {
         let mut orders = std::collections::BTreeSet::new();
         let mut follows_5 = std::collections::BTreeSet::new();
         let mut last = None;
+        let mut turns = Turns::new(slice, 6);
         for round in 0..12u64 {
             let order: Vec<usize> = (0..6)
-                .map(|pos| turn(slice * (round * 6 + pos) as u32 + slice / 2, slice, 6))
+                .map(|pos| turns.at(slice * (round * 6 + pos) as u32 + slice / 2))
                 .collect();
             let mut sorted = order.clone();
             sorted.sort_unstable();
@@ -505,6 +527,12 @@ mod tests {
         }
         assert!(orders.len() >= 10, "{orders:?}");
         assert!(follows_5.len() >= 4, "target 5 followed by {follows_5:?}");
-        assert_eq!(turn(Duration::ZERO, slice, 1), 0);
+        assert_eq!(Turns::new(slice, 1).at(slice * 3), 0);
+        // Asked again out of order, a round's order is the same.
+        let first: Vec<usize> = (0..6).map(|pos| turns.at(slice * pos)).collect();
+        let again: Vec<usize> = (0..6)
+            .map(|pos| Turns::new(slice, 6).at(slice * pos))
+            .collect();
+        assert_eq!(first, again);
     }
 }
