@@ -13,6 +13,7 @@
 //! endpoint routed to (its service, subset and identity) outbound. A label
 //! with no value is `unknown`, as Istio writes it.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -104,6 +105,51 @@ struct Key {
     grpc_status: Option<u32>,
     code: u16,
     flag: Option<ResponseFlag>,
+}
+
+impl Key {
+    fn of(x: &Exchange, code: u16, flag: Option<ResponseFlag>) -> Self {
+        Self {
+            reporter: x.reporter,
+            local: x.local.clone(),
+            peer: x.peer.clone(),
+            destination: x.destination.clone(),
+            subset: x.subset.clone(),
+            upstream: x.upstream.clone(),
+            grpc: x.grpc,
+            grpc_status: x.grpc_status,
+            code,
+            flag,
+        }
+    }
+
+    /// Whether a request that showed `x` and ended with `code` and `flag`
+    /// has this key, compared without building its key (the names are
+    /// mostly the same `Arc`s, compared by address first).
+    fn is(&self, x: &Exchange, code: u16, flag: Option<ResponseFlag>) -> bool {
+        self.code == code
+            && self.flag == flag
+            && self.reporter == x.reporter
+            && self.grpc == x.grpc
+            && self.grpc_status == x.grpc_status
+            && self.destination == x.destination
+            && self.subset == x.subset
+            && self.local == x.local
+            && self.peer == x.peer
+            && self.upstream == x.upstream
+    }
+}
+
+/// Where [`Istio::epoch`]s come from: unique across instances, so a
+/// thread's cached series is never taken for another instance's.
+static EPOCHS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The series this thread recorded last, with the epoch of the
+    /// [`Istio`] it came from. A worker's consecutive requests mostly share
+    /// one label set; a hit skips the key's clones, its hash and the
+    /// series map's lock.
+    static LAST: RefCell<Option<(u64, Key, Arc<Series>)>> = const { RefCell::new(None) };
 }
 
 /// Istio's standard label set: the TCP one, and what an HTTP request
@@ -214,6 +260,16 @@ struct Series {
     edge: Arc<EdgeCounters>,
 }
 
+impl Series {
+    fn observe(&self, x: &Exchange, code: u16, millis: f64) {
+        self.requests.inc();
+        self.duration.observe(millis);
+        self.request_bytes.observe(x.request_bytes as f64);
+        self.response_bytes.observe(x.response_bytes as f64);
+        self.edge.observe(code, millis);
+    }
+}
+
 /// A service edge as this proxy sees it: who called whom, and the subset
 /// that answered.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -287,6 +343,9 @@ pub struct Istio {
     edges: Mutex<HashMap<EdgeKey, Arc<EdgeCounters>>>,
     /// When the counters started.
     started: Instant,
+    /// This instance's series as they are now: a new value from
+    /// [`EPOCHS`] whenever the series are dropped.
+    epoch: AtomicU64,
 }
 
 impl Default for Istio {
@@ -305,6 +364,7 @@ impl Default for Istio {
             series: RwLock::default(),
             edges: Mutex::default(),
             started: Instant::now(),
+            epoch: AtomicU64::new(EPOCHS.fetch_add(1, Ordering::Relaxed)),
         }
     }
 }
@@ -364,16 +424,9 @@ impl Istio {
     /// opened now; its bytes and its close go to the counters returned.
     pub fn tunnel(&self, x: &Exchange) -> Tunnel {
         let key = Key {
-            reporter: x.reporter,
-            local: x.local.clone(),
-            peer: x.peer.clone(),
-            destination: x.destination.clone(),
-            subset: x.subset.clone(),
-            upstream: x.upstream.clone(),
             grpc: false,
             grpc_status: None,
-            code: 101,
-            flag: None,
+            ..Key::of(x, 101, None)
         };
         let labels = self.labels(&key).common;
         self.tcp_opened.get_or_create(&labels).inc();
@@ -389,22 +442,26 @@ impl Istio {
         *self.workload.write().unwrap() = w;
         self.series.write().unwrap().clear();
         self.edges.lock().unwrap().clear();
+        // After the clear: a series found before it is cached under the
+        // old epoch, and missed from now on.
+        self.epoch
+            .store(EPOCHS.fetch_add(1, Ordering::Relaxed), Ordering::Release);
     }
 
     /// Record one finished request.
     pub fn record(&self, x: &Exchange, code: u16, flag: Option<ResponseFlag>, millis: f64) {
-        let key = Key {
-            reporter: x.reporter,
-            local: x.local.clone(),
-            peer: x.peer.clone(),
-            destination: x.destination.clone(),
-            subset: x.subset.clone(),
-            upstream: x.upstream.clone(),
-            grpc: x.grpc,
-            grpc_status: x.grpc_status,
-            code,
-            flag,
-        };
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let hit = LAST.with_borrow(|last| match last {
+            Some((e, key, series)) if *e == epoch && key.is(x, code, flag) => {
+                series.observe(x, code, millis);
+                true
+            }
+            _ => false,
+        });
+        if hit {
+            return;
+        }
+        let key = Key::of(x, code, flag);
         let known = self.series.read().unwrap().get(&key).cloned();
         let series = match known {
             Some(s) => s,
@@ -429,14 +486,11 @@ impl Istio {
                     response_bytes: self.response_bytes.get_or_create(&labels).clone(),
                     edge,
                 });
-                all.entry(key).or_insert(s).clone()
+                all.entry(key.clone()).or_insert(s).clone()
             }
         };
-        series.requests.inc();
-        series.duration.observe(millis);
-        series.request_bytes.observe(x.request_bytes as f64);
-        series.response_bytes.observe(x.response_bytes as f64);
-        series.edge.observe(code, millis);
+        series.observe(x, code, millis);
+        LAST.set(Some((epoch, key, series)));
     }
 
     /// How long the counters have been counting.

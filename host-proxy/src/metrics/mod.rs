@@ -10,8 +10,9 @@ pub mod istio;
 // foldhash: these maps are looked up on every request; SipHash cost
 // ≈ 1.5k instructions a request across them.
 use foldhash::HashMap;
+use std::cell::RefCell;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -73,6 +74,8 @@ pub struct Metrics {
     /// `requests` counters already looked up, by service, then (code,
     /// flags): counting a request then builds no label strings.
     request_counters: RequestCounters,
+    /// Which instance this is, for [`LAST_REQUEST`].
+    id: u64,
     /// Istio's standard request metrics.
     pub istio: istio::Istio,
     /// Spans exported, and dropped.
@@ -110,6 +113,24 @@ impl Registrar<'_> {
 
 type RequestCounters =
     std::sync::RwLock<HashMap<Box<str>, HashMap<(u16, Option<ResponseFlag>), Counter>>>;
+
+/// Where [`Metrics`]' ids come from.
+static IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The `requests` counter a thread incremented last, and for what.
+struct LastRequest {
+    metrics: u64,
+    service: Box<str>,
+    code: u16,
+    flag: Option<ResponseFlag>,
+    counter: Counter,
+}
+
+thread_local! {
+    /// A worker's consecutive requests mostly count into one counter: a
+    /// hit skips both maps' hashes and their lock.
+    static LAST_REQUEST: RefCell<Option<LastRequest>> = const { RefCell::new(None) };
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -190,6 +211,7 @@ impl Metrics {
             registry,
             custom_names: Mutex::default(),
             request_counters: RequestCounters::default(),
+            id: IDS.fetch_add(1, Ordering::Relaxed),
         }
         .with_istio()
         .with_identity_and_control()
@@ -325,6 +347,21 @@ impl Metrics {
 
     /// Count a finished request.
     pub fn request(&self, service: &str, code: u16, flag: Option<ResponseFlag>) {
+        let hit = LAST_REQUEST.with_borrow(|last| match last {
+            Some(l)
+                if l.metrics == self.id
+                    && l.code == code
+                    && l.flag == flag
+                    && *l.service == *service =>
+            {
+                l.counter.inc();
+                true
+            }
+            _ => false,
+        });
+        if hit {
+            return;
+        }
         let known = self
             .request_counters
             .read()
@@ -352,6 +389,13 @@ impl Metrics {
             }
         };
         counter.inc();
+        LAST_REQUEST.set(Some(LastRequest {
+            metrics: self.id,
+            service: service.into(),
+            code,
+            flag,
+            counter,
+        }));
     }
 
     /// Count a plugin log line dropped past its rate.
@@ -510,5 +554,87 @@ mod tests {
         assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
         assert!(!text.contains("# EOF"));
         assert!(!text.contains("# TYPE wasmesh_requests counter"));
+    }
+
+    /// The `istio_requests_total` samples of `m` whose labels contain
+    /// every one of `labels`, summed.
+    fn istio_requests(m: &Metrics, labels: &[&str]) -> f64 {
+        m.encode_prometheus()
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn request_counters_cached_per_thread_count_where_they_belong() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.request("reviews", 200, None);
+        b.request("reviews", 200, None);
+        a.request("reviews", 200, None);
+        a.request("ratings", 200, None);
+        a.request("reviews", 503, Some(ResponseFlag::UpstreamOverflow));
+        a.request("reviews", 200, None);
+        let count = |m: &Metrics, labels: &str| -> f64 {
+            m.encode_prometheus()
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("wasmesh_requests_total{{{labels}}} ")))
+                .map_or(0.0, |v| v.parse().unwrap())
+        };
+        let ok = |s: &str| {
+            format!("destination_service=\"{s}\",response_code=\"200\",response_flags=\"-\"")
+        };
+        assert_eq!(count(&a, &ok("reviews")), 3.0);
+        assert_eq!(count(&a, &ok("ratings")), 1.0);
+        assert_eq!(count(&b, &ok("reviews")), 1.0);
+        assert_eq!(
+            count(
+                &a,
+                "destination_service=\"reviews\",response_code=\"503\",response_flags=\"UO\""
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn istio_series_cached_per_thread_count_where_they_belong() {
+        let reviews: std::sync::Arc<str> = "reviews".into();
+        let x = istio::Exchange {
+            destination: Some(reviews.clone()),
+            ..Default::default()
+        };
+        // Two instances on one thread: each counts its own requests.
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.istio.record(&x, 200, None, 1.0);
+        b.istio.record(&x, 200, None, 1.0);
+        a.istio.record(&x, 200, None, 1.0);
+        assert_eq!(istio_requests(&a, &["response_code=\"200\""]), 2.0);
+        assert_eq!(istio_requests(&b, &["response_code=\"200\""]), 1.0);
+        // Alternating label sets (another code, another name with the
+        // same text) land in their own series.
+        let same_text = istio::Exchange {
+            destination: Some("reviews".into()),
+            ..Default::default()
+        };
+        a.istio.record(&x, 503, None, 1.0);
+        a.istio.record(&same_text, 200, None, 1.0);
+        a.istio.record(&x, 503, None, 1.0);
+        assert_eq!(istio_requests(&a, &["response_code=\"200\""]), 3.0);
+        assert_eq!(istio_requests(&a, &["response_code=\"503\""]), 2.0);
+        // A new workload drops the series: the next request counts under
+        // the new labels, not into the series this thread used last.
+        a.istio.set_workload(istio::Workload {
+            service: Some("productpage".into()),
+            ..Default::default()
+        });
+        a.istio.record(&x, 503, None, 1.0);
+        assert_eq!(
+            istio_requests(
+                &a,
+                &["source_workload=\"productpage\"", "response_code=\"503\""]
+            ),
+            1.0
+        );
     }
 }
