@@ -17,7 +17,7 @@ use super::Chain;
 use crate::access_log::{self, AccessLog, Decisions, Line};
 use crate::flags::ResponseFlag;
 use crate::http::body::BodyWatch;
-use crate::http::headers::HeaderEdit;
+use crate::http::headers::{self, HeaderEdit};
 use crate::http::{BoxError, ProxyBody};
 use crate::metrics::Metrics;
 use crate::metrics::istio::{Exchange, Reporter};
@@ -186,8 +186,11 @@ impl Drop for CompletionGuard {
         if let (Some(log), Some(req)) = (&self.access_log, &self.req) {
             log.write(&self.access_log_line(req, code, done));
         }
-        // Counters the request held are released after every on-complete.
-        drop(self.req.take());
+        // Counters the request held are released after every on-complete;
+        // its header map is the next request's or response's.
+        if let Some(mut req) = self.req.take() {
+            headers::recycle(std::mem::take(&mut req.parts.headers));
+        }
         self.metrics.request(&self.service, code, self.flag);
         if let Some(t) = &self.trace {
             t.end(code, ResponseFlag::label(self.flag), Vec::new());

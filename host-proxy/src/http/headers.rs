@@ -2,9 +2,11 @@
 //! headers and request id the proxy adds, and header edits (what plugins
 //! ask for, validated before any is applied).
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
@@ -133,23 +135,82 @@ pub fn parse_length(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// A fresh request id: 32 lowercase hex digits.
-pub fn request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = [0u8; 32];
-    for (half, word) in id
-        .chunks_mut(16)
-        .zip([fastrand::u64(..), fastrand::u64(..)])
-    {
-        for (i, digit) in half.iter_mut().enumerate() {
-            *digit = HEX[(word >> (60 - 4 * i)) as usize & 0xf];
+/// Most spare header maps a thread keeps.
+const SPARE_MAPS: usize = 32;
+
+/// Maps that held more than this many headers are not kept.
+const SPARE_MAP_CAPACITY: usize = 64;
+
+thread_local! {
+    /// Header maps of requests and responses that are done, emptied, for
+    /// the next ones: a map's two allocations (its index and its entries)
+    /// are made once, not for each request and response.
+    static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty header map with room for `capacity` headers: a spare one when
+/// this thread has one.
+pub fn header_map(capacity: usize) -> HeaderMap {
+    match SPARE.with_borrow_mut(Vec::pop) {
+        Some(mut map) => {
+            map.reserve(capacity);
+            map
         }
+        None => HeaderMap::with_capacity(capacity),
     }
-    // Owned where it was made, not copied into a `Vec`: a copy's first
-    // clone (the id is also echoed on the response, and the request is
-    // cloned for each attempt) allocates its shared count.
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
-        .expect("hex digits are a header value")
+}
+
+/// Done with `map`: emptied and kept for [`header_map`], unless it is large
+/// or this thread keeps enough.
+pub fn recycle(mut map: HeaderMap) {
+    if map.capacity() == 0 || map.capacity() > SPARE_MAP_CAPACITY {
+        return;
+    }
+    map.clear();
+    SPARE.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_MAPS {
+            spare.push(map);
+        }
+    });
+}
+
+/// Request ids made at once, into one buffer.
+const IDS_AT_ONCE: usize = 64;
+
+/// Two lowercase hex digits for each byte value.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    pairs
+};
+
+thread_local! {
+    /// Fresh ids not given out yet, back to back in one shared buffer:
+    /// each id is a slice of it (a count, not an allocation, per
+    /// request; the buffer goes when its last id does).
+    static FRESH_IDS: RefCell<Bytes> = const { RefCell::new(Bytes::new()) };
+}
+
+/// A fresh request id: 32 lowercase hex digits (128 random bits).
+pub fn request_id() -> HeaderValue {
+    let id = FRESH_IDS.with_borrow_mut(|fresh| {
+        if fresh.is_empty() {
+            let mut digits = Vec::with_capacity(32 * IDS_AT_ONCE);
+            for _ in 0..2 * IDS_AT_ONCE {
+                for byte in fastrand::u64(..).to_le_bytes() {
+                    digits.extend_from_slice(&HEX_PAIRS[usize::from(byte)]);
+                }
+            }
+            *fresh = Bytes::from(digits);
+        }
+        fresh.split_to(32)
+    });
+    HeaderValue::from_maybe_shared(id).expect("hex digits are a header value")
 }
 
 /// The client end of a downstream connection, formatted once per
@@ -393,6 +454,55 @@ mod tests {
             );
         }
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn spare_header_maps_come_back_empty_and_large_ones_are_not_kept() {
+        // Drain what this test thread may hold.
+        while SPARE.with_borrow_mut(Vec::pop).is_some() {}
+        let mut m = header_map(4);
+        m.insert(header::HOST, HeaderValue::from_static("a"));
+        m.append(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        m.append(X_FORWARDED_FOR, HeaderValue::from_static("5.6.7.8"));
+        let room = m.capacity();
+        recycle(m);
+        let again = header_map(2);
+        assert!(again.is_empty());
+        assert_eq!(again.get(X_FORWARDED_FOR), None);
+        assert_eq!(again.capacity(), room, "the same map, its room kept");
+        // Asked for more room than a spare has: it grows.
+        recycle(again);
+        assert!(header_map(40).capacity() >= 40);
+        // A map past the cap is dropped, not kept.
+        let mut big = HeaderMap::with_capacity(SPARE_MAP_CAPACITY + 1);
+        big.insert(header::HOST, HeaderValue::from_static("a"));
+        recycle(big);
+        assert_eq!(SPARE.with_borrow(Vec::len), 0);
+        // At most SPARE_MAPS are kept.
+        for _ in 0..SPARE_MAPS + 3 {
+            recycle(HeaderMap::with_capacity(4));
+        }
+        assert_eq!(SPARE.with_borrow(Vec::len), SPARE_MAPS);
+    }
+
+    #[test]
+    fn request_ids_stay_fresh_and_whole_across_their_buffers() {
+        // Three buffers' worth: every id distinct and well formed, and
+        // each outlives the buffer it was cut from.
+        let ids: Vec<HeaderValue> = (0..3 * IDS_AT_ONCE + 1).map(|_| request_id()).collect();
+        let distinct: std::collections::HashSet<&[u8]> = ids.iter().map(|i| i.as_bytes()).collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id:?}");
+            assert!(
+                id.as_bytes()
+                    .iter()
+                    .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+                "{id:?}"
+            );
+        }
+        assert_eq!(HEX_PAIRS[0x0f], *b"0f");
+        assert_eq!(HEX_PAIRS[0xa5], *b"a5");
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{Finish, Handler};
 use crate::http::ProxyBody;
 use crate::http::body::ClientBody;
-use crate::http::headers::{Remote, ends_with_token, lists_token, parse_length};
+use crate::http::headers::{self, Remote, ends_with_token, lists_token, parse_length};
 
 /// Bytes asked of each read.
 const READ_SIZE: usize = 8 * 1024;
@@ -256,7 +256,7 @@ fn parse(buf: &[u8], max_headers: usize, offsets: &mut Vec<[usize; 4]>) -> Optio
 /// bytes; `None` when `http` refuses a part of it.
 fn request(head: &Bytes, parsed: &Parsed, offsets: &[[usize; 4]]) -> Option<Request<ClientBody>> {
     let uri = Uri::from_maybe_shared(head.slice(parsed.target.0..parsed.target.1)).ok()?;
-    let mut headers = HeaderMap::with_capacity(offsets.len() + 4);
+    let mut headers = headers::header_map(offsets.len() + 4);
     for &[n0, n1, v0, v1] in offsets {
         let name = HeaderName::from_bytes(&head[n0..n1]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).ok()?;
@@ -321,6 +321,8 @@ where
     let Ok((framing, last)) = encode_head(out, &parts, reason, is_head, length) else {
         return Ok(false);
     };
+    // Written: the map is the next request's or response's.
+    headers::recycle(std::mem::take(&mut parts.headers));
     if framing == Framing::Length(0) {
         // No body to send (HEAD, 204, 304, an empty body): it is dropped
         // unread, as hyper drops it.

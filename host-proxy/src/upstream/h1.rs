@@ -44,7 +44,7 @@ use super::cluster::EndpointState;
 use super::connector::Slot;
 use super::tls::MaybeTls;
 use crate::http::BoxError;
-use crate::http::headers::{ends_with_token, lists_token, parse_length};
+use crate::http::headers::{self, ends_with_token, lists_token, parse_length};
 
 /// Most header lines a response head may have (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -321,7 +321,7 @@ fn parse_head(
         };
         // Room for what the proxy adds to the response (its request id,
         // the chain's edits) without growing the map.
-        let mut map = HeaderMap::with_capacity(count + 4);
+        let mut map = headers::header_map(count + 4);
         let mut keep_alive = version == Version::HTTP_11;
         let mut close = false;
         for &[n0, n1, v0, v1] in &at[..count] {
@@ -339,13 +339,13 @@ fn parse_head(
             }
             map.append(name, value);
         }
-        let framing = framing(code, method, version, &map)?;
+        let (framing, both) = framing(code, method, version, &map)?;
         if framing == Framing::Close || code == StatusCode::SWITCHING_PROTOCOLS {
             keep_alive = false;
         }
-        if map.contains_key(header::TRANSFER_ENCODING) && map.contains_key(header::CONTENT_LENGTH) {
-            // Both: the coding wins, and the connection is not trusted with
-            // another request.
+        if both {
+            // Transfer-Encoding and Content-Length: the coding wins, and
+            // the connection is not trusted with another request.
             keep_alive = false;
         }
         let mut resp = Response::new(H1Body::empty());
@@ -359,45 +359,55 @@ fn parse_head(
     }
 }
 
-/// A final response's body framing (RFC 9112 §6.3).
+/// A final response's body framing (RFC 9112 §6.3), and whether it
+/// carries both Transfer-Encoding and Content-Length. One pass over the
+/// headers, comparing names (a tag compare for these), not a hashed
+/// lookup for each.
 fn framing(
     code: StatusCode,
     method: &Method,
     version: Version,
     headers: &HeaderMap,
-) -> Result<Framing, BoxError> {
+) -> Result<(Framing, bool), BoxError> {
+    let mut coding = None;
+    let mut has_length = false;
+    let mut length: Result<Option<u64>, &'static str> = Ok(None);
+    for (name, v) in headers {
+        if name == header::TRANSFER_ENCODING {
+            coding = Some(v);
+        } else if name == header::CONTENT_LENGTH {
+            has_length = true;
+            for part in v.as_bytes().split(|&b| b == b',') {
+                length = length.and_then(|l| {
+                    let n = parse_length(part.trim_ascii()).ok_or("invalid Content-Length")?;
+                    match l {
+                        Some(l) if l != n => Err("differing Content-Length values"),
+                        _ => Ok(Some(n)),
+                    }
+                });
+            }
+        }
+    }
+    let both = coding.is_some() && has_length;
     if code == StatusCode::SWITCHING_PROTOCOLS
         || code == StatusCode::NO_CONTENT
         || code == StatusCode::NOT_MODIFIED
         || method == Method::HEAD
     {
-        return Ok(Framing::Length(0));
+        return Ok((Framing::Length(0), both));
     }
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if te.peek().is_some() {
+    if let Some(last) = coding {
         if version == Version::HTTP_10 {
             return Err("an HTTP/1.0 response with Transfer-Encoding".into());
         }
-        let chunked = te
-            .last()
-            .is_some_and(|v| ends_with_token(v.as_bytes(), b"chunked"));
-        return Ok(if chunked {
+        let framing = if ends_with_token(last.as_bytes(), b"chunked") {
             Framing::Chunked(Chunk::Size)
         } else {
             Framing::Close
-        });
+        };
+        return Ok((framing, both));
     }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let n = parse_length(part.trim_ascii()).ok_or("invalid Content-Length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("differing Content-Length values".into());
-            }
-            length = Some(n);
-        }
-    }
-    Ok(length.map_or(Framing::Close, Framing::Length))
+    Ok((length?.map_or(Framing::Close, Framing::Length), both))
 }
 
 /// A response body read from its connection as the client's side asks for
@@ -654,6 +664,31 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((f, ka), (Framing::Chunked(Chunk::Size), true));
+        // Both: the coding wins (a bad length beside it is not read), and
+        // the connection is not kept.
+        let (_, f, ka) = head(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 7\r\ntransfer-encoding: chunked\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((f, ka), (Framing::Chunked(Chunk::Size), false));
+        // Repeated equal lengths, in one line or several, are one length.
+        let (_, f, ka) = head(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((f, ka), (Framing::Length(5), true));
+        // The last coding decides: not chunked, the body runs to the close.
+        let (_, f, ka) = head(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((f, ka), (Framing::Close, false));
         let (_, f, ka) = head(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET)
             .unwrap()
             .unwrap();
