@@ -133,7 +133,7 @@ impl crate::listener::Handler for Handler {
 
 /// A response decided, with its flag.
 struct Answer {
-    response: Response<ProxyBody>,
+    response: Response<AnswerBody>,
     flag: Option<ResponseFlag>,
 }
 
@@ -141,7 +141,7 @@ impl From<ProxyError> for Answer {
     fn from(e: ProxyError) -> Self {
         Self {
             flag: e.flag(),
-            response: e.into_response(),
+            response: e.into_response().map(AnswerBody::Made),
         }
     }
 }
@@ -149,8 +149,44 @@ impl From<ProxyError> for Answer {
 impl From<Reply> for Answer {
     fn from(r: Reply) -> Self {
         Self {
-            response: r.response,
+            response: r.response.map(AnswerBody::Made),
             flag: Some(r.flag),
+        }
+    }
+}
+
+/// An answer's body: the upstream's as it came (boxed once, with the
+/// completion guard around it, not also on its own), or one made here.
+enum AnswerBody {
+    Upstream(UpBody),
+    Made(ProxyBody),
+}
+
+impl http_body::Body for AnswerBody {
+    type Data = Bytes;
+    type Error = crate::http::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Upstream(b) => std::pin::Pin::new(b).poll_frame(cx),
+            Self::Made(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream(b) => b.is_end_stream(),
+            Self::Made(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Upstream(b) => b.size_hint(),
+            Self::Made(b) => b.size_hint(),
         }
     }
 }
@@ -656,14 +692,14 @@ impl Attempts<'_> {
                     tokio::spawn(upstream::tunnel(down, up, counters));
                     let (parts, _) = resp.into_parts();
                     return Answer {
-                        response: Response::from_parts(parts, full(Bytes::new())),
+                        response: Response::from_parts(parts, AnswerBody::Made(full(Bytes::new()))),
                         flag: None,
                     };
                 }
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers, false);
                 Answer {
-                    response: Response::from_parts(parts, body.boxed()),
+                    response: Response::from_parts(parts, AnswerBody::Upstream(body)),
                     flag: None,
                 }
             }

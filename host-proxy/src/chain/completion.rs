@@ -131,13 +131,13 @@ impl CompletionGuard {
 
     /// The response head is going out with `status` and `headers`, flagged
     /// `flag`; the guard now travels with its body.
-    pub fn respond(
+    pub fn respond<B>(
         mut self,
         status: u16,
         headers: &http::HeaderMap,
         flag: Option<ResponseFlag>,
-        body: ProxyBody,
-    ) -> GuardedBody {
+        body: B,
+    ) -> GuardedBody<B> {
         self.status = Some(status);
         if self.exchange.grpc {
             self.exchange.grpc_status = grpc_status(headers);
@@ -240,12 +240,15 @@ impl CompletionGuard {
 }
 
 /// A response body that carries the request's [`CompletionGuard`].
-pub struct GuardedBody {
-    inner: ProxyBody,
+pub struct GuardedBody<B = ProxyBody> {
+    inner: B,
     guard: CompletionGuard,
 }
 
-impl Body for GuardedBody {
+impl<B> Body for GuardedBody<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
     fn poll_frame(

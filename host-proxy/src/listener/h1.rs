@@ -189,7 +189,12 @@ where
         // Like hyper (without half-close), look for the client's end only
         // while nothing of a next request is held.
         if buf.is_empty() {
-            buf.reserve(READ_SIZE);
+            // Into what is left of the buffer the request's head was cut
+            // from (it is still shared with the head, which the request
+            // holds): room for any byte is enough to see the client's
+            // close, and asking for a full read's room would allocate a
+            // new buffer for every request.
+            buf.reserve(1);
             if let Poll::Ready(Ok(0) | Err(_)) = pin!(io.read_buf(buf)).poll(cx) {
                 return Poll::Ready(None);
             }
