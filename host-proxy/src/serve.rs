@@ -354,9 +354,12 @@ fn admit(
     if req.method() == Method::CONNECT {
         return Err(ProxyError::ConnectUnsupported);
     }
+    // `Host` found by comparing names (a tag compare for a standard one),
+    // not by hashing it: a request has a few headers.
     let authority = req.uri().authority().cloned().or_else(|| {
         req.headers()
-            .get(header::HOST)
+            .iter()
+            .find_map(|(n, v)| (n == header::HOST).then_some(v))
             .and_then(|h| Authority::try_from(h.as_bytes()).ok())
     });
     let service = match side {
