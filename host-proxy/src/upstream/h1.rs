@@ -133,6 +133,12 @@ impl H1Conn {
         if !self.buf.is_empty() {
             return true;
         }
+        if let MaybeTls::Plain(tcp) = &self.io {
+            // A look at the socket's readiness, and a read only if it is
+            // readable: no waker, no task budget.
+            let mut byte = [0];
+            return !matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        }
         let mut cx = Context::from_waker(Waker::noop());
         let mut byte = [MaybeUninit::uninit()];
         let mut rb = ReadBuf::uninit(&mut byte);
