@@ -326,15 +326,17 @@ where
     let Ok((framing, last)) = encode_head(out, &parts, reason, is_head, length) else {
         return Ok(false);
     };
-    // Written: the map is the next request's or response's.
-    headers::recycle(std::mem::take(&mut parts.headers));
-    if framing == Framing::Length(0) {
+    let whole = if framing == Framing::Length(0) {
         // No body to send (HEAD, 204, 304, an empty body): it is dropped
         // unread, as hyper drops it.
         io.write_all(out).await?;
-        return Ok(!last && keep_alive);
-    }
-    let whole = write_body(io, out, pin!(body), framing).await?;
+        true
+    } else {
+        write_body(io, out, pin!(body), framing).await?
+    };
+    // Sent: the map is the next request's or response's (emptied here, off
+    // the response's way out).
+    headers::recycle(std::mem::take(&mut parts.headers));
     Ok(whole && !last && keep_alive)
 }
 
