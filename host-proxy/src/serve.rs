@@ -520,8 +520,12 @@ async fn forward(
         upgrade: incoming.on_upgrade.is_some(),
         deadline: plan.timeout.map(|t| incoming.started + t),
     };
-    let last = attempts.run(guard).await;
-    attempts.finish(last, incoming.on_upgrade, &broken, &guard.exchange)
+    // The upstream's response is made here, where it stays until it is
+    // answered with: returned, it was moved through every await between
+    // the upstream's head and this function.
+    let mut resp = None;
+    let last = attempts.run(guard, &mut resp).await;
+    attempts.finish((last, resp), incoming.on_upgrade, &broken, &guard.exchange)
 }
 
 /// The attempts at one request's target.
@@ -539,10 +543,10 @@ struct Attempts<'a> {
     deadline: Option<Instant>,
 }
 
-/// How the last attempt ended: the upstream's response, a reply instead of
-/// it, or a failure.
+/// How the last attempt ended: the upstream's response (in the slot the
+/// attempts were given), a reply instead of it, or a failure.
 enum Last {
-    Response(Response<UpBody>),
+    Response,
     Reply(Reply),
     Failed(UpstreamFailure),
 }
@@ -550,8 +554,13 @@ enum Last {
 impl Attempts<'_> {
     /// Step 5: attempt until an attempt stands — the first, unless a plugin
     /// asks for a retry that the host allows (a replayable body, fewer than
-    /// [`MAX_ATTEMPTS`], time left) — and return how the last one ended.
-    async fn run(&mut self, guard: &mut CompletionGuard) -> Last {
+    /// [`MAX_ATTEMPTS`], time left) — and return how the last one ended,
+    /// its response (if it got one) in `resp`.
+    async fn run(
+        &mut self,
+        guard: &mut CompletionGuard,
+        resp: &mut Option<Response<UpBody>>,
+    ) -> Last {
         let mut avoid: Option<Arc<str>> = None;
         loop {
             let number = guard.count_attempt();
@@ -591,7 +600,9 @@ impl Attempts<'_> {
                         let req = guard.request_mut();
                         headers.apply(&mut req.parts.headers);
                     }
-                    let result = self.send(guard.request(), ep, t0).await;
+                    let sent = self.send(guard.request(), ep, t0, resp).await;
+                    // Sent: the response is in `resp`.
+                    let result = sent.and_then(|()| resp.as_ref().ok_or(UpstreamFailure::Reset));
                     if let Some(span) = span {
                         span.end(match &result {
                             Ok(r) => Ok(r.status().as_u16()),
@@ -602,7 +613,7 @@ impl Attempts<'_> {
                 }
             };
             if !guard.chain().any_on_response {
-                return result.map_or_else(Last::Failed, Last::Response);
+                return result.map_or_else(Last::Failed, |_| Last::Response);
             }
             let attempt = Attempt {
                 number,
@@ -612,14 +623,8 @@ impl Attempts<'_> {
                 endpoint: ep.map(|e| &*e.address),
                 duration: t0.elapsed(),
             };
-            let seen = match &result {
-                Ok(r) => SeenResponse {
-                    status: r.status().as_u16(),
-                    headers: Some(r.headers()),
-                },
-                Err(_) => SeenResponse::default(),
-            };
-            let verdict = guard.run_on_response(None, seen, &attempt);
+            let verdict = guard.run_on_response(None, seen(&result), &attempt);
+            let last = result.map_or_else(Last::Failed, |_| Last::Response);
             if let Some(reply) = verdict.reply {
                 return Last::Reply(reply);
             }
@@ -627,7 +632,7 @@ impl Attempts<'_> {
                 Some(backoff) if self.may_retry(number) => {
                     // This attempt's response is discarded (its connection
                     // is not reused mid-body).
-                    drop(result);
+                    *resp = None;
                     let wait = match self.deadline {
                         Some(d) => backoff.min(d.saturating_duration_since(Instant::now())),
                         None => backoff,
@@ -635,7 +640,7 @@ impl Attempts<'_> {
                     tokio::time::sleep(wait).await;
                     avoid = ep.map(|e| e.address.clone());
                 }
-                _ => return result.map_or_else(Last::Failed, Last::Response),
+                _ => return last,
             }
         }
     }
@@ -653,7 +658,8 @@ impl Attempts<'_> {
         req: &RequestView,
         ep: &upstream::cluster::Endpoint,
         now: Instant,
-    ) -> Result<Response<UpBody>, UpstreamFailure> {
+        resp: &mut Option<Response<UpBody>>,
+    ) -> Result<(), UpstreamFailure> {
         let remaining = self.deadline.map(|d| d.saturating_duration_since(now));
         let limit = match (self.plan.per_try_timeout, remaining) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -674,21 +680,23 @@ impl Attempts<'_> {
             &out,
             &mut self.body,
             (now, limit),
+            resp,
         )
         .await
     }
 
-    /// Step 5's end: the answer from how the last attempt ended.
+    /// Step 5's end: the answer from how the last attempt ended (and the
+    /// response it got, if any).
     fn finish(
         &self,
-        last: Last,
+        last: (Last, Option<Response<UpBody>>),
         on_upgrade: Option<hyper::upgrade::OnUpgrade>,
         broken: &BodyWatch,
         exchange: &Exchange,
     ) -> Answer {
         match last {
-            Last::Reply(reply) => reply.into(),
-            Last::Response(mut resp) => {
+            (Last::Reply(reply), _) => reply.into(),
+            (Last::Response, Some(mut resp)) => {
                 if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, resp.status()) {
                     let up = hyper::upgrade::on(&mut resp);
                     let counters = self.shared.metrics.istio.tunnel(exchange);
@@ -708,9 +716,18 @@ impl Attempts<'_> {
             }
             // The client's body broke after forwarding began: the upstream
             // request was aborted; the fault is the client's.
-            Last::Failed(_) if broken.is_broken() => ProxyError::BodyBrokeAfterForwarding.into(),
-            Last::Failed(failure) => ProxyError::Upstream {
+            (Last::Failed(_), _) if broken.is_broken() => {
+                ProxyError::BodyBrokeAfterForwarding.into()
+            }
+            (Last::Failed(failure), _) => ProxyError::Upstream {
                 failure,
+                service: self.target.name.clone(),
+                subset: self.plan.subset.clone(),
+            }
+            .into(),
+            // Not made: `Response` comes with the response it names.
+            (Last::Response, None) => ProxyError::Upstream {
+                failure: UpstreamFailure::Reset,
                 service: self.target.name.clone(),
                 subset: self.plan.subset.clone(),
             }
@@ -719,8 +736,19 @@ impl Attempts<'_> {
     }
 }
 
+/// An attempt's response, as `on-response` sees it.
+fn seen<'a>(result: &Result<&'a Response<UpBody>, UpstreamFailure>) -> SeenResponse<'a> {
+    match result {
+        Ok(r) => SeenResponse {
+            status: r.status().as_u16(),
+            headers: Some(r.headers()),
+        },
+        Err(_) => SeenResponse::default(),
+    }
+}
+
 /// How an attempt ended, as plugins are told.
-fn outcome(result: &Result<Response<UpBody>, UpstreamFailure>) -> Outcome {
+fn outcome(result: &Result<&Response<UpBody>, UpstreamFailure>) -> Outcome {
     match result {
         Ok(r) => Outcome::Response(r.status().as_u16()),
         Err(UpstreamFailure::NoHealthyEndpoint) => Outcome::NoHealthyEndpoint,

@@ -221,8 +221,16 @@ impl Body for UpBody {
     }
 }
 
+impl From<h1::H1Body> for UpBody {
+    fn from(b: h1::H1Body) -> Self {
+        UpBody::Own(b)
+    }
+}
+
 /// One attempt, begun at `now`: send to `ep` within `limit`, counted
-/// against the endpoint's `max_requests` while in flight.
+/// against the endpoint's `max_requests` while in flight; its response is
+/// made in `resp` (where the attempt loop keeps it, rather than moved
+/// back through every await on the way).
 pub async fn send(
     clients: &Clients,
     ep: &Endpoint,
@@ -230,7 +238,8 @@ pub async fn send(
     out: &Outgoing<'_>,
     body: &mut ReqBody,
     (now, limit): (Instant, Option<Duration>),
-) -> Result<Response<UpBody>, UpstreamFailure> {
+    resp: &mut Option<Response<UpBody>>,
+) -> Result<(), UpstreamFailure> {
     if ep.state.inflight.fetch_add(1, Ordering::Relaxed) >= max_requests {
         ep.state.inflight.fetch_sub(1, Ordering::Relaxed);
         return Err(UpstreamFailure::Overflow);
@@ -282,7 +291,7 @@ pub async fn send(
             None if out.h2 => Via::H2(request(out, uri.clone(), body.take())),
             None => Via::Http1(request(out, uri.clone(), body.take())),
         };
-        match send_once(clients, ep, via, (now, deadline)).await {
+        match send_once(clients, ep, via, (now, deadline), resp).await {
             Err(SendError::Unprocessed) if resends < 2 && body.is_replayable() => {
                 resends += 1;
                 tracing::debug!(
@@ -292,7 +301,7 @@ pub async fn send(
             }
             Err(SendError::Unprocessed) => return Err(UpstreamFailure::Reset),
             Err(SendError::Failed(f)) => return Err(f),
-            Ok(r) => return Ok(r),
+            Ok(()) => return Ok(()),
         }
     }
 }
@@ -352,7 +361,8 @@ async fn send_once(
     ep: &Endpoint,
     via: Via<'_>,
     (now, deadline): (Instant, Option<Instant>),
-) -> Result<Response<UpBody>, SendError> {
+    resp: &mut Option<Response<UpBody>>,
+) -> Result<(), SendError> {
     // Each branch awaits its future where it is made (`timeout!`): handed
     // to a helper, it was stored twice in this future (the argument, then
     // the timeout holding it), and every request's future moved the copy.
@@ -371,19 +381,21 @@ async fn send_once(
         Via::Http1(up) => {
             let idempotent = up.method().is_idempotent();
             let sent = timeout!(clients.http1.send(ep, up, now));
-            return h1_result(ep, sent.map(|r| r.map(UpBody::Hyper)), idempotent);
+            let sent = sent.map(|r| {
+                *resp = Some(r.map(UpBody::Hyper));
+            });
+            return h1_result(ep, sent, idempotent);
         }
         Via::Own(head) => {
-            let sent = timeout!(clients.http1.send_own(ep, head, now));
-            return h1_result(
-                ep,
-                sent.map(|r| r.map(UpBody::Own)),
-                head.method.is_idempotent(),
-            );
+            let sent = timeout!(clients.http1.send_own(ep, head, now, resp));
+            return h1_result(ep, sent, head.method.is_idempotent());
         }
     };
     match timeout!(clients.h2c.request(up)) {
-        Ok(r) => Ok(r.map(UpBody::Hyper)),
+        Ok(r) => {
+            *resp = Some(r.map(UpBody::Hyper));
+            Ok(())
+        }
         Err(e) if cause::<connector::ConnectionLimit>(&e).is_some() => {
             Err(SendError::Failed(UpstreamFailure::Overflow))
         }
@@ -404,11 +416,11 @@ async fn send_once(
 /// An HTTP/1.1 attempt's result, its errors as the attempt loop sees them.
 fn h1_result(
     ep: &Endpoint,
-    sent: Result<Response<UpBody>, UpstreamError>,
+    sent: Result<(), UpstreamError>,
     idempotent: bool,
-) -> Result<Response<UpBody>, SendError> {
+) -> Result<(), SendError> {
     match sent {
-        Ok(r) => Ok(r),
+        Ok(()) => Ok(()),
         Err(UpstreamError::Limit(_)) => Err(SendError::Failed(UpstreamFailure::Overflow)),
         Err(UpstreamError::Connect(e)) => {
             tracing::debug!(endpoint = &*ep.address, "upstream connect failed: {e}");

@@ -197,14 +197,16 @@ impl H1Pool {
     }
 
     /// Send a request without a body on one of the proxy's own connections
-    /// to `ep` ([`super::h1`]), pooled or new; `now` as for
-    /// [`H1Pool::send`]. The response's body puts its connection back.
-    pub async fn send_own(
+    /// to `ep` ([`super::h1`]), pooled or new, its response made in `out`;
+    /// `now` as for [`H1Pool::send`]. The response's body puts its
+    /// connection back.
+    pub async fn send_own<B: From<H1Body>>(
         &self,
         ep: &Endpoint,
         req: &Head<'_>,
         now: Instant,
-    ) -> Result<http::Response<H1Body>, UpstreamError> {
+        out: &mut Option<Response<B>>,
+    ) -> Result<(), UpstreamError> {
         let conns = &ep.state.h1;
         let generation = match (&ep.identity, &self.tls) {
             (Some(_), Some(tls)) => tls.generation(),
@@ -224,8 +226,8 @@ impl H1Pool {
                 max_idle: self.max_idle,
                 since: now,
             };
-            match conn.exchange(req, home).await {
-                Ok(resp) => return Ok(resp),
+            match conn.exchange(req, home, out).await {
+                Ok(()) => return Ok(()),
                 // Not written whole: a pooled connection the upstream had
                 // closed meanwhile. Another connection gets it.
                 Err(ExchangeError::Unwritten(_)) if pooled && resent < 3 => resent += 1,
