@@ -525,6 +525,7 @@ fn main() -> ExitCode {
                 },
                 watch,
                 workers: 0,
+                worker: None,
                 builtins: wasmesh_artifacts::BUILTINS,
                 compile_cache,
                 compiler: compiler(),
@@ -775,12 +776,15 @@ fn proxy(mut options: wasmesh_proxy::Options, workers: Option<usize>, drain: Dur
         .max(1);
     options.workers = workers;
     wasmesh_proxy::runtime::memory::limit_arenas(workers + 1);
-    // One worker: tokio's current-thread scheduler. Its thread polls the
-    // sockets and runs the tasks itself; the multi-threaded scheduler with
-    // one worker also hands work between that worker and the thread blocked
-    // in `block_on`, and that cost ≈ 10 µs of CPU per request here
-    // (benches/compare: 27k → 37k requests/s on one core, same CPU).
-    // Builds and compiles run on the blocking pool either way.
+    // Requests run on the worker runtime, built with the I/O driver only: a
+    // runtime with timers reads the clock and scans its timer wheel on
+    // every wake-up (≈ 1 k instructions a request at a light load,
+    // benches/RESULTS.md). One worker: tokio's current-thread scheduler.
+    // Its thread polls the sockets and runs the tasks itself; the
+    // multi-threaded scheduler with one worker also hands work between that
+    // worker and the thread blocked in `block_on`, and that cost ≈ 10 µs of
+    // CPU per request here (benches/compare: 27k → 37k requests/s on one
+    // core, same CPU).
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -788,13 +792,53 @@ fn proxy(mut options: wasmesh_proxy::Options, workers: Option<usize>, drain: Dur
         b.worker_threads(workers);
         b
     };
-    let rt = match builder.enable_all().build() {
-        Ok(rt) => rt,
+    // Everything else runs on this thread's runtime: starting up, builds
+    // and compiles (on its blocking pool), the control-plane client,
+    // identity renewal, the admin server, reloads, and every timer
+    // (wasmesh_proxy::timer makes the workers' timers here).
+    let runtimes = builder
+        .enable_io()
+        .thread_name("wasmesh-worker")
+        .build()
+        .and_then(|worker| {
+            let control = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok((worker, control))
+        });
+    let (worker, rt) = match runtimes {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
+    wasmesh_proxy::timer::install(rt.handle().clone());
+    options.worker = Some(worker.handle().clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // A current-thread runtime runs its tasks only while a thread is blocked
+    // on it; a multi-threaded one on its own threads (this one holds it).
+    let serving = std::thread::Builder::new()
+        .name("wasmesh-worker".into())
+        .spawn(move || worker.block_on(async { drop(stopped.await) }));
+    let serving = match serving {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot start the worker thread: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = run_proxy(&rt, options, drain);
+    drop(stop);
+    let _ = serving.join();
+    code
+}
+
+fn run_proxy(
+    rt: &tokio::runtime::Runtime,
+    options: wasmesh_proxy::Options,
+    drain: Duration,
+) -> ExitCode {
     rt.block_on(async move {
         let proxy = match wasmesh_proxy::Proxy::start(options).await {
             Ok(p) => p,

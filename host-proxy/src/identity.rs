@@ -237,7 +237,7 @@ impl Identity {
             // Between 50% and 70% of what is left: a fleet does not renew
             // in step, and a failed attempt leaves time for retries.
             let wait = left.mul_f64(0.5 + fastrand::f64() * 0.2);
-            tokio::time::sleep(wait).await;
+            crate::timer::sleep(wait).await;
             let mut backoff = Duration::from_millis(500);
             loop {
                 match self.renew_once().await {
@@ -273,7 +273,7 @@ impl Identity {
                             left.as_secs()
                         );
                         let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-                        tokio::time::sleep(pause).await;
+                        crate::timer::sleep(pause).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 }
@@ -395,7 +395,7 @@ async fn first_certificate(
             }
             Err(e) => anyhow::bail!("{url}: {e}"),
         }
-        tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() * 0.5)).await;
+        crate::timer::sleep(backoff.mul_f64(0.5 + fastrand::f64() * 0.5)).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }

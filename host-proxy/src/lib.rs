@@ -43,6 +43,7 @@ pub mod listener;
 pub mod metrics;
 pub mod runtime;
 pub mod serve;
+pub mod timer;
 pub mod trace;
 pub mod upstream;
 pub mod xds;
@@ -80,6 +81,12 @@ pub struct Options {
     pub watch: bool,
     /// Worker threads.
     pub workers: usize,
+    /// The runtime the listeners and their requests run on, when it is not
+    /// the one the proxy starts on: the proxy's own binary serves on a
+    /// runtime without a time driver (see [`timer`]) and runs the rest
+    /// (control client, identity renewal, admin server, the timers) on the
+    /// runtime it starts on.
+    pub worker: Option<tokio::runtime::Handle>,
     /// The `builtin:` plugins.
     pub builtins: &'static [(&'static str, &'static [u8])],
     /// Keep compiled components here across runs.
@@ -181,6 +188,7 @@ pub struct Proxy {
     identity: Option<Arc<identity::Identity>>,
     listeners: Vec<(TcpListener, Side)>,
     admin: TcpListener,
+    worker: Option<tokio::runtime::Handle>,
 }
 
 impl Proxy {
@@ -247,6 +255,7 @@ impl Proxy {
             }),
             endpoints,
             watch: options.watch,
+            worker: options.worker.clone(),
             control,
             identity,
             listeners,
@@ -268,12 +277,16 @@ impl Proxy {
         let drain_all = Arc::new(listener::Drain::default());
         let limits = shared.live.load().listeners.downstream;
         let mut tasks = Vec::new();
+        let worker = self
+            .worker
+            .clone()
+            .unwrap_or_else(tokio::runtime::Handle::current);
         for (listener, side) in self.listeners {
             let handler = Handler {
                 shared: shared.clone(),
                 side,
             };
-            tasks.push(tokio::spawn(listener::accept_loop(
+            tasks.push(worker.spawn(listener::accept_loop(
                 listener,
                 limits,
                 shared.metrics.clone(),
@@ -327,22 +340,27 @@ impl Proxy {
         for t in tasks {
             let _ = t.await;
         }
-        if tokio::time::timeout(drain, drain_all.drained())
+        if crate::timer::timeout(drain, drain_all.drained())
             .await
             .is_err()
         {
             tracing::warn!("drain deadline passed with requests still in flight");
         }
-        if let Some(t) = &shared.tracing {
-            let t = t.clone();
-            // Flushing blocks on the export: off the runtime's threads.
-            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
-        }
-        if let Some(log) = &shared.access_log {
-            let log = log.clone();
-            let _ = tokio::task::spawn_blocking(move || log.close()).await;
-        }
+        flush_telemetry(&shared).await;
         Ok(())
+    }
+}
+
+/// Flush the spans and access log lines still buffered (blocking on the
+/// export: off the runtime's threads).
+async fn flush_telemetry(shared: &Shared) {
+    if let Some(t) = &shared.tracing {
+        let t = t.clone();
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
+    if let Some(log) = &shared.access_log {
+        let log = log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
     }
 }
 

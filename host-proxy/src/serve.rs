@@ -459,7 +459,7 @@ async fn reply_locally(
         return reply.into();
     }
     if let Some(d) = plan.delay {
-        tokio::time::sleep(d).await;
+        crate::timer::sleep(d).await;
     }
     let status = reply.response.status().as_u16();
     let seen = SeenResponse {
@@ -490,7 +490,7 @@ async fn forward(
     incoming: BodyParts,
 ) -> Answer {
     if let Some(d) = plan.delay {
-        tokio::time::sleep(d).await;
+        crate::timer::sleep(d).await;
     }
     let target = match &plan.service {
         None => service.clone(),
@@ -637,7 +637,7 @@ impl Attempts<'_> {
                         Some(d) => backoff.min(d.saturating_duration_since(Instant::now())),
                         None => backoff,
                     };
-                    tokio::time::sleep(wait).await;
+                    crate::timer::sleep(wait).await;
                     avoid = ep.map(|e| e.address.clone());
                 }
                 _ => return last,

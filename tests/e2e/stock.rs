@@ -1055,22 +1055,23 @@ async fn ratelimit_lets_a_burst_and_the_rate_through_on_one_worker_or_two() {
             "every 429 says when to come back: {retry_after:?}"
         );
         // Counted: the plugin's own metric, and Istio's RL flag.
+        // (A request is counted just after its response is written, and
+        // the admin server answers from another thread: waited for.)
         let limited = 400 - ok;
-        let m = proxy
+        proxy
             .wait_sample(
                 "wasmesh_plugin_custom_total",
                 &[("plugin", "ratelimit"), ("name", "limited")],
                 limited as f64,
             )
             .await;
-        assert_eq!(
-            sample(
-                &m,
+        proxy
+            .wait_sample(
                 "istio_requests_total",
-                &[("response_code", "429"), ("response_flags", "RL")]
-            ),
-            Some(limited as f64)
-        );
+                &[("response_code", "429"), ("response_flags", "RL")],
+                limited as f64,
+            )
+            .await;
     }
 }
 

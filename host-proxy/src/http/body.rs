@@ -199,7 +199,7 @@ async fn first_frame(mut body: ClientBody, broken: &BodyWatch) -> Result<ReqBody
     if body.is_end_stream() {
         return Ok(ReqBody::Replayable(Bytes::new()));
     }
-    let prefix = match tokio::time::timeout(FIRST_FRAME_WAIT, body.frame()).await {
+    let prefix = match crate::timer::timeout(FIRST_FRAME_WAIT, body.frame()).await {
         Err(_) => VecDeque::new(),
         Ok(None) => return Ok(ReqBody::Replayable(Bytes::new())),
         Ok(Some(Err(e))) => return Err(e),

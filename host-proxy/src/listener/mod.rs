@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -179,6 +179,16 @@ pub async fn accept_loop<H: Handler>(
     mut stop: tokio::sync::watch::Receiver<bool>,
     drain: Arc<Drain>,
 ) {
+    // Bound on the runtime the proxy started on; registered again with the
+    // one this loop runs on, so that a connection's arrival wakes it, not
+    // that one.
+    let listener = match listener.into_std().and_then(TcpListener::from_std) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot serve a listener on this runtime: {e}");
+            return;
+        }
+    };
     let builder = builder(&limits);
     let open = Arc::new(AtomicUsize::new(0));
     let refusing = Arc::new(AtomicUsize::new(0));
@@ -188,7 +198,7 @@ pub async fn accept_loop<H: Handler>(
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    crate::timer::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             },
@@ -273,7 +283,7 @@ async fn secure(stream: TcpStream, security: Security, conn: &Conn) -> Option<(S
     };
     let timeout = conn.limits.header_read_timeout;
     let mut first = [0u8; 1];
-    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+    match crate::timer::timeout(timeout, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
         // Closed, failed or silent before a byte: nothing to refuse.
         _ => return None,
@@ -288,7 +298,7 @@ async fn secure(stream: TcpStream, security: Security, conn: &Conn) -> Option<(S
         );
     }
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-    let tls = match tokio::time::timeout(timeout, accept).await {
+    let tls = match crate::timer::timeout(timeout, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = tls::tls_error(&e).map_or(Rejection::Handshake, tls::rejection);
@@ -446,7 +456,7 @@ async fn watchdog(
                 draining = true;
                 ask_to_finish(&finish);
             }
-            _ = tokio::time::sleep(every) => {
+            _ = crate::timer::sleep(every) => {
                 let moved = activity.moved();
                 if moved != seen {
                     seen = moved;
@@ -484,13 +494,13 @@ fn refuse_head(metrics: &Metrics, why: Violation) -> Response<ProxyBody> {
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
-        .timer(TokioTimer::new())
+        .timer(crate::timer::HyperTimer)
         .header_read_timeout(limits.header_read_timeout)
         .max_headers(limits.max_headers)
         // The head must fit the read buffer: past it hyper answers 431.
         .max_buf_size(limits.max_header_bytes.max(8192));
     b.http2()
-        .timer(TokioTimer::new())
+        .timer(crate::timer::HyperTimer)
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_concurrent_streams(limits.max_concurrent_streams)
         // Rapid reset (CVE-2023-44487): streams reset by the client before
@@ -504,7 +514,7 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// then close, reading (and dropping) what the client sent so that the
 /// close is a FIN, not a reset that could destroy the reply. Bounded by 1 s.
 async fn refuse(mut stream: TcpStream) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = crate::timer::timeout(Duration::from_secs(1), async {
         stream.write_all(&overflow_reply()).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];

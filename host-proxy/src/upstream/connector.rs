@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -37,17 +38,20 @@ pub struct ConnectionLimit {
 pub struct LimitedConnector {
     inner: HttpConnector,
     limit: usize,
+    /// How long a connection (TCP, then TLS to a mesh endpoint) may take.
+    connect_timeout: Duration,
     open: Arc<Mutex<HashMap<String, Arc<AtomicUsize>>>>,
     tls: Option<Arc<MeshTls>>,
     table: Arc<EndpointTable>,
 }
 
 impl LimitedConnector {
-    /// Wrap `inner`, allowing `limit` open connections per endpoint; mesh
-    /// endpoints (`https`, identities from `table`) over `tls`.
+    /// Wrap `inner`, allowing `limit` open connections per endpoint, each
+    /// made within `connect_timeout`; mesh endpoints (`https`, identities
+    /// from `table`) over `tls`.
     pub fn new(
         mut inner: HttpConnector,
-        limit: usize,
+        (limit, connect_timeout): (usize, Duration),
         tls: Option<Arc<MeshTls>>,
         table: Arc<EndpointTable>,
     ) -> Self {
@@ -55,6 +59,7 @@ impl LimitedConnector {
         Self {
             inner,
             limit,
+            connect_timeout,
             open: Arc::default(),
             tls,
             table,
@@ -100,12 +105,21 @@ impl tower_service::Service<Uri> for LimitedConnector {
             _ => None,
         };
         let connecting = self.inner.call(uri);
-        Box::pin(async move {
+        let limit = self.connect_timeout;
+        let connect = crate::timer::timeout(limit, async move {
             let tcp = connecting.await?.into_inner();
-            let io = match mesh {
-                Some((tls, id)) => tls.connect(tcp, &id, true).await?,
-                None => MaybeTls::Plain(tcp),
-            };
+            match mesh {
+                Some((tls, id)) => Ok::<_, BoxError>(tls.connect(tcp, &id, true).await?),
+                None => Ok(MaybeTls::Plain(tcp)),
+            }
+        });
+        Box::pin(async move {
+            let io = connect.await.map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {limit:?}"),
+                )
+            })??;
             Ok(Counted {
                 io: TokioIo::new(io),
                 _slot: slot,

@@ -33,7 +33,7 @@ use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 
 use self::cluster::Endpoint;
 use self::connector::LimitedConnector;
@@ -102,12 +102,16 @@ impl Clients {
         tls: Option<Arc<tls::MeshTls>>,
         table: Arc<cluster::EndpointTable>,
     ) -> Self {
+        // Its connect timeout and Happy Eyeballs' fallback delay are the
+        // connector's own (`LimitedConnector`): HttpConnector makes them
+        // with `tokio::time`, which the worker runtime does not have.
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(s.connect_timeout));
+        connector.set_connect_timeout(None);
+        connector.set_happy_eyeballs_timeout(None);
         connector.set_nodelay(true);
         let mut b = Client::builder(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
+        b.timer(crate::timer::HyperTimer)
+            .pool_timer(crate::timer::HyperTimer)
             .pool_idle_timeout(s.idle_timeout)
             .pool_max_idle_per_host(s.max_idle_per_endpoint)
             .retry_canceled_requests(true)
@@ -115,7 +119,7 @@ impl Clients {
         b.http2_only(true);
         let h2c = b.build(LimitedConnector::new(
             connector,
-            s.max_connections_per_endpoint,
+            (s.max_connections_per_endpoint, s.connect_timeout),
             tls.clone(),
             table,
         ));
@@ -369,7 +373,7 @@ async fn send_once(
     macro_rules! timeout {
         ($fut:expr) => {
             match deadline {
-                Some(d) => tokio::time::timeout_at(d.into(), $fut)
+                Some(d) => crate::timer::timeout_at(d, $fut)
                     .await
                     .map_err(|_| SendError::Failed(UpstreamFailure::Timeout))?,
                 None => $fut.await,
@@ -473,7 +477,7 @@ pub async fn sweep_idle(
 ) {
     let every = clients.http1.sweep_every();
     loop {
-        tokio::time::sleep(every).await;
+        crate::timer::sleep(every).await;
         for ep in table.all() {
             clients.http1.sweep(&ep.h1);
         }

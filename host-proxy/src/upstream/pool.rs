@@ -333,7 +333,7 @@ impl H1Pool {
                 _ => Ok(MaybeTls::Plain(stream)),
             }
         };
-        let stream = tokio::time::timeout(self.connect_timeout, connect)
+        let stream = crate::timer::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| {
                 UpstreamError::Connect(std::io::Error::new(

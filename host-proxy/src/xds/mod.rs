@@ -111,7 +111,7 @@ pub async fn run(
         }
         // Full jitter: a fleet of proxies does not reconnect in step.
         let wait = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
-        tokio::time::sleep(wait).await;
+        crate::timer::sleep(wait).await;
         delay = (delay * 2).min(options.backoff_max);
     }
 }
@@ -144,7 +144,7 @@ async fn session(
         .into_inner();
     tracing::info!(url = %options.url, "connected to control");
     *delay = options.backoff_min;
-    let mut report = tokio::time::interval(EDGE_REPORT_INTERVAL);
+    let mut report = crate::timer::interval(EDGE_REPORT_INTERVAL);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // What control has of the counters on this connection.
     let mut reported = None;
