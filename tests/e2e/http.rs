@@ -584,27 +584,19 @@ impl PythonHttp {
 /// One response from `s`: its head, and its body of `content-length`.
 async fn read_response(s: &mut tokio::net::TcpStream) -> (String, String) {
     use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if got.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&got[end + 4..end + 4 + len]).into_owned();
-                return (head, body);
-            }
-        }
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
-            .await
-            .expect("a response within 10 s")
-            .unwrap();
-        assert!(n > 0, "the proxy closed the connection after: {got:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
+    // Never read past this response: with pipelining, the next one may
+    // already be on the wire behind it.
+    let head = read_response_head_only(s).await;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_exact(&mut body))
+        .await
+        .expect("a response body within 10 s")
+        .unwrap_or_else(|e| panic!("the proxy closed the connection after: {head}: {e}"));
+    (head, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread")]
