@@ -121,6 +121,14 @@ impl Limits {
     fn half_ticks(&self) -> u64 {
         (self.deadline.as_nanos() / EPOCH_TICK.as_nanos() / 2).max(1) as u64
     }
+
+    /// The first half's ticks: the rest of the deadline after the second
+    /// half, plus one for the part of a tick already gone when the call
+    /// starts, so that no call is cut before its deadline.
+    fn first_half_ticks(&self) -> u64 {
+        let total = self.deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
+        total.saturating_sub(self.half_ticks()).max(1) + 1
+    }
 }
 
 /// Most times a call that was kept off the CPU gets its deadline extended.
@@ -131,8 +139,9 @@ const MAX_EXTENSIONS: u32 = 20;
 /// such a call would fail a well-behaved plugin. So the deadline is checked
 /// in two halves: at the first half the thread's CPU time is noted; at the
 /// second, a call that really ran (at least 40% of that half on the CPU) is
-/// cut — a runaway plugin stops at its deadline plus one tick — while one
-/// that was kept off the CPU gets another half, up to [`MAX_EXTENSIONS`].
+/// cut — a runaway plugin stops after its deadline, within about a tick —
+/// while one that was kept off the CPU gets another half, up to
+/// [`MAX_EXTENSIONS`].
 #[derive(Debug, Default)]
 pub(crate) struct Deadline {
     half_ticks: u64,
@@ -632,7 +641,7 @@ impl Runtime {
 /// Arm the deadline for the next call into `store`.
 fn arm(store: &mut Store<HostState>, limits: &Limits) {
     store.data_mut().deadline.arm(limits);
-    store.set_epoch_deadline(limits.half_ticks());
+    store.set_epoch_deadline(limits.first_half_ticks());
 }
 
 /// One instance of a configured plugin.
@@ -1019,9 +1028,11 @@ impl ConfiguredPlugin {
         if let Some(r) = resp.as_deref_mut() {
             data.resp = r.take();
         }
+        // Timed from before the deadline is armed: a cut call's duration
+        // is at least its deadline.
+        let started = std::time::Instant::now();
         arm(&mut inst.store, &self.limits);
         self.runtime.ticker.call_started();
-        let started = std::time::Instant::now();
         let result = f(&inst.plugin, &mut inst.store);
         self.metrics.durations[hook as usize].observe(started.elapsed().as_secs_f64());
         let data = inst.store.data_mut();
@@ -1163,5 +1174,29 @@ impl ConfiguredPlugin {
                 .map(Ok)
         })
         .map(|((), _)| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_call_is_cut_before_its_deadline_nor_a_tick_after_it() {
+        for ms in [1, 2, 3, 9, 10, 11, 250] {
+            let limits = Limits {
+                deadline: Duration::from_millis(ms),
+                ..Limits::default()
+            };
+            // The first tick after the deadline is armed may come at once;
+            // each later one comes a tick after the one before.
+            let ticks = limits.first_half_ticks() - 1 + limits.half_ticks();
+            let earliest_cut = EPOCH_TICK * ticks as u32;
+            assert!(earliest_cut >= limits.deadline, "{ms} ms: {earliest_cut:?}");
+            assert!(
+                earliest_cut <= limits.deadline + EPOCH_TICK,
+                "{ms} ms: {earliest_cut:?}"
+            );
+        }
     }
 }
