@@ -24,7 +24,7 @@
 //! connections take them in turn. With `--requests`, the connections send
 //! back to back until that many have completed (a closed loop, for counting
 //! instructions). It prints one JSON object: counts, status codes, errors and
-//! the p50/p99/p99.9 latency in microseconds. Requests still in flight when
+//! the p50/p90/p95/p99/p99.9 latency in microseconds. Requests still in flight when
 //! the run ends get two seconds to finish; any that do not are errors.
 //!
 //! Written for this harness instead of installing oha: building oha from
@@ -402,6 +402,8 @@ fn summary(mut t: Tally, elapsed: Duration) -> serde_json::Value {
         "status": t.status.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
         "errors": t.errors,
         "p50_us": pct(50.0),
+        "p90_us": pct(90.0),
+        "p95_us": pct(95.0),
         "p99_us": pct(99.0),
         "p99.9_us": pct(99.9),
         "max_us": pct(100.0),
