@@ -24,8 +24,9 @@
 //! connections take them in turn. With `--requests`, the connections send
 //! back to back until that many have completed (a closed loop, for counting
 //! instructions). It prints one JSON object: counts, status codes, errors and
-//! the p50/p90/p95/p99/p99.9 latency in microseconds. Requests still in flight when
-//! the run ends get two seconds to finish; any that do not are errors.
+//! the p50/p90/p95/p99/p99.9 latency in microseconds. Requests still in
+//! flight when the run ends get two seconds to finish; any that do not are
+//! errors.
 //!
 //! Written for this harness instead of installing oha: building oha from
 //! crates.io took about ten CPU-minutes, most of what put a clean-clone run
