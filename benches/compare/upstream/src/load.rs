@@ -28,6 +28,11 @@
 //! flight when the run ends get two seconds to finish; any that do not are
 //! errors.
 //!
+//! With `BENCH_LOAD_DUMP=FILE` in its environment it also writes every
+//! answered request to FILE, one a line: the target's index, its scheduled
+//! start in ns on CLOCK_MONOTONIC, its latency in ns (benches/mtls/tail
+//! lays them on a `perf sched` recording of the same run).
+//!
 //! Written for this harness instead of installing oha: building oha from
 //! crates.io took about ten CPU-minutes, most of what put a clean-clone run
 //! of the harness over its 25-minute limit.
@@ -82,6 +87,10 @@ struct Args {
 #[derive(Default)]
 struct Tally {
     latencies_ns: Vec<u64>,
+    /// With `BENCH_LOAD_DUMP`: each answered request's scheduled start and
+    /// latency, for lining slow requests up with a `perf sched` recording.
+    requests: Vec<(Instant, u64)>,
+    keep_requests: bool,
     status: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
 }
@@ -111,13 +120,22 @@ fn main() {
         .enable_all()
         .build()
         .unwrap_or_else(|e| fail(&format!("tokio runtime: {e}")));
+    let dump = std::env::var_os("BENCH_LOAD_DUMP");
     let tallies: Vec<_> = targets
         .iter()
-        .map(|_| Arc::new(Mutex::new(Tally::default())))
+        .map(|_| {
+            Arc::new(Mutex::new(Tally {
+                keep_requests: dump.is_some(),
+                ..Tally::default()
+            }))
+        })
         .collect();
     let started = Instant::now();
     runtime.block_on(run(&args, &targets, &tallies));
     let elapsed = started.elapsed();
+    if let Some(path) = dump {
+        write_dump(&path, &tallies).unwrap_or_else(|e| fail(&format!("BENCH_LOAD_DUMP: {e}")));
+    }
     let mut summaries: Vec<_> = tallies
         .iter()
         .map(|t| summary(std::mem::take(&mut *t.lock().expect("tally lock")), elapsed))
@@ -345,6 +363,9 @@ async fn connection(
             Ok(status) => {
                 *t.status.entry(status).or_default() += 1;
                 t.latencies_ns.push(latency);
+                if t.keep_requests {
+                    t.requests.push((scheduled, latency));
+                }
             }
             Err(e) => *t.errors.entry(e).or_default() += 1,
         }
@@ -385,6 +406,30 @@ async fn one_request(
         .await
         .map_err(|e| format!("response body: {e}"))?;
     Ok(status)
+}
+
+/// Writes `target scheduled_ns latency_ns` a line, `scheduled_ns` on
+/// CLOCK_MONOTONIC (what `perf record -k CLOCK_MONOTONIC` stamps events
+/// with), so a slow request can be found in a recording of the same run.
+#[allow(unsafe_code)]
+fn write_dump(path: &std::ffi::OsStr, tallies: &[Arc<Mutex<Tally>>]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let now = Instant::now();
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let mono_now = ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for (i, tally) in tallies.iter().enumerate() {
+        for (at, latency) in &tally.lock().expect("tally lock").requests {
+            let mono = mono_now - now.duration_since(*at).as_nanos();
+            writeln!(out, "{i} {mono} {latency}")?;
+        }
+    }
+    out.flush()
 }
 
 fn summary(mut t: Tally, elapsed: Duration) -> serde_json::Value {
